@@ -1,0 +1,300 @@
+//! Configuration of the ingest service (`sluice-ingest --config ingest.toml`); every key is
+//! documented in docs/operations.md and shown with its default in deploy/config/ingest.toml.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sluice_config::{ConfigIssue, Secret, Validate};
+use sluice_kafka::KafkaConfig;
+use sluice_telemetry::TelemetryConfig;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub http: HttpConfig,
+    pub auth: AuthConfig,
+    pub validation: ValidationConfig,
+    pub schemas: SchemasConfig,
+    pub kafka: KafkaConfig,
+    pub producer: ProducerConfig,
+    pub mqtt: MqttConfig,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen_address: SocketAddr,
+    /// Largest request body accepted, after decompression.
+    pub max_body_bytes: usize,
+    pub max_records_per_request: usize,
+    /// Bytes of request bodies being validated or produced at once; past it requests get 503.
+    pub max_in_flight_bytes: usize,
+    /// PEM certificate chain and key; both set turns on TLS.
+    pub tls_cert_path: Option<PathBuf>,
+    pub tls_key_path: Option<PathBuf>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_records_per_request: 10_000,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            tls_cert_path: None,
+            tls_key_path: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Off only for local use: anyone who reaches the port can write.
+    pub enabled: bool,
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { enabled: true, tokens: Vec::new() }
+    }
+}
+
+/// A bearer token, stored as the SHA-256 of the token so that the config holds no secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds the token; shows in logs, never the token.
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub token_sha256: Secret,
+    /// Streams the token may write; `"*"` for all.
+    pub streams: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// How far in the future (device clock ahead of ours) an event time may be.
+    pub max_future_skew_ms: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self { max_future_skew_ms: 300_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemasConfig {
+    /// Directory of stream schemas, one `<stream>.avsc` per stream.
+    pub directory: PathBuf,
+}
+
+impl Default for SchemasConfig {
+    fn default() -> Self {
+        Self { directory: PathBuf::from("schemas") }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerConfig {
+    /// How long a record may wait for the broker's acknowledgement (librdkafka
+    /// `message.timeout.ms`); bounds how long a request waits when the broker is unreachable.
+    pub delivery_timeout_ms: u64,
+    /// How often broker reachability is probed for `/readyz` and fast 503 answers.
+    pub health_check_interval_ms: u64,
+    /// librdkafka `linger.ms`: batching delay that trades latency for throughput.
+    pub linger_ms: u64,
+    /// librdkafka `queue.buffering.max.kbytes`: the producer queue; a full queue answers 503.
+    pub queue_max_kbytes: u64,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            delivery_timeout_ms: 10_000,
+            health_check_interval_ms: 1_000,
+            linger_ms: 5,
+            queue_max_kbytes: 262_144,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Client id; with a persistent session the broker keeps unacknowledged readings for it.
+    pub client_id: String,
+    pub username: String,
+    pub password: Secret,
+    /// Readings arrive on `<topic_prefix>/<stream>/<device_id>`.
+    pub topic_prefix: String,
+    pub keep_alive_secs: u64,
+    /// Readings being produced at once before the bridge stops reading from MQTT.
+    pub max_in_flight_messages: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: "127.0.0.1".to_string(),
+            port: 1883,
+            client_id: "sluice-ingest".to_string(),
+            username: String::new(),
+            password: Secret::default(),
+            topic_prefix: "sluice".to_string(),
+            keep_alive_secs: 30,
+            max_in_flight_messages: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time allowed after SIGTERM to drain requests and flush the producer.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_period_ms: 20_000 }
+    }
+}
+
+impl Validate for IngestConfig {
+    fn validate(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        issues.extend(self.kafka.validate("kafka"));
+        issues.extend(self.telemetry.validate("telemetry"));
+        let http = &self.http;
+        if http.max_body_bytes == 0 {
+            issues.push(ConfigIssue::new("http.max_body_bytes", "must be greater than 0"));
+        }
+        if http.max_records_per_request == 0 {
+            issues.push(ConfigIssue::new("http.max_records_per_request", "must be greater than 0"));
+        }
+        if http.max_in_flight_bytes < http.max_body_bytes {
+            issues.push(ConfigIssue::new(
+                "http.max_in_flight_bytes",
+                format!(
+                    "must be at least http.max_body_bytes ({}) or no large request could pass",
+                    http.max_body_bytes
+                ),
+            ));
+        }
+        if http.tls_cert_path.is_some() != http.tls_key_path.is_some() {
+            issues.push(ConfigIssue::new(
+                "http.tls_cert_path",
+                "set both http.tls_cert_path and http.tls_key_path, or neither",
+            ));
+        }
+        for (index, token) in self.auth.tokens.iter().enumerate() {
+            let hash = token.token_sha256.expose();
+            if hash.len() != 64
+                || !hash.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+            {
+                issues.push(ConfigIssue::new(
+                    format!("auth.tokens[{index}].token_sha256"),
+                    format!(
+                        "token '{}' needs 64 lowercase hex digits: the SHA-256 of the token, not the token",
+                        token.name
+                    ),
+                ));
+            }
+            if token.streams.is_empty() {
+                issues.push(ConfigIssue::new(
+                    format!("auth.tokens[{index}].streams"),
+                    format!("token '{}' may write no stream; list streams or \"*\"", token.name),
+                ));
+            }
+        }
+        let producer = &self.producer;
+        if producer.delivery_timeout_ms < 1_000 {
+            issues.push(ConfigIssue::new("producer.delivery_timeout_ms", "must be at least 1000"));
+        }
+        if producer.health_check_interval_ms == 0 {
+            issues.push(ConfigIssue::new("producer.health_check_interval_ms", "must be greater than 0"));
+        }
+        if producer.queue_max_kbytes == 0 {
+            issues.push(ConfigIssue::new("producer.queue_max_kbytes", "must be greater than 0"));
+        }
+        if self.mqtt.enabled {
+            if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) {
+                issues.push(ConfigIssue::new(
+                    "mqtt.topic_prefix",
+                    "must be non-empty and free of MQTT wildcards",
+                ));
+            }
+            if self.mqtt.client_id.is_empty() {
+                issues.push(ConfigIssue::new(
+                    "mqtt.client_id",
+                    "must be set: the persistent session is keyed by it",
+                ));
+            }
+            if self.mqtt.max_in_flight_messages == 0 {
+                issues.push(ConfigIssue::new("mqtt.max_in_flight_messages", "must be greater than 0"));
+            }
+        }
+        if self.shutdown.grace_period_ms <= producer.delivery_timeout_ms {
+            issues.push(ConfigIssue::new(
+                "shutdown.grace_period_ms",
+                format!(
+                    "must exceed producer.delivery_timeout_ms ({}) so that in-flight records can be acknowledged",
+                    producer.delivery_timeout_ms
+                ),
+            ));
+        }
+        issues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(IngestConfig::default().validate(), Vec::new());
+    }
+
+    #[test]
+    fn token_given_in_clear_is_refused_with_its_key() {
+        let mut config = IngestConfig::default();
+        config.auth.tokens.push(TokenConfig {
+            name: "farm".into(),
+            token_sha256: Secret::new("my-secret-token"),
+            streams: vec!["telemetry".into()],
+        });
+        let issues = config.validate();
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].key, "auth.tokens[0].token_sha256");
+        assert!(!issues[0].message.contains("my-secret-token"));
+    }
+
+    #[test]
+    fn grace_period_must_cover_delivery_timeout() {
+        let mut config = IngestConfig::default();
+        config.shutdown.grace_period_ms = 5_000;
+        assert_eq!(config.validate()[0].key, "shutdown.grace_period_ms");
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/ingest.toml");
+        let figment = sluice_config::figment_for::<IngestConfig>(Some(&path)).expect("file exists");
+        let config: IngestConfig = sluice_config::load_from_figment(figment).expect("valid");
+        assert!(!config.auth.enabled);
+    }
+}

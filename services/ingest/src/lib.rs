@@ -1,0 +1,176 @@
+//! Sluice ingest: takes device readings over HTTP and MQTT, validates them against the stream
+//! schemas and produces them to Kafka. An answer of success means the broker acknowledged every
+//! record of the request (`acks=all`, idempotent producer).
+
+mod auth;
+pub mod config;
+mod http;
+mod metrics;
+mod mqtt;
+mod producer;
+mod records;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sluice_kafka::{KafkaError, TopicSpec, ensure_topics};
+use sluice_schema::{SchemaError, SchemaRegistry};
+use sluice_shutdown::{CancellationToken, TaskTracker};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use crate::config::IngestConfig;
+pub use crate::producer::ProduceError;
+pub use crate::producer::{
+    DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
+};
+pub use crate::tls::TlsError;
+
+const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("failed to load stream schemas")]
+    Schemas(#[from] SchemaError),
+    #[error("failed to set up the Kafka producer")]
+    Producer(#[source] producer::ProduceError),
+    #[error("failed to set up Kafka topics")]
+    Topics(#[from] KafkaError),
+    #[error("failed to listen on {address}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to set up TLS")]
+    Tls(#[from] TlsError),
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+/// A started ingest service.
+#[derive(Debug)]
+pub struct RunningIngest {
+    local_addr: SocketAddr,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    tracker: TaskTracker,
+    producer: producer::RecordProducer,
+    grace_period: Duration,
+}
+
+impl RunningIngest {
+    /// The HTTP listener's address (useful when the configured port is 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Waits until shutdown completed: requests drained, MQTT stopped, producer flushed.
+    pub async fn wait(self) -> Result<()> {
+        let served = self.server.await.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)));
+        self.tracker.close();
+        self.tracker.wait().await;
+        let producer = self.producer.clone();
+        let grace_period = self.grace_period;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(grace_period)).await;
+        match flushed {
+            Ok(Ok(())) => tracing::info!("producer flushed"),
+            Ok(Err(error)) => tracing::warn!(%error, "producer flush incomplete at shutdown"),
+            Err(error) => tracing::warn!(%error, "producer flush task failed"),
+        }
+        served.map_err(IngestError::Serve)
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled and shutdown completed.
+pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// Loads schemas, sets up Kafka, binds the listener and starts serving.
+pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<RunningIngest> {
+    let schemas = SchemaRegistry::load_directory(&config.schemas.directory)?;
+    let metrics = Arc::new(metrics::IngestMetrics::new());
+    let producer = producer::RecordProducer::new(&config.kafka, &config.producer, Arc::clone(&metrics))
+        .map_err(IngestError::Producer)?;
+    let topic_specs: Vec<TopicSpec> = schemas
+        .stream_names()
+        .flat_map(|stream| {
+            [config.kafka.stream_topic_spec(stream), config.kafka.dead_letter_topic_spec(stream)]
+        })
+        .collect();
+    ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
+    let health_interval = Duration::from_millis(config.producer.health_check_interval_ms);
+    producer.probe_broker(health_interval.max(Duration::from_secs(1))).await;
+
+    let tracker = TaskTracker::new();
+    producer.spawn_health_probe(health_interval, &tracker, shutdown.clone());
+    let max_future_skew_micros =
+        i64::try_from(config.validation.max_future_skew_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
+    let topics = config.kafka.topic_names();
+
+    if config.mqtt.enabled {
+        let bridge = mqtt::MqttBridge {
+            config: config.mqtt.clone(),
+            max_payload_bytes: config.http.max_body_bytes,
+            max_records_per_message: config.http.max_records_per_request,
+            max_future_skew_micros,
+            schemas: schemas.clone(),
+            topics: topics.clone(),
+            producer: producer.clone(),
+            metrics: Arc::clone(&metrics),
+        };
+        tracker.spawn(bridge.run(shutdown.clone()));
+    }
+
+    let state = Arc::new(http::HttpState {
+        http: config.http.clone(),
+        max_future_skew_micros,
+        schemas,
+        topics,
+        authorizer: auth::Authorizer::new(&config.auth),
+        producer: producer.clone(),
+        metrics,
+        in_flight_bytes: Semaphore::new(config.http.max_in_flight_bytes.min(Semaphore::MAX_PERMITS)),
+        shutting_down: Default::default(),
+    });
+    let router = http::router(Arc::clone(&state));
+    let address = config.http.listen_address;
+    let listener =
+        TcpListener::bind(address).await.map_err(|source| IngestError::Bind { address, source })?;
+    let local_addr = listener.local_addr().map_err(|source| IngestError::Bind { address, source })?;
+    let graceful = {
+        let shutdown = shutdown.clone();
+        let state = Arc::clone(&state);
+        async move {
+            shutdown.cancelled().await;
+            state.shutting_down.store(true, Ordering::Relaxed);
+            tracing::info!("HTTP listener closing; draining requests in flight");
+        }
+    };
+    let server = match (&config.http.tls_cert_path, &config.http.tls_key_path) {
+        (Some(cert_path), Some(key_path)) => {
+            let server_config = tls::load_server_config(cert_path, key_path)?;
+            let tls_listener = tls::TlsListener::new(listener, server_config, &tracker, shutdown.clone())
+                .map_err(|source| IngestError::Bind { address, source })?;
+            tokio::spawn(
+                async move { axum::serve(tls_listener, router).with_graceful_shutdown(graceful).await },
+            )
+        }
+        _ => {
+            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(graceful).await })
+        }
+    };
+    tracing::info!(%local_addr, tls = config.http.tls_cert_path.is_some(), mqtt = config.mqtt.enabled, "ingest ready");
+    Ok(RunningIngest {
+        local_addr,
+        server,
+        tracker,
+        producer,
+        grace_period: Duration::from_millis(config.shutdown.grace_period_ms),
+    })
+}

@@ -1,0 +1,124 @@
+//! Every metric the ingest service emits. Labels are a small fixed set (stream, reason, outcome,
+//! transport); never a device id. Recorded once per request or batch, not per record.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use sluice_telemetry::{Counter, Histogram, UpDownCounter};
+
+#[derive(Debug)]
+pub(crate) struct IngestMetrics {
+    records_accepted: Counter<u64>,
+    records_rejected: Counter<u64>,
+    request_duration: Histogram<f64>,
+    produce_duration: Histogram<f64>,
+    in_flight_bytes: UpDownCounter<i64>,
+}
+
+/// Why records were refused, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RejectReason {
+    Invalid,
+    Malformed,
+    TooLarge,
+    UnsupportedMediaType,
+    Unauthenticated,
+    Forbidden,
+    UnknownStream,
+    Unavailable,
+}
+
+impl RejectReason {
+    pub(crate) fn as_label(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Malformed => "malformed",
+            Self::TooLarge => "too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::UnknownStream => "unknown_stream",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl IngestMetrics {
+    pub(crate) fn new() -> Self {
+        let meter = sluice_telemetry::meter("sluice-ingest");
+        Self {
+            records_accepted: meter
+                .u64_counter("sluice_ingest_records_accepted")
+                .with_unit("{record}")
+                .with_description("Records acknowledged by Kafka")
+                .build(),
+            records_rejected: meter
+                .u64_counter("sluice_ingest_records_rejected")
+                .with_unit("{record}")
+                .with_description(
+                    "Records refused, by reason (invalid ones go to the dead-letter topic on MQTT)",
+                )
+                .build(),
+            request_duration: meter
+                .f64_histogram("sluice_ingest_request_duration_seconds")
+                .with_unit("s")
+                .with_description("Time to answer an ingest request or MQTT message")
+                .build(),
+            produce_duration: meter
+                .f64_histogram("sluice_ingest_produce_duration_seconds")
+                .with_unit("s")
+                .with_description("Time from producing a batch to the broker acknowledging all of it")
+                .build(),
+            in_flight_bytes: meter
+                .i64_up_down_counter("sluice_ingest_in_flight_bytes")
+                .with_unit("By")
+                .with_description("Request bytes being validated or produced")
+                .build(),
+        }
+    }
+
+    pub(crate) fn record_accepted(&self, stream: &str, transport: &'static str, num_records: usize) {
+        self.records_accepted.add(
+            num_records as u64,
+            &[KeyValue::new("stream", stream.to_string()), KeyValue::new("transport", transport)],
+        );
+    }
+
+    pub(crate) fn record_rejected(
+        &self,
+        stream: &str,
+        transport: &'static str,
+        reason: RejectReason,
+        num_records: usize,
+    ) {
+        self.records_rejected.add(
+            num_records as u64,
+            &[
+                KeyValue::new("stream", stream.to_string()),
+                KeyValue::new("transport", transport),
+                KeyValue::new("reason", reason.as_label()),
+            ],
+        );
+    }
+
+    pub(crate) fn record_request(&self, transport: &'static str, status: u16, elapsed: Duration) {
+        self.request_duration.record(
+            elapsed.as_secs_f64(),
+            &[KeyValue::new("transport", transport), KeyValue::new("status", i64::from(status))],
+        );
+    }
+
+    pub(crate) fn record_produce(&self, topic: &str, elapsed: Duration, succeeded: bool) {
+        self.produce_duration.record(
+            elapsed.as_secs_f64(),
+            &[
+                KeyValue::new("topic", topic.to_string()),
+                KeyValue::new("outcome", if succeeded { "ok" } else { "error" }),
+            ],
+        );
+    }
+
+    pub(crate) fn add_in_flight_bytes(&self, bytes: i64) {
+        self.in_flight_bytes.add(bytes, &[]);
+    }
+}

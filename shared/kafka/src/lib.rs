@@ -1,0 +1,372 @@
+//! Kafka client settings, topic names and topic administration shared by the Sluice services.
+//!
+//! Users may pass any librdkafka property through `kafka.client` (SASL, TLS, tuning). The few
+//! settings that Sluice's delivery guarantees depend on are applied after that map, so they always
+//! win, and `validate` refuses a map that contradicts them rather than silently overriding it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+use sluice_config::{ConfigIssue, is_secret_property};
+
+/// Producer settings that make an acknowledged write durable and retries free of duplicates.
+const ENFORCED_PRODUCER_SETTINGS: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotence", "true")];
+/// Consumer settings that leave offset handling to Sluice, which commits progress with the data.
+const ENFORCED_CONSUMER_SETTINGS: &[(&str, &str)] =
+    &[("enable.auto.commit", "false"), ("enable.auto.offset.store", "false")];
+
+/// librdkafka properties passed through as given. `Debug` hides secret values.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientProperties(pub BTreeMap<String, String>);
+
+impl fmt::Debug for ClientProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(key, value)| {
+                (key.as_str(), if is_secret_property(key) { "<redacted>" } else { value.as_str() })
+            }))
+            .finish()
+    }
+}
+
+/// Topic settings used when Sluice creates its topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSettings {
+    /// Create missing topics at start. Off where topics are managed elsewhere (GitOps, Terraform).
+    pub create_missing: bool,
+    /// Partitions of a new stream topic: the upper bound on compactor parallelism.
+    pub partitions: i32,
+    /// Replication factor of new topics; -1 takes the broker's default (Kafka 2.4 and later).
+    pub replication_factor: i32,
+    pub stream_retention_ms: i64,
+    pub dead_letter_retention_ms: i64,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            create_missing: true,
+            partitions: 4,
+            replication_factor: -1,
+            stream_retention_ms: 7 * 24 * 3_600_000,
+            dead_letter_retention_ms: 30 * 24 * 3_600_000,
+        }
+    }
+}
+
+/// The `[kafka]` section of every service's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Prefix of every topic name: `<prefix>.<stream>`, `<prefix>.<stream>.dlq`, `<prefix>.jobs`.
+    pub topic_prefix: String,
+    /// Any librdkafka property, for example `"security.protocol" = "SASL_SSL"`.
+    pub client: ClientProperties,
+    pub topics: TopicSettings,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".to_string(),
+            topic_prefix: "sluice".to_string(),
+            client: ClientProperties::default(),
+            topics: TopicSettings::default(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    pub fn validate(&self, prefix: &str) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        if self.bootstrap_servers.trim().is_empty() {
+            issues.push(ConfigIssue::new(
+                format!("{prefix}.bootstrap_servers"),
+                "must list at least one host:port",
+            ));
+        }
+        if self.topic_prefix.is_empty()
+            || !self.topic_prefix.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+        {
+            issues.push(ConfigIssue::new(
+                format!("{prefix}.topic_prefix"),
+                format!(
+                    "'{}' is not a valid topic prefix: use letters, digits, '.', '_' and '-'",
+                    self.topic_prefix
+                ),
+            ));
+        }
+        for (key, enforced) in ENFORCED_PRODUCER_SETTINGS.iter().chain(ENFORCED_CONSUMER_SETTINGS) {
+            if let Some(given) = self.client.0.get(*key)
+                && given != enforced
+            {
+                issues.push(ConfigIssue::new(
+                    format!("{prefix}.client.\"{key}\""),
+                    format!("Sluice requires {key}={enforced} for its delivery guarantees; remove the '{given}' setting"),
+                ));
+            }
+        }
+        if self.client.0.contains_key("bootstrap.servers") {
+            issues.push(ConfigIssue::new(
+                format!("{prefix}.client.\"bootstrap.servers\""),
+                format!("set {prefix}.bootstrap_servers instead"),
+            ));
+        }
+        if self.topics.partitions < 1 {
+            issues.push(ConfigIssue::new(format!("{prefix}.topics.partitions"), "must be at least 1"));
+        }
+        if self.topics.replication_factor == 0 || self.topics.replication_factor < -1 {
+            issues.push(ConfigIssue::new(
+                format!("{prefix}.topics.replication_factor"),
+                "must be at least 1, or -1 for the broker default",
+            ));
+        }
+        issues
+    }
+
+    pub fn topic_names(&self) -> TopicNames {
+        TopicNames { prefix: self.topic_prefix.clone() }
+    }
+
+    fn base_client_config(&self) -> ClientConfig {
+        let mut client_config = ClientConfig::new();
+        client_config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (key, value) in &self.client.0 {
+            client_config.set(key, value);
+        }
+        client_config
+    }
+
+    /// Producer settings: passthrough first, then the durability settings.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut client_config = self.base_client_config();
+        for (key, value) in ENFORCED_PRODUCER_SETTINGS {
+            client_config.set(*key, *value);
+        }
+        client_config
+    }
+
+    /// Consumer settings for `group_id`: passthrough first, then manual offset handling.
+    pub fn consumer_config(&self, group_id: &str) -> ClientConfig {
+        let mut client_config = self.base_client_config();
+        client_config.set("group.id", group_id);
+        for (key, value) in ENFORCED_CONSUMER_SETTINGS {
+            client_config.set(*key, *value);
+        }
+        client_config
+    }
+
+    /// Settings for admin clients and metadata probes.
+    pub fn admin_config(&self) -> ClientConfig {
+        self.base_client_config()
+    }
+
+    pub fn stream_topic_spec(&self, stream: &str) -> TopicSpec {
+        TopicSpec {
+            name: self.topic_names().stream(stream),
+            partitions: self.topics.partitions,
+            replication_factor: self.topics.replication_factor,
+            configs: vec![("retention.ms".into(), self.topics.stream_retention_ms.to_string())],
+        }
+    }
+
+    pub fn dead_letter_topic_spec(&self, stream: &str) -> TopicSpec {
+        TopicSpec {
+            name: self.topic_names().dead_letter(stream),
+            partitions: 1,
+            replication_factor: self.topics.replication_factor,
+            configs: vec![("retention.ms".into(), self.topics.dead_letter_retention_ms.to_string())],
+        }
+    }
+}
+
+/// Topic names, all under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicNames {
+    prefix: String,
+}
+
+impl TopicNames {
+    pub fn stream(&self, stream: &str) -> String {
+        format!("{}.{stream}", self.prefix)
+    }
+
+    pub fn dead_letter(&self, stream: &str) -> String {
+        format!("{}.{stream}.dlq", self.prefix)
+    }
+
+    pub fn jobs(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+}
+
+/// A topic Sluice needs, with the settings to create it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub configs: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("failed to create the Kafka {role} client")]
+    CreateClient {
+        role: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("failed to fetch metadata from {bootstrap_servers}")]
+    FetchMetadata {
+        bootstrap_servers: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("failed to create topic {topic}")]
+    CreateTopics {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("failed to create topic {topic}: {code}")]
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
+    #[error(
+        "topic {topic} is missing and kafka.topics.create_missing is off; create it or turn the setting on"
+    )]
+    MissingTopic { topic: String },
+}
+
+pub type Result<T, E = KafkaError> = std::result::Result<T, E>;
+
+/// What [`ensure_topics`] did for one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicStatus {
+    Created,
+    Existing { partitions: usize },
+}
+
+/// Makes sure every topic in `specs` exists: creates the missing ones when allowed, and reports a
+/// partition count that differs from the spec (never changes an existing topic).
+pub async fn ensure_topics(
+    config: &KafkaConfig,
+    specs: &[TopicSpec],
+    timeout: Duration,
+) -> Result<Vec<(String, TopicStatus)>> {
+    let admin_config = config.admin_config();
+    let admin: AdminClient<DefaultClientContext> =
+        admin_config.create().map_err(|source| KafkaError::CreateClient { role: "admin", source })?;
+    let metadata = admin.inner().fetch_metadata(None, timeout).map_err(|source| {
+        KafkaError::FetchMetadata { bootstrap_servers: config.bootstrap_servers.clone(), source }
+    })?;
+    let existing: BTreeMap<&str, usize> = metadata
+        .topics()
+        .iter()
+        .filter(|topic| topic.error().is_none())
+        .map(|topic| (topic.name(), topic.partitions().len()))
+        .collect();
+    let mut statuses = Vec::with_capacity(specs.len());
+    let mut missing = Vec::new();
+    for spec in specs {
+        match existing.get(spec.name.as_str()) {
+            Some(&partitions) => {
+                if partitions != spec.partitions as usize {
+                    tracing::warn!(topic = %spec.name, partitions, configured_partitions = spec.partitions, "existing topic has a different partition count; leaving it as it is");
+                }
+                statuses.push((spec.name.clone(), TopicStatus::Existing { partitions }));
+            }
+            None if !config.topics.create_missing => {
+                return Err(KafkaError::MissingTopic { topic: spec.name.clone() });
+            }
+            None => missing.push(spec),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(statuses);
+    }
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|spec| {
+            spec.configs.iter().fold(
+                NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(spec.replication_factor)),
+                |topic, (key, value)| topic.set(key, value),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|source| KafkaError::CreateTopics { topic: missing[0].name.clone(), source })?;
+    for result in results {
+        match result {
+            Ok(topic) => {
+                tracing::info!(%topic, "created topic");
+                statuses.push((topic, TopicStatus::Created));
+            }
+            // Another replica created it between our metadata read and the create: fine.
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                statuses.push((topic, TopicStatus::Existing { partitions: 0 }))
+            }
+            Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(statuses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enforced_settings_win_over_passthrough() {
+        let mut config = KafkaConfig::default();
+        config.client.0.insert("acks".into(), "1".into());
+        config.client.0.insert("linger.ms".into(), "20".into());
+        let producer = config.producer_config();
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("linger.ms"), Some("20"));
+        let consumer = config.consumer_config("g");
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        assert_eq!(consumer.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn contradicting_passthrough_is_a_named_error() {
+        let mut config = KafkaConfig::default();
+        config.client.0.insert("enable.auto.commit".into(), "true".into());
+        config.topic_prefix = "bad prefix".into();
+        let keys: Vec<String> = config.validate("kafka").into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["kafka.topic_prefix", "kafka.client.\"enable.auto.commit\""]);
+    }
+
+    #[test]
+    fn secrets_are_hidden_in_debug() {
+        let mut config = KafkaConfig::default();
+        config.client.0.insert("sasl.password".into(), "hunter2".into());
+        config.client.0.insert("sasl.username".into(), "svc".into());
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"));
+        assert!(debug.contains("svc"));
+    }
+
+    #[test]
+    fn topic_names_follow_the_prefix() {
+        let names =
+            KafkaConfig { topic_prefix: "acme.sluice".into(), ..KafkaConfig::default() }.topic_names();
+        assert_eq!(names.stream("telemetry"), "acme.sluice.telemetry");
+        assert_eq!(names.dead_letter("telemetry"), "acme.sluice.telemetry.dlq");
+        assert_eq!(names.jobs(), "acme.sluice.jobs");
+    }
+}

@@ -1,0 +1,56 @@
+//! The Kafka value format: Avro single-object encoding. Two marker bytes `C3 01`, the writer
+//! schema's CRC-64-AVRO fingerprint as 8 little-endian bytes, then the Avro binary datum. Any
+//! Avro library can read it, and a reader finds the writer schema without a registry service.
+
+/// The two bytes that start every single-object encoded datum.
+pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
+const HEADER_LEN: usize = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("value of {len} bytes is shorter than the 10-byte single-object header")]
+    TooShort { len: usize },
+    #[error("value does not start with the Avro single-object marker C3 01 (found {found:02X?})")]
+    BadMarker { found: [u8; 2] },
+}
+
+pub fn write_single_object_header(fingerprint: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(&SINGLE_OBJECT_MARKER);
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+}
+
+/// Splits a Kafka value into the writer fingerprint and the Avro datum.
+pub fn split_single_object(value: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    if value.len() < HEADER_LEN {
+        return Err(WireError::TooShort { len: value.len() });
+    }
+    let (header, datum) = value.split_at(HEADER_LEN);
+    if header[..2] != SINGLE_OBJECT_MARKER {
+        return Err(WireError::BadMarker { found: [header[0], header[1]] });
+    }
+    let mut fingerprint = [0u8; 8];
+    fingerprint.copy_from_slice(&header[2..]);
+    Ok((u64::from_le_bytes(fingerprint), datum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let mut value = Vec::new();
+        write_single_object_header(0x0102_0304_0506_0708, &mut value);
+        value.push(42);
+        assert_eq!(split_single_object(&value), Ok((0x0102_0304_0506_0708, &[42u8][..])));
+    }
+
+    #[test]
+    fn foreign_bytes_are_rejected() {
+        assert_eq!(split_single_object(b"{}"), Err(WireError::TooShort { len: 2 }));
+        assert_eq!(
+            split_single_object(b"{\"json\": true}"),
+            Err(WireError::BadMarker { found: [b'{', b'"'] })
+        );
+    }
+}
