@@ -32,7 +32,9 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print a stream's records from the beginning of its topic, one JSON object per line.
-    #[command(after_help = "Examples:\n  sluice tail telemetry --limit 20\n  sluice tail telemetry --dead-letters")]
+    #[command(
+        after_help = "Examples:\n  sluice tail telemetry --limit 20\n  sluice tail telemetry --dead-letters"
+    )]
     Tail {
         /// Stream name (schemas/<stream>.avsc).
         stream: String,
@@ -71,7 +73,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 format!("{}.{stream}", args.topic_prefix)
             };
-            tail(&args.bootstrap_servers, &topic, &registry, limit, Duration::from_millis(idle_timeout_ms), dead_letters)
+            tail(
+                &args.bootstrap_servers,
+                &topic,
+                &registry,
+                limit,
+                Duration::from_millis(idle_timeout_ms),
+                dead_letters,
+            )
         }
     }
 }
@@ -114,12 +123,16 @@ fn tail(
         if dead_letters {
             use rdkafka::message::Headers;
             for header in message.headers().into_iter().flat_map(|headers| headers.iter()) {
-                let value = header.value.map(|bytes| String::from_utf8_lossy(bytes).into_owned()).unwrap_or_default();
+                let value =
+                    header.value.map(|bytes| String::from_utf8_lossy(bytes).into_owned()).unwrap_or_default();
                 line.insert(header.key.to_string(), value.into());
             }
             line.insert("payload".into(), String::from_utf8_lossy(payload).into_owned().into());
         } else {
-            line.insert("record".into(), decode(registry, payload).unwrap_or_else(|error| format!("undecodable: {error:#}").into()));
+            line.insert(
+                "record".into(),
+                decode(registry, payload).unwrap_or_else(|error| format!("undecodable: {error:#}").into()),
+            );
         }
         println!("{}", Value::Object(line));
         num_printed += 1;
@@ -130,8 +143,9 @@ fn tail(
 
 fn decode(registry: &SchemaRegistry, payload: &[u8]) -> anyhow::Result<Value> {
     let (fingerprint, _) = split_single_object(payload)?;
-    let schema =
-        registry.by_fingerprint(fingerprint).with_context(|| format!("no schema with fingerprint {fingerprint:016x}"))?;
+    let schema = registry
+        .by_fingerprint(fingerprint)
+        .with_context(|| format!("no schema with fingerprint {fingerprint:016x}"))?;
     let reader = apache_avro::GenericSingleObjectReader::builder().schema(schema.avro.clone()).build()?;
     Ok(to_json(reader.read_value(&mut &payload[..])?))
 }
@@ -148,7 +162,9 @@ fn to_json(value: AvroValue) -> Value {
         AvroValue::TimestampMicros(micros) => format_micros(micros).into(),
         AvroValue::TimestampMillis(millis) => format_micros(millis.saturating_mul(1_000)).into(),
         AvroValue::Union(_, inner) => to_json(*inner),
-        AvroValue::Record(fields) => Value::Object(fields.into_iter().map(|(name, value)| (name, to_json(value))).collect()),
+        AvroValue::Record(fields) => {
+            Value::Object(fields.into_iter().map(|(name, value)| (name, to_json(value))).collect())
+        }
         other => format!("{other:?}").into(),
     }
 }

@@ -260,9 +260,21 @@ pub async fn consume_topic(
     expected: usize,
     settle: Duration,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
+    consume_topic_within(bootstrap, topic, expected, settle, Duration::from_secs(30)).await
+}
+
+/// [`consume_topic`] that gives up after `max_wait` with whatever arrived.
+pub async fn consume_topic_within(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    settle: Duration,
+    max_wait: Duration,
+) -> anyhow::Result<Vec<ConsumedRecord>> {
     let bootstrap = bootstrap.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || consume_blocking(&bootstrap, &topic, expected, settle)).await?
+    tokio::task::spawn_blocking(move || consume_blocking(&bootstrap, &topic, expected, settle, max_wait))
+        .await?
 }
 
 fn consume_blocking(
@@ -270,6 +282,7 @@ fn consume_blocking(
     topic: &str,
     expected: usize,
     settle: Duration,
+    max_wait: Duration,
 ) -> anyhow::Result<Vec<ConsumedRecord>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -294,7 +307,7 @@ fn consume_blocking(
     }
     consumer.assign(&assignment)?;
     let mut records = Vec::new();
-    let overall_deadline = Instant::now() + Duration::from_secs(30);
+    let overall_deadline = Instant::now() + max_wait;
     let mut settle_deadline_opt: Option<Instant> = None;
     loop {
         let now = Instant::now();

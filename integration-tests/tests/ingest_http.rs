@@ -1,6 +1,8 @@
 //! Ingest over HTTP against a real Tansu broker: what is answered, and exactly what lands in
 //! Kafka, for good and bad requests.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -228,7 +230,6 @@ async fn bad_requests_are_refused_with_reasons_and_write_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_tokens_are_required_and_scoped_to_streams() {
-    use sha2_hex::sha256_hex;
     let broker = Broker::start().await.unwrap();
     let mut config = ingest_config(&broker);
     config.auth.enabled = true;
@@ -270,20 +271,9 @@ async fn bearer_tokens_are_required_and_scoped_to_streams() {
     ingest.stop().await.unwrap();
 }
 
-mod sha2_hex {
-    pub(super) fn sha256_hex(token: &str) -> String {
-        let output = std::process::Command::new("sha256sum")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child.stdin.take().unwrap().write_all(token.as_bytes())?;
-                child.wait_with_output()
-            })
-            .unwrap();
-        String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap().to_string()
-    }
+fn sha256_hex(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
