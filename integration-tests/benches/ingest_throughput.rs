@@ -1,1 +1,228 @@
-fn main() {}
+//! HTTP ingest throughput against its ceiling, measured in the same run on the same broker.
+//!
+//! - ceiling: the same Avro records produced straight to Kafka by an rdkafka producer with
+//!   ingest's settings (acks=all, idempotence, lz4, linger 5 ms), in batches of 1,000 from
+//!   `concurrency` tasks, each batch awaited like a request.
+//! - ingest: NDJSON batches of 1,000 readings POSTed over loopback by `concurrency` client tasks
+//!   to an in-process sluice-ingest, each answered 200 only after Kafka acknowledged the batch.
+//!
+//! `cargo bench -p sluice-integration-tests --bench ingest_throughput -- [--records N] [--concurrency C]`
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark harness")]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sluice_integration_tests::{Broker, IngestService, ingest_config, now_micros, repo_root};
+use sluice_schema::StreamSchema;
+
+const BATCH_SIZE: usize = 1_000;
+
+struct Run {
+    elapsed: Duration,
+    num_records: usize,
+    payload_bytes: usize,
+}
+
+impl Run {
+    fn records_per_sec(&self) -> f64 {
+        self.num_records as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn mb_per_sec(&self) -> f64 {
+        self.payload_bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|candidate| candidate == name)
+        .and_then(|index| args.get(index + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Readings like a fleet's: 1,000 devices, 4 sites, a few measurements each.
+fn readings(num_records: usize) -> Vec<serde_json::Value> {
+    let start = now_micros() - 3_600_000_000;
+    (0..num_records)
+        .map(|index| {
+            let device = index % 1_000;
+            json!({
+                "device_id": format!("device-{device:05}"),
+                "ts": start + index as i64 * 1_000,
+                "seq": (index / 1_000) as i64,
+                "site": format!("site-{}", device % 4),
+                "temperature": 15.0 + (index % 200) as f64 / 10.0,
+                "humidity": 40.0 + (index % 300) as f64 / 10.0,
+                "battery": 1.0 - (index % 1000) as f64 / 2000.0,
+                "rssi": -60 - (index % 30) as i64,
+            })
+        })
+        .collect()
+}
+
+async fn ceiling(
+    bootstrap: &str,
+    topic: &str,
+    schema: &StreamSchema,
+    readings: &[serde_json::Value],
+    concurrency: usize,
+) -> Run {
+    let now = now_micros();
+    let encoded: Vec<(String, i64, Vec<u8>)> = readings
+        .iter()
+        .map(|reading| {
+            let mut value = Vec::new();
+            let meta = schema.encode_json(reading, now, i64::MAX, &mut value).unwrap();
+            (meta.key, meta.event_time_micros, value)
+        })
+        .collect();
+    let payload_bytes = encoded.iter().map(|(_, _, value)| value.len()).sum();
+    let mut config =
+        sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
+            .producer_config();
+    config.set("linger.ms", "5").set("compression.type", "lz4").set("queue.buffering.max.kbytes", "262144");
+    let producer: FutureProducer = config.create().unwrap();
+    let encoded = Arc::new(encoded);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let producer = producer.clone();
+            let encoded = Arc::clone(&encoded);
+            let topic = topic.to_string();
+            tokio::spawn(async move {
+                for batch in encoded.chunks(BATCH_SIZE).skip(worker).step_by(concurrency) {
+                    let deliveries: Vec<_> = batch
+                        .iter()
+                        .map(|(key, ts, value)| {
+                            producer
+                                .send_result(
+                                    FutureRecord::to(&topic).key(key).payload(value).timestamp(ts / 1_000),
+                                )
+                                .map_err(|(error, _)| error)
+                                .unwrap()
+                        })
+                        .collect();
+                    for outcome in join_all(deliveries).await {
+                        outcome.unwrap().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Run { elapsed: started.elapsed(), num_records: readings.len(), payload_bytes }
+}
+
+async fn http_ingest(url: &str, readings: &[serde_json::Value], concurrency: usize) -> Run {
+    let bodies: Vec<String> = readings
+        .chunks(BATCH_SIZE)
+        .map(|batch| batch.iter().map(|reading| format!("{reading}\n")).collect())
+        .collect();
+    let payload_bytes = bodies.iter().map(String::len).sum();
+    let bodies = Arc::new(bodies);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let client = client.clone();
+            let bodies = Arc::clone(&bodies);
+            let url = url.to_string();
+            tokio::spawn(async move {
+                for body in bodies.iter().skip(worker).step_by(concurrency) {
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        response.status(),
+                        reqwest::StatusCode::OK,
+                        "{}",
+                        response.text().await.unwrap()
+                    );
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Run { elapsed: started.elapsed(), num_records: readings.len(), payload_bytes }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let num_records = arg("--records", 500_000);
+    let concurrency = arg("--concurrency", 8);
+    let rounds = arg("--rounds", 3);
+    let schema_path = repo_root().join("schemas/telemetry.avsc");
+    let schema = StreamSchema::from_avro_json(
+        "telemetry",
+        &std::fs::read_to_string(&schema_path).unwrap(),
+        Path::new(&schema_path),
+    )
+    .unwrap();
+    let broker = Broker::start().await.unwrap();
+    let mut config = ingest_config(&broker);
+    config.producer.delivery_timeout_ms = 30_000;
+    config.shutdown.grace_period_ms = 40_000;
+    let ingest = IngestService::start(config).await.unwrap();
+    let readings = readings(num_records);
+    println!(
+        "ingest throughput: {num_records} telemetry records, NDJSON batches of {BATCH_SIZE}, {concurrency} concurrent clients, {rounds} rounds, Tansu memory broker on 127.0.0.1"
+    );
+    println!(
+        "| round | ceiling (rdkafka direct) rec/s | ceiling MB/s (Avro) | HTTP ingest rec/s | HTTP MB/s (NDJSON) | ratio |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        // Alternate the order so that neither side always runs on a warmer broker.
+        let (direct, http) = if round % 2 == 1 {
+            let direct = ceiling(
+                &broker.bootstrap_servers(),
+                &format!("bench-direct-{round}"),
+                &schema,
+                &readings,
+                concurrency,
+            )
+            .await;
+            (direct, http_ingest(&ingest.records_url("telemetry"), &readings, concurrency).await)
+        } else {
+            let http = http_ingest(&ingest.records_url("telemetry"), &readings, concurrency).await;
+            (
+                ceiling(
+                    &broker.bootstrap_servers(),
+                    &format!("bench-direct-{round}"),
+                    &schema,
+                    &readings,
+                    concurrency,
+                )
+                .await,
+                http,
+            )
+        };
+        let ratio = http.records_per_sec() / direct.records_per_sec();
+        ratios.push(ratio);
+        println!(
+            "| {round} | {:.0} | {:.1} | {:.0} | {:.1} | {ratio:.2} |",
+            direct.records_per_sec(),
+            direct.mb_per_sec(),
+            http.records_per_sec(),
+            http.mb_per_sec()
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("median ratio HTTP ingest / ceiling: {:.2}", ratios[ratios.len() / 2]);
+    ingest.stop().await.unwrap();
+}

@@ -139,6 +139,10 @@ pub struct MqttConfig {
     pub password: Secret,
     /// Readings arrive on `<topic_prefix>/<stream>/<device_id>`.
     pub topic_prefix: String,
+    /// When set, subscribe as `$share/<group>/...` so that ingest replicas split the messages
+    /// instead of each receiving all of them (MQTT 5 shared subscriptions; Mosquitto 2 accepts
+    /// them from MQTT 3.1.1 clients too).
+    pub shared_subscription_group: String,
     pub keep_alive_secs: u64,
     /// Readings being produced at once before the bridge stops reading from MQTT.
     pub max_in_flight_messages: usize,
@@ -154,6 +158,7 @@ impl Default for MqttConfig {
             username: String::new(),
             password: Secret::default(),
             topic_prefix: "sluice".to_string(),
+            shared_subscription_group: String::new(),
             keep_alive_secs: 30,
             max_in_flight_messages: 1_000,
         }
@@ -235,6 +240,12 @@ impl Validate for IngestConfig {
                 issues.push(ConfigIssue::new(
                     "mqtt.topic_prefix",
                     "must be non-empty and free of MQTT wildcards",
+                ));
+            }
+            if self.mqtt.shared_subscription_group.contains(['+', '#', '/']) {
+                issues.push(ConfigIssue::new(
+                    "mqtt.shared_subscription_group",
+                    "must be free of '/', '+' and '#'",
                 ));
             }
             if self.mqtt.client_id.is_empty() {

@@ -64,10 +64,15 @@ impl MqttBridge {
         let (work_tx, work_rx) = mpsc::channel::<Publish>(config.max_in_flight_messages);
         let mut worker =
             tokio::spawn(Arc::clone(&bridge).process_messages(work_rx, client.clone(), shutdown.clone()));
+        let share_prefix = if config.shared_subscription_group.is_empty() {
+            String::new()
+        } else {
+            format!("$share/{}/", config.shared_subscription_group)
+        };
         let filters: Vec<String> = bridge
             .schemas
             .stream_names()
-            .map(|stream| format!("{}/{stream}/+", config.topic_prefix))
+            .map(|stream| format!("{share_prefix}{}/{stream}/+", config.topic_prefix))
             .collect();
         tracing::info!(host = %config.host, port = config.port, ?filters, "MQTT bridge starting");
 

@@ -21,10 +21,55 @@ const ENFORCED_PRODUCER_SETTINGS: &[(&str, &str)] = &[("acks", "all"), ("enable.
 const ENFORCED_CONSUMER_SETTINGS: &[(&str, &str)] =
     &[("enable.auto.commit", "false"), ("enable.auto.offset.store", "false")];
 
-/// librdkafka properties passed through as given. `Debug` hides secret values.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// librdkafka properties passed through. `Debug` hides secret values.
+///
+/// librdkafka names use dots (`sasl.password`), which configuration layers read as nesting and
+/// environment variable names cannot hold. So nested tables are joined with dots, and `_` in a
+/// name reads as `.` (no librdkafka property has an underscore): `SLUICE_KAFKA__CLIENT__SASL_PASSWORD`,
+/// `"sasl.password" = ...` and `[kafka.client.sasl] password = ...` all set `sasl.password`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct ClientProperties(pub BTreeMap<String, String>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PropertyValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Flag(bool),
+    Nested(BTreeMap<String, PropertyValue>),
+}
+
+impl<'de> Deserialize<'de> for ClientProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        fn flatten(
+            prefix: &str,
+            entries: BTreeMap<String, PropertyValue>,
+            out: &mut BTreeMap<String, String>,
+        ) {
+            for (key, value) in entries {
+                let name = key.replace('_', ".");
+                let full_name = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+                let text = match value {
+                    PropertyValue::Text(text) => text,
+                    PropertyValue::Integer(number) => number.to_string(),
+                    PropertyValue::Float(number) => number.to_string(),
+                    PropertyValue::Flag(flag) => flag.to_string(),
+                    PropertyValue::Nested(nested) => {
+                        flatten(&full_name, nested, out);
+                        continue;
+                    }
+                };
+                out.insert(full_name, text);
+            }
+        }
+        let entries = BTreeMap::<String, PropertyValue>::deserialize(deserializer)?;
+        let mut properties = BTreeMap::new();
+        flatten("", entries, &mut properties);
+        Ok(Self(properties))
+    }
+}
 
 impl fmt::Debug for ClientProperties {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -359,6 +404,25 @@ mod tests {
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"));
         assert!(debug.contains("svc"));
+    }
+
+    #[test]
+    fn client_properties_accept_dotted_nested_and_underscored_names() {
+        let config: KafkaConfig = toml::from_str(
+            "[client]\n\"linger.ms\" = 20\nsasl_password = \"x\"\n[client.ssl]\nca.location = \"/ca.pem\"\nenable_ssl_certificate_verification = false\n",
+        )
+        .unwrap();
+        let properties: Vec<(&str, &str)> =
+            config.client.0.iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
+        assert_eq!(
+            properties,
+            [
+                ("linger.ms", "20"),
+                ("sasl.password", "x"),
+                ("ssl.ca.location", "/ca.pem"),
+                ("ssl.enable.ssl.certificate.verification", "false"),
+            ]
+        );
     }
 
     #[test]
