@@ -66,8 +66,22 @@ fn readings(num_records: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The direct producer, created and connected (topic created, producer id acquired) before timing.
+async fn direct_producer(bootstrap: &str, topic: &str) -> FutureProducer {
+    let mut config =
+        sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
+            .producer_config();
+    config.set("linger.ms", "5").set("compression.type", "lz4").set("queue.buffering.max.kbytes", "262144");
+    let producer: FutureProducer = config.create().unwrap();
+    producer
+        .send(FutureRecord::to(topic).key("warm-up").payload("warm-up"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    producer
+}
+
 async fn ceiling(
-    bootstrap: &str,
+    producer: &FutureProducer,
     topic: &str,
     schema: &StreamSchema,
     readings: &[serde_json::Value],
@@ -83,11 +97,6 @@ async fn ceiling(
         })
         .collect();
     let payload_bytes = encoded.iter().map(|(_, _, value)| value.len()).sum();
-    let mut config =
-        sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
-            .producer_config();
-    config.set("linger.ms", "5").set("compression.type", "lz4").set("queue.buffering.max.kbytes", "262144");
-    let producer: FutureProducer = config.create().unwrap();
     let encoded = Arc::new(encoded);
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
@@ -178,6 +187,10 @@ async fn main() {
     config.shutdown.grace_period_ms = 40_000;
     let ingest = IngestService::start(config).await.unwrap();
     let readings = readings(num_records);
+    let direct_topic = "bench-direct";
+    let producer = direct_producer(&broker.bootstrap_servers(), direct_topic).await;
+    // Warm the HTTP path too: connection pool, producer id, topic metadata.
+    http_ingest(&ingest.records_url("telemetry"), &readings[..BATCH_SIZE], 1).await;
     println!(
         "ingest throughput: {num_records} telemetry records, NDJSON batches of {BATCH_SIZE}, {concurrency} concurrent clients, {rounds} rounds, Tansu memory broker on 127.0.0.1"
     );
@@ -189,28 +202,11 @@ async fn main() {
     for round in 1..=rounds {
         // Alternate the order so that neither side always runs on a warmer broker.
         let (direct, http) = if round % 2 == 1 {
-            let direct = ceiling(
-                &broker.bootstrap_servers(),
-                &format!("bench-direct-{round}"),
-                &schema,
-                &readings,
-                concurrency,
-            )
-            .await;
+            let direct = ceiling(&producer, direct_topic, &schema, &readings, concurrency).await;
             (direct, http_ingest(&ingest.records_url("telemetry"), &readings, concurrency).await)
         } else {
             let http = http_ingest(&ingest.records_url("telemetry"), &readings, concurrency).await;
-            (
-                ceiling(
-                    &broker.bootstrap_servers(),
-                    &format!("bench-direct-{round}"),
-                    &schema,
-                    &readings,
-                    concurrency,
-                )
-                .await,
-                http,
-            )
+            (ceiling(&producer, direct_topic, &schema, &readings, concurrency).await, http)
         };
         let ratio = http.records_per_sec() / direct.records_per_sec();
         ratios.push(ratio);
