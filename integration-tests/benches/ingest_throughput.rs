@@ -1,7 +1,7 @@
 //! HTTP ingest throughput against its ceiling, measured in the same run on the same broker.
 //!
-//! - ceiling: the same Avro records produced straight to Kafka by an rdkafka producer with
-//!   ingest's settings (acks=all, idempotence, lz4, linger 5 ms), in batches of 1,000 from
+//! - ceiling: the same Avro records produced straight to Kafka by the rdkafka producer ingest uses,
+//!   with ingest's settings (acks=all, idempotence, lz4, linger 5 ms), in batches of 1,000 from
 //!   `concurrency` tasks, each batch awaited like a request.
 //! - ingest: NDJSON batches of 1,000 readings POSTed over loopback by `concurrency` client tasks
 //!   to an in-process sluice-ingest, each answered 200 only after Kafka acknowledged the batch.
@@ -14,11 +14,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sluice_integration_tests::{Broker, IngestService, ingest_config, now_micros, repo_root};
+use sluice_kafka::{BatchProducer, BatchRecord};
 use sluice_schema::StreamSchema;
+
+// The allocator the sluice-ingest binary uses, so the in-process service runs as it would deployed.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH_SIZE: usize = 1_000;
 
@@ -67,21 +70,27 @@ fn readings(num_records: usize) -> Vec<serde_json::Value> {
 }
 
 /// The direct producer, created and connected (topic created, producer id acquired) before timing.
-async fn direct_producer(bootstrap: &str, topic: &str) -> FutureProducer {
+/// It is the producer ingest uses, with per-batch delivery tracking.
+async fn direct_producer(bootstrap: &str, topic: &str) -> BatchProducer {
     let mut config =
         sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
             .producer_config();
     config.set("linger.ms", "5").set("compression.type", "lz4").set("queue.buffering.max.kbytes", "262144");
-    let producer: FutureProducer = config.create().unwrap();
-    producer
-        .send(FutureRecord::to(topic).key("warm-up").payload("warm-up"), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let producer = BatchProducer::new(&config).unwrap();
+    let warm_up = BatchRecord {
+        key: b"warm-up",
+        value: b"warm-up",
+        timestamp_millis: now_micros() / 1_000,
+        headers_opt: None,
+    };
+    let batch = producer.send_batch(topic, std::iter::once(warm_up)).unwrap();
+    let outcome = BatchProducer::wait(&batch, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(outcome.num_failed, 0);
     producer
 }
 
 async fn ceiling(
-    producer: &FutureProducer,
+    producer: &BatchProducer,
     topic: &str,
     schema: &StreamSchema,
     readings: &[serde_json::Value],
@@ -106,20 +115,15 @@ async fn ceiling(
             let topic = topic.to_string();
             tokio::spawn(async move {
                 for batch in encoded.chunks(BATCH_SIZE).skip(worker).step_by(concurrency) {
-                    let deliveries: Vec<_> = batch
-                        .iter()
-                        .map(|(key, ts, value)| {
-                            producer
-                                .send_result(
-                                    FutureRecord::to(&topic).key(key).payload(value).timestamp(ts / 1_000),
-                                )
-                                .map_err(|(error, _)| error)
-                                .unwrap()
-                        })
-                        .collect();
-                    for outcome in join_all(deliveries).await {
-                        outcome.unwrap().unwrap();
-                    }
+                    let records = batch.iter().map(|(key, ts, value)| BatchRecord {
+                        key: key.as_bytes(),
+                        value,
+                        timestamp_millis: ts / 1_000,
+                        headers_opt: None,
+                    });
+                    let delivery = producer.send_batch(&topic, records).unwrap();
+                    let outcome = BatchProducer::wait(&delivery, Duration::from_secs(30)).await.unwrap();
+                    assert_eq!(outcome.num_failed, 0);
                 }
             })
         })

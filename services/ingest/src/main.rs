@@ -9,6 +9,9 @@ use clap::Parser;
 use sluice_ingest::IngestConfig;
 use sluice_shutdown::CancellationToken;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Takes device telemetry over HTTP and MQTT, validates it and produces it to Kafka.
 #[derive(Debug, Parser)]
 #[command(

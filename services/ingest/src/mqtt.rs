@@ -205,7 +205,7 @@ impl MqttBridge {
             self.producer
                 .produce_dead_letter(
                     &topic,
-                    Some(device_id),
+                    device_id,
                     &publish.payload,
                     &detail,
                     &format!("mqtt:{}", publish.topic),

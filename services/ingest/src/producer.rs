@@ -6,11 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sluice_kafka::KafkaConfig;
+use sluice_kafka::{BatchProducer, BatchRecord, EnqueueError, KafkaConfig};
 use sluice_shutdown::{CancellationToken, TaskTracker};
 use tracing::instrument;
 
@@ -32,6 +30,10 @@ pub enum ProduceError {
     Create(#[source] KafkaError),
     #[error("the producer queue is full")]
     QueueFull,
+    #[error("failed to hand records to the producer")]
+    Enqueue(#[source] EnqueueError),
+    #[error("the broker did not answer for {num_records} records within {timeout_ms} ms")]
+    Unanswered { num_records: usize, timeout_ms: u64 },
     #[error("the Kafka broker is not reachable")]
     BrokerUnreachable,
     #[error("the broker did not acknowledge {num_failed} of {num_records} records")]
@@ -39,7 +41,7 @@ pub enum ProduceError {
         num_failed: usize,
         num_records: usize,
         #[source]
-        source: KafkaError,
+        source_opt: Option<KafkaError>,
     },
 }
 
@@ -53,7 +55,7 @@ pub(crate) struct OutgoingRecord<'a> {
 
 #[derive(Clone)]
 pub(crate) struct RecordProducer {
-    producer: FutureProducer,
+    producer: BatchProducer,
     broker_reachable: Arc<AtomicBool>,
     metrics: Arc<IngestMetrics>,
     /// librdkafka reports timed-out records on its own schedule (seconds late with the broker
@@ -88,7 +90,7 @@ impl RecordProducer {
         }
         // The delivery timeout bounds every request's wait, so it is not left to the passthrough.
         client_config.set("message.timeout.ms", settings.delivery_timeout_ms.to_string());
-        let producer: FutureProducer = client_config.create().map_err(ProduceError::Create)?;
+        let producer = BatchProducer::new(&client_config).map_err(ProduceError::Create)?;
         let answer_deadline =
             Duration::from_millis(settings.delivery_timeout_ms) + Duration::from_millis(500);
         Ok(Self { producer, broker_reachable: Arc::new(AtomicBool::new(false)), metrics, answer_deadline })
@@ -102,9 +104,7 @@ impl RecordProducer {
     pub(crate) async fn probe_broker(&self, timeout: Duration) -> bool {
         let producer = self.producer.clone();
         let reachable =
-            tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout).is_ok())
-                .await
-                .unwrap_or(false);
+            tokio::task::spawn_blocking(move || producer.fetch_metadata_ok(timeout)).await.unwrap_or(false);
         let was_reachable = self.broker_reachable.swap(reachable, Ordering::Relaxed);
         if was_reachable != reachable {
             if reachable {
@@ -150,53 +150,41 @@ impl RecordProducer {
         let started = Instant::now();
         let ingest_time = now_micros().to_string();
         let num_records = records.len();
-        let mut deliveries = Vec::with_capacity(num_records);
-        for record in records {
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header { key: SCHEMA_FINGERPRINT_HEADER, value: Some(fingerprint_hex) })
-                .insert(Header { key: INGEST_TIME_HEADER, value: Some(ingest_time.as_str()) });
-            let future_record = FutureRecord::to(topic)
-                .key(record.key)
-                .payload(record.value)
-                .timestamp(record.event_time_micros.div_euclid(1_000))
-                .headers(headers);
-            match self.producer.send_result(future_record) {
-                Ok(delivery) => deliveries.push(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    return Err(ProduceError::QueueFull);
-                }
-                Err((source, _)) => {
-                    return Err(ProduceError::Delivery {
-                        num_failed: num_records - deliveries.len(),
-                        num_records,
-                        source,
-                    });
-                }
-            }
-        }
-        let Ok(outcomes) = tokio::time::timeout(self.answer_deadline, join_all(deliveries)).await else {
-            self.metrics.record_produce(topic, started.elapsed(), false);
-            return Err(ProduceError::Delivery {
-                num_failed: num_records,
+        let batch_records = records.map(|record| BatchRecord {
+            key: record.key.as_bytes(),
+            value: record.value,
+            timestamp_millis: record.event_time_micros.div_euclid(1_000),
+            headers_opt: Some(
+                OwnedHeaders::new_with_capacity(2)
+                    .insert(Header { key: SCHEMA_FINGERPRINT_HEADER, value: Some(fingerprint_hex) })
+                    .insert(Header { key: INGEST_TIME_HEADER, value: Some(ingest_time.as_str()) }),
+            ),
+        });
+        let result = self.send_and_wait(topic, num_records, batch_records).await;
+        self.metrics.record_produce(topic, started.elapsed(), result.is_ok());
+        result
+    }
+
+    async fn send_and_wait<'a>(
+        &self,
+        topic: &str,
+        num_records: usize,
+        records: impl ExactSizeIterator<Item = BatchRecord<'a>>,
+    ) -> Result<(), ProduceError> {
+        let batch = self.producer.send_batch(topic, records).map_err(|error| match error {
+            EnqueueError::QueueFull { .. } => ProduceError::QueueFull,
+            other => ProduceError::Enqueue(other),
+        })?;
+        let outcome =
+            BatchProducer::wait(&batch, self.answer_deadline).await.ok_or(ProduceError::Unanswered {
                 num_records,
-                source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
-            });
-        };
-        let mut first_error_opt = None;
-        let mut num_failed = 0;
-        for outcome in outcomes {
-            let error = match outcome {
-                Ok(Ok(_)) => continue,
-                Ok(Err((error, _))) => error,
-                Err(_canceled) => KafkaError::Canceled,
-            };
-            num_failed += 1;
-            first_error_opt.get_or_insert(error);
-        }
-        self.metrics.record_produce(topic, started.elapsed(), first_error_opt.is_none());
-        match first_error_opt {
-            None => Ok(()),
-            Some(source) => Err(ProduceError::Delivery { num_failed, num_records, source }),
+                timeout_ms: self.answer_deadline.as_millis() as u64,
+            })?;
+        match outcome.num_failed {
+            0 => Ok(()),
+            num_failed => {
+                Err(ProduceError::Delivery { num_failed, num_records, source_opt: outcome.first_error_opt })
+            }
         }
     }
 
@@ -204,7 +192,7 @@ impl RecordProducer {
     pub(crate) async fn produce_dead_letter(
         &self,
         topic: &str,
-        key_opt: Option<&str>,
+        key: &str,
         payload: &[u8],
         reason: &str,
         source: &str,
@@ -214,26 +202,13 @@ impl RecordProducer {
             .insert(Header { key: DEAD_LETTER_REASON_HEADER, value: Some(reason) })
             .insert(Header { key: DEAD_LETTER_SOURCE_HEADER, value: Some(source) })
             .insert(Header { key: INGEST_TIME_HEADER, value: Some(ingest_time.as_str()) });
-        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
-        if let Some(key) = key_opt {
-            record = record.key(key);
-        }
-        let delivery = self.producer.send_result(record).map_err(|(error, _)| match error {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => ProduceError::QueueFull,
-            source => ProduceError::Delivery { num_failed: 1, num_records: 1, source },
-        })?;
-        let timed_out = || ProduceError::Delivery {
-            num_failed: 1,
-            num_records: 1,
-            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        let record = BatchRecord {
+            key: key.as_bytes(),
+            value: payload,
+            timestamp_millis: now_micros().div_euclid(1_000),
+            headers_opt: Some(headers),
         };
-        match tokio::time::timeout(self.answer_deadline, delivery).await.map_err(|_| timed_out())? {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((source, _))) => Err(ProduceError::Delivery { num_failed: 1, num_records: 1, source }),
-            Err(_canceled) => {
-                Err(ProduceError::Delivery { num_failed: 1, num_records: 1, source: KafkaError::Canceled })
-            }
-        }
+        self.send_and_wait(topic, 1, std::iter::once(record)).await
     }
 
     /// Waits for everything queued to be acknowledged, up to `timeout`.

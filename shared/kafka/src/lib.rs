@@ -4,6 +4,8 @@
 //! settings that Sluice's delivery guarantees depend on are applied after that map, so they always
 //! win, and `validate` refuses a map that contradicts them rather than silently overriding it.
 
+mod batch_producer;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, is_secret_property};
+
+pub use crate::batch_producer::{BatchDelivery, BatchOutcome, BatchProducer, BatchRecord, EnqueueError};
 
 /// Producer settings that make an acknowledged write durable and retries free of duplicates.
 const ENFORCED_PRODUCER_SETTINGS: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotence", "true")];

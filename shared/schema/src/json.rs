@@ -107,31 +107,27 @@ impl StreamSchema {
         out: &mut Vec<u8>,
     ) -> Result<RecordMeta, Vec<FieldError>> {
         let mut errors = Vec::new();
-        for name in object.keys() {
-            if self.field(name).is_none() {
-                errors.push(FieldError::field(
-                    name,
-                    format!("unknown field; the '{}' schema has no such field", self.stream),
-                ));
-            }
-        }
         write_single_object_header(self.fingerprint, out);
         let mut key = String::new();
         let mut event_time_micros = 0;
+        let mut num_known_given = 0;
         for (index, field) in self.fields.iter().enumerate() {
-            let value = object.get(&field.name).or(field.default_opt.as_ref()).unwrap_or(&Value::Null);
-            if let Err(reason) = encode_field(field, value, out) {
-                errors.push(FieldError::field(&field.name, reason));
-                continue;
-            }
-            if index == self.key_index {
-                key = value.as_str().unwrap_or_default().to_string();
-                if key.is_empty() {
-                    errors.push(FieldError::field(&field.name, "must not be empty"));
+            let given_opt = object.get(&field.name);
+            num_known_given += usize::from(given_opt.is_some());
+            let value = given_opt.or(field.default_opt.as_ref()).unwrap_or(&Value::Null);
+            if index == self.event_time_index {
+                match parse_event_time(value) {
+                    Ok(micros) => {
+                        event_time_micros = micros;
+                        let stored = if field.kind == FieldKind::TimestampMillis {
+                            micros.div_euclid(1_000)
+                        } else {
+                            micros
+                        };
+                        write_long(stored, out);
+                    }
+                    Err(reason) => errors.push(FieldError::field(&field.name, reason)),
                 }
-            } else if index == self.event_time_index {
-                // encode_field accepted it, so it parses.
-                event_time_micros = parse_event_time(value).unwrap_or_default();
                 let future_micros = event_time_micros.saturating_sub(now_micros);
                 if future_micros > max_future_skew_micros {
                     errors.push(FieldError::field(
@@ -143,7 +139,32 @@ impl StreamSchema {
                         ),
                     ));
                 }
+                continue;
             }
+            if let Err(reason) = encode_field(field, value, out) {
+                errors.push(FieldError::field(&field.name, reason));
+                continue;
+            }
+            if index == self.key_index {
+                key = value.as_str().unwrap_or_default().to_string();
+                if key.is_empty() {
+                    errors.push(FieldError::field(&field.name, "must not be empty"));
+                }
+            }
+        }
+        // Counting known fields instead of looking every key up keeps the usual case cheap.
+        if num_known_given < object.len() {
+            let unknown: Vec<FieldError> = object
+                .keys()
+                .filter(|name| self.field(name).is_none())
+                .map(|name| {
+                    FieldError::field(
+                        name,
+                        format!("unknown field; the '{}' schema has no such field", self.stream),
+                    )
+                })
+                .collect();
+            errors.splice(0..0, unknown);
         }
         if errors.is_empty() { Ok(RecordMeta { key, event_time_micros }) } else { Err(errors) }
     }
