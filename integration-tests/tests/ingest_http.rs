@@ -332,3 +332,22 @@ async fn health_endpoints_answer() {
     assert_eq!(ready.status(), StatusCode::OK);
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_producer_queue_answers_503_with_retry_after() {
+    let broker = Broker::start().await.unwrap();
+    let mut config = ingest_config(&broker);
+    // 1 KiB of producer queue: a request of 2,000 readings cannot fit.
+    config.producer.queue_max_kbytes = 1;
+    config.producer.linger_ms = 1_000;
+    let ingest = IngestService::start(config).await.unwrap();
+    let now = now_micros();
+    let body: Vec<Value> = (0..2_000).map(|seq| reading("burst", seq, now)).collect();
+    let response =
+        reqwest::Client::new().post(ingest.records_url("telemetry")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let answer: Value = response.json().await.unwrap();
+    assert!(answer["error"].as_str().unwrap().contains("queue is full"), "{answer}");
+    ingest.stop().await.unwrap();
+}

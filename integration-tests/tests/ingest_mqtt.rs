@@ -187,3 +187,39 @@ async fn reading_sent_during_kafka_outage_is_delivered_after_restart() {
     assert_eq!(value["seq"], json!(77));
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_in_a_shared_subscription_group_split_readings_without_duplicates() {
+    let broker = Broker::start().await.unwrap();
+    let mosquitto = Mosquitto::start().await.unwrap();
+    let mut first_config = mqtt_ingest_config(&broker, &mosquitto);
+    first_config.mqtt.shared_subscription_group = "ingest".to_string();
+    let mut second_config = first_config.clone();
+    second_config.mqtt.client_id = format!("ingest-{}", unique_suffix());
+    let first = IngestService::start(first_config).await.unwrap();
+    let second = IngestService::start(second_config).await.unwrap();
+    wait_for_bridge(&mosquitto, &broker, &first).await;
+    // The first replica's subscription is proven; the second subscribes at the same moment of
+    // its start. Without the shared group each reading below would land twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut device = Device::connect(mosquitto.port).await;
+    let ts = now_micros();
+    for seq in 0..40 {
+        device.publish("sluice/telemetry/sprinkler-2", json!({"ts": ts + seq, "seq": seq})).await;
+    }
+    let records = probe_free(
+        consume_topic(&broker.bootstrap_servers(), &first.stream_topic("telemetry"), 40, SETTLE)
+            .await
+            .unwrap(),
+    );
+    let schema_json = telemetry_schema_json();
+    let mut seqs: Vec<i64> = records
+        .iter()
+        .map(|record| decode_value(&schema_json, &record.payload).unwrap()["seq"].as_i64().unwrap())
+        .collect();
+    seqs.sort();
+    assert_eq!(seqs, (0..40).collect::<Vec<i64>>(), "every reading once, none twice");
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}

@@ -266,7 +266,7 @@ async fn accept_records(
         Err(error) => {
             tracing::warn!(%topic, error = %error_chain(&error), "produce failed");
             let message = match error {
-                ProduceError::QueueFull => "the producer queue is full; retry shortly".to_string(),
+                ProduceError::QueueFull => "the producer queue is full; part of the request may have been written: retry the whole request shortly (duplicates are dropped by device_id and seq)".to_string(),
                 ProduceError::BrokerUnreachable => {
                     "the Kafka broker is unreachable; nothing was written, retry later".to_string()
                 }
