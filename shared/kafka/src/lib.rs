@@ -239,6 +239,18 @@ impl KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// The job definitions topic: compacted, so the latest definition of every job is kept.
+    pub fn jobs_topic_spec(&self) -> TopicSpec {
+        TopicSpec {
+            name: self.topic_names().jobs(),
+            partitions: self.topics.partitions,
+            replication_factor: self.topics.replication_factor,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        }
+    }
+}
+
 /// Topic names, all under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicNames {
@@ -436,5 +448,12 @@ mod tests {
         assert_eq!(names.stream("telemetry"), "acme.sluice.telemetry");
         assert_eq!(names.dead_letter("telemetry"), "acme.sluice.telemetry.dlq");
         assert_eq!(names.jobs(), "acme.sluice.jobs");
+    }
+
+    #[test]
+    fn jobs_topic_is_compacted() {
+        let spec = KafkaConfig::default().jobs_topic_spec();
+        assert_eq!(spec.name, "sluice.jobs");
+        assert!(spec.configs.contains(&("cleanup.policy".to_string(), "compact".to_string())));
     }
 }
