@@ -5,6 +5,7 @@
 //! that names the writer schema, and maps the schemas to Arrow for the compactor.
 
 mod arrow;
+mod decode;
 mod json;
 mod wire;
 
@@ -16,6 +17,7 @@ use apache_avro::Schema as AvroSchema;
 use apache_avro::rabin::Rabin;
 
 pub use crate::arrow::to_arrow_schema;
+pub use crate::decode::{ArrowBatchBuilder, DecodeError};
 pub use crate::json::{FieldError, RecordMeta, parse_event_time};
 pub use crate::wire::{SINGLE_OBJECT_MARKER, WireError, split_single_object, write_single_object_header};
 
@@ -261,7 +263,31 @@ impl SchemaRegistry {
         if registry.streams.is_empty() {
             return Err(SchemaError::NoStreams { path: directory.to_path_buf() });
         }
+        registry.load_history(&directory.join("history"))?;
         Ok(registry)
+    }
+
+    /// Earlier versions of stream schemas, `history/<stream>/<version>.avsc`: not streams of their
+    /// own, but writer schemas that records already in Kafka may name.
+    fn load_history(&mut self, history_directory: &Path) -> Result<()> {
+        let stream_names: Vec<String> = self.streams.keys().cloned().collect();
+        for stream in stream_names {
+            let directory = history_directory.join(&stream);
+            let Ok(entries) = std::fs::read_dir(&directory) else { continue };
+            for entry in entries {
+                let path = entry
+                    .map_err(|source| SchemaError::ReadDirectory { path: directory.clone(), source })?
+                    .path();
+                if path.extension().is_none_or(|extension| extension != "avsc") {
+                    continue;
+                }
+                let schema_json = std::fs::read_to_string(&path)
+                    .map_err(|source| SchemaError::ReadFile { path: path.clone(), source })?;
+                let schema = Arc::new(StreamSchema::from_avro_json(&stream, &schema_json, &path)?);
+                self.by_fingerprint.entry(schema.fingerprint).or_insert(schema);
+            }
+        }
+        Ok(())
     }
 
     pub fn insert(&mut self, schema: StreamSchema) {
@@ -320,6 +346,22 @@ mod tests {
         let registry = SchemaRegistry::load_directory(&directory).expect("loads");
         let telemetry = registry.stream("telemetry").expect("telemetry stream");
         assert!(registry.by_fingerprint(telemetry.fingerprint).is_some());
+    }
+
+    #[test]
+    fn history_versions_resolve_by_fingerprint_but_are_not_streams() {
+        let directory = tempfile::TempDir::new().unwrap();
+        std::fs::write(directory.path().join("telemetry.avsc"), test_schemas::TELEMETRY).unwrap();
+        std::fs::create_dir_all(directory.path().join("history/telemetry")).unwrap();
+        let v1 = r#"{"type":"record","name":"T","fields":[{"name":"device_id","type":"string"},
+            {"name":"ts","type":{"type":"long","logicalType":"timestamp-micros"}},{"name":"seq","type":"long"}]}"#;
+        std::fs::write(directory.path().join("history/telemetry/v1.avsc"), v1).unwrap();
+        let registry = SchemaRegistry::load_directory(directory.path()).unwrap();
+        assert_eq!(registry.stream_names().collect::<Vec<_>>(), ["telemetry"]);
+        let old = StreamSchema::from_avro_json("telemetry", v1, Path::new("v1")).unwrap();
+        let found = registry.by_fingerprint(old.fingerprint).expect("old writer schema known");
+        assert_eq!(found.stream, "telemetry");
+        assert_eq!(found.fields.len(), 3);
     }
 
     #[test]

@@ -1,0 +1,309 @@
+//! Commit records: what each flush of a Kafka partition committed, created exactly once.
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+const METADATA_DIR: &str = "_sluice";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error("object store operation {operation} failed on {path}")]
+    Store {
+        operation: &'static str,
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("commit record {path} is not valid")]
+    InvalidCommit {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl LakeError {
+    fn store(operation: &'static str, path: &Path) -> impl FnOnce(object_store::Error) -> Self {
+        let path = path.to_string();
+        move |source| Self::Store { operation, path, source }
+    }
+}
+
+pub(crate) type Result<T, E = LakeError> = std::result::Result<T, E>;
+
+/// One data file of a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedFile {
+    /// Final path, relative to the store root: `<stream>/dt=.../hour=.../<name>.parquet`.
+    pub path: String,
+    /// Where the file was written before the commit; copied to `path` after it.
+    pub staging_path: String,
+    /// Hive partition segment, e.g. `dt=2026-11-26/hour=08`.
+    pub partition: String,
+    pub num_rows: u64,
+    pub size_bytes: u64,
+    pub min_event_time_micros: i64,
+    pub max_event_time_micros: i64,
+}
+
+/// What one flush of one Kafka partition committed: the offset range `[start_offset,
+/// end_offset)` and the files holding its rows. Records of a partition form a chain: each starts
+/// where the previous ended, and sequence numbers have no gaps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    pub stream: String,
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub sequence: u64,
+    pub start_offset: i64,
+    pub end_offset: i64,
+    pub files: Vec<CommittedFile>,
+    /// Records of the range that could not be decoded and went to the dead-letter topic.
+    pub num_dead_lettered: u64,
+    /// Largest event time committed in this partition so far (this and earlier records).
+    pub max_event_time_micros_opt: Option<i64>,
+    /// Which compactor instance wrote it, for operators.
+    pub writer_id: String,
+    pub created_at_micros: i64,
+}
+
+impl CommitRecord {
+    pub fn num_rows(&self) -> u64 {
+        self.files.iter().map(|file| file.num_rows).sum()
+    }
+}
+
+/// Whether a commit record was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Created,
+    /// A record with this sequence exists: another writer committed this partition first.
+    Conflict,
+}
+
+/// The lake in one object store, under one root.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+}
+
+impl Lake {
+    pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> Self {
+        Self { store, root }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// A path relative to the lake root, as an absolute store path.
+    pub fn absolute(&self, relative: &str) -> Path {
+        relative
+            .split('/')
+            .filter(|part| !part.is_empty())
+            .fold(self.root.clone(), |path, part| path.join(part))
+    }
+
+    pub fn data_file(stream: &str, partition: &str, file_name: &str) -> String {
+        format!("{stream}/{partition}/{file_name}")
+    }
+
+    pub fn staging_file(stream: &str, file_name: &str) -> String {
+        format!("{METADATA_DIR}/staging/{stream}/{file_name}")
+    }
+
+    fn commits_dir(&self, stream: &str, kafka_partition: i32) -> Path {
+        self.absolute(&format!("{METADATA_DIR}/commits/{stream}/partition={kafka_partition}"))
+    }
+
+    fn commit_path(&self, stream: &str, kafka_partition: i32, sequence: u64) -> Path {
+        // Zero-padded so that names sort as numbers.
+        self.commits_dir(stream, kafka_partition).join(format!("{sequence:020}.json"))
+    }
+
+    /// Writes bytes to a path relative to the root (staging files, merged files).
+    pub async fn put(&self, relative: &str, bytes: Vec<u8>) -> Result<()> {
+        let path = self.absolute(relative);
+        self.store.put(&path, PutPayload::from(bytes)).await.map_err(LakeError::store("put", &path))?;
+        Ok(())
+    }
+
+    /// The newest commit record of a Kafka partition, if it has any.
+    pub async fn latest_commit(&self, stream: &str, kafka_partition: i32) -> Result<Option<CommitRecord>> {
+        let directory = self.commits_dir(stream, kafka_partition);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&directory))
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &directory))?;
+        let Some(newest) = objects
+            .into_iter()
+            .map(|object| object.location)
+            .filter(|path| path.as_ref().ends_with(".json"))
+            .max()
+        else {
+            return Ok(None);
+        };
+        self.read_commit(&newest).await.map(Some)
+    }
+
+    /// Every commit record of a stream, in (partition, sequence) order.
+    pub async fn commits(&self, stream: &str) -> Result<Vec<CommitRecord>> {
+        let directory = self.absolute(&format!("{METADATA_DIR}/commits/{stream}"));
+        let mut paths: Vec<Path> = self
+            .store
+            .list(Some(&directory))
+            .map_ok(|object| object.location)
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &directory))?;
+        paths.retain(|path| path.as_ref().ends_with(".json"));
+        let mut records = Vec::with_capacity(paths.len());
+        for path in paths {
+            records.push(self.read_commit(&path).await?);
+        }
+        records.sort_by_key(|record| (record.kafka_partition, record.sequence));
+        Ok(records)
+    }
+
+    async fn read_commit(&self, path: &Path) -> Result<CommitRecord> {
+        let bytes = self
+            .store
+            .get(path)
+            .await
+            .map_err(LakeError::store("get", path))?
+            .bytes()
+            .await
+            .map_err(LakeError::store("read", path))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
+    }
+
+    /// Creates the commit record; never overwrites one. This is the commit point of a flush.
+    pub async fn create_commit(&self, record: &CommitRecord) -> Result<CommitOutcome> {
+        let path = self.commit_path(&record.stream, record.kafka_partition, record.sequence);
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?;
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&path, PutPayload::from(bytes), options).await {
+            Ok(_) => Ok(CommitOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
+            Err(source) => {
+                Err(LakeError::Store { operation: "create commit", path: path.to_string(), source })
+            }
+        }
+    }
+
+    /// Makes a committed record's files visible at their final paths. Idempotent: a file already
+    /// in place is left alone, so a new owner can finish what a crashed writer started.
+    pub async fn publish(&self, record: &CommitRecord) -> Result<()> {
+        for file in &record.files {
+            let final_path = self.absolute(&file.path);
+            let staging_path = self.absolute(&file.staging_path);
+            match self.store.head(&final_path).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    self.store
+                        .copy(&staging_path, &final_path)
+                        .await
+                        .map_err(LakeError::store("copy", &staging_path))?;
+                }
+                Err(source) => {
+                    return Err(LakeError::Store { operation: "head", path: final_path.to_string(), source });
+                }
+            }
+            match self.store.delete(&staging_path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(LakeError::Store {
+                        operation: "delete",
+                        path: staging_path.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    fn lake() -> Lake {
+        Lake::new(Arc::new(InMemory::new()), Path::from("lake"))
+    }
+
+    fn record(sequence: u64, start_offset: i64, end_offset: i64, file_name: &str) -> CommitRecord {
+        CommitRecord {
+            stream: "telemetry".into(),
+            topic: "sluice.telemetry".into(),
+            kafka_partition: 3,
+            sequence,
+            start_offset,
+            end_offset,
+            files: vec![CommittedFile {
+                path: Lake::data_file("telemetry", "dt=2026-11-26/hour=08", file_name),
+                staging_path: Lake::staging_file("telemetry", file_name),
+                partition: "dt=2026-11-26/hour=08".into(),
+                num_rows: (end_offset - start_offset) as u64,
+                size_bytes: 4,
+                min_event_time_micros: 0,
+                max_event_time_micros: 0,
+            }],
+            num_dead_lettered: 0,
+            max_event_time_micros_opt: None,
+            writer_id: "test".into(),
+            created_at_micros: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_are_created_once_and_the_latest_wins() {
+        let lake = lake();
+        assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap(), None);
+        for sequence in 0..12 {
+            let created = lake
+                .create_commit(&record(
+                    sequence,
+                    sequence as i64 * 10,
+                    sequence as i64 * 10 + 10,
+                    "a.parquet",
+                ))
+                .await;
+            assert_eq!(created.unwrap(), CommitOutcome::Created);
+        }
+        let latest = lake.latest_commit("telemetry", 3).await.unwrap().unwrap();
+        assert_eq!((latest.sequence, latest.end_offset), (11, 120), "numeric order, not text order");
+        // A stale writer trying the same sequence is refused, and nothing is overwritten.
+        let stale = record(11, 110, 999, "stale.parquet");
+        assert_eq!(lake.create_commit(&stale).await.unwrap(), CommitOutcome::Conflict);
+        assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap().unwrap().end_offset, 120);
+        assert_eq!(lake.latest_commit("telemetry", 4).await.unwrap(), None);
+        assert_eq!(lake.commits("telemetry").await.unwrap().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn publish_moves_staged_files_and_is_idempotent() {
+        let lake = lake();
+        let record = record(0, 0, 10, "f.parquet");
+        lake.put(&record.files[0].staging_path, b"PAR1".to_vec()).await.unwrap();
+        lake.create_commit(&record).await.unwrap();
+        lake.publish(&record).await.unwrap();
+        lake.publish(&record).await.unwrap();
+        let final_path = lake.absolute(&record.files[0].path);
+        assert_eq!(final_path.as_ref(), "lake/telemetry/dt=2026-11-26/hour=08/f.parquet");
+        let bytes = lake.store().get(&final_path).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&bytes[..], b"PAR1");
+        assert!(lake.store().head(&lake.absolute(&record.files[0].staging_path)).await.is_err());
+    }
+}
