@@ -1,1 +1,152 @@
-//! Compactor: not built yet (see the compactor issue); the crate exists so the workspace has its final shape.
+//! Sluice compactor: turns the stream topics into an event-time-partitioned Parquet lake in
+//! object storage, exactly once. docs/delivery-semantics.md explains how.
+
+pub mod config;
+mod consumer;
+mod metrics;
+mod parquet_file;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::BaseConsumer;
+use sluice_kafka::{BatchProducer, KafkaError, TopicSpec, ensure_topics};
+use sluice_lake::{Lake, StoreError};
+use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaError, SchemaRegistry};
+use sluice_shutdown::CancellationToken;
+use tokio::runtime::Handle;
+
+pub use crate::config::CompactorConfig;
+use crate::consumer::{CompactorLoop, RebalanceContext, StreamInfo};
+pub use crate::consumer::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, LoopError};
+pub use crate::parquet_file::EncodeError;
+
+const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactorError {
+    #[error("failed to load stream schemas")]
+    Schemas(#[from] SchemaError),
+    #[error("stream '{stream}' in compactor.streams has no schema")]
+    UnknownStream { stream: String },
+    #[error("failed to open the object store")]
+    Store(#[from] StoreError),
+    #[error("failed to set up Kafka topics")]
+    Topics(#[from] KafkaError),
+    #[error("failed to create the Kafka {role}")]
+    Client {
+        role: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("invalid Parquet settings")]
+    Parquet(#[from] EncodeError),
+    #[error("the consumer loop failed")]
+    Loop(#[from] LoopError),
+    #[error("the consumer loop panicked")]
+    Panicked,
+}
+
+pub type Result<T, E = CompactorError> = std::result::Result<T, E>;
+
+/// A started compactor.
+#[derive(Debug)]
+pub struct RunningCompactor {
+    worker: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningCompactor {
+    /// Waits until the loop stopped and flushed (after `shutdown` was cancelled, or on failure).
+    pub async fn wait(self) -> Result<()> {
+        self.worker.await.unwrap_or(Err(CompactorError::Panicked))
+    }
+}
+
+/// Runs the compactor until `shutdown` is cancelled and buffered data is committed.
+pub async fn run(config: CompactorConfig, shutdown: CancellationToken) -> Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Result<RunningCompactor> {
+    let schemas = SchemaRegistry::load_directory(&config.schemas.directory)?;
+    let stream_names: Vec<String> = if config.compactor.streams.is_empty() {
+        schemas.stream_names().map(str::to_string).collect()
+    } else {
+        config.compactor.streams.clone()
+    };
+    let (store, root) = sluice_lake::open_store(&config.object_store)?;
+    let lake = Lake::new(store, root);
+    let topic_names = config.kafka.topic_names();
+    let mut streams = HashMap::new();
+    let mut topic_specs: Vec<TopicSpec> = Vec::new();
+    for stream in &stream_names {
+        let reader =
+            schemas.stream(stream).ok_or_else(|| CompactorError::UnknownStream { stream: stream.clone() })?;
+        let key_column = reader.fields.iter().position(|field| field.name == KEY_FIELD).unwrap_or(0);
+        let event_time_column =
+            reader.fields.iter().position(|field| field.name == EVENT_TIME_FIELD).unwrap_or(1);
+        let info = StreamInfo {
+            stream: stream.clone(),
+            topic: topic_names.stream(stream),
+            dead_letter_topic: topic_names.dead_letter(stream),
+            reader: Arc::clone(reader),
+            granularity: config
+                .compactor
+                .granularity
+                .get(stream)
+                .copied()
+                .unwrap_or(config.compactor.default_granularity),
+            writer_properties: parquet_file::writer_properties(
+                &config.parquet,
+                key_column,
+                event_time_column,
+            )?,
+        };
+        topic_specs.push(config.kafka.stream_topic_spec(stream));
+        topic_specs.push(config.kafka.dead_letter_topic_spec(stream));
+        streams.insert(info.topic.clone(), Arc::new(info));
+    }
+    ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
+
+    let handle = Handle::current();
+    let streams_by_topic = streams.iter().map(|(topic, info)| (topic.clone(), info.stream.clone())).collect();
+    let (context, events_rx) = RebalanceContext::new(lake.clone(), handle.clone(), streams_by_topic);
+    let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);
+    if !config.kafka.client.0.contains_key("auto.offset.reset") {
+        consumer_config.set("auto.offset.reset", "earliest");
+    }
+    let consumer: BaseConsumer<RebalanceContext> = consumer_config
+        .create_with_context(context)
+        .map_err(|source| CompactorError::Client { role: "consumer", source })?;
+    let dead_letters = BatchProducer::new(&config.kafka.producer_config())
+        .map_err(|source| CompactorError::Client { role: "dead-letter producer", source })?;
+    let writer_id = if config.compactor.instance_id.is_empty() {
+        format!("compactor-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        config.compactor.instance_id.clone()
+    };
+    let compactor_loop = CompactorLoop {
+        consumer,
+        events_rx,
+        handle,
+        lake,
+        schemas,
+        streams,
+        flush: config.flush.clone(),
+        dead_letters,
+        metrics: Arc::new(metrics::CompactorMetrics::new()),
+        writer_id,
+        shutdown: shutdown.clone(),
+    };
+    // The loop blocks on Kafka and calls the store through the runtime handle: it lives on a
+    // blocking thread. A failed loop cancels the shutdown token so the whole service stops.
+    let worker = tokio::task::spawn_blocking(move || {
+        let result = compactor_loop.run().map_err(CompactorError::from);
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    });
+    Ok(RunningCompactor { worker })
+}

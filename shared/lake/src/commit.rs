@@ -133,6 +133,15 @@ impl Lake {
         Ok(())
     }
 
+    /// Deletes a path relative to the root; a path already gone is not an error.
+    pub async fn delete(&self, relative: &str) -> Result<()> {
+        let path = self.absolute(relative);
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(LakeError::Store { operation: "delete", path: path.to_string(), source }),
+        }
+    }
+
     /// The newest commit record of a Kafka partition, if it has any.
     pub async fn latest_commit(&self, stream: &str, kafka_partition: i32) -> Result<Option<CommitRecord>> {
         let directory = self.commits_dir(stream, kafka_partition);

@@ -1,0 +1,196 @@
+//! Configuration of the compactor (`sluice-compactor --config compactor.toml`); every key is in
+//! docs/operations.md and deploy/config/compactor.toml.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sluice_config::{ConfigIssue, Validate};
+use sluice_kafka::KafkaConfig;
+use sluice_lake::{ObjectStoreConfig, PartitionGranularity};
+use sluice_telemetry::TelemetryConfig;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactorConfig {
+    pub compactor: CompactorSection,
+    pub flush: FlushConfig,
+    pub parquet: ParquetConfig,
+    pub schemas: SchemasConfig,
+    pub object_store: ObjectStoreConfig,
+    pub kafka: KafkaConfig,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactorSection {
+    /// Kafka consumer group; replicas with the same group split the partitions.
+    pub group_id: String,
+    /// Streams to compact; empty means every stream in the schema directory.
+    pub streams: Vec<String>,
+    /// Event-time partitioning per stream; streams not listed use `default_granularity`.
+    pub granularity: BTreeMap<String, PartitionGranularity>,
+    pub default_granularity: PartitionGranularity,
+    /// Names this instance in commit records; empty means a random id per process.
+    pub instance_id: String,
+}
+
+impl Default for CompactorSection {
+    fn default() -> Self {
+        Self {
+            group_id: "sluice-compactor".to_string(),
+            streams: Vec::new(),
+            granularity: BTreeMap::new(),
+            default_granularity: PartitionGranularity::Hour,
+            instance_id: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// A Kafka partition's buffer is flushed when its records reach this many bytes (Avro
+    /// size; the Parquet files are smaller).
+    pub target_file_bytes: usize,
+    /// ... or when its oldest buffered record is this old, so data is queryable within it.
+    pub max_age_ms: u64,
+    /// Bound on all buffers together; past it the largest buffer is flushed first.
+    pub max_buffered_bytes: usize,
+    /// Bound on distinct event-time partitions buffered per Kafka partition (late data).
+    pub max_open_partitions: usize,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self {
+            target_file_bytes: 128 * 1024 * 1024,
+            max_age_ms: 60_000,
+            max_buffered_bytes: 512 * 1024 * 1024,
+            max_open_partitions: 48,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParquetCompression {
+    Zstd,
+    Snappy,
+    Lz4,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetConfig {
+    pub compression: ParquetCompression,
+    /// zstd level, 1-22.
+    pub compression_level: i32,
+    pub row_group_rows: usize,
+    /// A bloom filter on device_id, for point lookups of one device.
+    pub device_bloom_filter: bool,
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        Self {
+            compression: ParquetCompression::Zstd,
+            compression_level: 3,
+            row_group_rows: 1_048_576,
+            device_bloom_filter: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemasConfig {
+    pub directory: PathBuf,
+}
+
+impl Default for SchemasConfig {
+    fn default() -> Self {
+        Self { directory: PathBuf::from("schemas") }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time allowed after SIGTERM to flush and commit what is buffered.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_period_ms: 60_000 }
+    }
+}
+
+impl Validate for CompactorConfig {
+    fn validate(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        issues.extend(self.kafka.validate("kafka"));
+        issues.extend(self.telemetry.validate("telemetry"));
+        issues.extend(self.object_store.validate("object_store"));
+        if self.compactor.group_id.is_empty() {
+            issues.push(ConfigIssue::new("compactor.group_id", "must be set"));
+        }
+        let flush = &self.flush;
+        if flush.target_file_bytes == 0 {
+            issues.push(ConfigIssue::new("flush.target_file_bytes", "must be greater than 0"));
+        }
+        if flush.max_age_ms == 0 {
+            issues.push(ConfigIssue::new("flush.max_age_ms", "must be greater than 0"));
+        }
+        if flush.max_buffered_bytes < flush.target_file_bytes {
+            issues.push(ConfigIssue::new(
+                "flush.max_buffered_bytes",
+                format!("must be at least flush.target_file_bytes ({})", flush.target_file_bytes),
+            ));
+        }
+        if flush.max_open_partitions == 0 {
+            issues.push(ConfigIssue::new("flush.max_open_partitions", "must be greater than 0"));
+        }
+        if self.parquet.compression == ParquetCompression::Zstd
+            && !(1..=22).contains(&self.parquet.compression_level)
+        {
+            issues.push(ConfigIssue::new("parquet.compression_level", "zstd levels are 1 to 22"));
+        }
+        if self.parquet.row_group_rows == 0 {
+            issues.push(ConfigIssue::new("parquet.row_group_rows", "must be greater than 0"));
+        }
+        issues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(CompactorConfig::default().validate(), Vec::new());
+    }
+
+    #[test]
+    fn shipped_example_config_loads() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/compactor.toml");
+        let figment = sluice_config::figment_for::<CompactorConfig>(Some(&path)).expect("file exists");
+        let config: CompactorConfig = sluice_config::load_from_figment(figment).expect("valid");
+        assert_eq!(config.compactor.group_id, "sluice-compactor");
+    }
+
+    #[test]
+    fn flush_bounds_are_checked_together() {
+        let mut config = CompactorConfig::default();
+        config.flush.max_buffered_bytes = 1;
+        config.parquet.compression_level = 40;
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["flush.max_buffered_bytes", "parquet.compression_level"]);
+    }
+}

@@ -1,0 +1,581 @@
+//! The consumer loop: reads the stream topics, buffers rows per Kafka partition, and flushes
+//! each buffer as one commit (files to staging, commit record created once, files published).
+//!
+//! It runs on one blocking thread and calls the object store through the runtime handle. That
+//! keeps every state change in one place: rdkafka runs the rebalance callback inside `poll` on
+//! this thread, so a revoked partition's buffer is dropped before the loop can flush it, and an
+//! assigned partition starts at the end offset of its latest commit record, read from the store
+//! before the assignment takes effect. Kafka's own committed offsets are written afterwards for
+//! lag dashboards only; they are never read back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use parquet::file::properties::WriterProperties;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_kafka::{BatchProducer, BatchRecord};
+use sluice_lake::{CommitOutcome, CommitRecord, CommittedFile, Lake, PartitionGranularity, PartitionKey};
+use sluice_schema::{ArrowBatchBuilder, SchemaRegistry, StreamSchema, split_single_object};
+use sluice_shutdown::CancellationToken;
+use tokio::runtime::Handle;
+
+use crate::config::FlushConfig;
+use crate::metrics::CompactorMetrics;
+use crate::parquet_file::encode_partitioned;
+
+/// Kafka header on dead letters: why the record could not be compacted.
+pub const DEAD_LETTER_REASON_HEADER: &str = "sluice.dlq.reason";
+/// Kafka header on dead letters: where the record was read (`kafka:<topic>/<partition>@<offset>`).
+pub const DEAD_LETTER_SOURCE_HEADER: &str = "sluice.dlq.source";
+
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+const TRIGGER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+const STORE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+const ASSIGN_LOAD_ATTEMPTS: u32 = 5;
+
+/// What the compactor knows about one stream.
+pub(crate) struct StreamInfo {
+    pub(crate) stream: String,
+    pub(crate) topic: String,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) reader: Arc<StreamSchema>,
+    pub(crate) granularity: PartitionGranularity,
+    pub(crate) writer_properties: WriterProperties,
+}
+
+#[derive(Debug)]
+pub(crate) enum RebalanceEvent {
+    Assigned(Vec<(String, i32, Option<CommitRecord>)>),
+    Revoked(Vec<(String, i32)>),
+    Failed(String),
+}
+
+pub(crate) struct RebalanceContext {
+    lake: Lake,
+    handle: Handle,
+    streams_by_topic: HashMap<String, String>,
+    events_tx: Sender<RebalanceEvent>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        error: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let elements: Vec<(String, i32)> = partitions
+            .elements()
+            .iter()
+            .map(|element| (element.topic().to_string(), element.partition()))
+            .collect();
+        match error {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assigned = Vec::with_capacity(elements.len());
+                for (topic, partition) in elements {
+                    let stream = self.streams_by_topic.get(&topic).cloned().unwrap_or_default();
+                    let latest = match self.load_latest_commit(&stream, partition) {
+                        Ok(latest) => latest,
+                        Err(message) => {
+                            let _ = self.events_tx.send(RebalanceEvent::Failed(message));
+                            let _ = consumer.assign(&TopicPartitionList::new());
+                            return;
+                        }
+                    };
+                    let offset =
+                        latest.as_ref().map_or(Offset::Beginning, |record| Offset::Offset(record.end_offset));
+                    if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
+                        tracing::error!(%topic, partition, %error, "failed to set the start offset");
+                    }
+                    assigned.push((topic, partition, latest));
+                }
+                if let Err(error) = consumer.assign(partitions) {
+                    let _ = self
+                        .events_tx
+                        .send(RebalanceEvent::Failed(format!("failed to assign partitions: {error}")));
+                    return;
+                }
+                let _ = self.events_tx.send(RebalanceEvent::Assigned(assigned));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let _ = self.events_tx.send(RebalanceEvent::Revoked(elements));
+                if let Err(error) = consumer.unassign() {
+                    tracing::warn!(%error, "failed to unassign revoked partitions");
+                }
+            }
+            other => tracing::error!(error = ?other, "rebalance failed"),
+        }
+    }
+}
+
+impl RebalanceContext {
+    pub(crate) fn new(
+        lake: Lake,
+        handle: Handle,
+        streams_by_topic: HashMap<String, String>,
+    ) -> (Self, Receiver<RebalanceEvent>) {
+        let (events_tx, events_rx) = std::sync::mpsc::channel();
+        (Self { lake, handle, streams_by_topic, events_tx }, events_rx)
+    }
+
+    /// Runs inside `poll` on the loop's blocking thread, so waiting on the store is allowed here.
+    fn load_latest_commit(&self, stream: &str, partition: i32) -> Result<Option<CommitRecord>, String> {
+        let mut attempt = 0;
+        loop {
+            match self.handle.block_on(self.lake.latest_commit(stream, partition)) {
+                Ok(latest) => return Ok(latest),
+                Err(error) if attempt + 1 < ASSIGN_LOAD_ATTEMPTS => {
+                    tracing::warn!(stream, partition, %error, "failed to read the latest commit record; retrying");
+                    attempt += 1;
+                    std::thread::sleep(STORE_RETRY_BACKOFF);
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "failed to read the latest commit record of {stream} partition {partition}: {error}"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Buffered, not yet committed state of one assigned Kafka partition.
+struct PartitionState {
+    stream: Arc<StreamInfo>,
+    builder: ArrowBatchBuilder,
+    next_sequence: u64,
+    /// Start of the range the next commit covers; `None` until the first record of a partition
+    /// that has no commit yet.
+    range_start_opt: Option<i64>,
+    /// Offset after the last record consumed.
+    next_offset: i64,
+    open_partitions: BTreeSet<PartitionKey>,
+    first_buffered_at_opt: Option<Instant>,
+    num_dead_lettered: u64,
+    committed_max_event_time_opt: Option<i64>,
+    buffered_max_event_time_opt: Option<i64>,
+}
+
+impl PartitionState {
+    fn new(stream: Arc<StreamInfo>, latest: Option<&CommitRecord>) -> Self {
+        let builder = ArrowBatchBuilder::new(Arc::clone(&stream.reader));
+        let mut state = Self {
+            stream,
+            builder,
+            next_sequence: 0,
+            range_start_opt: None,
+            next_offset: 0,
+            open_partitions: BTreeSet::new(),
+            first_buffered_at_opt: None,
+            num_dead_lettered: 0,
+            committed_max_event_time_opt: None,
+            buffered_max_event_time_opt: None,
+        };
+        state.reset_to(latest);
+        state
+    }
+
+    /// Drops everything buffered and continues after `latest`.
+    fn reset_to(&mut self, latest: Option<&CommitRecord>) {
+        let _dropped = self.builder.finish();
+        self.next_sequence = latest.map_or(0, |record| record.sequence + 1);
+        self.range_start_opt = latest.map(|record| record.end_offset);
+        self.next_offset = latest.map_or(0, |record| record.end_offset);
+        self.committed_max_event_time_opt = latest.and_then(|record| record.max_event_time_micros_opt);
+        self.open_partitions.clear();
+        self.first_buffered_at_opt = None;
+        self.num_dead_lettered = 0;
+        self.buffered_max_event_time_opt = None;
+    }
+
+    fn has_uncommitted(&self) -> bool {
+        self.range_start_opt.is_some_and(|start| self.next_offset > start)
+    }
+}
+
+/// Why the loop stopped consuming.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("{0}")]
+    Rebalance(String),
+    #[error("failed to subscribe to {topics:?}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+pub(crate) struct CompactorLoop {
+    pub(crate) consumer: BaseConsumer<RebalanceContext>,
+    pub(crate) events_rx: Receiver<RebalanceEvent>,
+    pub(crate) handle: Handle,
+    pub(crate) lake: Lake,
+    pub(crate) schemas: SchemaRegistry,
+    pub(crate) streams: HashMap<String, Arc<StreamInfo>>,
+    pub(crate) flush: FlushConfig,
+    pub(crate) dead_letters: BatchProducer,
+    pub(crate) metrics: Arc<CompactorMetrics>,
+    pub(crate) writer_id: String,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl CompactorLoop {
+    /// Consumes until shutdown, then flushes and commits what is buffered.
+    pub(crate) fn run(self) -> Result<(), LoopError> {
+        let topics: Vec<String> = self.streams.keys().cloned().collect();
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        self.consumer
+            .subscribe(&topic_refs)
+            .map_err(|source| LoopError::Subscribe { topics: topics.clone(), source })?;
+        tracing::info!(?topics, writer_id = %self.writer_id, "compactor consuming");
+        let mut partitions: HashMap<(String, i32), PartitionState> = HashMap::new();
+        let mut last_trigger_check = Instant::now();
+        let result = loop {
+            if self.shutdown.is_cancelled() {
+                break Ok(());
+            }
+            let polled = self.consumer.poll(POLL_TIMEOUT);
+            if let Err(error) = self.apply_rebalance_events(&mut partitions) {
+                break Err(error);
+            }
+            match polled {
+                Some(Ok(message)) => {
+                    let key = (message.topic().to_string(), message.partition());
+                    if let Some(state) = partitions.get_mut(&key) {
+                        if !self.buffer_message(state, &message) {
+                            // Shutdown interrupted a dead-letter write; the record is read again later.
+                            break Ok(());
+                        }
+                        if state.builder.num_value_bytes() >= self.flush.target_file_bytes {
+                            self.flush_partition(&key, state);
+                        }
+                    }
+                }
+                Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error"),
+                None => {}
+            }
+            if last_trigger_check.elapsed() >= TRIGGER_CHECK_INTERVAL {
+                last_trigger_check = Instant::now();
+                self.flush_due(&mut partitions);
+            }
+        };
+        // Flush what is buffered: the range is committed now rather than read again later.
+        for (key, state) in partitions.iter_mut() {
+            if state.has_uncommitted() {
+                self.flush_partition(key, state);
+            }
+        }
+        self.consumer.unsubscribe();
+        tracing::info!("compactor stopped consuming");
+        result
+    }
+
+    fn apply_rebalance_events(
+        &self,
+        partitions: &mut HashMap<(String, i32), PartitionState>,
+    ) -> Result<(), LoopError> {
+        while let Ok(event) = self.events_rx.try_recv() {
+            match event {
+                RebalanceEvent::Assigned(assigned) => {
+                    for (topic, partition, latest) in assigned {
+                        let Some(stream) = self.streams.get(&topic) else { continue };
+                        if let Some(record) = &latest {
+                            // A writer that crashed between commit and publish left this undone.
+                            self.publish_with_retries(record);
+                            if let Some(max_event_time) = record.max_event_time_micros_opt {
+                                self.metrics.record_committed_event_time(
+                                    &stream.stream,
+                                    partition,
+                                    max_event_time,
+                                );
+                            }
+                        }
+                        tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |record| record.end_offset), "partition assigned");
+                        partitions.insert(
+                            (topic, partition),
+                            PartitionState::new(Arc::clone(stream), latest.as_ref()),
+                        );
+                    }
+                }
+                RebalanceEvent::Revoked(revoked) => {
+                    for key in revoked {
+                        if let Some(state) = partitions.remove(&key) {
+                            tracing::info!(topic = %key.0, partition = key.1, dropped_rows = state.builder.num_rows(), "partition revoked; uncommitted rows dropped");
+                        }
+                    }
+                }
+                RebalanceEvent::Failed(message) => return Err(LoopError::Rebalance(message)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one record to its partition's buffer, or dead-letters it. Returns false when
+    /// shutdown interrupted a dead-letter write.
+    fn buffer_message(&self, state: &mut PartitionState, message: &BorrowedMessage<'_>) -> bool {
+        let offset = message.offset();
+        if offset < state.next_offset {
+            return true;
+        }
+        state.range_start_opt.get_or_insert(offset);
+        let payload = message.payload().unwrap_or_default();
+        let decoded = split_single_object(payload).map_err(|error| error.to_string()).and_then(
+            |(fingerprint, datum)| {
+                let writer = self
+                    .schemas
+                    .by_fingerprint(fingerprint)
+                    .filter(|writer| writer.stream == state.stream.stream)
+                    .ok_or_else(|| {
+                        format!(
+                            "no schema of stream '{}' has fingerprint {fingerprint:016x}",
+                            state.stream.stream
+                        )
+                    })?;
+                state.builder.append(writer, datum).map_err(|error| error.to_string())
+            },
+        );
+        match decoded {
+            Ok(event_time) => {
+                state
+                    .open_partitions
+                    .insert(PartitionKey::for_event_time(event_time, state.stream.granularity));
+                state.buffered_max_event_time_opt =
+                    Some(state.buffered_max_event_time_opt.map_or(event_time, |max| max.max(event_time)));
+            }
+            Err(reason) => {
+                let source = format!("kafka:{}/{}@{offset}", message.topic(), message.partition());
+                if !self.dead_letter(
+                    &state.stream,
+                    message.key().unwrap_or_default(),
+                    payload,
+                    &reason,
+                    &source,
+                ) {
+                    return false;
+                }
+                state.num_dead_lettered += 1;
+            }
+        }
+        state.next_offset = offset + 1;
+        state.first_buffered_at_opt.get_or_insert_with(Instant::now);
+        true
+    }
+
+    /// Writes a record that cannot be decoded to the dead-letter topic and waits for Kafka's
+    /// acknowledgement, retrying until it succeeds; false if shutdown came first.
+    fn dead_letter(
+        &self,
+        stream: &StreamInfo,
+        key: &[u8],
+        payload: &[u8],
+        reason: &str,
+        source: &str,
+    ) -> bool {
+        tracing::warn!(stream = %stream.stream, %source, %reason, "record cannot be compacted; dead-lettering it");
+        loop {
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header { key: DEAD_LETTER_REASON_HEADER, value: Some(reason) })
+                .insert(Header { key: DEAD_LETTER_SOURCE_HEADER, value: Some(source) });
+            let record = BatchRecord {
+                key,
+                value: payload,
+                timestamp_millis: now_micros() / 1_000,
+                headers_opt: Some(headers),
+            };
+            let delivered =
+                match self.dead_letters.send_batch(&stream.dead_letter_topic, std::iter::once(record)) {
+                    Ok(batch) => self
+                        .handle
+                        .block_on(BatchProducer::wait(&batch, Duration::from_secs(30)))
+                        .is_some_and(|outcome| outcome.num_failed == 0),
+                    Err(_) => false,
+                };
+            if delivered {
+                self.metrics.record_dead_letter(&stream.stream);
+                return true;
+            }
+            if self.shutdown.is_cancelled() {
+                return false;
+            }
+            tracing::warn!(topic = %stream.dead_letter_topic, "failed to write a dead letter; retrying");
+            std::thread::sleep(STORE_RETRY_BACKOFF);
+        }
+    }
+
+    fn flush_due(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
+        let max_age = Duration::from_millis(self.flush.max_age_ms);
+        for (key, state) in partitions.iter_mut() {
+            let too_old = state.first_buffered_at_opt.is_some_and(|since| since.elapsed() >= max_age);
+            let too_scattered = state.open_partitions.len() > self.flush.max_open_partitions;
+            if (too_old || too_scattered) && state.has_uncommitted() {
+                self.flush_partition(key, state);
+            }
+        }
+        let mut total: usize = partitions.values().map(|state| state.builder.num_value_bytes()).sum();
+        while total > self.flush.max_buffered_bytes {
+            let Some((key, state)) =
+                partitions.iter_mut().max_by_key(|(_, state)| state.builder.num_value_bytes())
+            else {
+                break;
+            };
+            let key = key.clone();
+            self.flush_partition(&key, state);
+            total = partitions.values().map(|state| state.builder.num_value_bytes()).sum();
+        }
+        self.metrics.set_buffered_bytes(total);
+    }
+
+    /// Commits the partition's buffered range. On any failure before the commit point, the
+    /// buffer is dropped and the range is read again from Kafka.
+    fn flush_partition(&self, key: &(String, i32), state: &mut PartitionState) {
+        let Some(range_start) = state.range_start_opt.filter(|&start| state.next_offset > start) else {
+            return;
+        };
+        let started = Instant::now();
+        let stream = Arc::clone(&state.stream);
+        let batch = state.builder.finish();
+        let files = match encode_partitioned(&batch, stream.granularity, &stream.writer_properties) {
+            Ok(files) => files,
+            Err(error) => {
+                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to encode Parquet; re-reading the range");
+                self.rewind(key, state);
+                return;
+            }
+        };
+        let mut committed_files = Vec::with_capacity(files.len());
+        for file in files {
+            let file_name =
+                format!("p{:03}-o{range_start:020}-{}.parquet", key.1, uuid::Uuid::new_v4().simple());
+            let partition = file.partition.to_string();
+            let committed = CommittedFile {
+                path: Lake::data_file(&stream.stream, &partition, &file_name),
+                staging_path: Lake::staging_file(&stream.stream, &file_name),
+                partition,
+                num_rows: file.num_rows as u64,
+                size_bytes: file.bytes.len() as u64,
+                min_event_time_micros: file.min_event_time_micros,
+                max_event_time_micros: file.max_event_time_micros,
+            };
+            if let Err(error) = self.handle.block_on(self.lake.put(&committed.staging_path, file.bytes)) {
+                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to upload; re-reading the range");
+                std::thread::sleep(STORE_RETRY_BACKOFF);
+                self.rewind(key, state);
+                return;
+            }
+            committed_files.push(committed);
+        }
+        let max_event_time_micros_opt =
+            match (state.committed_max_event_time_opt, state.buffered_max_event_time_opt) {
+                (Some(committed), Some(buffered)) => Some(committed.max(buffered)),
+                (committed, buffered) => committed.or(buffered),
+            };
+        let record = CommitRecord {
+            stream: stream.stream.clone(),
+            topic: stream.topic.clone(),
+            kafka_partition: key.1,
+            sequence: state.next_sequence,
+            start_offset: range_start,
+            end_offset: state.next_offset,
+            files: committed_files,
+            num_dead_lettered: state.num_dead_lettered,
+            max_event_time_micros_opt,
+            writer_id: self.writer_id.clone(),
+            created_at_micros: now_micros(),
+        };
+        match self.handle.block_on(self.lake.create_commit(&record)) {
+            Ok(CommitOutcome::Created) => {
+                self.publish_with_retries(&record);
+                let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
+                self.metrics.record_flush(
+                    &stream.stream,
+                    key.1,
+                    record.num_rows(),
+                    &file_sizes,
+                    started.elapsed(),
+                );
+                if let Some(max_event_time) = record.max_event_time_micros_opt {
+                    self.metrics.record_committed_event_time(&stream.stream, key.1, max_event_time);
+                }
+                tracing::debug!(stream = %stream.stream, partition = key.1, sequence = record.sequence, num_rows = record.num_rows(), num_files = record.files.len(), "committed");
+                state.reset_to(Some(&record));
+                self.commit_kafka_offset(key, record.end_offset);
+            }
+            Ok(CommitOutcome::Conflict) => {
+                // Another instance committed this partition: it owns it now, or owned it while we
+                // still thought we did. Its records win; ours are dropped.
+                self.metrics.record_commit_conflict(&stream.stream);
+                tracing::warn!(stream = %stream.stream, partition = key.1, sequence = record.sequence, "commit conflict: another writer committed this partition; reloading");
+                self.delete_staged(&record);
+                self.rewind(key, state);
+            }
+            Err(error) => {
+                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to create the commit record; re-reading the range");
+                self.delete_staged(&record);
+                std::thread::sleep(STORE_RETRY_BACKOFF);
+                self.rewind(key, state);
+            }
+        }
+    }
+
+    /// Forgets the buffer and continues from the latest commit in the store.
+    fn rewind(&self, key: &(String, i32), state: &mut PartitionState) {
+        let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
+            Ok(latest) => latest,
+            Err(error) => {
+                tracing::error!(partition = key.1, %error, "failed to read the latest commit record; stopping");
+                self.shutdown.cancel();
+                return;
+            }
+        };
+        state.reset_to(latest.as_ref());
+        let offset = latest.as_ref().map_or(Offset::Beginning, |record| Offset::Offset(record.end_offset));
+        if let Err(error) = self.consumer.seek(&key.0, key.1, offset, Duration::from_secs(10)) {
+            tracing::error!(topic = %key.0, partition = key.1, %error, "failed to seek; stopping");
+            self.shutdown.cancel();
+        }
+    }
+
+    fn publish_with_retries(&self, record: &CommitRecord) {
+        while let Err(error) = self.handle.block_on(self.lake.publish(record)) {
+            tracing::warn!(stream = %record.stream, partition = record.kafka_partition, sequence = record.sequence, %error, "failed to publish committed files; retrying");
+            if self.shutdown.is_cancelled() {
+                // The next owner of the partition publishes it when it is assigned.
+                return;
+            }
+            std::thread::sleep(STORE_RETRY_BACKOFF);
+        }
+    }
+
+    fn delete_staged(&self, record: &CommitRecord) {
+        for file in &record.files {
+            if let Err(error) = self.handle.block_on(self.lake.delete(&file.staging_path)) {
+                tracing::debug!(path = %file.staging_path, %error, "failed to delete a staged file; the janitor removes it");
+            }
+        }
+    }
+
+    fn commit_kafka_offset(&self, key: &(String, i32), end_offset: i64) {
+        let mut offsets = TopicPartitionList::new();
+        let added: KafkaResult<()> = offsets.add_partition_offset(&key.0, key.1, Offset::Offset(end_offset));
+        if added.is_ok()
+            && let Err(error) = self.consumer.commit(&offsets, CommitMode::Async)
+        {
+            tracing::debug!(%error, "advisory Kafka offset commit failed");
+        }
+    }
+}
+
+fn now_micros() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
+}

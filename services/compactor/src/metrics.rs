@@ -1,0 +1,92 @@
+//! Every metric the compactor emits, recorded per flush, never per record.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use sluice_telemetry::{Counter, Gauge, Histogram};
+
+#[derive(Debug)]
+pub(crate) struct CompactorMetrics {
+    records_written: Counter<u64>,
+    bytes_written: Counter<u64>,
+    files_written: Counter<u64>,
+    file_size: Histogram<u64>,
+    flush_duration: Histogram<f64>,
+    buffered_bytes: Gauge<u64>,
+    dead_lettered: Counter<u64>,
+    commit_conflicts: Counter<u64>,
+    committed_event_time: Gauge<i64>,
+}
+
+impl CompactorMetrics {
+    pub(crate) fn new() -> Self {
+        let meter = sluice_telemetry::meter("sluice-compactor");
+        Self {
+            records_written: meter
+                .u64_counter("sluice_compactor_records_written")
+                .with_unit("{record}")
+                .build(),
+            bytes_written: meter.u64_counter("sluice_compactor_bytes_written").with_unit("By").build(),
+            files_written: meter.u64_counter("sluice_compactor_files_written").with_unit("{file}").build(),
+            file_size: meter.u64_histogram("sluice_compactor_file_size_bytes").with_unit("By").build(),
+            flush_duration: meter
+                .f64_histogram("sluice_compactor_flush_duration_seconds")
+                .with_unit("s")
+                .build(),
+            buffered_bytes: meter.u64_gauge("sluice_compactor_buffered_bytes").with_unit("By").build(),
+            dead_lettered: meter
+                .u64_counter("sluice_compactor_records_dead_lettered")
+                .with_unit("{record}")
+                .build(),
+            commit_conflicts: meter
+                .u64_counter("sluice_compactor_commit_conflicts")
+                .with_unit("{commit}")
+                .build(),
+            committed_event_time: meter
+                .i64_gauge("sluice_compactor_committed_event_time_seconds")
+                .with_unit("s")
+                .with_description("Largest event time committed per Kafka partition: the watermark's inputs")
+                .build(),
+        }
+    }
+
+    pub(crate) fn record_flush(
+        &self,
+        stream: &str,
+        partition: i32,
+        num_rows: u64,
+        file_sizes: &[u64],
+        elapsed: Duration,
+    ) {
+        let labels = [KeyValue::new("stream", stream.to_string())];
+        self.records_written.add(num_rows, &labels);
+        self.files_written.add(file_sizes.len() as u64, &labels);
+        for &size in file_sizes {
+            self.bytes_written.add(size, &labels);
+            self.file_size.record(size, &labels);
+        }
+        self.flush_duration.record(
+            elapsed.as_secs_f64(),
+            &[KeyValue::new("stream", stream.to_string()), KeyValue::new("partition", i64::from(partition))],
+        );
+    }
+
+    pub(crate) fn record_committed_event_time(&self, stream: &str, partition: i32, event_time_micros: i64) {
+        self.committed_event_time.record(
+            event_time_micros / 1_000_000,
+            &[KeyValue::new("stream", stream.to_string()), KeyValue::new("partition", i64::from(partition))],
+        );
+    }
+
+    pub(crate) fn set_buffered_bytes(&self, bytes: usize) {
+        self.buffered_bytes.record(bytes as u64, &[]);
+    }
+
+    pub(crate) fn record_dead_letter(&self, stream: &str) {
+        self.dead_lettered.add(1, &[KeyValue::new("stream", stream.to_string())]);
+    }
+
+    pub(crate) fn record_commit_conflict(&self, stream: &str) {
+        self.commit_conflicts.add(1, &[KeyValue::new("stream", stream.to_string())]);
+    }
+}
