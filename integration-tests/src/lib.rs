@@ -387,3 +387,236 @@ pub fn now_micros() -> i64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// A compactor configuration for tests: this repo's schemas, a lake in `lake_dir`, quick flushes,
+/// and a consumer group of its own.
+pub fn compactor_config(
+    broker: &Broker,
+    topic_prefix: &str,
+    lake_dir: &Path,
+) -> sluice_compactor::CompactorConfig {
+    let mut config = sluice_compactor::CompactorConfig::default();
+    config.compactor.group_id = format!("compactor-{}", unique_suffix());
+    config.schemas.directory = repo_root().join("schemas");
+    config.object_store.url = lake_dir.display().to_string();
+    config.kafka.bootstrap_servers = broker.bootstrap_servers();
+    config.kafka.topic_prefix = topic_prefix.to_string();
+    // Tansu's first group join waits about half the session timeout.
+    config.kafka.client.0.insert("session.timeout.ms".into(), "6000".into());
+    config.kafka.client.0.insert("heartbeat.interval.ms".into(), "500".into());
+    config.flush.max_age_ms = 300;
+    config.shutdown.grace_period_ms = 20_000;
+    config
+}
+
+/// A compactor running in-process.
+#[derive(Debug)]
+pub struct CompactorService {
+    shutdown: CancellationToken,
+    running_opt: Option<sluice_compactor::RunningCompactor>,
+}
+
+impl CompactorService {
+    pub async fn start(config: sluice_compactor::CompactorConfig) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let running =
+            sluice_compactor::start(config, shutdown.clone()).await.context("compactor failed to start")?;
+        Ok(Self { shutdown, running_opt: Some(running) })
+    }
+
+    /// Graceful stop: flushes and commits what is buffered.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(running) = self.running_opt.take() {
+            running.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CompactorService {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Telemetry readings for tests: `num_devices` devices, `seq` counting per device, event times
+/// spread over `span_micros` ending an hour ago, shuffled a little so some arrive late.
+pub fn telemetry_readings(
+    num_records: usize,
+    num_devices: usize,
+    span_micros: i64,
+) -> Vec<serde_json::Value> {
+    let end = now_micros() - 3_600_000_000;
+    let start = end - span_micros;
+    let step = (span_micros / num_records.max(1) as i64).max(1);
+    (0..num_records)
+        .map(|index| {
+            let device = index % num_devices;
+            // Every 7th reading is two steps late relative to its neighbours.
+            let lateness = if index % 7 == 0 { 2 * step * num_devices as i64 } else { 0 };
+            serde_json::json!({
+                "device_id": format!("dev-{device:04}"),
+                "ts": (start + index as i64 * step - lateness).max(start),
+                "seq": (index / num_devices) as i64,
+                "temperature": (index % 50) as f64 / 2.0,
+            })
+        })
+        .collect()
+}
+
+/// Encodes readings with the stream's schema and produces them, waiting for Kafka's acks.
+pub async fn produce_readings(
+    bootstrap: &str,
+    topic: &str,
+    readings: &[serde_json::Value],
+) -> anyhow::Result<()> {
+    let schema_path = repo_root().join("schemas/telemetry.avsc");
+    let schema = sluice_schema::StreamSchema::from_avro_json(
+        "telemetry",
+        &std::fs::read_to_string(&schema_path)?,
+        &schema_path,
+    )?;
+    let producer = sluice_kafka::BatchProducer::new(
+        &sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
+            .producer_config(),
+    )?;
+    for chunk in readings.chunks(5_000) {
+        let encoded: Vec<(String, i64, Vec<u8>)> = chunk
+            .iter()
+            .map(|reading| {
+                let mut value = Vec::new();
+                let meta = schema
+                    .encode_json(reading, i64::MAX / 2, i64::MAX / 4, &mut value)
+                    .map_err(|errors| anyhow::anyhow!("{errors:?}"))?;
+                Ok((meta.key, meta.event_time_micros, value))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        produce_raw(
+            &producer,
+            topic,
+            encoded.iter().map(|(key, ts, value)| (key.as_bytes(), *ts / 1_000, value.as_slice())),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Produces raw key/value records and waits for Kafka's acknowledgement of all of them.
+pub async fn produce_raw<'a>(
+    producer: &sluice_kafka::BatchProducer,
+    topic: &str,
+    records: impl ExactSizeIterator<Item = (&'a [u8], i64, &'a [u8])>,
+) -> anyhow::Result<()> {
+    let records = records.map(|(key, timestamp_millis, value)| sluice_kafka::BatchRecord {
+        key,
+        value,
+        timestamp_millis,
+        headers_opt: None,
+    });
+    let batch = producer.send_batch(topic, records)?;
+    let outcome = sluice_kafka::BatchProducer::wait(&batch, Duration::from_secs(30))
+        .await
+        .context("no acknowledgement")?;
+    if outcome.num_failed > 0 {
+        bail!("{} records failed: {:?}", outcome.num_failed, outcome.first_error_opt);
+    }
+    Ok(())
+}
+
+/// One row read back from the lake.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LakeRow {
+    pub device_id: String,
+    pub seq: i64,
+    pub ts_micros: i64,
+}
+
+/// Every row in the committed Parquet files under `<lake_dir>/<stream>/`, with a check that each
+/// file sits in the Hive partition of its rows' event times.
+pub fn read_lake_rows(lake_dir: &Path, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    let mut files = Vec::new();
+    collect_parquet_files(&lake_dir.join(stream), &mut files)?;
+    let mut rows = Vec::new();
+    for file in files {
+        let relative = file.strip_prefix(lake_dir.join(stream))?.to_string_lossy().into_owned();
+        let bytes = bytes::Bytes::from(std::fs::read(&file)?);
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            let devices = batch.column_by_name("device_id").context("device_id")?.as_string::<i32>().clone();
+            let seqs = batch.column_by_name("seq").context("seq")?.as_primitive::<Int64Type>().clone();
+            let times =
+                batch.column_by_name("ts").context("ts")?.as_primitive::<TimestampMicrosecondType>().clone();
+            for row in 0..batch.num_rows() {
+                let ts_micros = times.value(row);
+                let partition = sluice_lake::PartitionKey::for_event_time(
+                    ts_micros,
+                    sluice_lake::PartitionGranularity::Hour,
+                );
+                if !relative.starts_with(&partition.to_string()) {
+                    bail!("row with ts {ts_micros} ({partition}) is in {relative}");
+                }
+                rows.push(LakeRow {
+                    device_id: devices.value(row).to_string(),
+                    seq: seqs.value(row),
+                    ts_micros,
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+fn collect_parquet_files(directory: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(directory) else { return Ok(()) };
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_parquet_files(&path, files)?;
+        } else if path.extension().is_some_and(|extension| extension == "parquet") {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the lake holds at least `expected` rows; returns what it holds then.
+pub async fn wait_for_lake_rows(
+    lake_dir: &Path,
+    stream: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<LakeRow> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = read_lake_rows(lake_dir, stream).unwrap_or_default();
+        if rows.len() >= expected || Instant::now() >= deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Asserts that `rows` are exactly the (device_id, seq) pairs of `readings`, each once.
+pub fn assert_exactly_once(rows: &[LakeRow], readings: &[serde_json::Value]) {
+    let mut expected: Vec<(String, i64)> = readings
+        .iter()
+        .map(|reading| {
+            (
+                reading["device_id"].as_str().unwrap_or_default().to_string(),
+                reading["seq"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    expected.sort();
+    let mut actual: Vec<(String, i64)> = rows.iter().map(|row| (row.device_id.clone(), row.seq)).collect();
+    actual.sort();
+    let num_duplicates = actual.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    assert_eq!(num_duplicates, 0, "{num_duplicates} rows appear more than once");
+    assert_eq!(actual.len(), expected.len(), "row count differs from what was produced");
+    assert!(actual == expected, "rows differ from what was produced");
+}

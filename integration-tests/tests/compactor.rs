@@ -1,0 +1,187 @@
+//! The compactor against a real Tansu broker and a local-filesystem lake: every record lands in
+//! exactly one committed Parquet file, across restarts, rebalances and a stale writer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use std::time::Duration;
+
+use sluice_integration_tests::{
+    Broker, CompactorService, assert_exactly_once, compactor_config, consume_topic, produce_raw,
+    produce_readings, read_lake_rows, telemetry_readings, unique_suffix, wait_for_lake_rows,
+};
+use sluice_lake::{CommitRecord, Lake};
+
+const HOUR: i64 = 3_600_000_000;
+
+fn lake(directory: &std::path::Path) -> Lake {
+    let config =
+        sluice_lake::ObjectStoreConfig { url: directory.display().to_string(), ..Default::default() };
+    let (store, root) = sluice_lake::open_store(&config).unwrap();
+    Lake::new(store, root)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_land_once_in_hourly_partitions_sorted_and_committed() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let readings = telemetry_readings(10_000, 37, 3 * HOUR);
+    let config = compactor_config(&broker, &prefix, lake_dir.path());
+    let compactor = CompactorService::start(config).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
+
+    let rows =
+        wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let rows_after = read_lake_rows(lake_dir.path(), "telemetry").unwrap();
+    assert_eq!(rows.len(), rows_after.len(), "nothing more appeared later");
+    assert_exactly_once(&rows_after, &readings);
+    compactor.stop().await.unwrap();
+
+    // Every file is listed by exactly one commit record, and the records chain without gaps.
+    let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
+    let committed_rows: u64 = commits.iter().map(CommitRecord::num_rows).sum();
+    assert_eq!(committed_rows, readings.len() as u64);
+    for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
+        assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+        assert_eq!(pair[1].start_offset, pair[0].end_offset, "ranges chain");
+    }
+    let staging = lake_dir.path().join("_sluice/staging/telemetry");
+    let staged = std::fs::read_dir(&staging).map(|entries| entries.count()).unwrap_or(0);
+    assert_eq!(staged, 0, "published files leave nothing in staging");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_after_the_last_commit() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let readings = telemetry_readings(6_000, 20, 2 * HOUR);
+    let config = compactor_config(&broker, &prefix, lake_dir.path());
+
+    let compactor = CompactorService::start(config.clone()).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[..3_000]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 3_000, Duration::from_secs(60)).await;
+    compactor.stop().await.unwrap();
+
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[3_000..]).await.unwrap();
+    // A new consumer group: Kafka's committed offsets are not what resumes; the lake's are.
+    let mut restarted = config;
+    restarted.compactor.group_id = format!("compactor-{}", unique_suffix());
+    let compactor = CompactorService::start(restarted).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    compactor.stop().await.unwrap();
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_are_dead_lettered_with_a_reason_and_do_not_stall() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let config = compactor_config(&broker, &prefix, lake_dir.path());
+    let compactor = CompactorService::start(config.clone()).await.unwrap();
+    let before = telemetry_readings(100, 5, HOUR);
+    produce_readings(&broker.bootstrap_servers(), &topic, &before).await.unwrap();
+    let producer = sluice_kafka::BatchProducer::new(&config.kafka.producer_config()).unwrap();
+    let mut unknown_fingerprint = vec![0xC3, 0x01];
+    unknown_fingerprint.extend_from_slice(&[7; 8]);
+    unknown_fingerprint.extend_from_slice(b"junk");
+    let poison: [&[u8]; 2] = [b"{\"not\": \"avro\"}", &unknown_fingerprint];
+    produce_raw(&producer, &topic, poison.iter().map(|value| (&b"dev-0000"[..], 0, *value))).await.unwrap();
+    let after = telemetry_readings(200, 5, HOUR)[100..].to_vec();
+    produce_readings(&broker.bootstrap_servers(), &topic, &after).await.unwrap();
+
+    let expected: Vec<serde_json::Value> = before.iter().chain(&after).cloned().collect();
+    let rows =
+        wait_for_lake_rows(lake_dir.path(), "telemetry", expected.len(), Duration::from_secs(60)).await;
+    assert_exactly_once(&rows, &expected);
+    let dead_letters = consume_topic(
+        &broker.bootstrap_servers(),
+        &format!("{prefix}.telemetry.dlq"),
+        2,
+        Duration::from_millis(500),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dead_letters.len(), 2);
+    let reasons: Vec<&str> = dead_letters
+        .iter()
+        .map(|record| record.header(sluice_compactor::DEAD_LETTER_REASON_HEADER).unwrap())
+        .collect();
+    assert!(reasons.iter().any(|reason| reason.contains("single-object marker")), "{reasons:?}");
+    assert!(reasons.iter().any(|reason| reason.contains("fingerprint 0707070707070707")), "{reasons:?}");
+    assert!(dead_letters.iter().all(|record| {
+        record.header(sluice_compactor::DEAD_LETTER_SOURCE_HEADER).unwrap().starts_with("kafka:")
+    }));
+    compactor.stop().await.unwrap();
+    let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
+    assert_eq!(commits.iter().map(|commit| commit.num_dead_lettered).sum::<u64>(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_writer_loses_its_commit_and_nothing_is_duplicated() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let readings = telemetry_readings(4_000, 16, HOUR);
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    // Long enough that the intruder below can commit between two flushes.
+    config.flush.max_age_ms = 2_000;
+    let compactor = CompactorService::start(config).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[..2_000]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 2_000, Duration::from_secs(60)).await;
+
+    // Another writer (the new owner after a rebalance this instance did not notice yet) commits
+    // the next sequence of every partition: an empty range, as if it had just taken over.
+    let lake = lake(lake_dir.path());
+    for partition in 0..4 {
+        let Some(latest) = lake.latest_commit("telemetry", partition).await.unwrap() else { continue };
+        let intruder = CommitRecord {
+            sequence: latest.sequence + 1,
+            start_offset: latest.end_offset,
+            end_offset: latest.end_offset,
+            files: Vec::new(),
+            num_dead_lettered: 0,
+            writer_id: "intruder".into(),
+            ..latest
+        };
+        assert_eq!(lake.create_commit(&intruder).await.unwrap(), sluice_lake::CommitOutcome::Created);
+    }
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[2_000..]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    compactor.stop().await.unwrap();
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    let commits = lake.commits("telemetry").await.unwrap();
+    assert!(commits.iter().any(|commit| commit.writer_id == "intruder"));
+    for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
+        assert_eq!(pair[1].start_offset, pair[0].end_offset, "ranges chain across writers");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_partitions_and_survive_one_leaving() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let readings = telemetry_readings(12_000, 40, 2 * HOUR);
+    let config = compactor_config(&broker, &prefix, lake_dir.path());
+    let first = CompactorService::start(config.clone()).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[..4_000]).await.unwrap();
+    let second = CompactorService::start(config.clone()).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[4_000..8_000]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 8_000, Duration::from_secs(60)).await;
+    // The first instance leaves mid-stream; the second takes its partitions over.
+    first.stop().await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[8_000..]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    second.stop().await.unwrap();
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+}
