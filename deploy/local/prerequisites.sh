@@ -23,6 +23,7 @@ if [[ ${#apt_packages[@]} -gt 0 ]]; then
 fi
 
 deploy/local/broker.sh install
+deploy/local/s3-server.sh install
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "prerequisites.sh: installing cargo-nextest" >&2

@@ -620,3 +620,101 @@ pub fn assert_exactly_once(rows: &[LakeRow], readings: &[serde_json::Value]) {
     assert_eq!(actual.len(), expected.len(), "row count differs from what was produced");
     assert!(actual == expected, "rows differ from what was produced");
 }
+
+/// An S3-compatible server (moto) on a free port with one bucket, killed on drop.
+#[derive(Debug)]
+pub struct S3Server {
+    pub port: u16,
+    pub bucket: String,
+    _child: Child,
+}
+
+impl S3Server {
+    pub async fn start() -> anyhow::Result<Self> {
+        let output = std::process::Command::new("bash")
+            .arg(repo_root().join("deploy/local/s3-server.sh"))
+            .arg("path")
+            .stderr(Stdio::inherit())
+            .output()
+            .context("failed to run deploy/local/s3-server.sh")?;
+        if !output.status.success() {
+            bail!("deploy/local/s3-server.sh path failed");
+        }
+        let python_path = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("PYTHONPATH", python_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("failed to start moto")?;
+        let url = format!("http://127.0.0.1:{port}/");
+        let client = reqwest::Client::new();
+        let ready = wait_until(Duration::from_secs(30), || {
+            let request = client.get(&url).send();
+            async move { request.await.is_ok() }
+        })
+        .await;
+        if !ready {
+            bail!("moto on port {port} did not answer within 30 s");
+        }
+        let bucket = format!("lake-{}", unique_suffix());
+        let created = client.put(format!("{url}{bucket}")).send().await?;
+        if !created.status().is_success() {
+            bail!("failed to create bucket {bucket}: {}", created.status());
+        }
+        Ok(Self { port, bucket, _child: child })
+    }
+
+    /// Store settings for `s3://<bucket>/<prefix>` on this server.
+    pub fn store_config(&self, prefix: &str) -> sluice_lake::ObjectStoreConfig {
+        let mut options = sluice_lake::StoreOptions::default();
+        for (key, value) in [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", self.port)),
+            ("aws_allow_http", "true".to_string()),
+            ("aws_region", "us-east-1".to_string()),
+            ("aws_access_key_id", "sluice-test".to_string()),
+            ("aws_secret_access_key", "sluice-test-secret".to_string()),
+        ] {
+            options.0.insert(key.to_string(), value);
+        }
+        sluice_lake::ObjectStoreConfig { url: format!("s3://{}/{prefix}", self.bucket), options }
+    }
+}
+
+/// Every row of the files the commit records list, read through the object store the way an
+/// engine that reads by commit records would (and each file must be at its final path).
+pub async fn read_committed_rows(lake: &sluice_lake::Lake, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    use object_store::ObjectStoreExt;
+    let mut rows = Vec::new();
+    for commit in lake.commits(stream).await? {
+        for file in &commit.files {
+            let bytes = lake.store().get(&lake.absolute(&file.path)).await?.bytes().await?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+            for batch in reader {
+                let batch = batch?;
+                let devices =
+                    batch.column_by_name("device_id").context("device_id")?.as_string::<i32>().clone();
+                let seqs = batch.column_by_name("seq").context("seq")?.as_primitive::<Int64Type>().clone();
+                let times = batch
+                    .column_by_name("ts")
+                    .context("ts")?
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .clone();
+                for row in 0..batch.num_rows() {
+                    rows.push(LakeRow {
+                        device_id: devices.value(row).to_string(),
+                        seq: seqs.value(row),
+                        ts_micros: times.value(row),
+                    });
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
