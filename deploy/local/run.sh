@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the pipeline locally, end to end, as far as it is built: the Kafka-protocol broker, the
-# ingest service, sample readings from a few devices (one of them bad), and what landed in Kafka.
+# ingest service and the compactor, sample readings from a few devices (one batch of them bad),
+# what landed in Kafka, and the Parquet files the compactor committed under ./data.
 # Services are built in debug mode; state and logs go under ./.local.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,13 +10,17 @@ readonly ingest_address="127.0.0.1:${SLUICE_INGEST_PORT:-8080}"
 readonly broker_port="${SLUICE_BROKER_PORT:-9092}"
 readonly bin_dir="${CARGO_TARGET_DIR:-target}/debug"
 mkdir -p .local
+touch .local/run-start
 ingest_pid=""
+compactor_pid=""
 
 cleanup() {
-  if [[ -n "$ingest_pid" ]] && kill -0 "$ingest_pid" 2>/dev/null; then
-    kill "$ingest_pid" 2>/dev/null || true
-    wait "$ingest_pid" 2>/dev/null || true
-  fi
+  for pid in "$ingest_pid" "$compactor_pid"; do
+    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
 }
 trap cleanup EXIT
 trap 'echo; echo "run.sh: interrupted"; exit 130' INT TERM
@@ -34,6 +39,13 @@ step "Installing prerequisites (only what is missing)"
 deploy/local/prerequisites.sh
 
 step "Starting the Kafka-protocol broker on 127.0.0.1:$broker_port"
+if ! deploy/local/broker.sh status --port "$broker_port" >/dev/null 2>&1 && [[ -d data/_sluice ]]; then
+  # The local broker keeps topics in memory: a new one starts from offset 0, so a lake whose
+  # commit records point past that belongs to the old broker and is set aside.
+  previous="$PWD/.local/data-$(date +%Y%m%d-%H%M%S)"
+  mv data "$previous"
+  echo "a new broker starts empty: the previous lake moved to $previous"
+fi
 deploy/local/broker.sh start --port "$broker_port"
 
 step "Building the services (debug; the first build takes several minutes)"
@@ -50,6 +62,14 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "http://$ingest_address/readyz" >/dev/null || { echo "run.sh: ingest not ready after 20 s; see .local/ingest.log" >&2; exit 1; }
 echo "ready (log: .local/ingest.log)"
+
+step "Starting sluice-compactor (lake in ./data, files every 5 s for this demo)"
+SLUICE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$broker_port" SLUICE_FLUSH__MAX_AGE_MS=5000 \
+  "$bin_dir/sluice-compactor" --config deploy/config/compactor.toml > .local/compactor.log 2>&1 &
+compactor_pid=$!
+sleep 1
+kill -0 "$compactor_pid" 2>/dev/null || { echo "run.sh: compactor exited; see .local/compactor.log:" >&2; tail -n 20 .local/compactor.log >&2; exit 1; }
+echo "running (log: .local/compactor.log)"
 
 step "Sending sample readings from 4 devices"
 run_id="$(date +%s)"
@@ -77,12 +97,23 @@ echo "... (8 of this run's readings shown)"
 landed="$("$bin_dir/sluice" --bootstrap-servers "127.0.0.1:$broker_port" tail telemetry --limit 100000 --idle-timeout-ms 1500 2>/dev/null | grep -c "demo-$run_id-" || true)"
 echo "This run's readings in Kafka: $landed (expected 20)"
 
+step "Parquet committed by the compactor (./data, Hive layout by event time)"
+data_files() { find data/telemetry -name '*.parquet' -newer .local/run-start 2>/dev/null | wc -l; }
+for _ in $(seq 1 60); do
+  [[ "$(data_files)" -gt 0 ]] && break
+  sleep 1
+done
+sleep 6
+find data/telemetry -name '*.parquet' -newer .local/run-start | sort | head -n 10
+echo "Files written this run: $(data_files); commit records: $(find data/_sluice/commits -name '*.json' | wc -l) in all"
+
 step "Done"
 cat <<EOT
 The broker keeps running (memory storage): deploy/local/broker.sh status | stop
 Next:
   target/debug/sluice tail telemetry --limit 5          # read the stream
+  ls data/telemetry/                                    # the lake: dt=YYYY-MM-DD/hour=HH/*.parquet
   target/debug/sluice-ingest --config deploy/config/ingest.toml   # run ingest yourself
   curl -H 'content-type: application/json' -d '{"device_id":"d1","ts":"$(date -u +%Y-%m-%dT%H:%M:%SZ)","seq":1}' http://$ingest_address/v1/streams/telemetry/records
 EOT
-[[ "$landed" == "20" ]]
+[[ "$landed" == "20" && "$(data_files)" -gt 0 ]]

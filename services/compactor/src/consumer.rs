@@ -163,6 +163,7 @@ struct PartitionState {
     num_dead_lettered: u64,
     committed_max_event_time_opt: Option<i64>,
     buffered_max_event_time_opt: Option<i64>,
+    warned_behind_commit: bool,
 }
 
 impl PartitionState {
@@ -179,6 +180,7 @@ impl PartitionState {
             num_dead_lettered: 0,
             committed_max_event_time_opt: None,
             buffered_max_event_time_opt: None,
+            warned_behind_commit: false,
         };
         state.reset_to(latest);
         state
@@ -325,6 +327,19 @@ impl CompactorLoop {
     fn buffer_message(&self, state: &mut PartitionState, message: &BorrowedMessage<'_>) -> bool {
         let offset = message.offset();
         if offset < state.next_offset {
+            // Kafka handed back a record the lake already has: a duplicate delivery after a seek,
+            // or, if it keeps happening, a topic that was recreated or a broker that lost data
+            // (its offsets restarted below what the commit records say).
+            if !state.warned_behind_commit {
+                state.warned_behind_commit = true;
+                tracing::warn!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset,
+                    committed_end = state.next_offset,
+                    "record below the committed offset skipped; if this repeats, the topic's offsets went backwards (recreated topic?) and docs/operations.md says what to do"
+                );
+            }
             return true;
         }
         state.range_start_opt.get_or_insert(offset);
