@@ -113,8 +113,13 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     let streams_by_topic = streams.iter().map(|(topic, info)| (topic.clone(), info.stream.clone())).collect();
     let (context, events_rx) = RebalanceContext::new(lake.clone(), handle.clone(), streams_by_topic);
     let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);
-    if !config.kafka.client.0.contains_key("auto.offset.reset") {
-        consumer_config.set("auto.offset.reset", "earliest");
+    // Defaults for what the passthrough map did not set. librdkafka 2.x pauses fetching a
+    // partition for fetch.queue.backoff.ms (1 s) whenever its local queue is full; a consumer
+    // that decodes and writes is slower than fetching, so it would starve for a second each time.
+    for (key, value) in [("auto.offset.reset", "earliest"), ("fetch.queue.backoff.ms", "10")] {
+        if !config.kafka.client.0.contains_key(key) {
+            consumer_config.set(key, value);
+        }
     }
     let consumer: BaseConsumer<RebalanceContext> = consumer_config
         .create_with_context(context)

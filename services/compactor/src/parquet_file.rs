@@ -1,13 +1,9 @@
 //! One flushed buffer to Parquet files: rows split by event-time partition, each file sorted by
 //! (device_id, ts), with page-level statistics (column and offset indexes) for pruning.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use arrow_array::cast::AsArray;
 use arrow_array::types::{TimestampMicrosecondType, TimestampMillisecondType};
 use arrow_array::{ArrayRef, RecordBatch, UInt32Array};
-use arrow_ord::sort::{SortColumn, lexsort_to_indices};
 use arrow_schema::{ArrowError, DataType, TimeUnit};
 use arrow_select::take::take_record_batch;
 use parquet::arrow::ArrowWriter;
@@ -82,6 +78,9 @@ fn event_times_micros(column: &ArrayRef) -> Result<Vec<i64>, EncodeError> {
 }
 
 /// Splits `batch` by event-time partition and encodes each part as a sorted Parquet file.
+///
+/// One permutation orders all rows by (partition, device_id, ts); each partition is then a
+/// zero-copy slice of one reordered batch, so the rows are copied once.
 pub(crate) fn encode_partitioned(
     batch: &RecordBatch,
     granularity: PartitionGranularity,
@@ -92,45 +91,50 @@ pub(crate) fn encode_partitioned(
     let event_time_index =
         schema.index_of(EVENT_TIME_FIELD).map_err(|_| EncodeError::MissingColumn(EVENT_TIME_FIELD))?;
     let event_times = event_times_micros(batch.column(event_time_index))?;
-    let mut rows_by_partition: BTreeMap<PartitionKey, Vec<u32>> = BTreeMap::new();
-    for (row, &event_time) in event_times.iter().enumerate() {
-        rows_by_partition
-            .entry(PartitionKey::for_event_time(event_time, granularity))
-            .or_default()
-            .push(row as u32);
-    }
-    let mut files = Vec::with_capacity(rows_by_partition.len());
-    for (partition, rows) in rows_by_partition {
-        let (min_event_time_micros, max_event_time_micros) = rows
+    let devices =
+        batch.column(key_index).as_string_opt::<i32>().ok_or(EncodeError::MissingColumn(KEY_FIELD))?;
+    let partitions: Vec<PartitionKey> =
+        event_times.iter().map(|&event_time| PartitionKey::for_event_time(event_time, granularity)).collect();
+    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    order.sort_unstable_by(|&left, &right| {
+        let (left, right) = (left as usize, right as usize);
+        partitions[left]
+            .cmp(&partitions[right])
+            .then_with(|| devices.value(left).cmp(devices.value(right)))
+            .then_with(|| event_times[left].cmp(&event_times[right]))
+    });
+    let sorted = take_record_batch(batch, &UInt32Array::from(order.clone()))?;
+    let mut files = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let partition = partitions[order[start] as usize];
+        let end =
+            start + order[start..].iter().take_while(|&&row| partitions[row as usize] == partition).count();
+        let (min_event_time_micros, max_event_time_micros) = order[start..end]
             .iter()
             .map(|&row| event_times[row as usize])
             .fold((i64::MAX, i64::MIN), |(min, max), time| (min.min(time), max.max(time)));
-        let part = take_record_batch(batch, &UInt32Array::from(rows))?;
-        let order = lexsort_to_indices(
-            &[
-                SortColumn { values: Arc::clone(part.column(key_index)), options: None },
-                SortColumn { values: Arc::clone(part.column(event_time_index)), options: None },
-            ],
-            None,
-        )?;
-        let sorted = take_record_batch(&part, &order)?;
+        let part = sorted.slice(start, end - start);
         let mut bytes = Vec::new();
-        let mut writer = ArrowWriter::try_new(&mut bytes, sorted.schema(), Some(properties.clone()))?;
-        writer.write(&sorted)?;
+        let mut writer = ArrowWriter::try_new(&mut bytes, part.schema(), Some(properties.clone()))?;
+        writer.write(&part)?;
         writer.close()?;
         files.push(EncodedFile {
             partition,
             bytes,
-            num_rows: sorted.num_rows(),
+            num_rows: end - start,
             min_event_time_micros,
             max_event_time_micros,
         });
+        start = end;
     }
     Ok(files)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use arrow_array::{Array, Int64Array, StringArray, TimestampMicrosecondArray};
     use arrow_schema::{Field, Schema};
     use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};

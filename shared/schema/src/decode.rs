@@ -52,19 +52,23 @@ enum Column {
 }
 
 impl Column {
-    fn new(kind: &FieldKind) -> Self {
+    /// A builder with room for `rows` rows, so a buffer that fills to its usual size never
+    /// grows by doubling (each doubling touches fresh pages the kernel must zero).
+    fn with_capacity(kind: &FieldKind, rows: usize) -> Self {
         match kind {
-            FieldKind::Boolean => Self::Boolean(BooleanBuilder::new()),
-            FieldKind::Int => Self::Int(Int32Builder::new()),
-            FieldKind::Long => Self::Long(Int64Builder::new()),
-            FieldKind::Float => Self::Float(Float32Builder::new()),
-            FieldKind::Double => Self::Double(Float64Builder::new()),
-            FieldKind::String | FieldKind::Enum { .. } => Self::Text(StringBuilder::new()),
+            FieldKind::Boolean => Self::Boolean(BooleanBuilder::with_capacity(rows)),
+            FieldKind::Int => Self::Int(Int32Builder::with_capacity(rows)),
+            FieldKind::Long => Self::Long(Int64Builder::with_capacity(rows)),
+            FieldKind::Float => Self::Float(Float32Builder::with_capacity(rows)),
+            FieldKind::Double => Self::Double(Float64Builder::with_capacity(rows)),
+            FieldKind::String | FieldKind::Enum { .. } => {
+                Self::Text(StringBuilder::with_capacity(rows, rows * 16))
+            }
             FieldKind::TimestampMillis => {
-                Self::TimestampMillis(TimestampMillisecondBuilder::new().with_timezone("UTC"))
+                Self::TimestampMillis(TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC"))
             }
             FieldKind::TimestampMicros => {
-                Self::TimestampMicros(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+                Self::TimestampMicros(TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC"))
             }
         }
     }
@@ -148,7 +152,7 @@ impl std::fmt::Debug for ArrowBatchBuilder {
 impl ArrowBatchBuilder {
     pub fn new(reader: Arc<StreamSchema>) -> Self {
         let arrow_schema = to_arrow_schema(&reader);
-        let columns = reader.fields.iter().map(|field| Column::new(&field.kind)).collect();
+        let columns = reader.fields.iter().map(|field| Column::with_capacity(&field.kind, 0)).collect();
         Self { reader, arrow_schema, columns, resolutions: HashMap::new(), num_rows: 0, num_value_bytes: 0 }
     }
 
@@ -222,9 +226,13 @@ impl ArrowBatchBuilder {
         Ok(event_time_micros)
     }
 
-    /// The rows appended so far as one batch; the builder starts empty again.
+    /// The rows appended so far as one batch; the builder starts empty again, sized for as many
+    /// rows as this batch had.
     pub fn finish(&mut self) -> RecordBatch {
         let arrays: Vec<ArrayRef> = self.columns.iter_mut().map(Column::finish).collect();
+        let rows = self.num_rows;
+        self.columns =
+            self.reader.fields.iter().map(|field| Column::with_capacity(&field.kind, rows)).collect();
         self.num_rows = 0;
         self.num_value_bytes = 0;
         // Columns are built from the same schema they are checked against.
