@@ -147,6 +147,7 @@ async fn a_stale_writer_loses_its_commit_and_nothing_is_duplicated() {
             end_offset: latest.end_offset,
             files: Vec::new(),
             num_dead_lettered: 0,
+            num_duplicates_dropped: 0,
             writer_id: "intruder".into(),
             ..latest
         };
@@ -184,4 +185,43 @@ async fn two_instances_split_partitions_and_survive_one_leaving() {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     second.stop().await.unwrap();
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_sent_twice_within_a_flush_is_written_once() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.flush.max_age_ms = 3_000;
+    let compactor = CompactorService::start(config).await.unwrap();
+    let readings = telemetry_readings(1_000, 10, HOUR);
+    // A client that retried its whole request after a 503: every reading arrives twice.
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings).await.unwrap();
+    let lake = lake(lake_dir.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let mut committed_offsets = 0;
+        for partition in 0..4 {
+            committed_offsets += lake
+                .latest_commit("telemetry", partition)
+                .await
+                .unwrap()
+                .map_or(0, |commit| commit.end_offset);
+        }
+        if committed_offsets >= 2_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    compactor.stop().await.unwrap();
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    let commits = lake.commits("telemetry").await.unwrap();
+    assert_eq!(commits.iter().map(|commit| commit.num_duplicates_dropped).sum::<u64>(), 1_000);
+    // Every partition committed, so the stream has a completeness watermark within the data.
+    let watermark = lake.watermark("telemetry", 4, 0).await.unwrap().expect("watermark");
+    let times: Vec<i64> = readings.iter().map(|reading| reading["ts"].as_i64().unwrap()).collect();
+    assert!(watermark >= *times.iter().min().unwrap() && watermark <= *times.iter().max().unwrap());
 }

@@ -459,8 +459,12 @@ impl CompactorLoop {
         let started = Instant::now();
         let stream = Arc::clone(&state.stream);
         let batch = state.builder.finish();
-        let files = match encode_partitioned(&batch, stream.granularity, &stream.writer_properties) {
-            Ok(files) => files,
+        let (files, num_duplicates_dropped) = match encode_partitioned(
+            &batch,
+            stream.granularity,
+            &stream.writer_properties,
+        ) {
+            Ok(flush) => (flush.files, flush.num_duplicates_dropped),
             Err(error) => {
                 tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to encode Parquet; re-reading the range");
                 self.rewind(key, state);
@@ -503,6 +507,7 @@ impl CompactorLoop {
             end_offset: state.next_offset,
             files: committed_files,
             num_dead_lettered: state.num_dead_lettered,
+            num_duplicates_dropped: num_duplicates_dropped as u64,
             max_event_time_micros_opt,
             writer_id: self.writer_id.clone(),
             created_at_micros: now_micros(),

@@ -2,7 +2,7 @@
 //! (device_id, ts), with page-level statistics (column and offset indexes) for pruning.
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{TimestampMicrosecondType, TimestampMillisecondType};
+use arrow_array::types::{Int64Type, TimestampMicrosecondType, TimestampMillisecondType};
 use arrow_array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow_schema::{ArrowError, DataType, TimeUnit};
 use arrow_select::take::take_record_batch;
@@ -13,7 +13,7 @@ use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sluice_lake::{PartitionGranularity, PartitionKey};
-use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD};
+use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SEQUENCE_FIELD};
 
 use crate::config::{ParquetCompression, ParquetConfig};
 
@@ -77,15 +77,25 @@ fn event_times_micros(column: &ArrayRef) -> Result<Vec<i64>, EncodeError> {
     })
 }
 
+/// The Parquet files of one flush, and how many repeated readings were left out.
+#[derive(Debug)]
+pub(crate) struct EncodedFlush {
+    pub(crate) files: Vec<EncodedFile>,
+    /// Rows equal to another row of the flush in (device_id, ts, seq): the same reading sent
+    /// twice, by a client retrying a request or an MQTT redelivery.
+    pub(crate) num_duplicates_dropped: usize,
+}
+
 /// Splits `batch` by event-time partition and encodes each part as a sorted Parquet file.
 ///
-/// One permutation orders all rows by (partition, device_id, ts); each partition is then a
-/// zero-copy slice of one reordered batch, so the rows are copied once.
+/// One permutation orders all rows by (partition, device_id, ts, seq); repeated readings are
+/// then adjacent and dropped, and each partition is a zero-copy slice of one reordered batch, so
+/// the rows are copied once.
 pub(crate) fn encode_partitioned(
     batch: &RecordBatch,
     granularity: PartitionGranularity,
     properties: &WriterProperties,
-) -> Result<Vec<EncodedFile>, EncodeError> {
+) -> Result<EncodedFlush, EncodeError> {
     let schema = batch.schema();
     let key_index = schema.index_of(KEY_FIELD).map_err(|_| EncodeError::MissingColumn(KEY_FIELD))?;
     let event_time_index =
@@ -93,6 +103,11 @@ pub(crate) fn encode_partitioned(
     let event_times = event_times_micros(batch.column(event_time_index))?;
     let devices =
         batch.column(key_index).as_string_opt::<i32>().ok_or(EncodeError::MissingColumn(KEY_FIELD))?;
+    let sequences = batch
+        .column_by_name(SEQUENCE_FIELD)
+        .and_then(|column| column.as_primitive_opt::<Int64Type>())
+        .ok_or(EncodeError::MissingColumn(SEQUENCE_FIELD))?
+        .values();
     let partitions: Vec<PartitionKey> =
         event_times.iter().map(|&event_time| PartitionKey::for_event_time(event_time, granularity)).collect();
     let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
@@ -102,7 +117,16 @@ pub(crate) fn encode_partitioned(
             .cmp(&partitions[right])
             .then_with(|| devices.value(left).cmp(devices.value(right)))
             .then_with(|| event_times[left].cmp(&event_times[right]))
+            .then_with(|| sequences[left].cmp(&sequences[right]))
     });
+    let num_rows_before = order.len();
+    order.dedup_by(|&mut later, &mut earlier| {
+        let (later, earlier) = (later as usize, earlier as usize);
+        sequences[later] == sequences[earlier]
+            && event_times[later] == event_times[earlier]
+            && devices.value(later) == devices.value(earlier)
+    });
+    let num_duplicates_dropped = num_rows_before - order.len();
     let sorted = take_record_batch(batch, &UInt32Array::from(order.clone()))?;
     let mut files = Vec::new();
     let mut start = 0;
@@ -128,7 +152,7 @@ pub(crate) fn encode_partitioned(
         });
         start = end;
     }
-    Ok(files)
+    Ok(EncodedFlush { files, num_duplicates_dropped })
 }
 
 #[cfg(test)]
@@ -151,18 +175,27 @@ mod tests {
             Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
             Field::new("seq", DataType::Int64, false),
         ]));
-        let devices = StringArray::from(vec!["b", "a", "b", "a", "c"]);
-        let times =
-            TimestampMicrosecondArray::from(vec![BASE + 5, BASE + HOUR + 1, BASE + 1, BASE + 3, BASE + HOUR])
-                .with_timezone("UTC");
-        let seqs = Int64Array::from(vec![1, 2, 3, 4, 5]);
+        let devices = StringArray::from(vec!["b", "a", "b", "a", "c", "b"]);
+        let times = TimestampMicrosecondArray::from(vec![
+            BASE + 5,
+            BASE + HOUR + 1,
+            BASE + 1,
+            BASE + 3,
+            BASE + HOUR,
+            BASE + 5,
+        ])
+        .with_timezone("UTC");
+        // The last row repeats the first: the same reading delivered twice.
+        let seqs = Int64Array::from(vec![1, 2, 3, 4, 5, 1]);
         RecordBatch::try_new(schema, vec![Arc::new(devices), Arc::new(times), Arc::new(seqs)]).unwrap()
     }
 
     #[test]
     fn rows_split_by_hour_and_sorted_by_device_then_time() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let files = encode_partitioned(&batch(), PartitionGranularity::Hour, &properties).unwrap();
+        let flush = encode_partitioned(&batch(), PartitionGranularity::Hour, &properties).unwrap();
+        assert_eq!(flush.num_duplicates_dropped, 1);
+        let files = flush.files;
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].partition.to_string(), "dt=2026-11-26/hour=08");
         assert_eq!(
@@ -189,7 +222,7 @@ mod tests {
     #[test]
     fn daily_granularity_makes_one_file() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let files = encode_partitioned(&batch(), PartitionGranularity::Day, &properties).unwrap();
+        let files = encode_partitioned(&batch(), PartitionGranularity::Day, &properties).unwrap().files;
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].partition.to_string(), "dt=2026-11-26");
         assert_eq!(files[0].num_rows, 5);

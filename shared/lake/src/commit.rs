@@ -64,6 +64,10 @@ pub struct CommitRecord {
     pub files: Vec<CommittedFile>,
     /// Records of the range that could not be decoded and went to the dead-letter topic.
     pub num_dead_lettered: u64,
+    /// Records of the range that repeated another reading of the same flush (same device_id,
+    /// ts and seq) and were left out.
+    #[serde(default)]
+    pub num_duplicates_dropped: u64,
     /// Largest event time committed in this partition so far (this and earlier records).
     pub max_event_time_micros_opt: Option<i64>,
     /// Which compactor instance wrote it, for operators.
@@ -194,6 +198,32 @@ impl Lake {
             .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
     }
 
+    /// The completeness watermark of a stream: the smallest, over its `num_partitions` Kafka
+    /// partitions, of the largest event time committed in each, minus `allowed_lateness_micros`.
+    /// Every record that reached the compactor with an event time at or below it, and arrived no
+    /// later than the allowed lateness behind its partition's newest committed record, is
+    /// committed. `None` until every partition has committed something.
+    pub async fn watermark(
+        &self,
+        stream: &str,
+        num_partitions: i32,
+        allowed_lateness_micros: i64,
+    ) -> Result<Option<i64>> {
+        let mut watermark_opt: Option<i64> = None;
+        for partition in 0..num_partitions {
+            let Some(max_event_time) = self
+                .latest_commit(stream, partition)
+                .await?
+                .and_then(|record| record.max_event_time_micros_opt)
+            else {
+                return Ok(None);
+            };
+            watermark_opt =
+                Some(watermark_opt.map_or(max_event_time, |watermark| watermark.min(max_event_time)));
+        }
+        Ok(watermark_opt.map(|watermark| watermark.saturating_sub(allowed_lateness_micros)))
+    }
+
     /// Creates the commit record; never overwrites one. This is the commit point of a flush.
     pub async fn create_commit(&self, record: &CommitRecord) -> Result<CommitOutcome> {
         let path = self.commit_path(&record.stream, record.kafka_partition, record.sequence);
@@ -270,6 +300,7 @@ mod tests {
                 max_event_time_micros: 0,
             }],
             num_dead_lettered: 0,
+            num_duplicates_dropped: 0,
             max_event_time_micros_opt: None,
             writer_id: "test".into(),
             created_at_micros: 0,
@@ -299,6 +330,28 @@ mod tests {
         assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap().unwrap().end_offset, 120);
         assert_eq!(lake.latest_commit("telemetry", 4).await.unwrap(), None);
         assert_eq!(lake.commits("telemetry").await.unwrap().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn watermark_is_the_slowest_partition_minus_lateness() {
+        let lake = lake();
+        let mut first = record(0, 0, 10, "a.parquet");
+        first.max_event_time_micros_opt = Some(5_000);
+        lake.create_commit(&first).await.unwrap();
+        assert_eq!(lake.watermark("telemetry", 1, 0).await.unwrap(), None, "partition 0 has no commit yet");
+        let mut other = record(0, 0, 10, "b.parquet");
+        other.kafka_partition = 0;
+        other.max_event_time_micros_opt = Some(3_000);
+        lake.create_commit(&other).await.unwrap();
+        // Partitions 0 and 3 have commits; 1 and 2 do not.
+        assert_eq!(lake.watermark("telemetry", 4, 0).await.unwrap(), None);
+        let mut late = record(0, 0, 10, "c.parquet");
+        for partition in [1, 2] {
+            late.kafka_partition = partition;
+            late.max_event_time_micros_opt = Some(9_000);
+            lake.create_commit(&late).await.unwrap();
+        }
+        assert_eq!(lake.watermark("telemetry", 4, 1_000).await.unwrap(), Some(2_000));
     }
 
     #[tokio::test]
