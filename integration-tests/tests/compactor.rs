@@ -225,3 +225,111 @@ async fn a_reading_sent_twice_within_a_flush_is_written_once() {
     let times: Vec<i64> = readings.iter().map(|reading| reading["ts"].as_i64().unwrap()).collect();
     assert!(watermark >= *times.iter().min().unwrap() && watermark <= *times.iter().max().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_v2_adds_a_field_and_old_records_read_with_its_default() {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let schemas_dir = tempfile::TempDir::new().unwrap();
+    let v1 = std::fs::read_to_string(sluice_integration_tests::repo_root().join("schemas/telemetry.avsc"))
+        .unwrap();
+    let v2 = v1.replacen(
+        r#"{"name": "site""#,
+        r#"{"name": "firmware", "type": "string", "default": "unknown"},
+    {"name": "pressure", "type": ["null", "double"], "default": null},
+    {"name": "site""#,
+        1,
+    );
+    assert_ne!(v1, v2);
+    let v1_schema = sluice_schema::StreamSchema::from_avro_json("telemetry", &v1, "v1".as_ref()).unwrap();
+    let v2_schema = sluice_schema::StreamSchema::from_avro_json("telemetry", &v2, "v2".as_ref()).unwrap();
+
+    // Phase 1: v1 is the stream's schema.
+    std::fs::write(schemas_dir.path().join("telemetry.avsc"), &v1).unwrap();
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.schemas.directory = schemas_dir.path().to_path_buf();
+    let compactor = CompactorService::start(config.clone()).await.unwrap();
+    let old = telemetry_readings(300, 5, HOUR);
+    produce_readings(&broker.bootstrap_servers(), &topic, &old).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 300, Duration::from_secs(60)).await;
+    compactor.stop().await.unwrap();
+
+    // Phase 2: v2 becomes current, v1 moves to history; old devices still send v1 records.
+    std::fs::write(schemas_dir.path().join("telemetry.avsc"), &v2).unwrap();
+    std::fs::create_dir_all(schemas_dir.path().join("history/telemetry")).unwrap();
+    std::fs::write(schemas_dir.path().join("history/telemetry/v1.avsc"), &v1).unwrap();
+    let compactor = CompactorService::start(config).await.unwrap();
+    let producer = sluice_kafka::BatchProducer::new(
+        &sluice_kafka::KafkaConfig { bootstrap_servers: broker.bootstrap_servers(), ..Default::default() }
+            .producer_config(),
+    )
+    .unwrap();
+    let now = sluice_integration_tests::now_micros() - HOUR;
+    let mut values = Vec::new();
+    for seq in 0..10 {
+        let (schema, reading) = if seq % 2 == 0 {
+            (&v1_schema, serde_json::json!({"device_id": "mixed", "ts": now + seq, "seq": 1_000 + seq}))
+        } else {
+            (
+                &v2_schema,
+                serde_json::json!({"device_id": "mixed", "ts": now + seq, "seq": 1_000 + seq, "firmware": "2.0", "pressure": 1.5}),
+            )
+        };
+        let mut value = Vec::new();
+        schema.encode_json(&reading, i64::MAX / 2, 0, &mut value).unwrap();
+        values.push(value);
+    }
+    produce_raw(
+        &producer,
+        &topic,
+        values
+            .iter()
+            .enumerate()
+            .map(|(index, value)| (&b"mixed"[..], now / 1_000 + index as i64, value.as_slice())),
+    )
+    .await
+    .unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 310, Duration::from_secs(60)).await;
+    compactor.stop().await.unwrap();
+
+    let rows = read_lake_rows(lake_dir.path(), "telemetry").unwrap();
+    assert_eq!(rows.len(), 310, "old and new files read together");
+    // The new files carry the new columns; records from the old writer got the defaults.
+    let lake = lake(lake_dir.path());
+    let commits = lake.commits("telemetry").await.unwrap();
+    let mut firmware_by_seq = Vec::new();
+    for file in commits.iter().flat_map(|commit| &commit.files) {
+        let bytes = bytes::Bytes::from(std::fs::read(lake_dir.path().join(&file.path)).unwrap());
+        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let batch = batch.unwrap();
+            let Some(firmware) = batch.column_by_name("firmware") else { continue };
+            let firmware = firmware.as_string::<i32>();
+            let pressure = batch.column_by_name("pressure").unwrap();
+            let seqs = batch.column_by_name("seq").unwrap().as_primitive::<arrow_array::types::Int64Type>();
+            for row in 0..batch.num_rows() {
+                firmware_by_seq.push((
+                    seqs.value(row),
+                    firmware.value(row).to_string(),
+                    pressure.is_null(row),
+                ));
+            }
+        }
+    }
+    firmware_by_seq.sort();
+    assert_eq!(firmware_by_seq.len(), 10);
+    for (seq, firmware, pressure_is_null) in firmware_by_seq {
+        if seq % 2 == 0 {
+            assert_eq!((firmware.as_str(), pressure_is_null), ("unknown", true), "v1 record {seq}");
+        } else {
+            assert_eq!((firmware.as_str(), pressure_is_null), ("2.0", false), "v2 record {seq}");
+        }
+    }
+}
