@@ -333,3 +333,31 @@ async fn schema_v2_adds_a_field_and_old_records_read_with_its_default() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn janitor_removes_staged_files_of_flushes_that_never_committed() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let staging = lake_dir.path().join("_sluice/staging/telemetry");
+    std::fs::create_dir_all(&staging).unwrap();
+    let orphan = staging.join("p000-o00000000000000000000-crashed.parquet");
+    std::fs::write(&orphan, b"PAR1 left by a flush that died before its commit").unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.janitor.interval_ms = 300;
+    config.janitor.min_age_ms = 1_000;
+    let compactor = CompactorService::start(config).await.unwrap();
+    let readings = telemetry_readings(2_000, 10, HOUR);
+    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
+    let removed = sluice_integration_tests::wait_until(Duration::from_secs(10), || {
+        let orphan = orphan.clone();
+        async move { !orphan.exists() }
+    })
+    .await;
+    compactor.stop().await.unwrap();
+    assert!(removed, "orphaned staging file removed");
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+}

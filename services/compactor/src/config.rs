@@ -16,6 +16,7 @@ pub struct CompactorConfig {
     pub compactor: CompactorSection,
     pub flush: FlushConfig,
     pub parquet: ParquetConfig,
+    pub janitor: JanitorConfig,
     pub schemas: SchemasConfig,
     pub object_store: ObjectStoreConfig,
     pub kafka: KafkaConfig,
@@ -107,6 +108,21 @@ impl Default for ParquetConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct JanitorConfig {
+    /// How often staged files that no commit will publish are looked for.
+    pub interval_ms: u64,
+    /// Staged files younger than this are left alone (a flush may still be committing them).
+    pub min_age_ms: u64,
+}
+
+impl Default for JanitorConfig {
+    fn default() -> Self {
+        Self { interval_ms: 600_000, min_age_ms: 3_600_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SchemasConfig {
     pub directory: PathBuf,
 }
@@ -159,6 +175,15 @@ impl Validate for CompactorConfig {
             && !(1..=22).contains(&self.parquet.compression_level)
         {
             issues.push(ConfigIssue::new("parquet.compression_level", "zstd levels are 1 to 22"));
+        }
+        if self.janitor.interval_ms == 0 {
+            issues.push(ConfigIssue::new("janitor.interval_ms", "must be greater than 0"));
+        }
+        if self.janitor.min_age_ms < 2 * self.flush.max_age_ms {
+            issues.push(ConfigIssue::new(
+                "janitor.min_age_ms",
+                format!("must be at least twice flush.max_age_ms ({}) so that flushes in progress are not touched", self.flush.max_age_ms),
+            ));
         }
         if self.parquet.row_group_rows == 0 {
             issues.push(ConfigIssue::new("parquet.row_group_rows", "must be greater than 0"));

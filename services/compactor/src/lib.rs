@@ -54,12 +54,43 @@ pub type Result<T, E = CompactorError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub struct RunningCompactor {
     worker: tokio::task::JoinHandle<Result<()>>,
+    janitor: tokio::task::JoinHandle<()>,
 }
 
 impl RunningCompactor {
     /// Waits until the loop stopped and flushed (after `shutdown` was cancelled, or on failure).
     pub async fn wait(self) -> Result<()> {
-        self.worker.await.unwrap_or(Err(CompactorError::Panicked))
+        let result = self.worker.await.unwrap_or(Err(CompactorError::Panicked));
+        // The loop cancels the token when it fails, so the janitor ends either way.
+        let _ = self.janitor.await;
+        result
+    }
+}
+
+/// Removes staged files of flushes that never committed, every `interval`.
+async fn run_janitor(
+    lake: Lake,
+    streams: Vec<String>,
+    config: config::JanitorConfig,
+    shutdown: CancellationToken,
+) {
+    let min_age = Duration::from_millis(config.min_age_ms);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
+        }
+        for stream in &streams {
+            match lake.remove_orphaned_staging(stream, min_age).await {
+                Ok(0) => {}
+                Ok(num_deleted) => tracing::info!(
+                    stream,
+                    num_deleted,
+                    "removed staged files of flushes that never committed"
+                ),
+                Err(error) => tracing::warn!(stream, %error, "janitor failed; trying again later"),
+            }
+        }
     }
 }
 
@@ -131,6 +162,12 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     } else {
         config.compactor.instance_id.clone()
     };
+    let janitor = tokio::spawn(run_janitor(
+        lake.clone(),
+        stream_names.clone(),
+        config.janitor.clone(),
+        shutdown.clone(),
+    ));
     let compactor_loop = CompactorLoop {
         consumer,
         events_rx,
@@ -153,5 +190,5 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         }
         result
     });
-    Ok(RunningCompactor { worker })
+    Ok(RunningCompactor { worker, janitor })
 }

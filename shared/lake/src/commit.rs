@@ -224,6 +224,57 @@ impl Lake {
         Ok(watermark_opt.map(|watermark| watermark.saturating_sub(allowed_lateness_micros)))
     }
 
+    /// Deletes staged files that no commit will ever publish: older than `min_age` and not named
+    /// by the latest commit record of any partition (only a latest record can still be waiting
+    /// for its publish; every earlier one was published before its successor was created).
+    /// Returns how many were deleted.
+    pub async fn remove_orphaned_staging(&self, stream: &str, min_age: std::time::Duration) -> Result<usize> {
+        let commits_dir = self.absolute(&format!("{METADATA_DIR}/commits/{stream}"));
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&commits_dir))
+            .await
+            .map_err(LakeError::store("list", &commits_dir))?;
+        let mut referenced = std::collections::HashSet::new();
+        for partition_dir in listing.common_prefixes {
+            let Some(partition) = partition_dir
+                .filename()
+                .and_then(|name| name.strip_prefix("partition="))
+                .and_then(|number| number.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if let Some(latest) = self.latest_commit(stream, partition).await? {
+                referenced.extend(latest.files.into_iter().map(|file| self.absolute(&file.staging_path)));
+            }
+        }
+        let staging_dir = self.absolute(&format!("{METADATA_DIR}/staging/{stream}"));
+        let staged: Vec<_> = self
+            .store
+            .list(Some(&staging_dir))
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &staging_dir))?;
+        let cutoff = micros_ago(min_age);
+        let mut num_deleted = 0;
+        for object in staged {
+            if referenced.contains(&object.location) || object.last_modified.timestamp_micros() > cutoff {
+                continue;
+            }
+            match self.store.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => num_deleted += 1,
+                Err(source) => {
+                    return Err(LakeError::Store {
+                        operation: "delete",
+                        path: object.location.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(num_deleted)
+    }
+
     /// Creates the commit record; never overwrites one. This is the commit point of a flush.
     pub async fn create_commit(&self, record: &CommitRecord) -> Result<CommitOutcome> {
         let path = self.commit_path(&record.stream, record.kafka_partition, record.sequence);
@@ -270,6 +321,12 @@ impl Lake {
         }
         Ok(())
     }
+}
+
+/// Epoch microseconds `age` ago.
+fn micros_ago(age: std::time::Duration) -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.saturating_sub(age).as_micros()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -352,6 +409,35 @@ mod tests {
             lake.create_commit(&late).await.unwrap();
         }
         assert_eq!(lake.watermark("telemetry", 4, 1_000).await.unwrap(), Some(2_000));
+    }
+
+    #[tokio::test]
+    async fn janitor_removes_only_staged_files_no_commit_will_publish() {
+        let lake = lake();
+        let published = record(0, 0, 10, "published.parquet");
+        lake.put(&published.files[0].staging_path, b"PAR1".to_vec()).await.unwrap();
+        lake.create_commit(&published).await.unwrap();
+        lake.publish(&published).await.unwrap();
+        // The latest commit, not yet published (its writer died between commit and publish).
+        let pending = record(1, 10, 20, "pending.parquet");
+        lake.put(&pending.files[0].staging_path, b"PAR1".to_vec()).await.unwrap();
+        lake.create_commit(&pending).await.unwrap();
+        // A flush that never reached its commit point.
+        let orphan = Lake::staging_file("telemetry", "orphan.parquet");
+        lake.put(&orphan, b"PAR1".to_vec()).await.unwrap();
+
+        assert_eq!(
+            lake.remove_orphaned_staging("telemetry", std::time::Duration::from_secs(3600)).await.unwrap(),
+            0,
+            "too young"
+        );
+        assert_eq!(lake.remove_orphaned_staging("telemetry", std::time::Duration::ZERO).await.unwrap(), 1);
+        assert!(lake.store().head(&lake.absolute(&orphan)).await.is_err());
+        lake.publish(&pending).await.unwrap();
+        assert!(
+            lake.store().head(&lake.absolute(&pending.files[0].path)).await.is_ok(),
+            "pending commit still publishable"
+        );
     }
 
     #[tokio::test]
