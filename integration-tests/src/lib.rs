@@ -687,12 +687,26 @@ impl S3Server {
 /// Every row of the files the commit records list, read through the object store the way an
 /// engine that reads by commit records would (and each file must be at its final path).
 pub async fn read_committed_rows(lake: &sluice_lake::Lake, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
+    let files: Vec<sluice_lake::CommittedFile> =
+        lake.commits(stream).await?.into_iter().flat_map(|commit| commit.files).collect();
+    read_rows_of(lake, &files).await
+}
+
+/// Every row of the live files (commits, less merged-away files, plus merge outputs).
+pub async fn read_live_rows(lake: &sluice_lake::Lake, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
+    read_rows_of(lake, &lake.live_files(stream).await?).await
+}
+
+async fn read_rows_of(
+    lake: &sluice_lake::Lake,
+    files: &[sluice_lake::CommittedFile],
+) -> anyhow::Result<Vec<LakeRow>> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Int64Type, TimestampMicrosecondType};
     use object_store::ObjectStoreExt;
     let mut rows = Vec::new();
-    for commit in lake.commits(stream).await? {
-        for file in &commit.files {
+    {
+        for file in files {
             let bytes = lake.store().get(&lake.absolute(&file.path)).await?.bytes().await?;
             let reader =
                 parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;

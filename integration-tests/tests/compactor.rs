@@ -361,3 +361,89 @@ async fn janitor_removes_staged_files_of_flushes_that_never_committed() {
     assert!(removed, "orphaned staging file removed");
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicates() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let readings = telemetry_readings(6_000, 12, 2 * HOUR);
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.flush.max_age_ms = 150;
+    config.merge.interval_ms = 400;
+    config.merge.min_partition_age_ms = 0;
+    config.merge.small_file_bytes = 1024 * 1024;
+    let compactor = CompactorService::start(config).await.unwrap();
+
+    // Readers run throughout: by directory (as DuckDB or Athena would) and by records.
+    let stop_readers = tokio_util::sync::CancellationToken::new();
+    let directory_reader = {
+        let (lake_dir, stop) = (lake_dir.path().to_path_buf(), stop_readers.clone());
+        tokio::spawn(async move {
+            let mut num_reads = 0;
+            while !stop.is_cancelled() {
+                // A file can vanish between listing and reading while a merge swaps it.
+                if let Ok(rows) = read_lake_rows(&lake_dir, "telemetry") {
+                    let mut keys: Vec<(String, i64)> =
+                        rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
+                    let num_rows = keys.len();
+                    keys.sort();
+                    keys.dedup();
+                    assert_eq!(keys.len(), num_rows, "a directory reader saw a row twice");
+                    num_reads += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            num_reads
+        })
+    };
+    let record_reader = {
+        let (lake, stop) = (lake(lake_dir.path()), stop_readers.clone());
+        tokio::spawn(async move {
+            let mut num_reads = 0;
+            while !stop.is_cancelled() {
+                let files = lake.live_files("telemetry").await.unwrap();
+                let mut paths: Vec<&str> = files.iter().map(|file| file.path.as_str()).collect();
+                let num_files = paths.len();
+                paths.sort();
+                paths.dedup();
+                assert_eq!(paths.len(), num_files, "a file is live twice");
+                num_reads += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            num_reads
+        })
+    };
+
+    for burst in readings.chunks(1_000) {
+        produce_readings(&broker.bootstrap_servers(), &topic, burst).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let lake = lake(lake_dir.path());
+    let merged = sluice_integration_tests::wait_until(Duration::from_secs(60), || {
+        let lake = lake.clone();
+        async move {
+            let committed: u64 =
+                lake.commits("telemetry").await.unwrap().iter().map(|commit| commit.num_rows()).sum();
+            committed == 6_000 && lake.merges("telemetry").await.unwrap().len() >= 2
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop_readers.cancel();
+    assert!(directory_reader.await.unwrap() > 10);
+    assert!(record_reader.await.unwrap() > 10);
+    compactor.stop().await.unwrap();
+    assert!(merged, "merges happened");
+
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    assert_exactly_once(
+        &sluice_integration_tests::read_live_rows(&lake, "telemetry").await.unwrap(),
+        &readings,
+    );
+    let committed_files: usize =
+        lake.commits("telemetry").await.unwrap().iter().map(|commit| commit.files.len()).sum();
+    let live_files = lake.live_files("telemetry").await.unwrap().len();
+    assert!(live_files < committed_files, "{live_files} live files from {committed_files} committed");
+}

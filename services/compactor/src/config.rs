@@ -17,6 +17,7 @@ pub struct CompactorConfig {
     pub flush: FlushConfig,
     pub parquet: ParquetConfig,
     pub janitor: JanitorConfig,
+    pub merge: MergeConfig,
     pub schemas: SchemasConfig,
     pub object_store: ObjectStoreConfig,
     pub kafka: KafkaConfig,
@@ -123,6 +124,35 @@ impl Default for JanitorConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct MergeConfig {
+    pub enabled: bool,
+    /// How often closed partitions are looked at.
+    pub interval_ms: u64,
+    /// A partition is merged once its end (hour or day) is this far in the past, so that late
+    /// data has mostly arrived.
+    pub min_partition_age_ms: u64,
+    /// Committed files smaller than this are merged.
+    pub small_file_bytes: usize,
+    /// Upper bound on the inputs of one merge, in bytes.
+    pub target_file_bytes: usize,
+    pub max_files_per_merge: usize,
+}
+
+impl Default for MergeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 300_000,
+            min_partition_age_ms: 3_600_000,
+            small_file_bytes: 16 * 1024 * 1024,
+            target_file_bytes: 128 * 1024 * 1024,
+            max_files_per_merge: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SchemasConfig {
     pub directory: PathBuf,
 }
@@ -184,6 +214,16 @@ impl Validate for CompactorConfig {
                 "janitor.min_age_ms",
                 format!("must be at least twice flush.max_age_ms ({}) so that flushes in progress are not touched", self.flush.max_age_ms),
             ));
+        }
+        if self.merge.interval_ms == 0 {
+            issues.push(ConfigIssue::new("merge.interval_ms", "must be greater than 0"));
+        }
+        if self.merge.max_files_per_merge < 2 {
+            issues.push(ConfigIssue::new("merge.max_files_per_merge", "must be at least 2"));
+        }
+        if self.merge.target_file_bytes < self.merge.small_file_bytes {
+            issues
+                .push(ConfigIssue::new("merge.target_file_bytes", "must be at least merge.small_file_bytes"));
         }
         if self.parquet.row_group_rows == 0 {
             issues.push(ConfigIssue::new("parquet.row_group_rows", "must be greater than 0"));

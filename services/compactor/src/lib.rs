@@ -3,6 +3,7 @@
 
 pub mod config;
 mod consumer;
+mod merge;
 mod metrics;
 mod parquet_file;
 
@@ -20,6 +21,7 @@ use tokio::runtime::Handle;
 pub use crate::config::CompactorConfig;
 use crate::consumer::{CompactorLoop, RebalanceContext, StreamInfo};
 pub use crate::consumer::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, LoopError};
+pub use crate::merge::MergeError;
 pub use crate::parquet_file::EncodeError;
 
 const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -55,6 +57,7 @@ pub type Result<T, E = CompactorError> = std::result::Result<T, E>;
 pub struct RunningCompactor {
     worker: tokio::task::JoinHandle<Result<()>>,
     janitor: tokio::task::JoinHandle<()>,
+    merger_opt: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningCompactor {
@@ -63,6 +66,9 @@ impl RunningCompactor {
         let result = self.worker.await.unwrap_or(Err(CompactorError::Panicked));
         // The loop cancels the token when it fails, so the janitor ends either way.
         let _ = self.janitor.await;
+        if let Some(merger) = self.merger_opt {
+            let _ = merger.await;
+        }
         result
     }
 }
@@ -110,6 +116,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     let lake = Lake::new(store, root);
     let topic_names = config.kafka.topic_names();
     let mut streams = HashMap::new();
+    let mut merge_targets = Vec::new();
     let mut topic_specs: Vec<TopicSpec> = Vec::new();
     for stream in &stream_names {
         let reader =
@@ -134,6 +141,11 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
                 event_time_column,
             )?,
         };
+        merge_targets.push(merge::MergeTarget {
+            stream: info.stream.clone(),
+            granularity: info.granularity,
+            writer_properties: info.writer_properties.clone(),
+        });
         topic_specs.push(config.kafka.stream_topic_spec(stream));
         topic_specs.push(config.kafka.dead_letter_topic_spec(stream));
         streams.insert(info.topic.clone(), Arc::new(info));
@@ -162,6 +174,15 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     } else {
         config.compactor.instance_id.clone()
     };
+    let merger_opt = config.merge.enabled.then(|| {
+        tokio::spawn(merge::run_merger(
+            lake.clone(),
+            merge_targets,
+            config.merge.clone(),
+            writer_id.clone(),
+            shutdown.clone(),
+        ))
+    });
     let janitor = tokio::spawn(run_janitor(
         lake.clone(),
         stream_names.clone(),
@@ -190,5 +211,5 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         }
         result
     });
-    Ok(RunningCompactor { worker, janitor })
+    Ok(RunningCompactor { worker, janitor, merger_opt })
 }

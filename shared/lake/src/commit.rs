@@ -81,6 +81,19 @@ impl CommitRecord {
     }
 }
 
+/// A small-file merge: `inputs` (final paths of committed files of one Hive partition) were
+/// replaced by `output`. Merge records of a stream form one chain with no gaps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub stream: String,
+    pub sequence: u64,
+    pub partition: String,
+    pub inputs: Vec<String>,
+    pub output: CommittedFile,
+    pub writer_id: String,
+    pub created_at_micros: i64,
+}
+
 /// Whether a commit record was created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -135,6 +148,102 @@ impl Lake {
         let path = self.absolute(relative);
         self.store.put(&path, PutPayload::from(bytes)).await.map_err(LakeError::store("put", &path))?;
         Ok(())
+    }
+
+    fn merges_dir(&self, stream: &str) -> Path {
+        self.absolute(&format!("{METADATA_DIR}/merges/{stream}"))
+    }
+
+    /// Every merge record of a stream, in sequence order.
+    pub async fn merges(&self, stream: &str) -> Result<Vec<MergeRecord>> {
+        let directory = self.merges_dir(stream);
+        let mut paths: Vec<Path> = self
+            .store
+            .list(Some(&directory))
+            .map_ok(|object| object.location)
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &directory))?;
+        paths.retain(|path| path.as_ref().ends_with(".json"));
+        paths.sort();
+        let mut records = Vec::with_capacity(paths.len());
+        for path in paths {
+            let bytes = self.store.get(&path).await.map_err(LakeError::store("get", &path))?;
+            let bytes = bytes.bytes().await.map_err(LakeError::store("read", &path))?;
+            records.push(
+                serde_json::from_slice(&bytes)
+                    .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?,
+            );
+        }
+        Ok(records)
+    }
+
+    /// Creates a merge record with create-if-absent: the commit point of a merge.
+    pub async fn create_merge(&self, record: &MergeRecord) -> Result<CommitOutcome> {
+        let path = self.merges_dir(&record.stream).join(format!("{:020}.json", record.sequence));
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?;
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&path, PutPayload::from(bytes), options).await {
+            Ok(_) => Ok(CommitOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
+            Err(source) => {
+                Err(LakeError::Store { operation: "create merge", path: path.to_string(), source })
+            }
+        }
+    }
+
+    /// Applies a merge to the Hive layout: inputs removed first, then the output published, so
+    /// that a reader of the directory never sees a row twice (it may miss the partition's rows
+    /// for the moment in between). Idempotent, for finishing a merge whose writer died.
+    pub async fn apply_merge(&self, record: &MergeRecord) -> Result<()> {
+        for input in &record.inputs {
+            self.delete(input).await?;
+        }
+        let final_path = self.absolute(&record.output.path);
+        if let Err(object_store::Error::NotFound { .. }) = self.store.head(&final_path).await {
+            let staging_path = self.absolute(&record.output.staging_path);
+            match self.store.copy(&staging_path, &final_path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(LakeError::Store {
+                        operation: "copy",
+                        path: staging_path.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.delete(&record.output.staging_path).await
+    }
+
+    /// The files that hold a stream's rows: every committed file, less those merged away, plus
+    /// merge outputs. Readers that go by records see each merge at once, whole.
+    pub async fn live_files(&self, stream: &str) -> Result<Vec<CommittedFile>> {
+        let merges = self.merges(stream).await?;
+        let merged_away: std::collections::HashSet<&str> =
+            merges.iter().flat_map(|merge| merge.inputs.iter().map(String::as_str)).collect();
+        let mut files: Vec<CommittedFile> = self
+            .commits(stream)
+            .await?
+            .into_iter()
+            .flat_map(|commit| commit.files)
+            .filter(|file| !merged_away.contains(file.path.as_str()))
+            .collect();
+        files.extend(
+            merges
+                .iter()
+                .map(|merge| merge.output.clone())
+                .filter(|output| !merged_away.contains(output.path.as_str())),
+        );
+        Ok(files)
+    }
+
+    /// Reads a path relative to the root.
+    pub async fn get(&self, relative: &str) -> Result<bytes::Bytes> {
+        let path = self.absolute(relative);
+        let result = self.store.get(&path).await.map_err(LakeError::store("get", &path))?;
+        result.bytes().await.map_err(LakeError::store("read", &path))
     }
 
     /// Deletes a path relative to the root; a path already gone is not an error.
@@ -225,8 +334,9 @@ impl Lake {
     }
 
     /// Deletes staged files that no commit will ever publish: older than `min_age` and not named
-    /// by the latest commit record of any partition (only a latest record can still be waiting
-    /// for its publish; every earlier one was published before its successor was created).
+    /// by the latest commit record of any partition or the latest merge record (only a latest
+    /// record can still be waiting for its publish; every earlier one was published before its
+    /// successor was created).
     /// Returns how many were deleted.
     pub async fn remove_orphaned_staging(&self, stream: &str, min_age: std::time::Duration) -> Result<usize> {
         let commits_dir = self.absolute(&format!("{METADATA_DIR}/commits/{stream}"));
@@ -247,6 +357,10 @@ impl Lake {
             if let Some(latest) = self.latest_commit(stream, partition).await? {
                 referenced.extend(latest.files.into_iter().map(|file| self.absolute(&file.staging_path)));
             }
+        }
+        // Likewise the output of the latest merge, which its swap may still need.
+        if let Some(latest_merge) = self.merges(stream).await?.pop() {
+            referenced.insert(self.absolute(&latest_merge.output.staging_path));
         }
         let staging_dir = self.absolute(&format!("{METADATA_DIR}/staging/{stream}"));
         let staged: Vec<_> = self
@@ -299,10 +413,18 @@ impl Lake {
             match self.store.head(&final_path).await {
                 Ok(_) => {}
                 Err(object_store::Error::NotFound { .. }) => {
-                    self.store
-                        .copy(&staging_path, &final_path)
-                        .await
-                        .map_err(LakeError::store("copy", &staging_path))?;
+                    match self.store.copy(&staging_path, &final_path).await {
+                        // Staging is deleted only after a copy succeeded: the file was published
+                        // before and a small-file merge has since replaced it.
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(source) => {
+                            return Err(LakeError::Store {
+                                operation: "copy",
+                                path: staging_path.to_string(),
+                                source,
+                            });
+                        }
+                    }
                 }
                 Err(source) => {
                     return Err(LakeError::Store { operation: "head", path: final_path.to_string(), source });

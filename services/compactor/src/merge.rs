@@ -1,0 +1,211 @@
+//! Small-file merge: committed files of a closed event-time partition (its hour ended long
+//! enough ago) that are smaller than `small_file_bytes` are rewritten as one sorted file, and a
+//! merge record makes the swap one step for readers that go by records. docs/delivery-semantics.md
+//! has what directory readers see.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_select::concat::concat_batches;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::properties::WriterProperties;
+use sluice_lake::{
+    CommitOutcome, CommittedFile, Lake, LakeError, MergeRecord, PartitionGranularity, PartitionKey,
+};
+use sluice_shutdown::CancellationToken;
+
+use crate::config::MergeConfig;
+use crate::parquet_file::{EncodeError, encode_partitioned};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("lake operation failed")]
+    Lake(#[from] LakeError),
+    #[error("failed to read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("failed to combine the files of {partition}")]
+    Combine {
+        partition: String,
+        #[source]
+        source: arrow_schema::ArrowError,
+    },
+    #[error("failed to write the merged file")]
+    Encode(#[from] EncodeError),
+    #[error("the merge worker panicked")]
+    Panicked,
+}
+
+/// What the merger needs to know about one stream.
+#[derive(Debug, Clone)]
+pub(crate) struct MergeTarget {
+    pub(crate) stream: String,
+    pub(crate) granularity: PartitionGranularity,
+    pub(crate) writer_properties: WriterProperties,
+}
+
+/// Runs merges every `interval_ms` until shutdown.
+pub(crate) async fn run_merger(
+    lake: Lake,
+    targets: Vec<MergeTarget>,
+    config: MergeConfig,
+    writer_id: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
+        }
+        for target in &targets {
+            match merge_stream(&lake, target, &config, &writer_id, &shutdown).await {
+                Ok(0) => {}
+                Ok(num_merges) => tracing::info!(stream = %target.stream, num_merges, "merged small files"),
+                Err(error) => {
+                    tracing::warn!(stream = %target.stream, %error, "small-file merge failed; trying again later")
+                }
+            }
+        }
+    }
+}
+
+/// One round of merges for a stream; returns how many merges it committed.
+pub(crate) async fn merge_stream(
+    lake: &Lake,
+    target: &MergeTarget,
+    config: &MergeConfig,
+    writer_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<usize, MergeError> {
+    let merges = lake.merges(&target.stream).await?;
+    if let Some(latest) = merges.last() {
+        // Finishes a merge whose writer stopped between its record and the swap.
+        lake.apply_merge(latest).await?;
+    }
+    let mut next_sequence = merges.last().map_or(0, |merge| merge.sequence + 1);
+    let closed_before =
+        now_micros() - i64::try_from(config.min_partition_age_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
+    let mut small_by_partition: BTreeMap<String, Vec<CommittedFile>> = BTreeMap::new();
+    for file in lake.live_files(&target.stream).await? {
+        let key = PartitionKey::for_event_time(file.min_event_time_micros, target.granularity);
+        if key.end_micros() <= closed_before && (file.size_bytes as usize) < config.small_file_bytes {
+            small_by_partition.entry(file.partition.clone()).or_default().push(file);
+        }
+    }
+    let mut num_merges = 0;
+    for (partition, mut files) in small_by_partition {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        files.sort_by(|left, right| left.path.cmp(&right.path));
+        let mut inputs = Vec::new();
+        let mut total_bytes = 0;
+        for file in files {
+            if inputs.len() == config.max_files_per_merge
+                || total_bytes + file.size_bytes as usize > config.target_file_bytes
+            {
+                break;
+            }
+            total_bytes += file.size_bytes as usize;
+            inputs.push(file);
+        }
+        if inputs.len() < 2 {
+            continue;
+        }
+        let output = merge_files(lake, target, &partition, &inputs).await?;
+        let record = MergeRecord {
+            stream: target.stream.clone(),
+            sequence: next_sequence,
+            partition,
+            inputs: inputs.iter().map(|file| file.path.clone()).collect(),
+            output,
+            writer_id: writer_id.to_string(),
+            created_at_micros: now_micros(),
+        };
+        match lake.create_merge(&record).await? {
+            CommitOutcome::Created => {
+                lake.apply_merge(&record).await?;
+                next_sequence += 1;
+                num_merges += 1;
+            }
+            CommitOutcome::Conflict => {
+                // Another replica merged meanwhile; its view wins, ours is stale. Next round.
+                lake.delete(&record.output.staging_path).await?;
+                break;
+            }
+        }
+    }
+    Ok(num_merges)
+}
+
+/// Reads the inputs, and writes them as one sorted file to staging.
+async fn merge_files(
+    lake: &Lake,
+    target: &MergeTarget,
+    partition: &str,
+    inputs: &[CommittedFile],
+) -> Result<CommittedFile, MergeError> {
+    let mut contents = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        contents.push((input.path.clone(), lake.get(&input.path).await?));
+    }
+    let target_for_encoding = target.clone();
+    let partition_name = partition.to_string();
+    let encoded =
+        tokio::task::spawn_blocking(move || -> Result<_, MergeError> {
+            let mut batches: Vec<RecordBatch> = Vec::new();
+            for (path, bytes) in contents {
+                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .and_then(|builder| builder.build())
+                    .map_err(|source| MergeError::Read { path: path.clone(), source })?;
+                for batch in reader {
+                    batches.push(batch.map_err(|source| MergeError::Combine {
+                        partition: partition_name.clone(),
+                        source,
+                    })?);
+                }
+            }
+            let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| MergeError::Combine {
+                partition: partition_name.clone(),
+                source: arrow_schema::ArrowError::InvalidArgumentError("no rows".into()),
+            })?;
+            // Files written under different schema versions have different columns: concat refuses
+            // them, and the partition stays as it is.
+            let combined = concat_batches(&schema, &batches)
+                .map_err(|source| MergeError::Combine { partition: partition_name, source })?;
+            Ok(encode_partitioned(
+                &combined,
+                target_for_encoding.granularity,
+                &target_for_encoding.writer_properties,
+            )?)
+        })
+        .await
+        .map_err(|_| MergeError::Panicked)??;
+    let Some(file) = encoded.files.into_iter().next() else {
+        return Err(MergeError::Combine {
+            partition: partition.to_string(),
+            source: arrow_schema::ArrowError::InvalidArgumentError("merge produced no file".into()),
+        });
+    };
+    let file_name = format!("merged-{}.parquet", uuid::Uuid::new_v4().simple());
+    let output = CommittedFile {
+        path: Lake::data_file(&target.stream, partition, &file_name),
+        staging_path: Lake::staging_file(&target.stream, &file_name),
+        partition: partition.to_string(),
+        num_rows: file.num_rows as u64,
+        size_bytes: file.bytes.len() as u64,
+        min_event_time_micros: file.min_event_time_micros,
+        max_event_time_micros: file.max_event_time_micros,
+    };
+    lake.put(&output.staging_path, file.bytes).await?;
+    Ok(output)
+}
+
+fn now_micros() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
+}
