@@ -26,7 +26,9 @@ async fn records_land_once_in_hourly_partitions_sorted_and_committed() {
     let prefix = format!("test-{}", unique_suffix());
     let lake_dir = tempfile::TempDir::new().unwrap();
     let readings = telemetry_readings(10_000, 37, 3 * HOUR);
-    let config = compactor_config(&broker, &prefix, lake_dir.path());
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.watermark.interval_ms = 200;
+    config.watermark.allowed_lateness_ms = 5_000;
     let compactor = CompactorService::start(config).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
 
@@ -36,10 +38,27 @@ async fn records_land_once_in_hourly_partitions_sorted_and_committed() {
     let rows_after = read_lake_rows(lake_dir.path(), "telemetry").unwrap();
     assert_eq!(rows.len(), rows_after.len(), "nothing more appeared later");
     assert_exactly_once(&rows_after, &readings);
+    // The published watermark is the slowest partition's committed event time minus lateness.
+    let lake = lake(lake_dir.path());
+    let expected_watermark =
+        lake.watermark("telemetry", 4, 5_000_000).await.unwrap().expect("all partitions committed");
+    let published = sluice_integration_tests::wait_until(Duration::from_secs(10), || {
+        let lake = lake.clone();
+        async move {
+            lake.published_watermark("telemetry")
+                .await
+                .unwrap()
+                .is_some_and(|watermark| watermark.watermark_micros == expected_watermark)
+        }
+    })
+    .await;
+    assert!(published, "watermark {expected_watermark} published");
+    let newest = rows_after.iter().map(|row| row.ts_micros).max().unwrap();
+    assert!(expected_watermark <= newest - 5_000_000);
     compactor.stop().await.unwrap();
 
     // Every file is listed by exactly one commit record, and the records chain without gaps.
-    let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
+    let commits = lake.commits("telemetry").await.unwrap();
     let committed_rows: u64 = commits.iter().map(CommitRecord::num_rows).sum();
     assert_eq!(committed_rows, readings.len() as u64);
     for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {

@@ -18,6 +18,7 @@ pub struct CompactorConfig {
     pub parquet: ParquetConfig,
     pub janitor: JanitorConfig,
     pub merge: MergeConfig,
+    pub watermark: WatermarkConfig,
     pub schemas: SchemasConfig,
     pub object_store: ObjectStoreConfig,
     pub kafka: KafkaConfig,
@@ -153,6 +154,22 @@ impl Default for MergeConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct WatermarkConfig {
+    /// How often each stream's watermark is computed from the commit records and published.
+    pub interval_ms: u64,
+    /// Subtracted from the slowest partition's committed event time: how late (in event time,
+    /// behind its partition) a record may arrive and still count as on time.
+    pub allowed_lateness_ms: u64,
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        Self { interval_ms: 10_000, allowed_lateness_ms: 60_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SchemasConfig {
     pub directory: PathBuf,
 }
@@ -214,6 +231,9 @@ impl Validate for CompactorConfig {
                 "janitor.min_age_ms",
                 format!("must be at least twice flush.max_age_ms ({}) so that flushes in progress are not touched", self.flush.max_age_ms),
             ));
+        }
+        if self.watermark.interval_ms == 0 {
+            issues.push(ConfigIssue::new("watermark.interval_ms", "must be greater than 0"));
         }
         if self.merge.interval_ms == 0 {
             issues.push(ConfigIssue::new("merge.interval_ms", "must be greater than 0"));

@@ -62,9 +62,22 @@ pub(crate) struct RebalanceContext {
     handle: Handle,
     streams_by_topic: HashMap<String, String>,
     events_tx: Sender<RebalanceEvent>,
+    metrics: Arc<CompactorMetrics>,
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    /// librdkafka's periodic statistics carry each assigned partition's lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, topic_statistics) in &statistics.topics {
+            for (partition, partition_statistics) in &topic_statistics.partitions {
+                // -1 marks partitions not assigned here, and the internal UA partition.
+                if *partition >= 0 && partition_statistics.consumer_lag >= 0 {
+                    self.metrics.record_consumer_lag(topic, *partition, partition_statistics.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn rebalance(
@@ -122,9 +135,10 @@ impl RebalanceContext {
         lake: Lake,
         handle: Handle,
         streams_by_topic: HashMap<String, String>,
+        metrics: Arc<CompactorMetrics>,
     ) -> (Self, Receiver<RebalanceEvent>) {
         let (events_tx, events_rx) = std::sync::mpsc::channel();
-        (Self { lake, handle, streams_by_topic, events_tx }, events_rx)
+        (Self { lake, handle, streams_by_topic, events_tx, metrics }, events_rx)
     }
 
     /// Runs inside `poll` on the loop's blocking thread, so waiting on the store is allowed here.
@@ -595,7 +609,7 @@ impl CompactorLoop {
     }
 }
 
-fn now_micros() -> i64 {
+pub(crate) fn now_micros() -> i64 {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::BaseConsumer;
-use sluice_kafka::{BatchProducer, KafkaError, TopicSpec, ensure_topics};
+use sluice_kafka::{BatchProducer, KafkaError, TopicSpec, TopicStatus, ensure_topics};
 use sluice_lake::{Lake, StoreError};
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaError, SchemaRegistry};
 use sluice_shutdown::CancellationToken;
@@ -57,6 +57,7 @@ pub type Result<T, E = CompactorError> = std::result::Result<T, E>;
 pub struct RunningCompactor {
     worker: tokio::task::JoinHandle<Result<()>>,
     janitor: tokio::task::JoinHandle<()>,
+    watermark_publisher: tokio::task::JoinHandle<()>,
     merger_opt: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -66,10 +67,51 @@ impl RunningCompactor {
         let result = self.worker.await.unwrap_or(Err(CompactorError::Panicked));
         // The loop cancels the token when it fails, so the janitor ends either way.
         let _ = self.janitor.await;
+        let _ = self.watermark_publisher.await;
         if let Some(merger) = self.merger_opt {
             let _ = merger.await;
         }
         result
+    }
+}
+
+/// Computes each stream's watermark from the commit records and publishes it, every interval.
+async fn run_watermark_publisher(
+    lake: Lake,
+    partitions_by_stream: Vec<(String, i32)>,
+    config: config::WatermarkConfig,
+    metrics: Arc<metrics::CompactorMetrics>,
+    shutdown: CancellationToken,
+) {
+    let allowed_lateness_micros =
+        i64::try_from(config.allowed_lateness_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
+        }
+        for (stream, num_partitions) in &partitions_by_stream {
+            let watermark_micros =
+                match lake.watermark(stream, *num_partitions, allowed_lateness_micros).await {
+                    Ok(Some(watermark_micros)) => watermark_micros,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        tracing::warn!(stream, %error, "failed to compute the watermark");
+                        continue;
+                    }
+                };
+            let published = sluice_lake::PublishedWatermark {
+                stream: stream.clone(),
+                watermark_micros,
+                allowed_lateness_micros,
+                num_partitions: *num_partitions,
+                computed_at_micros: consumer::now_micros(),
+            };
+            match lake.publish_watermark(&published).await {
+                Ok(()) => metrics.record_watermark(stream, watermark_micros),
+                Err(error) => tracing::warn!(stream, %error, "failed to publish the watermark"),
+            }
+        }
     }
 }
 
@@ -150,16 +192,38 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         topic_specs.push(config.kafka.dead_letter_topic_spec(stream));
         streams.insert(info.topic.clone(), Arc::new(info));
     }
-    ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
+    let topic_statuses = ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
+    let partitions_by_stream: Vec<(String, i32)> = streams
+        .values()
+        .map(|info| {
+            let num_partitions = topic_statuses
+                .iter()
+                .find(|(topic, _)| *topic == info.topic)
+                .and_then(|(_, status)| match status {
+                    TopicStatus::Existing { partitions } if *partitions > 0 => {
+                        i32::try_from(*partitions).ok()
+                    }
+                    _ => None,
+                })
+                .unwrap_or(config.kafka.topics.partitions);
+            (info.stream.clone(), num_partitions)
+        })
+        .collect();
 
     let handle = Handle::current();
     let streams_by_topic = streams.iter().map(|(topic, info)| (topic.clone(), info.stream.clone())).collect();
-    let (context, events_rx) = RebalanceContext::new(lake.clone(), handle.clone(), streams_by_topic);
+    let metrics = Arc::new(metrics::CompactorMetrics::new());
+    let (context, events_rx) =
+        RebalanceContext::new(lake.clone(), handle.clone(), streams_by_topic, Arc::clone(&metrics));
     let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);
     // Defaults for what the passthrough map did not set. librdkafka 2.x pauses fetching a
     // partition for fetch.queue.backoff.ms (1 s) whenever its local queue is full; a consumer
     // that decodes and writes is slower than fetching, so it would starve for a second each time.
-    for (key, value) in [("auto.offset.reset", "earliest"), ("fetch.queue.backoff.ms", "10")] {
+    for (key, value) in [
+        ("auto.offset.reset", "earliest"),
+        ("fetch.queue.backoff.ms", "10"),
+        ("statistics.interval.ms", "10000"),
+    ] {
         if !config.kafka.client.0.contains_key(key) {
             consumer_config.set(key, value);
         }
@@ -183,6 +247,13 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
             shutdown.clone(),
         ))
     });
+    let watermark_publisher = tokio::spawn(run_watermark_publisher(
+        lake.clone(),
+        partitions_by_stream,
+        config.watermark.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
     let janitor = tokio::spawn(run_janitor(
         lake.clone(),
         stream_names.clone(),
@@ -198,7 +269,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         streams,
         flush: config.flush.clone(),
         dead_letters,
-        metrics: Arc::new(metrics::CompactorMetrics::new()),
+        metrics: Arc::clone(&metrics),
         writer_id,
         shutdown: shutdown.clone(),
     };
@@ -211,5 +282,5 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         }
         result
     });
-    Ok(RunningCompactor { worker, janitor, merger_opt })
+    Ok(RunningCompactor { worker, janitor, watermark_publisher, merger_opt })
 }

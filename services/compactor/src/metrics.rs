@@ -16,6 +16,8 @@ pub(crate) struct CompactorMetrics {
     dead_lettered: Counter<u64>,
     commit_conflicts: Counter<u64>,
     committed_event_time: Gauge<i64>,
+    consumer_lag: Gauge<i64>,
+    watermark: Gauge<i64>,
 }
 
 impl CompactorMetrics {
@@ -47,6 +49,16 @@ impl CompactorMetrics {
                 .with_unit("s")
                 .with_description("Largest event time committed per Kafka partition: the watermark's inputs")
                 .build(),
+            consumer_lag: meter
+                .i64_gauge("sluice_compactor_consumer_lag_records")
+                .with_unit("{record}")
+                .with_description("Records in the partition not yet consumed (librdkafka statistics)")
+                .build(),
+            watermark: meter
+                .i64_gauge("sluice_compactor_watermark_seconds")
+                .with_unit("s")
+                .with_description("Completeness watermark of the stream, epoch seconds")
+                .build(),
         }
     }
 
@@ -76,6 +88,17 @@ impl CompactorMetrics {
             event_time_micros / 1_000_000,
             &[KeyValue::new("stream", stream.to_string()), KeyValue::new("partition", i64::from(partition))],
         );
+    }
+
+    pub(crate) fn record_consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.consumer_lag.record(
+            lag,
+            &[KeyValue::new("topic", topic.to_string()), KeyValue::new("partition", i64::from(partition))],
+        );
+    }
+
+    pub(crate) fn record_watermark(&self, stream: &str, watermark_micros: i64) {
+        self.watermark.record(watermark_micros / 1_000_000, &[KeyValue::new("stream", stream.to_string())]);
     }
 
     pub(crate) fn set_buffered_bytes(&self, bytes: usize) {

@@ -94,6 +94,17 @@ pub struct MergeRecord {
     pub created_at_micros: i64,
 }
 
+/// A stream's completeness watermark as the compactor published it (`Lake::watermark`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedWatermark {
+    pub stream: String,
+    /// Epoch microseconds; see docs/delivery-semantics.md for what it promises.
+    pub watermark_micros: i64,
+    pub allowed_lateness_micros: i64,
+    pub num_partitions: i32,
+    pub computed_at_micros: i64,
+}
+
 /// Whether a commit record was created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -244,6 +255,33 @@ impl Lake {
         let path = self.absolute(relative);
         let result = self.store.get(&path).await.map_err(LakeError::store("get", &path))?;
         result.bytes().await.map_err(LakeError::store("read", &path))
+    }
+
+    fn watermark_path(&self, stream: &str) -> Path {
+        self.absolute(&format!("{METADATA_DIR}/watermarks/{stream}.json"))
+    }
+
+    /// Writes the stream's watermark where readers look for it (overwriting the previous one:
+    /// it only moves forward, since each partition's committed event time only grows).
+    pub async fn publish_watermark(&self, watermark: &PublishedWatermark) -> Result<()> {
+        let path = self.watermark_path(&watermark.stream);
+        let bytes = serde_json::to_vec_pretty(watermark)
+            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?;
+        self.store.put(&path, PutPayload::from(bytes)).await.map_err(LakeError::store("put", &path))?;
+        Ok(())
+    }
+
+    /// The watermark last published for a stream, if any.
+    pub async fn published_watermark(&self, stream: &str) -> Result<Option<PublishedWatermark>> {
+        let path = self.watermark_path(stream);
+        let bytes = match self.store.get(&path).await {
+            Ok(result) => result.bytes().await.map_err(LakeError::store("read", &path))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(source) => return Err(LakeError::Store { operation: "get", path: path.to_string(), source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
     }
 
     /// Deletes a path relative to the root; a path already gone is not an error.

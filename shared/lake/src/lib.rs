@@ -7,6 +7,7 @@
 //! _sluice/staging/<stream>/<file>.parquet                   written before its commit, never read
 //! _sluice/commits/<stream>/partition=<p>/<sequence>.json    one commit record per flush, created once
 //! _sluice/merges/<stream>/<sequence>.json                   one record per small-file merge, created once
+//! _sluice/watermarks/<stream>.json                          the stream's completeness watermark
 //! ```
 //! A flush writes its files to staging, then creates the next commit record of its Kafka
 //! partition with a create-if-absent put (the commit point), then copies the files to their
@@ -17,6 +18,8 @@ mod commit;
 mod partition;
 mod store;
 
-pub use crate::commit::{CommitOutcome, CommitRecord, CommittedFile, Lake, LakeError, MergeRecord};
+pub use crate::commit::{
+    CommitOutcome, CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, PublishedWatermark,
+};
 pub use crate::partition::{PartitionGranularity, PartitionKey};
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_store};
