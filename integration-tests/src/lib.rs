@@ -680,7 +680,11 @@ impl S3Server {
         ] {
             options.0.insert(key.to_string(), value);
         }
-        sluice_lake::ObjectStoreConfig { url: format!("s3://{}/{prefix}", self.bucket), options }
+        sluice_lake::ObjectStoreConfig {
+            url: format!("s3://{}/{prefix}", self.bucket),
+            options,
+            ..Default::default()
+        }
     }
 }
 

@@ -21,6 +21,8 @@ async fn compactor_commits_to_s3_exactly_once() {
     let unused_local = tempfile::TempDir::new().unwrap();
     let mut config = compactor_config(&broker, &prefix, unused_local.path());
     config.object_store = s3.store_config("lake/prod");
+    // Every file goes up as a multipart upload here (the last part may be below S3's 5 MiB).
+    config.object_store.multipart_threshold_bytes = 1;
     let readings = telemetry_readings(5_000, 25, 2 * HOUR);
     let compactor = CompactorService::start(config.clone()).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();

@@ -154,8 +154,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     } else {
         config.compactor.streams.clone()
     };
-    let (store, root) = sluice_lake::open_store(&config.object_store)?;
-    let lake = Lake::new(store, root);
+    let lake = sluice_lake::open_lake(&config.object_store)?;
     let topic_names = config.kafka.topic_names();
     let mut streams = HashMap::new();
     let mut merge_targets = Vec::new();

@@ -118,11 +118,15 @@ pub enum CommitOutcome {
 pub struct Lake {
     store: Arc<dyn ObjectStore>,
     root: Path,
+    multipart_threshold_bytes: usize,
 }
+
+/// Default size from which uploads are multipart, and of each part.
+pub const DEFAULT_MULTIPART_THRESHOLD_BYTES: usize = 64 * 1024 * 1024;
 
 impl Lake {
     pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> Self {
-        Self { store, root }
+        Self { store, root, multipart_threshold_bytes: DEFAULT_MULTIPART_THRESHOLD_BYTES }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -154,11 +158,33 @@ impl Lake {
         self.commits_dir(stream, kafka_partition).join(format!("{sequence:020}.json"))
     }
 
-    /// Writes bytes to a path relative to the root (staging files, merged files).
+    /// Writes bytes to a path relative to the root (staging files, merged files). Files of at
+    /// least the multipart threshold go up as multipart uploads, in parts of that size (5 MiB at
+    /// least).
     pub async fn put(&self, relative: &str, bytes: Vec<u8>) -> Result<()> {
         let path = self.absolute(relative);
-        self.store.put(&path, PutPayload::from(bytes)).await.map_err(LakeError::store("put", &path))?;
+        if bytes.len() < self.multipart_threshold_bytes {
+            self.store.put(&path, PutPayload::from(bytes)).await.map_err(LakeError::store("put", &path))?;
+            return Ok(());
+        }
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(LakeError::store("start multipart upload", &path))?;
+        // S3 refuses parts below 5 MiB except the last one.
+        let part_bytes = self.multipart_threshold_bytes.max(5 * 1024 * 1024);
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, part_bytes);
+        writer.put(bytes::Bytes::from(bytes));
+        writer.finish().await.map_err(LakeError::store("multipart upload", &path))?;
         Ok(())
+    }
+
+    /// Uploads of at least this many bytes use multipart uploads (S3 parts must be 5 MiB or more,
+    /// but for the last).
+    pub fn with_multipart_threshold(mut self, multipart_threshold_bytes: usize) -> Self {
+        self.multipart_threshold_bytes = multipart_threshold_bytes.max(1);
+        self
     }
 
     fn merges_dir(&self, stream: &str) -> Path {
@@ -598,6 +624,14 @@ mod tests {
             lake.store().head(&lake.absolute(&pending.files[0].path)).await.is_ok(),
             "pending commit still publishable"
         );
+    }
+
+    #[tokio::test]
+    async fn large_files_go_up_in_parts_and_read_back_whole() {
+        let lake = lake().with_multipart_threshold(1_024);
+        let bytes: Vec<u8> = (0..12 * 1024 * 1024).map(|index| (index % 251) as u8).collect();
+        lake.put("_sluice/staging/telemetry/big.parquet", bytes.clone()).await.unwrap();
+        assert_eq!(lake.get("_sluice/staging/telemetry/big.parquet").await.unwrap().to_vec(), bytes);
     }
 
     #[tokio::test]

@@ -19,7 +19,8 @@ mod partition;
 mod store;
 
 pub use crate::commit::{
-    CommitOutcome, CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, PublishedWatermark,
+    CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
+    MergeRecord, PublishedWatermark,
 };
 pub use crate::partition::{PartitionGranularity, PartitionKey};
-pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_store};
+pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};

@@ -47,17 +47,29 @@ pub struct ObjectStoreConfig {
     /// unless given in `options`.
     pub url: String,
     pub options: StoreOptions,
+    /// Files at least this large are uploaded in parts of this size (S3 needs 5 MiB or more).
+    pub multipart_threshold_bytes: usize,
 }
 
 impl Default for ObjectStoreConfig {
     fn default() -> Self {
-        Self { url: "./data".to_string(), options: StoreOptions::default() }
+        Self {
+            url: "./data".to_string(),
+            options: StoreOptions::default(),
+            multipart_threshold_bytes: crate::DEFAULT_MULTIPART_THRESHOLD_BYTES,
+        }
     }
 }
 
 impl ObjectStoreConfig {
     pub fn validate(&self, prefix: &str) -> Vec<ConfigIssue> {
         let mut issues = Vec::new();
+        if self.multipart_threshold_bytes < 5 * 1024 * 1024 {
+            issues.push(ConfigIssue::new(
+                format!("{prefix}.multipart_threshold_bytes"),
+                "must be at least 5 MiB, the smallest part S3 accepts",
+            ));
+        }
         if self.url.is_empty() {
             issues.push(ConfigIssue::new(
                 format!("{prefix}.url"),
@@ -95,6 +107,12 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+}
+
+/// Opens the configured store as a lake.
+pub fn open_lake(config: &ObjectStoreConfig) -> Result<crate::Lake, StoreError> {
+    let (store, root) = open_store(config)?;
+    Ok(crate::Lake::new(store, root).with_multipart_threshold(config.multipart_threshold_bytes))
 }
 
 /// Opens the store and returns it with the root path of the lake inside it.
@@ -145,7 +163,7 @@ mod tests {
     fn local_directory_is_created_and_rooted() {
         let directory = tempfile::TempDir::new().unwrap();
         let path = directory.path().join("lake");
-        let config = ObjectStoreConfig { url: path.display().to_string(), options: StoreOptions::default() };
+        let config = ObjectStoreConfig { url: path.display().to_string(), ..ObjectStoreConfig::default() };
         let (_store, root) = open_store(&config).unwrap();
         assert!(path.is_dir());
         assert_eq!(root, Path::default());
@@ -159,7 +177,11 @@ mod tests {
         options.0.insert("aws_secret_access_key".into(), "hunter2".into());
         options.0.insert("aws_access_key_id".into(), "AKIA".into());
         options.0.insert("aws_region".into(), "us-east-1".into());
-        let config = ObjectStoreConfig { url: "s3://bucket/lake/prod".into(), options };
+        let config = ObjectStoreConfig {
+            url: "s3://bucket/lake/prod".into(),
+            options,
+            ..ObjectStoreConfig::default()
+        };
         let (_store, root) = open_store(&config).unwrap();
         assert_eq!(root.as_ref(), "lake/prod");
         assert!(!format!("{config:?}").contains("hunter2"));
@@ -167,10 +189,17 @@ mod tests {
 
     #[test]
     fn unknown_schemes_and_options_are_refused() {
-        let config = ObjectStoreConfig { url: "ftp://host/x".into(), options: StoreOptions::default() };
+        let config = ObjectStoreConfig { url: "ftp://host/x".into(), ..ObjectStoreConfig::default() };
         assert_eq!(config.validate("object_store")[0].key, "object_store.url");
         let mut options = StoreOptions::default();
         options.0.insert("aws_no_such_option".into(), "1".into());
-        assert!(open_store(&ObjectStoreConfig { url: "s3://bucket".into(), options }).is_err());
+        assert!(
+            open_store(&ObjectStoreConfig {
+                url: "s3://bucket".into(),
+                options,
+                ..ObjectStoreConfig::default()
+            })
+            .is_err()
+        );
     }
 }
