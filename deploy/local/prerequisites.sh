@@ -11,6 +11,7 @@ command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
 [[ -e /usr/include/zlib.h ]] || apt_packages+=(zlib1g-dev)
 [[ -x /usr/sbin/mosquitto || -x /usr/bin/mosquitto ]] || apt_packages+=(mosquitto)
 command -v python3 >/dev/null || apt_packages+=(python3)
+command -v curl >/dev/null || apt_packages+=(curl)
 python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 if [[ ${#apt_packages[@]} -gt 0 ]]; then
   if [[ $(id -u) -ne 0 ]]; then
