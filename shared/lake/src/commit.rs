@@ -205,29 +205,18 @@ impl Lake {
         paths.sort();
         let mut records = Vec::with_capacity(paths.len());
         for path in paths {
-            let bytes = self.store.get(&path).await.map_err(LakeError::store("get", &path))?;
-            let bytes = bytes.bytes().await.map_err(LakeError::store("read", &path))?;
-            records.push(
-                serde_json::from_slice(&bytes)
-                    .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?,
-            );
+            records.push(self.read_json(&path).await?);
         }
         Ok(records)
     }
 
     /// Creates a merge record with create-if-absent: the commit point of a merge.
     pub async fn create_merge(&self, record: &MergeRecord) -> Result<CommitOutcome> {
-        let path = self.merges_dir(&record.stream).join(format!("{:020}.json", record.sequence));
-        let bytes = serde_json::to_vec_pretty(record)
-            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?;
-        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-        match self.store.put_opts(&path, PutPayload::from(bytes), options).await {
-            Ok(_) => Ok(CommitOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
-            Err(source) => {
-                Err(LakeError::Store { operation: "create merge", path: path.to_string(), source })
-            }
-        }
+        self.create_once(
+            self.merges_dir(&record.stream).join(format!("{:020}.json", record.sequence)),
+            record,
+        )
+        .await
     }
 
     /// Applies a merge to the Hive layout: inputs removed first, then the output published, so
@@ -237,21 +226,7 @@ impl Lake {
         for input in &record.inputs {
             self.delete(input).await?;
         }
-        let final_path = self.absolute(&record.output.path);
-        if let Err(object_store::Error::NotFound { .. }) = self.store.head(&final_path).await {
-            let staging_path = self.absolute(&record.output.staging_path);
-            match self.store.copy(&staging_path, &final_path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => {
-                    return Err(LakeError::Store {
-                        operation: "copy",
-                        path: staging_path.to_string(),
-                        source,
-                    });
-                }
-            }
-        }
-        self.delete(&record.output.staging_path).await
+        self.publish_file(&record.output).await
     }
 
     /// The files that hold a stream's rows: every committed file, less those merged away, plus
@@ -299,15 +274,11 @@ impl Lake {
 
     /// The watermark last published for a stream, if any.
     pub async fn published_watermark(&self, stream: &str) -> Result<Option<PublishedWatermark>> {
-        let path = self.watermark_path(stream);
-        let bytes = match self.store.get(&path).await {
-            Ok(result) => result.bytes().await.map_err(LakeError::store("read", &path))?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(source) => return Err(LakeError::Store { operation: "get", path: path.to_string(), source }),
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
+        match self.read_json(&self.watermark_path(stream)).await {
+            Ok(watermark) => Ok(Some(watermark)),
+            Err(LakeError::Store { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Deletes a path relative to the root; a path already gone is not an error.
@@ -336,7 +307,7 @@ impl Lake {
         else {
             return Ok(None);
         };
-        self.read_commit(&newest).await.map(Some)
+        self.read_json(&newest).await.map(Some)
     }
 
     /// Every commit record of a stream, in (partition, sequence) order.
@@ -352,23 +323,29 @@ impl Lake {
         paths.retain(|path| path.as_ref().ends_with(".json"));
         let mut records = Vec::with_capacity(paths.len());
         for path in paths {
-            records.push(self.read_commit(&path).await?);
+            records.push(self.read_json(&path).await?);
         }
-        records.sort_by_key(|record| (record.kafka_partition, record.sequence));
+        records.sort_by_key(|record: &CommitRecord| (record.kafka_partition, record.sequence));
         Ok(records)
     }
 
-    async fn read_commit(&self, path: &Path) -> Result<CommitRecord> {
-        let bytes = self
-            .store
-            .get(path)
-            .await
-            .map_err(LakeError::store("get", path))?
-            .bytes()
-            .await
-            .map_err(LakeError::store("read", path))?;
+    async fn read_json<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<T> {
+        let result = self.store.get(path).await.map_err(LakeError::store("get", path))?;
+        let bytes = result.bytes().await.map_err(LakeError::store("read", path))?;
         serde_json::from_slice(&bytes)
             .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
+    }
+
+    /// Writes a record at `path` only if nothing is there: a commit point.
+    async fn create_once<T: Serialize>(&self, path: Path, record: &T) -> Result<CommitOutcome> {
+        let bytes = serde_json::to_vec_pretty(record)
+            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?;
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&path, PutPayload::from(bytes), options).await {
+            Ok(_) => Ok(CommitOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
+            Err(source) => Err(LakeError::Store { operation: "create", path: path.to_string(), source }),
+        }
     }
 
     /// The completeness watermark of a stream: the smallest, over its `num_partitions` Kafka
@@ -455,57 +432,44 @@ impl Lake {
 
     /// Creates the commit record; never overwrites one. This is the commit point of a flush.
     pub async fn create_commit(&self, record: &CommitRecord) -> Result<CommitOutcome> {
-        let path = self.commit_path(&record.stream, record.kafka_partition, record.sequence);
-        let bytes = serde_json::to_vec_pretty(record)
-            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })?;
-        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-        match self.store.put_opts(&path, PutPayload::from(bytes), options).await {
-            Ok(_) => Ok(CommitOutcome::Created),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
-            Err(source) => {
-                Err(LakeError::Store { operation: "create commit", path: path.to_string(), source })
-            }
-        }
+        self.create_once(self.commit_path(&record.stream, record.kafka_partition, record.sequence), record)
+            .await
     }
 
     /// Makes a committed record's files visible at their final paths. Idempotent: a file already
     /// in place is left alone, so a new owner can finish what a crashed writer started.
     pub async fn publish(&self, record: &CommitRecord) -> Result<()> {
         for file in &record.files {
-            let final_path = self.absolute(&file.path);
-            let staging_path = self.absolute(&file.staging_path);
-            match self.store.head(&final_path).await {
-                Ok(_) => {}
-                Err(object_store::Error::NotFound { .. }) => {
-                    match self.store.copy(&staging_path, &final_path).await {
-                        // Staging is deleted only after a copy succeeded: the file was published
-                        // before and a small-file merge has since replaced it.
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(source) => {
-                            return Err(LakeError::Store {
-                                operation: "copy",
-                                path: staging_path.to_string(),
-                                source,
-                            });
-                        }
-                    }
-                }
-                Err(source) => {
-                    return Err(LakeError::Store { operation: "head", path: final_path.to_string(), source });
-                }
-            }
-            match self.store.delete(&staging_path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => {
-                    return Err(LakeError::Store {
-                        operation: "delete",
-                        path: staging_path.to_string(),
-                        source,
-                    });
-                }
-            }
+            self.publish_file(file).await?;
         }
         Ok(())
+    }
+
+    /// Copies a file from staging to its final path unless it is there, then deletes the staged
+    /// copy. A staged copy that is gone was copied before (staging is deleted only after a copy
+    /// succeeded) and may since have been merged away: nothing to do.
+    async fn publish_file(&self, file: &CommittedFile) -> Result<()> {
+        let final_path = self.absolute(&file.path);
+        match self.store.head(&final_path).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => {
+                let staging_path = self.absolute(&file.staging_path);
+                match self.store.copy(&staging_path, &final_path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(source) => {
+                        return Err(LakeError::Store {
+                            operation: "copy",
+                            path: staging_path.to_string(),
+                            source,
+                        });
+                    }
+                }
+            }
+            Err(source) => {
+                return Err(LakeError::Store { operation: "head", path: final_path.to_string(), source });
+            }
+        }
+        self.delete(&file.staging_path).await
     }
 }
 
