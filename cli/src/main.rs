@@ -146,7 +146,10 @@ fn decode(registry: &SchemaRegistry, payload: &[u8]) -> anyhow::Result<Value> {
     let schema = registry
         .by_fingerprint(fingerprint)
         .with_context(|| format!("no schema with fingerprint {fingerprint:016x}"))?;
-    let reader = apache_avro::GenericSingleObjectReader::builder().schema(schema.avro.clone()).build()?;
+    let reader = apache_avro::GenericSingleObjectReader::builder()
+        .schema(schema.avro.clone())
+        .header(sluice_schema::single_object_header(schema.fingerprint))
+        .build()?;
     Ok(to_json(reader.read_value(&mut &payload[..])?))
 }
 

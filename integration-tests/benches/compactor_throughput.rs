@@ -22,7 +22,7 @@ use sluice_integration_tests::{
     Broker, CompactorService, compactor_config, produce_readings, repo_root, unique_suffix,
 };
 use sluice_lake::Lake;
-use sluice_schema::{ArrowBatchBuilder, StreamSchema, split_single_object};
+use sluice_schema::{ArrowBatchBuilder, StreamSchema, single_object_header, split_single_object};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -136,8 +136,11 @@ fn decoders(schema: &Arc<StreamSchema>, values: &[Vec<u8>]) -> (Duration, Durati
     assert_eq!(num_rows, values.len());
     let arrow_avro = started.elapsed();
 
-    let reader =
-        apache_avro::GenericSingleObjectReader::builder().schema(schema.avro.clone()).build().unwrap();
+    let reader = apache_avro::GenericSingleObjectReader::builder()
+        .schema(schema.avro.clone())
+        .header(single_object_header(schema.fingerprint))
+        .build()
+        .unwrap();
     let started = Instant::now();
     let mut num_fields = 0;
     for value in values {

@@ -353,7 +353,8 @@ pub fn decode_value(
     payload: &[u8],
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let schema = apache_avro::Schema::parse_str(schema_json)?;
-    let reader = apache_avro::GenericSingleObjectReader::builder().schema(schema).build()?;
+    let header = sluice_schema::single_object_header(sluice_schema::fingerprint_of(&schema));
+    let reader = apache_avro::GenericSingleObjectReader::builder().schema(schema).header(header).build()?;
     let value = reader.read_value(&mut &payload[..])?;
     let apache_avro::types::Value::Record(fields) = value else { bail!("not a record") };
     Ok(fields.into_iter().map(|(name, value)| (name, avro_to_json(value))).collect())

@@ -253,6 +253,7 @@ mod tests {
 
     use super::*;
     use crate::test_schemas::TELEMETRY;
+    use crate::wire::single_object_header as header_for;
 
     const NOW: i64 = 1_796_000_000_000_000;
     const SKEW: i64 = 300_000_000;
@@ -262,7 +263,11 @@ mod tests {
     }
 
     fn decode(schema: &StreamSchema, bytes: &[u8]) -> Vec<(String, AvroValue)> {
-        let reader = GenericSingleObjectReader::builder().schema(schema.avro.clone()).build().unwrap();
+        let reader = GenericSingleObjectReader::builder()
+            .schema(schema.avro.clone())
+            .header(header_for(schema.fingerprint))
+            .build()
+            .unwrap();
         match reader.read_value(&mut &bytes[..]).unwrap() {
             AvroValue::Record(fields) => fields,
             other => panic!("not a record: {other:?}"),

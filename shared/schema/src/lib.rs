@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use apache_avro::Schema as AvroSchema;
-use apache_avro::rabin::Rabin;
 
 pub use crate::arrow::to_arrow_schema;
 pub use crate::decode::{ArrowBatchBuilder, DecodeError};
 pub use crate::json::{FieldError, RecordMeta, parse_event_time};
-pub use crate::wire::{SINGLE_OBJECT_MARKER, WireError, split_single_object, write_single_object_header};
+pub use crate::wire::{
+    SINGLE_OBJECT_MARKER, WireError, single_object_header, split_single_object, write_single_object_header,
+};
 
 /// Name of the field that keys records (the Kafka message key).
 pub const KEY_FIELD: &str = "device_id";
@@ -161,12 +162,7 @@ impl StreamSchema {
             "timestamp-micros or timestamp-millis long: the event time",
         )?;
         required(SEQUENCE_FIELD, &[FieldKind::Long], "long: the per-device sequence number")?;
-        let fingerprint = u64::from_le_bytes(
-            avro.fingerprint::<Rabin>()
-                .bytes
-                .try_into()
-                .map_err(|_| unsupported("unexpected fingerprint size".into()))?,
-        );
+        let fingerprint = fingerprint_of(&avro);
         Ok(Self {
             stream: stream.to_string(),
             avro,
@@ -221,6 +217,31 @@ fn plain_kind(schema: &AvroSchema) -> std::result::Result<FieldKind, String> {
                  double, string, enum and timestamp-millis/micros fields, optionally [\"null\", T]"
             ));
         }
+    })
+}
+
+/// The schema's CRC-64-AVRO fingerprint, over its Parsing Canonical Form as the Avro
+/// specification defines it. apache-avro 0.22 keeps `{"type":"long"}` where a logical type was
+/// stripped, while the specification (and Java, arrow-avro) reduce it to `"long"`; its own
+/// fingerprints would not match other libraries' for schemas with timestamps.
+pub fn fingerprint_of(schema: &AvroSchema) -> u64 {
+    let mut canonical = schema.canonical_form();
+    for primitive in ["null", "boolean", "int", "long", "float", "double", "bytes", "string"] {
+        canonical = canonical.replace(&format!("{{\"type\":\"{primitive}\"}}"), &format!("\"{primitive}\""));
+    }
+    crc64_avro(canonical.as_bytes())
+}
+
+/// CRC-64-AVRO ("Rabin") of `bytes`, as in the Avro specification's schema-fingerprint section.
+fn crc64_avro(bytes: &[u8]) -> u64 {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    let table: [u64; 256] = std::array::from_fn(|index| {
+        (0..8).fold(index as u64, |fingerprint, _| {
+            (fingerprint >> 1) ^ (EMPTY & (fingerprint & 1).wrapping_neg())
+        })
+    });
+    bytes.iter().fold(EMPTY, |fingerprint, &byte| {
+        (fingerprint >> 8) ^ table[((fingerprint ^ u64::from(byte)) & 0xff) as usize]
     })
 }
 
@@ -362,6 +383,27 @@ mod tests {
         let found = registry.by_fingerprint(old.fingerprint).expect("old writer schema known");
         assert_eq!(found.stream, "telemetry");
         assert_eq!(found.fields.len(), 3);
+    }
+
+    #[test]
+    fn fingerprint_matches_apache_avro_where_it_follows_the_specification() {
+        // No logical types: apache-avro's canonical form is the specification's.
+        let plain = AvroSchema::parse_str(
+            r#"{"type":"record","name":"r","namespace":"x","doc":"dropped","fields":[{"name":"a","type":"long"},{"name":"b","type":["null","string"]}]}"#,
+        )
+        .unwrap();
+        let expected =
+            u64::from_le_bytes(plain.fingerprint::<apache_avro::rabin::Rabin>().bytes.try_into().unwrap());
+        assert_eq!(fingerprint_of(&plain), expected);
+    }
+
+    #[test]
+    fn fingerprint_matches_arrow_avro_for_logical_types() {
+        let telemetry = AvroSchema::parse_str(test_schemas::TELEMETRY).unwrap();
+        let mut store = arrow_avro::schema::SchemaStore::new();
+        let registered =
+            store.register(arrow_avro::schema::AvroSchema::new(test_schemas::TELEMETRY.to_string())).unwrap();
+        assert_eq!(registered, arrow_avro::schema::Fingerprint::Rabin(fingerprint_of(&telemetry)));
     }
 
     #[test]

@@ -14,6 +14,14 @@ pub enum WireError {
     BadMarker { found: [u8; 2] },
 }
 
+/// The 10-byte header naming a writer schema, for readers that check it (apache-avro's
+/// `GenericSingleObjectReader::builder().header(..)`).
+pub fn single_object_header(fingerprint: u64) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    write_single_object_header(fingerprint, &mut header);
+    header
+}
+
 pub fn write_single_object_header(fingerprint: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&SINGLE_OBJECT_MARKER);
     out.extend_from_slice(&fingerprint.to_le_bytes());
