@@ -19,21 +19,13 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use sluice_integration_tests::{
-    Broker, CompactorService, compactor_config, produce_readings, repo_root, unique_suffix,
+    Broker, CompactorService, bench_arg, compactor_config, produce_readings, repo_root, unique_suffix,
 };
 use sluice_lake::Lake;
 use sluice_schema::{ArrowBatchBuilder, StreamSchema, single_object_header, split_single_object};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|candidate| candidate == name)
-        .and_then(|index| args.get(index + 1)?.parse().ok())
-        .unwrap_or(default)
-}
 
 fn readings(num_records: usize) -> Vec<serde_json::Value> {
     let start = sluice_integration_tests::now_micros() - 6 * 3_600_000_000;
@@ -154,7 +146,7 @@ fn decoders(schema: &Arc<StreamSchema>, values: &[Vec<u8>]) -> (Duration, Durati
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let num_records = arg("--records", 5_000_000);
+    let num_records = bench_arg("--records", 5_000_000);
     let broker = Broker::start().await.unwrap();
     let prefix = format!("bench-{}", unique_suffix());
     let topic = format!("{prefix}.telemetry");
@@ -225,18 +217,7 @@ async fn main() {
     let compactor = CompactorService::start(config).await.unwrap();
     // Cheap progress check (a list and a read per partition) so that watching does not compete
     // with the compactor for the two cores: every offset below a commit's end is committed.
-    loop {
-        let mut committed_offsets = 0;
-        for partition in 0..4 {
-            committed_offsets += lake
-                .latest_commit("telemetry", partition)
-                .await
-                .unwrap()
-                .map_or(0, |commit| commit.end_offset);
-        }
-        if committed_offsets >= num_records as i64 {
-            break;
-        }
+    while lake.committed_offsets("telemetry", 4).await.unwrap() < num_records as i64 {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let compactor_time = started.elapsed();

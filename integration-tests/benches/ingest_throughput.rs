@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice_integration_tests::{Broker, IngestService, ingest_config, now_micros, repo_root};
+use sluice_integration_tests::{Broker, IngestService, bench_arg, ingest_config, now_micros, repo_root};
 use sluice_kafka::{BatchProducer, BatchRecord};
 use sluice_schema::StreamSchema;
 
@@ -39,14 +39,6 @@ impl Run {
     fn mb_per_sec(&self) -> f64 {
         self.payload_bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
     }
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|candidate| candidate == name)
-        .and_then(|index| args.get(index + 1)?.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Readings like a fleet's: 1,000 devices, 4 sites, a few measurements each.
@@ -175,9 +167,9 @@ async fn http_ingest(url: &str, readings: &[serde_json::Value], concurrency: usi
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let num_records = arg("--records", 500_000);
-    let concurrency = arg("--concurrency", 8);
-    let rounds = arg("--rounds", 3);
+    let num_records = bench_arg("--records", 500_000);
+    let concurrency = bench_arg("--concurrency", 8);
+    let rounds = bench_arg("--rounds", 3);
     let schema_path = repo_root().join("schemas/telemetry.avsc");
     let schema = StreamSchema::from_avro_json(
         "telemetry",

@@ -23,6 +23,15 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
+/// A `--name value` number from a benchmark's command line, or `default`.
+pub fn bench_arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|candidate| candidate == name)
+        .and_then(|index| args.get(index + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")

@@ -193,14 +193,19 @@ impl Lake {
 
     /// Every merge record of a stream, in sequence order.
     pub async fn merges(&self, stream: &str) -> Result<Vec<MergeRecord>> {
-        let directory = self.merges_dir(stream);
+        // Zero-padded names: path order is sequence order.
+        self.read_records_under(&self.merges_dir(stream)).await
+    }
+
+    /// Every JSON record below `directory`, in path order.
+    async fn read_records_under<T: serde::de::DeserializeOwned>(&self, directory: &Path) -> Result<Vec<T>> {
         let mut paths: Vec<Path> = self
             .store
-            .list(Some(&directory))
+            .list(Some(directory))
             .map_ok(|object| object.location)
             .try_collect()
             .await
-            .map_err(LakeError::store("list", &directory))?;
+            .map_err(LakeError::store("list", directory))?;
         paths.retain(|path| path.as_ref().ends_with(".json"));
         paths.sort();
         let mut records = Vec::with_capacity(paths.len());
@@ -313,19 +318,9 @@ impl Lake {
     /// Every commit record of a stream, in (partition, sequence) order.
     pub async fn commits(&self, stream: &str) -> Result<Vec<CommitRecord>> {
         let directory = self.absolute(&format!("{METADATA_DIR}/commits/{stream}"));
-        let mut paths: Vec<Path> = self
-            .store
-            .list(Some(&directory))
-            .map_ok(|object| object.location)
-            .try_collect()
-            .await
-            .map_err(LakeError::store("list", &directory))?;
-        paths.retain(|path| path.as_ref().ends_with(".json"));
-        let mut records = Vec::with_capacity(paths.len());
-        for path in paths {
-            records.push(self.read_json(&path).await?);
-        }
-        records.sort_by_key(|record: &CommitRecord| (record.kafka_partition, record.sequence));
+        let mut records: Vec<CommitRecord> = self.read_records_under(&directory).await?;
+        // Path order sorts partition 10 before 2: order by number.
+        records.sort_by_key(|record| (record.kafka_partition, record.sequence));
         Ok(records)
     }
 
@@ -346,6 +341,17 @@ impl Lake {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
             Err(source) => Err(LakeError::Store { operation: "create", path: path.to_string(), source }),
         }
+    }
+
+    /// Offsets committed across the first `num_partitions` partitions: the sum of each latest
+    /// commit's end offset (every offset below it is committed). Cheap: one list and one read per
+    /// partition.
+    pub async fn committed_offsets(&self, stream: &str, num_partitions: i32) -> Result<i64> {
+        let mut total = 0;
+        for partition in 0..num_partitions {
+            total += self.latest_commit(stream, partition).await?.map_or(0, |record| record.end_offset);
+        }
+        Ok(total)
     }
 
     /// The completeness watermark of a stream: the smallest, over its `num_partitions` Kafka
