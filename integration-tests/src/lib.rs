@@ -545,38 +545,41 @@ pub struct LakeRow {
 /// Every row in the committed Parquet files under `<lake_dir>/<stream>/`, with a check that each
 /// file sits in the Hive partition of its rows' event times.
 pub fn read_lake_rows(lake_dir: &Path, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
     let mut files = Vec::new();
     collect_parquet_files(&lake_dir.join(stream), &mut files)?;
     let mut rows = Vec::new();
     for file in files {
         let relative = file.strip_prefix(lake_dir.join(stream))?.to_string_lossy().into_owned();
-        let bytes = bytes::Bytes::from(std::fs::read(&file)?);
-        let reader =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
-        for batch in reader {
-            let batch = batch?;
-            let devices = batch.column_by_name("device_id").context("device_id")?.as_string::<i32>().clone();
-            let seqs = batch.column_by_name("seq").context("seq")?.as_primitive::<Int64Type>().clone();
-            let times =
-                batch.column_by_name("ts").context("ts")?.as_primitive::<TimestampMicrosecondType>().clone();
-            for row in 0..batch.num_rows() {
-                let ts_micros = times.value(row);
-                let partition = sluice_lake::PartitionKey::for_event_time(
-                    ts_micros,
-                    sluice_lake::PartitionGranularity::Hour,
-                );
-                if !relative.starts_with(&partition.to_string()) {
-                    bail!("row with ts {ts_micros} ({partition}) is in {relative}");
-                }
-                rows.push(LakeRow {
-                    device_id: devices.value(row).to_string(),
-                    seq: seqs.value(row),
-                    ts_micros,
-                });
+        for row in parquet_rows(bytes::Bytes::from(std::fs::read(&file)?))? {
+            let partition = sluice_lake::PartitionKey::for_event_time(
+                row.ts_micros,
+                sluice_lake::PartitionGranularity::Hour,
+            );
+            if !relative.starts_with(&partition.to_string()) {
+                bail!("row with ts {} ({partition}) is in {relative}", row.ts_micros);
             }
+            rows.push(row);
         }
+    }
+    Ok(rows)
+}
+
+/// The (device_id, seq, ts) of every row of one Parquet file.
+fn parquet_rows(bytes: bytes::Bytes) -> anyhow::Result<Vec<LakeRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    let mut rows = Vec::new();
+    for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
+        let batch = batch?;
+        let devices = batch.column_by_name("device_id").context("device_id")?.as_string::<i32>().clone();
+        let seqs = batch.column_by_name("seq").context("seq")?.as_primitive::<Int64Type>().clone();
+        let times =
+            batch.column_by_name("ts").context("ts")?.as_primitive::<TimestampMicrosecondType>().clone();
+        rows.extend((0..batch.num_rows()).map(|row| LakeRow {
+            device_id: devices.value(row).to_string(),
+            seq: seqs.value(row),
+            ts_micros: times.value(row),
+        }));
     }
     Ok(rows)
 }
@@ -715,34 +718,9 @@ async fn read_rows_of(
     lake: &sluice_lake::Lake,
     files: &[sluice_lake::CommittedFile],
 ) -> anyhow::Result<Vec<LakeRow>> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
-    use object_store::ObjectStoreExt;
     let mut rows = Vec::new();
-    {
-        for file in files {
-            let bytes = lake.store().get(&lake.absolute(&file.path)).await?.bytes().await?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
-            for batch in reader {
-                let batch = batch?;
-                let devices =
-                    batch.column_by_name("device_id").context("device_id")?.as_string::<i32>().clone();
-                let seqs = batch.column_by_name("seq").context("seq")?.as_primitive::<Int64Type>().clone();
-                let times = batch
-                    .column_by_name("ts")
-                    .context("ts")?
-                    .as_primitive::<TimestampMicrosecondType>()
-                    .clone();
-                for row in 0..batch.num_rows() {
-                    rows.push(LakeRow {
-                        device_id: devices.value(row).to_string(),
-                        seq: seqs.value(row),
-                        ts_micros: times.value(row),
-                    });
-                }
-            }
-        }
+    for file in files {
+        rows.extend(parquet_rows(lake.get(&file.path).await?)?);
     }
     Ok(rows)
 }

@@ -218,15 +218,14 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     // Defaults for what the passthrough map did not set. librdkafka 2.x pauses fetching a
     // partition for fetch.queue.backoff.ms (1 s) whenever its local queue is full; a consumer
     // that decodes and writes is slower than fetching, so it would starve for a second each time.
-    for (key, value) in [
-        ("auto.offset.reset", "earliest"),
-        ("fetch.queue.backoff.ms", "10"),
-        ("statistics.interval.ms", "10000"),
-    ] {
-        if !config.kafka.client.0.contains_key(key) {
-            consumer_config.set(key, value);
-        }
-    }
+    config.kafka.set_defaults(
+        &mut consumer_config,
+        [
+            ("auto.offset.reset", "earliest"),
+            ("fetch.queue.backoff.ms", "10"),
+            ("statistics.interval.ms", "10000"),
+        ],
+    );
     let consumer: BaseConsumer<RebalanceContext> = consumer_config
         .create_with_context(context)
         .map_err(|source| CompactorError::Client { role: "consumer", source })?;

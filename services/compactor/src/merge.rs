@@ -16,6 +16,7 @@ use sluice_lake::{
 use sluice_shutdown::CancellationToken;
 
 use crate::config::MergeConfig;
+use crate::consumer::now_micros;
 use crate::parquet_file::{EncodeError, encode_partitioned};
 
 #[derive(Debug, thiserror::Error)]
@@ -203,9 +204,4 @@ async fn merge_files(
     };
     lake.put(&output.staging_path, file.bytes).await?;
     Ok(output)
-}
-
-fn now_micros() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
 }

@@ -78,16 +78,14 @@ impl RecordProducer {
         metrics: Arc<IngestMetrics>,
     ) -> Result<Self, ProduceError> {
         let mut client_config = kafka.producer_config();
-        // Defaults for what the passthrough map did not set; the passthrough wins here on purpose.
-        for (key, value) in [
-            ("linger.ms", settings.linger_ms.to_string()),
-            ("queue.buffering.max.kbytes", settings.queue_max_kbytes.to_string()),
-            ("compression.type", "lz4".to_string()),
-        ] {
-            if !kafka.client.0.contains_key(key) {
-                client_config.set(key, value);
-            }
-        }
+        kafka.set_defaults(
+            &mut client_config,
+            [
+                ("linger.ms", settings.linger_ms.to_string()),
+                ("queue.buffering.max.kbytes", settings.queue_max_kbytes.to_string()),
+                ("compression.type", "lz4".to_string()),
+            ],
+        );
         // The delivery timeout bounds every request's wait, so it is not left to the passthrough.
         client_config.set("message.timeout.ms", settings.delivery_timeout_ms.to_string());
         let producer = BatchProducer::new(&client_config).map_err(ProduceError::Create)?;

@@ -215,6 +215,20 @@ impl KafkaConfig {
         client_config
     }
 
+    /// Sets each of `defaults` that the passthrough map does not set itself: the service's
+    /// tuning, which users may override (unlike the enforced settings).
+    pub fn set_defaults<V: Into<String>>(
+        &self,
+        client_config: &mut ClientConfig,
+        defaults: impl IntoIterator<Item = (&'static str, V)>,
+    ) {
+        for (key, value) in defaults {
+            if !self.client.0.contains_key(key) {
+                client_config.set(key, value);
+            }
+        }
+    }
+
     /// Settings for admin clients and metadata probes.
     pub fn admin_config(&self) -> ClientConfig {
         self.base_client_config()
@@ -399,6 +413,10 @@ mod tests {
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("linger.ms"), Some("20"));
         let consumer = config.consumer_config("g");
+        let mut tuned = config.producer_config();
+        config.set_defaults(&mut tuned, [("linger.ms", "5"), ("compression.type", "lz4")]);
+        assert_eq!(tuned.get("linger.ms"), Some("20"), "passthrough wins over defaults");
+        assert_eq!(tuned.get("compression.type"), Some("lz4"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
         assert_eq!(consumer.get("group.id"), Some("g"));
     }
