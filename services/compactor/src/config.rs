@@ -2,12 +2,12 @@
 //! docs/operations.md and deploy/config/compactor.toml.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Validate};
 use sluice_kafka::KafkaConfig;
 use sluice_lake::{ObjectStoreConfig, PartitionGranularity};
+use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -165,18 +165,6 @@ pub struct WatermarkConfig {
 impl Default for WatermarkConfig {
     fn default() -> Self {
         Self { interval_ms: 10_000, allowed_lateness_ms: 60_000 }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SchemasConfig {
-    pub directory: PathBuf,
-}
-
-impl Default for SchemasConfig {
-    fn default() -> Self {
-        Self { directory: PathBuf::from("schemas") }
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Secret, Validate};
 use sluice_kafka::KafkaConfig;
+use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -86,19 +87,6 @@ pub struct ValidationConfig {
 impl Default for ValidationConfig {
     fn default() -> Self {
         Self { max_future_skew_ms: 300_000 }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SchemasConfig {
-    /// Directory of stream schemas, one `<stream>.avsc` per stream.
-    pub directory: PathBuf,
-}
-
-impl Default for SchemasConfig {
-    fn default() -> Self {
-        Self { directory: PathBuf::from("schemas") }
     }
 }
 

@@ -245,6 +245,20 @@ fn crc64_avro(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The `[schemas]` section of the services' configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemasConfig {
+    /// Directory of stream schemas: `<stream>.avsc`, earlier versions in `history/<stream>/`.
+    pub directory: PathBuf,
+}
+
+impl Default for SchemasConfig {
+    fn default() -> Self {
+        Self { directory: PathBuf::from("schemas") }
+    }
+}
+
 /// Every stream schema found in a directory, by stream name and by writer fingerprint.
 #[derive(Debug, Clone, Default)]
 pub struct SchemaRegistry {
