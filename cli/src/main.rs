@@ -11,20 +11,38 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Map, Value};
+use sluice_executor::ExecutorConfig;
 use sluice_schema::{SchemaRegistry, split_single_object};
 
+mod jobs;
+
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about = "Operate a Sluice pipeline")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Operate a Sluice pipeline: look at streams, manage SQL jobs, query the lake",
+    after_help = "Settings come from --config (the executor's TOML file), then SLUICE_<SECTION>__<KEY> variables, \
+then the flags below.\n\nExit codes: 0 done, 1 failed (Kafka or the store unreachable, a query error), \
+2 bad usage, 3 a job was refused (the reason is printed).\n\nExamples:\n  \
+sluice jobs submit examples/jobs/hourly_device_stats.sql\n  sluice jobs runs hourly_device_stats\n  \
+sluice query \"SELECT device_id, count(*) FROM telemetry GROUP BY device_id\"\n  sluice tail telemetry --limit 5"
+)]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(long, global = true, default_value = "127.0.0.1:9092")]
-    bootstrap_servers: String,
-    /// Topic prefix of the deployment (`<prefix>.<stream>`).
-    #[arg(long, global = true, default_value = "sluice")]
-    topic_prefix: String,
-    /// Directory of stream schemas, to decode records.
-    #[arg(long, global = true, default_value = "schemas")]
-    schemas: PathBuf,
+    /// The executor's TOML configuration (Kafka, object store, schemas, reference tables).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
+    #[arg(long, global = true)]
+    bootstrap_servers: Option<String>,
+    /// Topic prefix of the deployment (`<prefix>.<stream>`) [default: sluice].
+    #[arg(long, global = true)]
+    topic_prefix: Option<String>,
+    /// Directory of stream schemas [default: schemas].
+    #[arg(long, global = true)]
+    schemas: Option<PathBuf>,
+    /// The lake: a directory or an s3://, gs:// or az:// URL [default: ./data].
+    #[arg(long, global = true)]
+    lake: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,11 +66,27 @@ enum Command {
         #[arg(long)]
         dead_letters: bool,
     },
+    /// Submit, list, inspect, delete and backfill SQL jobs.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
+    /// List the tables SQL can read: streams (with their committed files) and reference tables.
+    Tables,
+    /// Run one read-only query over everything committed in the lake.
+    #[command(
+        after_help = "Examples:\n  sluice query \"SELECT count(*) FROM telemetry WHERE dt = '2026-11-26'\"\n  \
+sluice query --format csv \"SELECT * FROM telemetry LIMIT 10\""
+    )]
+    Query {
+        sql: String,
+        #[arg(long, value_enum, default_value_t = jobs::OutputFormat::Table)]
+        format: jobs::OutputFormat,
+    },
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
         Err(error) => {
             eprintln!("sluice: {error:#}");
             ExitCode::FAILURE
@@ -60,28 +94,48 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn settings(args: &Args) -> anyhow::Result<ExecutorConfig> {
+    let mut config: ExecutorConfig = sluice_config::load(args.config.as_deref())?;
+    if let Some(servers) = &args.bootstrap_servers {
+        config.kafka.bootstrap_servers.clone_from(servers);
+    }
+    if let Some(prefix) = &args.topic_prefix {
+        config.kafka.topic_prefix.clone_from(prefix);
+    }
+    if let Some(schemas) = &args.schemas {
+        config.schemas.directory.clone_from(schemas);
+    }
+    if let Some(lake) = &args.lake {
+        config.object_store.url.clone_from(lake);
+    }
+    Ok(config)
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = settings(&args)?;
     match args.command {
         Command::Tail { stream, limit, idle_timeout_ms, dead_letters } => {
-            let registry = SchemaRegistry::load_directory(&args.schemas)
-                .with_context(|| format!("failed to load schemas from {}", args.schemas.display()))?;
+            let directory = &config.schemas.directory;
+            let registry = SchemaRegistry::load_directory(directory)
+                .with_context(|| format!("failed to load schemas from {}", directory.display()))?;
             if registry.stream(&stream).is_none() {
-                bail!("stream '{stream}' has no schema in {}", args.schemas.display());
+                bail!("stream '{stream}' has no schema in {}", directory.display());
             }
-            let topic = if dead_letters {
-                format!("{}.{stream}.dlq", args.topic_prefix)
-            } else {
-                format!("{}.{stream}", args.topic_prefix)
-            };
+            let names = config.kafka.topic_names();
+            let topic = if dead_letters { names.dead_letter(&stream) } else { names.stream(&stream) };
             tail(
-                &args.bootstrap_servers,
+                &config.kafka.bootstrap_servers,
                 &topic,
                 &registry,
                 limit,
                 Duration::from_millis(idle_timeout_ms),
                 dead_letters,
-            )
+            )?;
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Jobs(command) => jobs::run(&config, command),
+        Command::Tables => jobs::tables(&config),
+        Command::Query { sql, format } => jobs::query(&config, &sql, format),
     }
 }
 

@@ -12,6 +12,8 @@ command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
 [[ -x /usr/sbin/mosquitto || -x /usr/bin/mosquitto ]] || apt_packages+=(mosquitto)
 command -v python3 >/dev/null || apt_packages+=(python3)
 command -v curl >/dev/null || apt_packages+=(curl)
+# kcat: the plain Kafka client users submit jobs with; a test submits one with it too.
+command -v kcat >/dev/null || apt_packages+=(kcat)
 python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 if [[ ${#apt_packages[@]} -gt 0 ]]; then
   if [[ $(id -u) -ne 0 ]]; then

@@ -450,6 +450,81 @@ impl Drop for CompactorService {
     }
 }
 
+/// An executor configuration for tests: this repo's schemas, the lake in `lake_dir`, quick ticks
+/// and retries, and a consumer group of its own.
+pub fn executor_config(
+    broker: &Broker,
+    topic_prefix: &str,
+    lake_dir: &Path,
+) -> sluice_executor::ExecutorConfig {
+    let mut config = sluice_executor::ExecutorConfig::default();
+    config.executor.group_id = format!("executor-{}", unique_suffix());
+    config.executor.instance_id = format!("executor-{}", unique_suffix());
+    config.executor.tick_interval_ms = 200;
+    config.executor.retry_backoff_ms = 200;
+    config.executor.max_concurrent_runs = 2;
+    config.query.target_partitions = 2;
+    config.schemas.directory = repo_root().join("schemas");
+    config.object_store.url = lake_dir.display().to_string();
+    config.kafka.bootstrap_servers = broker.bootstrap_servers();
+    config.kafka.topic_prefix = topic_prefix.to_string();
+    config.kafka.client.0.insert("session.timeout.ms".into(), "6000".into());
+    config.kafka.client.0.insert("heartbeat.interval.ms".into(), "500".into());
+    config.shutdown.grace_period_ms = 10_000;
+    config
+}
+
+/// An executor running in-process.
+#[derive(Debug)]
+pub struct ExecutorService {
+    shutdown: CancellationToken,
+    task_opt: Option<tokio::task::JoinHandle<Result<(), sluice_executor::ExecutorError>>>,
+}
+
+impl ExecutorService {
+    pub fn start(config: sluice_executor::ExecutorConfig) -> Self {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(sluice_executor::run(config, shutdown.clone()));
+        Self { shutdown, task_opt: Some(task) }
+    }
+
+    /// Graceful stop: running windows finish first.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task_opt.take() {
+            task.await.context("executor panicked")??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ExecutorService {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Produces a job file (or, with `None`, a tombstone) to the jobs topic under `name`.
+pub async fn submit_job(
+    bootstrap: &str,
+    topic_prefix: &str,
+    name: &str,
+    text_opt: Option<&str>,
+) -> anyhow::Result<()> {
+    let producer: rdkafka::producer::FutureProducer =
+        sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
+            .producer_config()
+            .create()?;
+    let topic = format!("{topic_prefix}.jobs");
+    let mut record: rdkafka::producer::FutureRecord<'_, str, str> =
+        rdkafka::producer::FutureRecord::to(&topic).key(name);
+    if let Some(text) = text_opt {
+        record = record.payload(text);
+    }
+    producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error)?;
+    Ok(())
+}
+
 /// Telemetry readings for tests: `num_devices` devices, `seq` counting per device, event times
 /// spread over `span_micros` ending an hour ago, shuffled a little so some arrive late.
 pub fn telemetry_readings(

@@ -1,1 +1,57 @@
-//! Executor: not built yet (see the executor issue); the crate exists so the workspace has its final shape.
+//! Sluice executor: runs SQL jobs, submitted as files to the jobs topic, over the committed
+//! Parquet partitions with DataFusion; each event-time window once, when its data is complete.
+//! docs/jobs.md is the user's guide; docs/ARCHITECTURE.md says how replicas share the work.
+
+pub mod catalog;
+pub mod config;
+pub mod events;
+pub mod job;
+pub mod runs;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_kafka::{KafkaError, ensure_topics};
+use sluice_lake::{StoreError, open_store};
+use sluice_schema::{SchemaError, SchemaRegistry};
+use sluice_shutdown::CancellationToken;
+
+pub use crate::catalog::{Catalog, QueryError, Scope, Snapshot, plan_query};
+pub use crate::config::ExecutorConfig;
+pub use crate::job::JobDefinition;
+pub use crate::scheduler::{SchedulerError, ValidatedJob, validate_job};
+
+const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("failed to load stream schemas")]
+    Schemas(#[from] SchemaError),
+    #[error("failed to open the object store")]
+    Store(#[from] StoreError),
+    #[error("failed to set up Kafka topics")]
+    Topics(#[from] KafkaError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+}
+
+/// The catalog a configuration describes: the lake's store, the stream schemas, the reference
+/// tables. The CLI builds the same one to validate jobs and run queries.
+pub fn open_catalog(config: &ExecutorConfig) -> Result<Catalog, ExecutorError> {
+    let registry = Arc::new(SchemaRegistry::load_directory(&config.schemas.directory)?);
+    let (store, root) = open_store(&config.object_store)?;
+    Ok(Catalog::new(store, root, registry, config.tables.reference.clone())
+        .with_target_partitions(config.query.target_partitions)
+        .with_memory_limit(config.query.memory_limit_bytes))
+}
+
+/// Runs the executor until `shutdown` is cancelled.
+pub async fn run(config: ExecutorConfig, shutdown: CancellationToken) -> Result<(), ExecutorError> {
+    let catalog = open_catalog(&config)?;
+    let mut specs = vec![config.kafka.jobs_topic_spec()];
+    specs.extend(config.kafka.job_event_topic_specs());
+    ensure_topics(&config.kafka, &specs, TOPIC_SETUP_TIMEOUT).await?;
+    scheduler::run(config, catalog, shutdown).await?;
+    Ok(())
+}

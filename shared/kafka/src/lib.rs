@@ -263,6 +263,20 @@ impl KafkaConfig {
             configs: vec![("cleanup.policy".into(), "compact".into())],
         }
     }
+
+    /// The executor's event topics: job status and run history, kept like dead letters.
+    pub fn job_event_topic_specs(&self) -> Vec<TopicSpec> {
+        let names = self.topic_names();
+        [names.job_status(), names.job_runs()]
+            .into_iter()
+            .map(|name| TopicSpec {
+                name,
+                partitions: 1,
+                replication_factor: self.topics.replication_factor,
+                configs: vec![("retention.ms".into(), self.topics.dead_letter_retention_ms.to_string())],
+            })
+            .collect()
+    }
 }
 
 /// Topic names, all under one prefix.
@@ -282,6 +296,16 @@ impl TopicNames {
 
     pub fn jobs(&self) -> String {
         format!("{}.jobs", self.prefix)
+    }
+
+    /// Accepted, rejected and deleted jobs, and windows marked failed: JSON, keyed by job.
+    pub fn job_status(&self) -> String {
+        format!("{}.job-status", self.prefix)
+    }
+
+    /// One Avro event per run attempt (schemas/events/job-run.avsc), keyed by job.
+    pub fn job_runs(&self) -> String {
+        format!("{}.job-runs", self.prefix)
     }
 }
 

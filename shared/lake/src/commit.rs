@@ -7,7 +7,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-const METADATA_DIR: &str = "_sluice";
+/// Where Sluice keeps what is not data: staging, commit, merge and run records, watermarks.
+pub const METADATA_DIR: &str = "_sluice";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -341,6 +342,44 @@ impl Lake {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(CommitOutcome::Conflict),
             Err(source) => Err(LakeError::Store { operation: "create", path: path.to_string(), source }),
         }
+    }
+
+    /// Creates the JSON record at `relative` unless one is there: how the executor claims a
+    /// window attempt and records its outcome, with the same guarantee as commit records.
+    pub async fn create_record<T: Serialize>(&self, relative: &str, record: &T) -> Result<CommitOutcome> {
+        self.create_once(self.absolute(relative), record).await
+    }
+
+    /// Reads the JSON record at `relative`, or none if it does not exist.
+    pub async fn read_record<T: serde::de::DeserializeOwned>(&self, relative: &str) -> Result<Option<T>> {
+        match self.read_json(&self.absolute(relative)).await {
+            Ok(record) => Ok(Some(record)),
+            Err(LakeError::Store { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Paths (relative to the root) of every object under `relative`, sorted.
+    pub async fn list_under(&self, relative: &str) -> Result<Vec<String>> {
+        let directory = self.absolute(relative);
+        let root_parts = self.root.parts().count();
+        let mut paths: Vec<String> = self
+            .store
+            .list(Some(&directory))
+            .map_ok(|object| {
+                object
+                    .location
+                    .parts()
+                    .skip(root_parts)
+                    .map(|part| part.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &directory))?;
+        paths.sort();
+        Ok(paths)
     }
 
     /// Offsets committed across the first `num_partitions` partitions: the sum of each latest

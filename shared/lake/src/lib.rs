@@ -20,7 +20,7 @@ mod store;
 
 pub use crate::commit::{
     CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
-    MergeRecord, PublishedWatermark,
+    METADATA_DIR, MergeRecord, PublishedWatermark,
 };
 pub use crate::partition::{PartitionGranularity, PartitionKey};
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};

@@ -1,0 +1,463 @@
+//! `sluice jobs ...`, `sluice tables` and `sluice query`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Subcommand, ValueEnum};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_executor::events::{JobRunEvent, JobStatusEvent};
+use sluice_executor::job::{format_micros, parse_timestamp_micros};
+use sluice_executor::runs::{BackfillRequest, load_windows, request_backfill, satisfies};
+use sluice_executor::{
+    Catalog, ExecutorConfig, JobDefinition, Scope, open_catalog, plan_query, validate_job,
+};
+
+/// Exit code for a job the executor or the local check refused.
+const REFUSED: u8 = 3;
+const READ_IDLE: Duration = Duration::from_millis(1_500);
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JobsCommand {
+    /// Check a job file against the tables, then produce it to the jobs topic under its name.
+    #[command(after_help = "Example:\n  sluice jobs submit examples/jobs/hourly_device_stats.sql --wait 30")]
+    Submit {
+        file: PathBuf,
+        /// Wait this many seconds for the executor to accept or reject it (0: do not wait).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Every job in the jobs topic, with its latest status.
+    List,
+    /// A job's definition, status and windows.
+    Show { name: String },
+    /// Delete a job (a tombstone in the jobs topic); its results stay in the lake.
+    Delete { name: String },
+    /// A job's run history from the job-runs topic, oldest first.
+    Runs {
+        name: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Run a job's windows in [FROM, TO) again (or for the first time), and follow progress.
+    #[command(
+        after_help = "Example:\n  sluice jobs backfill hourly_device_stats --from 2026-11-25 --to 2026-11-26T12:00:00Z"
+    )]
+    Backfill {
+        name: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Give up following after this many seconds (the backfill goes on).
+        #[arg(long, default_value_t = 3_600)]
+        timeout: u64,
+        /// Request it and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the runtime")
+}
+
+pub(crate) fn run(config: &ExecutorConfig, command: JobsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        JobsCommand::Submit { file, wait } => submit(config, &file, wait),
+        JobsCommand::List => list(config),
+        JobsCommand::Show { name } => show(config, &name),
+        JobsCommand::Delete { name } => {
+            produce(config, &name, None)?;
+            println!("deleted {name} (a tombstone in {})", config.kafka.topic_names().jobs());
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Runs { name, limit } => runs(config, &name, limit),
+        JobsCommand::Backfill { name, from, to, timeout, no_wait } => {
+            backfill(config, &name, &from, &to, Duration::from_secs(timeout), no_wait)
+        }
+    }
+}
+
+fn submit(config: &ExecutorConfig, file: &PathBuf, wait_secs: u64) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let catalog = open_catalog(config)?;
+    let validated = runtime()?.block_on(validate_job(&catalog, &text, None));
+    let job = match validated {
+        Ok(job) => job,
+        Err(reason) => {
+            eprintln!("sluice: {} was not submitted: {reason}", file.display());
+            return Ok(ExitCode::from(REFUSED));
+        }
+    };
+    let name = job.definition.name.clone();
+    let (partition, offset) = produce(config, &name, Some(text.as_bytes()))?;
+    println!(
+        "submitted {name} to {} (partition {partition}, offset {offset})",
+        config.kafka.topic_names().jobs()
+    );
+    if wait_secs == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = Instant::now() + Duration::from_secs(wait_secs);
+    while Instant::now() < deadline {
+        let statuses = read_statuses(config)?;
+        if let Some(status) = statuses.get(&name).filter(|status| status.definition_offset >= offset) {
+            println!("{name}: {:?} by {}", status.status, status.executor);
+            if !status.reason.is_empty() {
+                println!("  {}", status.reason);
+            }
+            let refused = status.status == sluice_executor::events::JobStatusKind::Rejected;
+            return Ok(if refused { ExitCode::from(REFUSED) } else { ExitCode::SUCCESS });
+        }
+    }
+    bail!("no executor answered within {wait_secs} s; is sluice-executor running?")
+}
+
+/// Produces a definition (or a tombstone) and waits for the broker's acknowledgement.
+fn produce(config: &ExecutorConfig, name: &str, payload_opt: Option<&[u8]>) -> anyhow::Result<(i32, i64)> {
+    sluice_executor::job::validate_name(name).map_err(anyhow::Error::msg)?;
+    let producer: BaseProducer =
+        config.kafka.producer_config().create().context("failed to create the Kafka producer")?;
+    let topic = config.kafka.topic_names().jobs();
+    let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&topic).key(name);
+    if let Some(payload) = payload_opt {
+        record = record.payload(payload);
+    }
+    producer.send(record).map_err(|(error, _)| error).context("failed to queue the job")?;
+    producer.flush(Duration::from_secs(30)).with_context(|| {
+        format!("Kafka at {} did not acknowledge the job", config.kafka.bootstrap_servers)
+    })?;
+    // The broker acknowledged; look the record up to report where it landed.
+    let latest = read_topic(config, &topic)?
+        .into_iter()
+        .filter(|record| record.key == name)
+        .max_by_key(|record| record.offset)
+        .context("the job was acknowledged but cannot be read back")?;
+    Ok((latest.partition, latest.offset))
+}
+
+struct TopicRecord {
+    key: String,
+    payload_opt: Option<Vec<u8>>,
+    partition: i32,
+    offset: i64,
+}
+
+/// Every record of a topic, from the beginning until it has been quiet for a moment.
+fn read_topic(config: &ExecutorConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
+    let mut client_config = config.kafka.consumer_config("sluice-cli");
+    client_config.set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = client_config.create().context("failed to create the Kafka consumer")?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("failed to reach Kafka at {}", config.kafka.bootstrap_servers))?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata.topics().iter().flat_map(|entry| entry.partitions()) {
+        assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+    }
+    if assignment.count() == 0 {
+        return Ok(Vec::new());
+    }
+    consumer.assign(&assignment)?;
+    let mut records = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < READ_IDLE {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let message = message.with_context(|| format!("failed to read {topic}"))?;
+        last = Instant::now();
+        records.push(TopicRecord {
+            key: message.key().map(|key| String::from_utf8_lossy(key).into_owned()).unwrap_or_default(),
+            payload_opt: message.payload().map(<[u8]>::to_vec),
+            partition: message.partition(),
+            offset: message.offset(),
+        });
+    }
+    Ok(records)
+}
+
+/// The latest definition of each job (tombstones remove it).
+fn read_definitions(config: &ExecutorConfig) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut records = read_topic(config, &config.kafka.topic_names().jobs())?;
+    records.sort_by_key(|record| (record.partition, record.offset));
+    let mut definitions = BTreeMap::new();
+    for record in records {
+        match record.payload_opt {
+            Some(payload) => {
+                definitions.insert(record.key, String::from_utf8_lossy(&payload).into_owned());
+            }
+            None => {
+                definitions.remove(&record.key);
+            }
+        }
+    }
+    Ok(definitions)
+}
+
+fn read_statuses(config: &ExecutorConfig) -> anyhow::Result<BTreeMap<String, JobStatusEvent>> {
+    let mut statuses = BTreeMap::new();
+    for record in read_topic(config, &config.kafka.topic_names().job_status())? {
+        let Some(payload) = record.payload_opt else { continue };
+        if let Ok(event) = serde_json::from_slice::<JobStatusEvent>(&payload) {
+            statuses.insert(event.job.clone(), event);
+        }
+    }
+    Ok(statuses)
+}
+
+fn list(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
+    let definitions = read_definitions(config)?;
+    let statuses = read_statuses(config)?;
+    if definitions.is_empty() {
+        println!("no jobs in {}", config.kafka.topic_names().jobs());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<32} {:<10} {:<10} {:<16} STATUS", "NAME", "WINDOW", "LATENESS", "SCHEDULE");
+    for (name, text) in &definitions {
+        let status = statuses.get(name).map_or_else(
+            || "unknown".to_string(),
+            |event| {
+                let kind = serde_json::to_value(event.status)
+                    .ok()
+                    .and_then(|value| value.as_str().map(str::to_string));
+                kind.unwrap_or_default()
+            },
+        );
+        match JobDefinition::parse(text, Some(name)) {
+            Ok(job) => println!(
+                "{name:<32} {:<10} {:<10} {:<16} {status}",
+                human(job.window_micros),
+                human(job.lateness_micros),
+                job.schedule_opt.as_ref().map_or("when complete", |schedule| schedule.expression.as_str()),
+            ),
+            Err(error) => println!("{name:<32} {:<10} {:<10} {:<16} invalid: {error}", "-", "-", "-"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(micros: i64) -> String {
+    let seconds = micros / 1_000_000;
+    match seconds {
+        s if s % 86_400 == 0 && s > 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 && s > 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 && s > 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn show(config: &ExecutorConfig, name: &str) -> anyhow::Result<ExitCode> {
+    let definitions = read_definitions(config)?;
+    let Some(text) = definitions.get(name) else { bail!("no job named '{name}' in the jobs topic") };
+    println!("{}", text.trim_end());
+    println!();
+    if let Some(status) = read_statuses(config)?.get(name) {
+        println!("status: {:?} at {} by {}", status.status, status.at, status.executor);
+        if !status.reason.is_empty() {
+            println!("  {}", status.reason);
+        }
+    }
+    let catalog = open_catalog(config)?;
+    let windows = runtime()?.block_on(load_windows(catalog.lake(), name))?;
+    let succeeded = windows
+        .values()
+        .filter(|state| {
+            state
+                .outcome_opt
+                .as_ref()
+                .is_some_and(|outcome| outcome.status == sluice_executor::runs::OutcomeStatus::Succeeded)
+        })
+        .count();
+    let failed = windows
+        .values()
+        .filter(|state| state.outcome_opt.as_ref().is_some_and(|outcome| outcome.error_opt.is_some()))
+        .count();
+    println!("windows: {} recorded, {succeeded} succeeded, {failed} failed", windows.len());
+    if let Some((start, state)) = windows.iter().next_back() {
+        println!("newest window: {} (revision {})", format_micros(*start), state.revision);
+        if let Some(path) = state.outcome_opt.as_ref().and_then(|outcome| outcome.result_path_opt.as_ref()) {
+            println!("newest result: {path} under {}", config.object_store.url);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runs(config: &ExecutorConfig, name: &str, limit: usize) -> anyhow::Result<ExitCode> {
+    let mut events: Vec<JobRunEvent> = read_topic(config, &config.kafka.topic_names().job_runs())?
+        .into_iter()
+        .filter(|record| record.key == name)
+        .filter_map(|record| record.payload_opt.and_then(|payload| JobRunEvent::decode(&payload).ok()))
+        .collect();
+    if events.is_empty() {
+        println!("no runs of {name} yet");
+        return Ok(ExitCode::SUCCESS);
+    }
+    events.sort_by_key(|event| (event.finished_at_micros, event.window_start_micros));
+    let skip = events.len().saturating_sub(limit);
+    println!(
+        "{:<22} {:>3} {:>3} {:<10} {:>9} {:>10} {:>8} {:>6}  ERROR",
+        "WINDOW START", "REV", "TRY", "STATUS", "ROWS IN", "BYTES IN", "ROWS OUT", "MS"
+    );
+    for event in events.iter().skip(skip) {
+        println!(
+            "{:<22} {:>3} {:>3} {:<10} {:>9} {:>10} {:>8} {:>6}  {}",
+            format_micros(event.window_start_micros),
+            event.revision,
+            event.attempt,
+            format!("{:?}", event.status).to_lowercase(),
+            event.rows_read,
+            event.bytes_read,
+            event.rows_written,
+            event.duration_ms,
+            event.error_opt.as_deref().unwrap_or(""),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backfill(
+    config: &ExecutorConfig,
+    name: &str,
+    from: &str,
+    to: &str,
+    timeout: Duration,
+    no_wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let from_micros = parse_timestamp_micros(from).map_err(anyhow::Error::msg)?;
+    let to_micros = parse_timestamp_micros(to).map_err(anyhow::Error::msg)?;
+    if to_micros <= from_micros {
+        bail!("--to must be after --from");
+    }
+    let definitions = read_definitions(config)?;
+    let Some(text) = definitions.get(name) else { bail!("no job named '{name}' in the jobs topic") };
+    let job = JobDefinition::parse(text, Some(name))
+        .map_err(|error| anyhow::anyhow!("the job is invalid: {error}"))?;
+    let first = job.window_containing(from_micros);
+    let windows: Vec<i64> =
+        (0..).map(|index| first + index * job.window_micros).take_while(|start| *start < to_micros).collect();
+    let catalog = open_catalog(config)?;
+    let runtime = runtime()?;
+    let request = BackfillRequest {
+        job: name.to_string(),
+        from_micros,
+        to_micros,
+        requested_at_micros: chrono::Utc::now().timestamp_micros(),
+    };
+    runtime.block_on(request_backfill(catalog.lake(), &request))?;
+    println!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));
+    if no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = indicatif::ProgressBar::new(windows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let deadline = Instant::now() + timeout;
+    loop {
+        let states = runtime.block_on(load_windows(catalog.lake(), name))?;
+        let done = windows
+            .iter()
+            .filter(|start| {
+                states.get(start).is_some_and(|state| satisfies(state, request.requested_at_micros))
+            })
+            .count();
+        bar.set_position(done as u64);
+        if done == windows.len() {
+            bar.finish_with_message("done");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() >= deadline {
+            bar.abandon_with_message("still running; follow it with `sluice jobs runs`");
+            return Ok(ExitCode::FAILURE);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+pub(crate) fn tables(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
+    let catalog = open_catalog(config)?;
+    let runtime = runtime()?;
+    let snapshot = runtime.block_on(catalog.snapshot())?;
+    let ctx = runtime.block_on(catalog.session(&snapshot, Scope::All, false))?;
+    for stream in catalog.stream_names() {
+        let files = snapshot.files(&stream);
+        let rows: u64 = files.iter().map(|file| file.num_rows).sum();
+        let bytes: u64 = files.iter().map(|file| file.size_bytes).sum();
+        println!(
+            "{stream} (stream, {} files, {rows} rows, {bytes} bytes, partitioned by {:?})",
+            files.len(),
+            snapshot.granularity(&stream)
+        );
+        print_columns(&runtime, &ctx, &stream);
+    }
+    for reference in catalog.reference_tables() {
+        println!("{} (reference, {:?} at {})", reference.name, reference.format, reference.path);
+        print_columns(&runtime, &ctx, &reference.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_columns(runtime: &tokio::runtime::Runtime, ctx: &datafusion::prelude::SessionContext, table: &str) {
+    match runtime.block_on(ctx.table_provider(table)) {
+        Ok(provider) => {
+            for field in provider.schema().fields() {
+                println!(
+                    "  {:<20} {}{}",
+                    field.name(),
+                    field.data_type(),
+                    if field.is_nullable() { "" } else { " NOT NULL" }
+                );
+            }
+        }
+        Err(error) => println!("  (cannot be read: {})", sluice_executor::catalog::describe(&error)),
+    }
+}
+
+pub(crate) fn query(config: &ExecutorConfig, sql: &str, format: OutputFormat) -> anyhow::Result<ExitCode> {
+    let catalog: Catalog = open_catalog(config)?;
+    let runtime = runtime()?;
+    let batches: Vec<RecordBatch> = runtime.block_on(async {
+        let snapshot = catalog.snapshot().await?;
+        let ctx = catalog.session(&snapshot, Scope::All, false).await?;
+        let frame = plan_query(&ctx, sql, None).await.map_err(anyhow::Error::msg)?;
+        frame.collect().await.map_err(|error| anyhow::anyhow!(sluice_executor::catalog::describe(&error)))
+    })?;
+    print_batches(&batches, format)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_batches(batches: &[RecordBatch], format: OutputFormat) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    match format {
+        OutputFormat::Table => println!("{}", pretty_format_batches(batches)?),
+        OutputFormat::Csv => {
+            let mut writer = datafusion::arrow::csv::Writer::new(stdout.lock());
+            for batch in batches {
+                writer.write(batch)?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut writer = datafusion::arrow::json::LineDelimitedWriter::new(stdout.lock());
+            for batch in batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The executor end to end on a real Tansu broker: readings in, the compactor, jobs submitted
+//! through the jobs topic (once with kcat), each complete window run once, and results compared
+//! with values computed here from the readings themselves.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use sluice_executor::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
+use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
+use sluice_integration_tests::{
+    Broker, CompactorService, ExecutorService, compactor_config, consume_topic_within, executor_config,
+    produce_readings, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until,
+};
+use sluice_lake::Lake;
+
+const HOUR: i64 = 3_600_000_000;
+
+fn lake(directory: &Path) -> Lake {
+    let config =
+        sluice_lake::ObjectStoreConfig { url: directory.display().to_string(), ..Default::default() };
+    let (store, root) = sluice_lake::open_store(&config).unwrap();
+    Lake::new(store, root)
+}
+
+fn rfc3339(micros: i64) -> String {
+    sluice_executor::job::format_micros(micros)
+}
+
+fn read_result(lake_dir: &Path, job: &str, window_start: i64) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(lake_dir.join(result_path(job, window_start))).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Event time of a reading in microseconds.
+fn ts(reading: &serde_json::Value) -> i64 {
+    reading["ts"].as_i64().unwrap()
+}
+
+/// Waits until the compactor published the watermark of everything committed, and returns it.
+async fn settled_watermark(lake: &Lake, lateness_micros: i64) -> i64 {
+    let expected =
+        lake.watermark("telemetry", 4, lateness_micros).await.unwrap().expect("all partitions committed");
+    let reached = wait_until(Duration::from_secs(60), || {
+        let lake = lake.clone();
+        async move {
+            lake.published_watermark("telemetry")
+                .await
+                .unwrap()
+                .is_some_and(|published| published.watermark_micros == expected)
+        }
+    })
+    .await;
+    assert!(reached, "the watermark {} is published", rfc3339(expected));
+    expected
+}
+
+/// Waits until every window in `starts` has a succeeded outcome.
+async fn wait_for_windows(lake: &Lake, job: &str, starts: &[i64], timeout: Duration) {
+    let done = wait_until(timeout, || {
+        let lake = lake.clone();
+        let job = job.to_string();
+        let starts = starts.to_vec();
+        async move {
+            let windows = load_windows(&lake, &job).await.unwrap();
+            starts.iter().all(|start| {
+                windows.get(start).and_then(|state| state.outcome_opt.as_ref()).is_some_and(|outcome| {
+                    assert_eq!(
+                        outcome.status,
+                        OutcomeStatus::Succeeded,
+                        "{job} {}: {outcome:?}",
+                        rfc3339(*start)
+                    );
+                    true
+                })
+            })
+        }
+    })
+    .await;
+    let windows = load_windows(lake, job).await.unwrap();
+    assert!(done, "{job}: windows {starts:?} all ran; recorded: {:?}", windows.keys().collect::<Vec<_>>());
+}
+
+async fn run_events(broker: &Broker, prefix: &str, at_least: usize) -> Vec<JobRunEvent> {
+    consume_topic_within(
+        &broker.bootstrap_servers(),
+        &format!("{prefix}.job-runs"),
+        at_least,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|record| JobRunEvent::decode(&record.payload).unwrap())
+    .collect()
+}
+
+async fn status_events(broker: &Broker, prefix: &str, at_least: usize) -> Vec<JobStatusEvent> {
+    consume_topic_within(
+        &broker.bootstrap_servers(),
+        &format!("{prefix}.job-status"),
+        at_least,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|record| serde_json::from_slice(&record.payload).unwrap())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_windows_run_once_and_match_values_computed_from_the_readings() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let lake = lake(lake_dir.path());
+    // Three hours of readings from 20 devices, ending an hour ago, some late and out of order.
+    let readings = telemetry_readings(6_000, 20, 3 * HOUR);
+    let mut compactor = compactor_config(&broker, &prefix, lake_dir.path());
+    compactor.watermark.interval_ms = 200;
+    compactor.watermark.allowed_lateness_ms = 1_000;
+    let compactor = CompactorService::start(compactor).await.unwrap();
+    let executor = ExecutorService::start(executor_config(&broker, &prefix, lake_dir.path()));
+    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
+    let watermark = settled_watermark(&lake, 1_000_000).await;
+
+    let first_hour = readings.iter().map(ts).min().unwrap().div_euclid(HOUR) * HOUR;
+    let hourly = format!(
+        "-- name: hourly_device_stats\n-- window: 1h\n-- lateness: 0s\n-- start: {}\n\
+         SELECT device_id, count(*) AS readings, avg(temperature) AS avg_temperature\n\
+         FROM telemetry WHERE ts >= $window_start AND ts < $window_end\n\
+         GROUP BY device_id ORDER BY device_id\n",
+        rfc3339(first_hour)
+    );
+    submit_job(&broker.bootstrap_servers(), &prefix, "hourly_device_stats", Some(&hourly)).await.unwrap();
+
+    // The second job goes in with kcat, as users would: no placeholders, so the table holds the
+    // window's rows only.
+    let job_file = lake_dir.path().join("half_hour_totals.sql");
+    std::fs::write(
+        &job_file,
+        format!(
+            "-- name: half_hour_totals\n-- window: 30m\n-- start: {}\n\
+             SELECT count(*) AS readings, count(DISTINCT device_id) AS devices FROM telemetry\n",
+            rfc3339(first_hour)
+        ),
+    )
+    .unwrap();
+    let kcat = tokio::process::Command::new("kcat")
+        .args([
+            "-b",
+            &broker.bootstrap_servers(),
+            "-P",
+            "-t",
+            &format!("{prefix}.jobs"),
+            "-k",
+            "half_hour_totals",
+        ])
+        .arg(&job_file)
+        .output()
+        .await
+        .expect("kcat is installed by deploy/local/prerequisites.sh");
+    assert!(kcat.status.success(), "kcat: {}", String::from_utf8_lossy(&kcat.stderr));
+
+    let hourly_windows: Vec<i64> =
+        (0..).map(|index| first_hour + index * HOUR).take_while(|start| start + HOUR <= watermark).collect();
+    let half_hour_windows: Vec<i64> = (0..)
+        .map(|index| first_hour + index * HOUR / 2)
+        .take_while(|start| start + HOUR / 2 <= watermark)
+        .collect();
+    assert!(hourly_windows.len() >= 2, "the readings span complete hours");
+    wait_for_windows(&lake, "hourly_device_stats", &hourly_windows, Duration::from_secs(90)).await;
+    wait_for_windows(&lake, "half_hour_totals", &half_hour_windows, Duration::from_secs(90)).await;
+
+    for start in &hourly_windows {
+        let mut expected: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+        for reading in readings.iter().filter(|reading| (*start..start + HOUR).contains(&ts(reading))) {
+            let entry = expected.entry(reading["device_id"].as_str().unwrap().to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += reading["temperature"].as_f64().unwrap();
+        }
+        let mut actual: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+        for batch in read_result(lake_dir.path(), "hourly_device_stats", *start) {
+            let devices = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            let counts = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            let averages = batch.column(2).as_any().downcast_ref::<Float64Array>().unwrap();
+            for row in 0..batch.num_rows() {
+                actual.insert(devices.value(row).to_string(), (counts.value(row), averages.value(row)));
+            }
+        }
+        assert_eq!(
+            actual.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "{}",
+            rfc3339(*start)
+        );
+        for (device, (count, sum)) in &expected {
+            let (actual_count, actual_average) = actual[device];
+            assert_eq!(actual_count, *count, "{device} at {}", rfc3339(*start));
+            assert!((actual_average - sum / *count as f64).abs() < 1e-9, "{device} at {}", rfc3339(*start));
+        }
+    }
+    for start in &half_hour_windows {
+        let in_window: Vec<_> =
+            readings.iter().filter(|reading| (*start..start + HOUR / 2).contains(&ts(reading))).collect();
+        let batches = read_result(lake_dir.path(), "half_hour_totals", *start);
+        let counts = batches[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(counts.value(0), in_window.len() as i64, "{}", rfc3339(*start));
+        assert!(!counts.is_null(0));
+    }
+
+    // One success per window, and each run read only its hour's committed files.
+    let expected_runs = hourly_windows.len() + half_hour_windows.len();
+    let events = run_events(&broker, &prefix, expected_runs).await;
+    let live = lake.live_files("telemetry").await.unwrap();
+    for start in &hourly_windows {
+        let successes: Vec<_> = events
+            .iter()
+            .filter(|event| event.job == "hourly_device_stats" && event.window_start_micros == *start)
+            .filter(|event| event.status == RunStatus::Succeeded)
+            .collect();
+        assert_eq!(successes.len(), 1, "one success for {}", rfc3339(*start));
+        let partition =
+            sluice_lake::PartitionKey::for_event_time(*start, sluice_lake::PartitionGranularity::Hour);
+        let files_in_hour = live.iter().filter(|file| file.partition == partition.to_string()).count();
+        assert_eq!(successes[0].files_read, files_in_hour as i64, "pruned to {partition}");
+        assert!((successes[0].files_read as usize) < live.len());
+        let devices: std::collections::BTreeSet<_> = readings
+            .iter()
+            .filter(|reading| (*start..start + HOUR).contains(&ts(reading)))
+            .map(|reading| reading["device_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(successes[0].rows_written, devices.len() as i64);
+    }
+    let statuses = status_events(&broker, &prefix, 2).await;
+    for job in ["hourly_device_stats", "half_hour_totals"] {
+        assert!(
+            statuses.iter().any(|event| event.job == job && event.status == JobStatusKind::Accepted),
+            "{job} accepted: {statuses:?}"
+        );
+    }
+
+    // A window that is not complete has not run.
+    let windows = load_windows(&lake, "hourly_device_stats").await.unwrap();
+    assert!(windows.keys().all(|start| start + HOUR <= watermark), "only complete windows ran");
+    executor.stop().await.unwrap();
+    compactor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_are_rejected_with_their_reasons_and_good_ones_still_run() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let executor = ExecutorService::start(executor_config(&broker, &prefix, lake_dir.path()));
+    let cases = [
+        ("syntax_error", "-- window: 1h\nSELEC device_id FROM telemetry", "SELEC"),
+        ("unknown_table", "-- window: 1h\nSELECT * FROM devices_registry", "devices_registry"),
+        ("unknown_column", "-- window: 1h\nSELECT humidityy FROM telemetry", "humidityy"),
+        ("drops_a_table", "-- window: 1h\nDROP TABLE telemetry", "not DROP TABLE"),
+        (
+            "external_table",
+            "-- window: 1h\nCREATE EXTERNAL TABLE p STORED AS CSV LOCATION '/etc/passwd'",
+            "not CREATE EXTERNAL TABLE",
+        ),
+        ("reads_a_path", "-- window: 1h\nSELECT * FROM '/etc/passwd'", "/etc/passwd"),
+        ("copies_out", "-- window: 1h\nCOPY (SELECT 1) TO '/tmp/out.csv'", "not COPY"),
+        ("no_window", "SELECT count(*) FROM telemetry", "no '-- window:'"),
+        ("two_queries", "-- window: 1h\nSELECT 1; SELECT 2", "exactly one query"),
+    ];
+    for (name, text, _) in &cases {
+        submit_job(&broker.bootstrap_servers(), &prefix, name, Some(text)).await.unwrap();
+    }
+    submit_job(
+        &broker.bootstrap_servers(),
+        &prefix,
+        "good",
+        Some("-- window: 1h\nSELECT count(*) FROM telemetry"),
+    )
+    .await
+    .unwrap();
+
+    let statuses = status_events(&broker, &prefix, cases.len() + 1).await;
+    for (name, _, reason) in &cases {
+        let event = statuses
+            .iter()
+            .find(|event| event.job == *name)
+            .unwrap_or_else(|| panic!("{name}: {statuses:?}"));
+        assert_eq!(event.status, JobStatusKind::Rejected, "{name}");
+        assert!(event.reason.contains(reason), "{name}: {}", event.reason);
+    }
+    let good = statuses.iter().find(|event| event.job == "good").expect("the good job got a status");
+    assert_eq!(good.status, JobStatusKind::Accepted, "{good:?}");
+
+    // A tombstone deletes the job.
+    submit_job(&broker.bootstrap_servers(), &prefix, "good", None).await.unwrap();
+    let statuses = status_events(&broker, &prefix, cases.len() + 2).await;
+    assert!(statuses.iter().any(|event| event.job == "good" && event.status == JobStatusKind::Deleted));
+    executor.stop().await.unwrap();
+}

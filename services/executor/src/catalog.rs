@@ -1,0 +1,571 @@
+//! What SQL sees: each stream as a table of its committed rows, partitioned by `dt` (and
+//! `hour`), and the reference tables from config; and the rules a query must follow.
+//!
+//! Stream tables list their files from the commit records (a snapshot taken once per query),
+//! never from the directory, so a query sees every committed row once even while the compactor
+//! publishes or merges files: the record is the truth (docs/delivery-semantics.md).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::error::DataFusionError;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Expr, col, lit};
+use datafusion::prelude::{
+    CsvReadOptions, DataFrame, ParquetReadOptions, SQLOptions, SessionConfig, SessionContext,
+};
+use datafusion::scalar::ScalarValue;
+use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use serde::{Deserialize, Serialize};
+use sluice_lake::{CommittedFile, Lake, LakeError, PartitionGranularity, PartitionKey};
+use sluice_schema::{EVENT_TIME_FIELD, SchemaRegistry, to_arrow_schema};
+
+use crate::job::{WINDOW_END_PLACEHOLDER, WINDOW_START_PLACEHOLDER};
+
+/// DataFusion reaches the lake through these two URLs: stream tables through the committed-files
+/// view of the store, reference tables through the store itself.
+const COMMITTED_URL: &str = "sluice-committed://lake/";
+const STORE_URL: &str = "sluice-store://lake/";
+/// Above this many hours a window's partition filter names days instead (the row filter on the
+/// event time still bounds it exactly).
+const MAX_HOURS_IN_FILTER: i64 = 48;
+
+/// A table that is not a stream: a device registry, a site list. Read as it is in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceTable {
+    pub name: String,
+    /// Path under the store root: a file, or a directory ending in `/`.
+    pub path: String,
+    pub format: ReferenceFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceFormat {
+    /// With a header row.
+    Csv,
+    Parquet,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("failed to read the commit records")]
+    Lake(#[from] LakeError),
+    #[error("failed to set up the query engine")]
+    DataFusion(#[from] DataFusionError),
+    #[error("reference table '{name}' at '{path}' cannot be read")]
+    Reference {
+        name: String,
+        path: String,
+        #[source]
+        source: DataFusionError,
+    },
+}
+
+/// Why a query was refused or failed: the message is for the person who wrote the SQL.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct QueryError(pub String);
+
+/// The committed files of the streams at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    streams: BTreeMap<String, Vec<CommittedFile>>,
+}
+
+impl Snapshot {
+    pub fn files(&self, stream: &str) -> &[CommittedFile] {
+        self.streams.get(stream).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Granularity as the compactor wrote it: hourly partitions have an `hour=` segment. A stream
+    /// with no files yet is taken to be hourly, the compactor's default.
+    pub fn granularity(&self, stream: &str) -> PartitionGranularity {
+        match self.files(stream).first() {
+            Some(file) if !file.partition.contains("hour=") => PartitionGranularity::Day,
+            _ => PartitionGranularity::Hour,
+        }
+    }
+
+    /// Committed files holding rows of `[start, end)`, by their recorded event-time range.
+    pub fn files_overlapping(&self, stream: &str, start_micros: i64, end_micros: i64) -> Vec<&CommittedFile> {
+        self.files(stream)
+            .iter()
+            .filter(|file| {
+                file.min_event_time_micros < end_micros && file.max_event_time_micros >= start_micros
+            })
+            .collect()
+    }
+}
+
+/// Which rows the stream tables hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every committed row.
+    All,
+    /// Rows whose event time lies in `[start, end)`; only the partitions of that interval are read.
+    Window { start_micros: i64, end_micros: i64 },
+}
+
+/// Builds query sessions over the lake.
+#[derive(Clone)]
+pub struct Catalog {
+    lake: Lake,
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    registry: Arc<SchemaRegistry>,
+    reference_tables: Vec<ReferenceTable>,
+    target_partitions: usize,
+    memory_limit_bytes: usize,
+}
+
+impl fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Catalog")
+            .field("root", &self.root)
+            .field("streams", &self.stream_names())
+            .field("reference_tables", &self.reference_tables)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Catalog {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        root: Path,
+        registry: Arc<SchemaRegistry>,
+        reference_tables: Vec<ReferenceTable>,
+    ) -> Self {
+        Self {
+            lake: Lake::new(Arc::clone(&store), root.clone()),
+            store,
+            root,
+            registry,
+            reference_tables,
+            target_partitions: std::thread::available_parallelism().map_or(2, usize::from),
+            memory_limit_bytes: 0,
+        }
+    }
+
+    /// DataFusion's parallelism inside one query (0: one per core).
+    pub fn with_target_partitions(mut self, target_partitions: usize) -> Self {
+        if target_partitions > 0 {
+            self.target_partitions = target_partitions;
+        }
+        self
+    }
+
+    /// Memory one query may hold before operators spill or fail (0: unbounded).
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_limit_bytes = bytes;
+        self
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn stream_names(&self) -> Vec<String> {
+        self.registry.stream_names().map(str::to_string).collect()
+    }
+
+    pub fn reference_tables(&self) -> &[ReferenceTable] {
+        &self.reference_tables
+    }
+
+    /// Reads every stream's commit and merge records.
+    pub async fn snapshot(&self) -> Result<Snapshot, CatalogError> {
+        let mut streams = BTreeMap::new();
+        for stream in self.stream_names() {
+            let files = self.lake.live_files(&stream).await?;
+            streams.insert(stream, files);
+        }
+        Ok(Snapshot { streams })
+    }
+
+    /// A session whose tables are the streams (as of `snapshot`, limited to `scope`) and the
+    /// reference tables. Reference tables that cannot be read are an error only when
+    /// `require_reference_tables` is set; otherwise they are left out (a job that names one is
+    /// then refused with "table not found").
+    pub async fn session(
+        &self,
+        snapshot: &Snapshot,
+        scope: Scope,
+        require_reference_tables: bool,
+    ) -> Result<SessionContext, CatalogError> {
+        let mut runtime = RuntimeEnvBuilder::new();
+        if self.memory_limit_bytes > 0 {
+            runtime = runtime.with_memory_limit(self.memory_limit_bytes, 1.0);
+        }
+        let config = SessionConfig::new()
+            .with_target_partitions(self.target_partitions)
+            .with_information_schema(true)
+            // Sorted by (device_id, ts) within files: worth keeping for merges and windows.
+            .with_collect_statistics(true);
+        let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc()?);
+
+        let committed = CommittedFilesStore::new(Arc::clone(&self.store), &self.root, snapshot);
+        ctx.register_object_store(&url(COMMITTED_URL), Arc::new(committed));
+        ctx.register_object_store(&url(STORE_URL), Arc::clone(&self.store));
+
+        for stream in self.stream_names() {
+            let Some(schema) = self.registry.stream(&stream) else { continue };
+            let granularity = snapshot.granularity(&stream);
+            let table = self.stream_table(&stream, to_arrow_schema(schema), granularity)?;
+            match scope {
+                Scope::All => {
+                    ctx.register_table(stream.as_str(), Arc::new(table))?;
+                }
+                Scope::Window { start_micros, end_micros } => {
+                    let rows = ctx.read_table(Arc::new(table))?.filter(window_filter(
+                        granularity,
+                        start_micros,
+                        end_micros,
+                    ))?;
+                    ctx.register_table(stream.as_str(), rows.into_view())?;
+                }
+            }
+        }
+
+        for reference in &self.reference_tables {
+            let location = format!("{STORE_URL}{}", self.relative_to_store(&reference.path));
+            let registered = match reference.format {
+                ReferenceFormat::Csv => {
+                    ctx.register_csv(reference.name.as_str(), &location, CsvReadOptions::new()).await
+                }
+                ReferenceFormat::Parquet => {
+                    ctx.register_parquet(reference.name.as_str(), &location, ParquetReadOptions::default())
+                        .await
+                }
+            };
+            if let Err(source) = registered {
+                if require_reference_tables {
+                    return Err(CatalogError::Reference {
+                        name: reference.name.clone(),
+                        path: reference.path.clone(),
+                        source,
+                    });
+                }
+                tracing::warn!(table = %reference.name, path = %reference.path, error = %source, "reference table left out");
+            }
+        }
+        Ok(ctx)
+    }
+
+    fn relative_to_store(&self, relative: &str) -> String {
+        let relative = relative.trim_start_matches('/');
+        if self.root.as_ref().is_empty() { relative.to_string() } else { format!("{}/{relative}", self.root) }
+    }
+
+    fn stream_table(
+        &self,
+        stream: &str,
+        file_schema: SchemaRef,
+        granularity: PartitionGranularity,
+    ) -> Result<ListingTable, DataFusionError> {
+        let table_url =
+            ListingTableUrl::parse(format!("{COMMITTED_URL}{}/", self.relative_to_store(stream)))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+            .with_file_extension(".parquet")
+            .with_table_partition_cols(partition_columns(granularity));
+        ListingTable::try_new(
+            ListingTableConfig::new(table_url).with_listing_options(options).with_schema(file_schema),
+        )
+    }
+}
+
+fn url(text: &str) -> url::Url {
+    #[allow(clippy::expect_used, reason = "a constant that parses")]
+    url::Url::parse(text).expect("constant URL")
+}
+
+/// The Hive partition columns of a stream, as DataFusion sees them.
+pub fn partition_columns(granularity: PartitionGranularity) -> Vec<(String, DataType)> {
+    match granularity {
+        PartitionGranularity::Hour => vec![("dt".into(), DataType::Utf8), ("hour".into(), DataType::Utf8)],
+        PartitionGranularity::Day => vec![("dt".into(), DataType::Utf8)],
+    }
+}
+
+/// The full schema of a stream table: its Avro fields, then the partition columns.
+pub fn stream_table_schema(
+    registry: &SchemaRegistry,
+    stream: &str,
+    granularity: PartitionGranularity,
+) -> Option<SchemaRef> {
+    let schema = registry.stream(stream)?;
+    let mut fields: Vec<Field> =
+        to_arrow_schema(schema).fields().iter().map(|field| field.as_ref().clone()).collect();
+    fields.extend(
+        partition_columns(granularity)
+            .into_iter()
+            .map(|(name, data_type)| Field::new(name, data_type, false)),
+    );
+    Some(Arc::new(Schema::new(fields)))
+}
+
+pub fn timestamp_literal(micros: i64) -> ScalarValue {
+    ScalarValue::TimestampMicrosecond(Some(micros), Some("UTC".into()))
+}
+
+/// Partition filter (for pruning: only the window's `dt`/`hour` directories are read) and row
+/// filter (the exact bounds) for `[start, end)`.
+fn window_filter(granularity: PartitionGranularity, start_micros: i64, end_micros: i64) -> Expr {
+    let mut partitions: BTreeSet<(String, Option<String>)> = BTreeSet::new();
+    let hours = (end_micros - start_micros + 3_599_999_999) / 3_600_000_000;
+    let step = match granularity {
+        PartitionGranularity::Hour if hours <= MAX_HOURS_IN_FILTER => PartitionGranularity::Hour,
+        _ => PartitionGranularity::Day,
+    };
+    let mut at = start_micros;
+    while at < end_micros {
+        let key = PartitionKey::for_event_time(at, step);
+        let date = key.date_string();
+        partitions.insert((date, key.hour_opt.map(|hour| format!("{hour:02}"))));
+        at = key.end_micros();
+    }
+    let partition_filter = partitions
+        .into_iter()
+        .map(|(date, hour_opt)| match hour_opt {
+            Some(hour) => col("dt").eq(lit(date)).and(col("hour").eq(lit(hour))),
+            None => col("dt").eq(lit(date)),
+        })
+        .reduce(Expr::or)
+        .unwrap_or_else(|| lit(false));
+    let rows = col(EVENT_TIME_FIELD)
+        .gt_eq(lit(timestamp_literal(start_micros)))
+        .and(col(EVENT_TIME_FIELD).lt(lit(timestamp_literal(end_micros))));
+    partition_filter.and(rows)
+}
+
+/// Plans `sql` as a single read-only query; `window_opt` binds `$window_start` and
+/// `$window_end`. Everything else (DDL, DML, COPY, SET, several statements) is refused.
+pub async fn plan_query(
+    ctx: &SessionContext,
+    sql: &str,
+    window_opt: Option<(i64, i64)>,
+) -> Result<DataFrame, QueryError> {
+    check_read_only(sql)?;
+    let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    let frame = ctx.sql_with_options(sql, options).await.map_err(|error| QueryError(describe(&error)))?;
+    match window_opt {
+        Some((start, end)) => frame
+            .with_param_values(vec![
+                (WINDOW_START_PLACEHOLDER, timestamp_literal(start)),
+                (WINDOW_END_PLACEHOLDER, timestamp_literal(end)),
+            ])
+            .map_err(|error| QueryError(describe(&error))),
+        None => Ok(frame),
+    }
+}
+
+/// Refuses anything but one SELECT (or WITH ... SELECT, VALUES, UNION) before planning.
+pub fn check_read_only(sql: &str) -> Result<(), QueryError> {
+    let statements = DFParser::parse_sql(sql).map_err(|error| QueryError(describe(&error)))?;
+    if statements.len() != 1 {
+        return Err(QueryError(format!(
+            "a job holds exactly one query; found {} statements",
+            statements.len()
+        )));
+    }
+    match &statements[0] {
+        DfStatement::Statement(statement) if matches!(statement.as_ref(), SqlStatement::Query(_)) => Ok(()),
+        DfStatement::Statement(statement) => Err(QueryError(format!(
+            "only a read-only query (SELECT) is allowed, not {}",
+            statement_kind(&statement.to_string())
+        ))),
+        DfStatement::CreateExternalTable(_) => {
+            Err(QueryError("only a read-only query (SELECT) is allowed, not CREATE EXTERNAL TABLE".into()))
+        }
+        DfStatement::CopyTo(_) => {
+            Err(QueryError("only a read-only query (SELECT) is allowed, not COPY".into()))
+        }
+        DfStatement::Explain(_) => {
+            Err(QueryError("only a read-only query (SELECT) is allowed, not EXPLAIN".into()))
+        }
+        other => Err(QueryError(format!(
+            "only a read-only query (SELECT) is allowed, not {}",
+            statement_kind(&other.to_string())
+        ))),
+    }
+}
+
+/// The statement's leading keywords, e.g. `DROP TABLE`, for a message.
+fn statement_kind(statement: &str) -> String {
+    statement.split_whitespace().take(2).collect::<Vec<_>>().join(" ").to_uppercase()
+}
+
+/// DataFusion errors carry context prefixes ("Error during planning: ..."); the submitter wants
+/// the sentence about their SQL.
+pub fn describe(error: &DataFusionError) -> String {
+    let message = error.strip_backtrace();
+    message.trim().to_string()
+}
+
+/// A read-only view of the lake's store in which a listing returns the files the commit
+/// records name (with their recorded sizes), and nothing else: not staged files, not the
+/// inputs of a finished merge, not the output of an unfinished one.
+#[derive(Debug)]
+struct CommittedFilesStore {
+    inner: Arc<dyn ObjectStore>,
+    files: BTreeMap<Path, u64>,
+}
+
+impl CommittedFilesStore {
+    fn new(inner: Arc<dyn ObjectStore>, root: &Path, snapshot: &Snapshot) -> Self {
+        let files = snapshot
+            .streams
+            .values()
+            .flatten()
+            .map(|file| {
+                let relative = Path::from(file.path.as_str());
+                let location = if root.as_ref().is_empty() {
+                    relative
+                } else {
+                    Path::from_iter(root.parts().chain(relative.parts()))
+                };
+                (location, file.size_bytes)
+            })
+            .collect();
+        Self { inner, files }
+    }
+
+    fn meta(location: &Path, size: u64) -> ObjectMeta {
+        ObjectMeta {
+            location: location.clone(),
+            last_modified: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+            size,
+            e_tag: None,
+            version: None,
+        }
+    }
+
+    fn under<'a>(&'a self, prefix: Option<&'a Path>) -> impl Iterator<Item = (&'a Path, &'a u64)> + 'a {
+        self.files
+            .iter()
+            .filter(move |(location, _)| prefix.is_none_or(|prefix| location.prefix_matches(prefix)))
+    }
+
+    fn read_only(operation: &str) -> object_store::Error {
+        object_store::Error::NotImplemented {
+            operation: operation.to_string(),
+            implementer: "the committed-files view (read-only)".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for CommittedFilesStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CommittedFiles({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for CommittedFilesStore {
+    async fn put_opts(&self, _: &Path, _: PutPayload, _: PutOptions) -> object_store::Result<PutResult> {
+        Err(Self::read_only("put"))
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        _: &Path,
+        _: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        Err(Self::read_only("put_multipart"))
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        locations.map(|_| Err(Self::read_only("delete"))).boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let metas: Vec<_> =
+            self.under(prefix).map(|(location, size)| Ok(Self::meta(location, *size))).collect();
+        futures::stream::iter(metas).boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let depth = prefix.map_or(0, |prefix| prefix.parts().count());
+        let mut common_prefixes = BTreeSet::new();
+        let mut objects = Vec::new();
+        for (location, size) in self.under(prefix) {
+            let parts: Vec<_> = location.parts().collect();
+            if parts.len() == depth + 1 {
+                objects.push(Self::meta(location, *size));
+            } else if parts.len() > depth + 1 {
+                common_prefixes.insert(Path::from_iter(parts.into_iter().take(depth + 1)));
+            }
+        }
+        Ok(ListResult { common_prefixes: common_prefixes.into_iter().collect(), objects })
+    }
+
+    async fn copy_opts(&self, _: &Path, _: &Path, _: CopyOptions) -> object_store::Result<()> {
+        Err(Self::read_only("copy"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+    use super::*;
+
+    #[test]
+    fn only_single_read_only_queries_pass() {
+        assert!(check_read_only("SELECT 1").is_ok());
+        assert!(check_read_only("WITH a AS (SELECT 1 AS x) SELECT x FROM a").is_ok());
+        let refused = [
+            ("DROP TABLE telemetry", "DROP TABLE"),
+            ("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'", "CREATE EXTERNAL TABLE"),
+            ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY"),
+            ("INSERT INTO telemetry VALUES (1)", "INSERT INTO"),
+            ("SELECT 1; SELECT 2", "exactly one query"),
+            ("SET datafusion.execution.batch_size = 1", "SET"),
+            ("SELEC 1", "Expected"),
+        ];
+        for (sql, expected) in refused {
+            let error = check_read_only(sql).unwrap_err();
+            assert!(error.0.contains(expected), "{sql}: {error}");
+        }
+    }
+
+    #[test]
+    fn window_filter_names_the_window_partitions() {
+        let start = crate::job::parse_timestamp_micros("2026-11-26T23:00:00Z").unwrap();
+        let filter = window_filter(PartitionGranularity::Hour, start, start + 2 * 3_600_000_000).to_string();
+        assert!(filter.contains("Utf8(\"2026-11-26\")") && filter.contains("Utf8(\"23\")"), "{filter}");
+        assert!(filter.contains("Utf8(\"2026-11-27\")") && filter.contains("Utf8(\"00\")"), "{filter}");
+        assert!(!filter.contains("Utf8(\"01\")"), "{filter}");
+        let days = window_filter(PartitionGranularity::Hour, start, start + 72 * 3_600_000_000).to_string();
+        assert!(!days.contains("hour"), "{days}");
+    }
+}

@@ -1,0 +1,173 @@
+//! Configuration of the executor (`sluice-executor --config executor.toml`); every key is in
+//! docs/operations.md and deploy/config/executor.toml.
+
+use serde::{Deserialize, Serialize};
+use sluice_config::{ConfigIssue, Validate};
+use sluice_kafka::KafkaConfig;
+use sluice_lake::ObjectStoreConfig;
+use sluice_schema::SchemasConfig;
+use sluice_telemetry::TelemetryConfig;
+
+use crate::catalog::ReferenceTable;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorConfig {
+    pub executor: ExecutorSection,
+    pub query: QueryConfig,
+    pub tables: TablesConfig,
+    pub schemas: SchemasConfig,
+    pub object_store: ObjectStoreConfig,
+    pub kafka: KafkaConfig,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorSection {
+    /// Kafka consumer group on the jobs topic; replicas split the jobs by its partitions.
+    pub group_id: String,
+    /// Names this replica in run records; keep it stable across restarts (the pod name of a
+    /// StatefulSet) so a restarted replica takes over its own interrupted runs at once.
+    /// Empty means a random id per process.
+    pub instance_id: String,
+    /// Runs (job windows) at once on this replica; missed windows are caught up oldest first.
+    pub max_concurrent_runs: usize,
+    /// How often due windows are looked for.
+    pub tick_interval_ms: u64,
+    /// Limit on one attempt unless the job sets `timeout`.
+    pub default_timeout_ms: u64,
+    /// Attempts per window unless the job sets `retries`.
+    pub default_max_attempts: u32,
+    /// Wait before the second attempt; doubled for each further one.
+    pub retry_backoff_ms: u64,
+    /// A claim on an attempt lasts its timeout plus this; after that another replica may
+    /// start the next attempt.
+    pub lease_grace_ms: u64,
+    /// How often restating jobs compare their windows' inputs with what they ran on.
+    pub restate_check_interval_ms: u64,
+}
+
+impl Default for ExecutorSection {
+    fn default() -> Self {
+        Self {
+            group_id: "sluice-executor".to_string(),
+            instance_id: String::new(),
+            max_concurrent_runs: 2,
+            tick_interval_ms: 5_000,
+            default_timeout_ms: 600_000,
+            default_max_attempts: 3,
+            retry_backoff_ms: 10_000,
+            lease_grace_ms: 30_000,
+            restate_check_interval_ms: 60_000,
+        }
+    }
+}
+
+/// DataFusion settings for each run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Parallelism inside one run; 0 means one per core.
+    pub target_partitions: usize,
+    /// Memory one run may hold; sorts and aggregations spill to disk beyond it. 0 means no limit.
+    pub memory_limit_bytes: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self { target_partitions: 0, memory_limit_bytes: 1024 * 1024 * 1024 }
+    }
+}
+
+/// Tables besides the streams (which come from schemas/).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TablesConfig {
+    pub reference: Vec<ReferenceTable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Time allowed after SIGTERM for running attempts to finish; unfinished ones are taken
+    /// over when their lease ends.
+    pub grace_period_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_period_ms: 30_000 }
+    }
+}
+
+impl Validate for ExecutorConfig {
+    fn validate(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        issues.extend(self.kafka.validate("kafka"));
+        issues.extend(self.telemetry.validate("telemetry"));
+        issues.extend(self.object_store.validate("object_store"));
+        let section = &self.executor;
+        if section.group_id.is_empty() {
+            issues.push(ConfigIssue::new("executor.group_id", "must be set"));
+        }
+        for (key, value) in [
+            ("executor.max_concurrent_runs", section.max_concurrent_runs as u64),
+            ("executor.tick_interval_ms", section.tick_interval_ms),
+            ("executor.default_timeout_ms", section.default_timeout_ms),
+            ("executor.default_max_attempts", u64::from(section.default_max_attempts)),
+            ("executor.restate_check_interval_ms", section.restate_check_interval_ms),
+        ] {
+            if value == 0 {
+                issues.push(ConfigIssue::new(key, "must be greater than 0"));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (index, table) in self.tables.reference.iter().enumerate() {
+            if table.name.is_empty() || !table.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                issues.push(ConfigIssue::new(
+                    format!("tables.reference[{index}].name"),
+                    "must be letters, digits and '_'",
+                ));
+            }
+            if !names.insert(table.name.as_str()) {
+                issues.push(ConfigIssue::new(format!("tables.reference[{index}].name"), "is given twice"));
+            }
+            if table.path.is_empty() {
+                issues.push(ConfigIssue::new(format!("tables.reference[{index}].path"), "must be set"));
+            }
+        }
+        issues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_file_loads_and_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/executor.toml");
+        let config: ExecutorConfig = sluice_config::load(Some(&path)).unwrap();
+        assert_eq!(config.executor.group_id, "sluice-executor");
+        assert!(config.validate().is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut config = ExecutorConfig::default();
+        config.executor.max_concurrent_runs = 0;
+        config.tables.reference.push(ReferenceTable {
+            name: "bad name".into(),
+            path: String::new(),
+            format: crate::catalog::ReferenceFormat::Csv,
+        });
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert!(keys.contains(&"executor.max_concurrent_runs".to_string()), "{keys:?}");
+        assert!(keys.contains(&"tables.reference[0].name".to_string()), "{keys:?}");
+        assert!(keys.contains(&"tables.reference[0].path".to_string()), "{keys:?}");
+    }
+}

@@ -1,0 +1,747 @@
+//! The executor service: reads job definitions from the jobs topic (its consumer group splits
+//! them between replicas by partition), validates them, and runs each complete window once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::logical_expr::LogicalPlan;
+use opentelemetry::KeyValue;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_lake::Lake;
+use sluice_shutdown::CancellationToken;
+use sluice_telemetry::{Counter, Gauge, Histogram};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::catalog::{Catalog, Scope, plan_query};
+use crate::config::ExecutorConfig;
+use crate::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
+use crate::job::{JobDefinition, format_micros};
+use crate::runs::{
+    AttemptRecord, BackfillRequest, OutcomeRecord, OutcomeStatus, WindowRun, WindowState, claim,
+    load_backfills, load_windows, record_outcome, satisfies,
+};
+
+const EVENT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A job that planned: the definition and what it reads.
+#[derive(Debug, Clone)]
+pub struct ValidatedJob {
+    pub definition: JobDefinition,
+    /// Streams the query reads; their watermarks decide when a window is complete.
+    pub streams: Vec<String>,
+}
+
+/// Checks a job against the catalog: it must plan as one read-only query over known tables.
+pub async fn validate_job(
+    catalog: &Catalog,
+    text: &str,
+    key_opt: Option<&str>,
+) -> Result<ValidatedJob, String> {
+    let definition = JobDefinition::parse(text, key_opt).map_err(|error| error.0)?;
+    let snapshot = catalog.snapshot().await.map_err(|error| format!("{:#}", anyhow::Error::from(error)))?;
+    let ctx = catalog
+        .session(&snapshot, Scope::All, false)
+        .await
+        .map_err(|error| format!("{:#}", anyhow::Error::from(error)))?;
+    let frame = plan_query(&ctx, &definition.sql, Some((0, definition.window_micros)))
+        .await
+        .map_err(|error| error.0)?;
+    let stream_names: BTreeSet<String> = catalog.stream_names().into_iter().collect();
+    let mut streams = BTreeSet::new();
+    let _ = frame.logical_plan().apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let table = scan.table_name.table();
+            if stream_names.contains(table) {
+                streams.insert(table.to_string());
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    Ok(ValidatedJob { definition, streams: streams.into_iter().collect() })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("failed to create the Kafka {role}")]
+    Client {
+        role: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+/// A job this replica schedules.
+#[derive(Debug)]
+struct ScheduledJob {
+    job: Arc<ValidatedJob>,
+    partition: i32,
+    offset: i64,
+    first_window_micros: i64,
+    windows: BTreeMap<i64, WindowState>,
+    backfills: Vec<BackfillRequest>,
+    /// Windows running on this replica, and windows waiting out a retry backoff.
+    running: BTreeSet<i64>,
+    retry_at: HashMap<i64, Instant>,
+}
+
+/// What a finished run task reports back to the loop.
+#[derive(Debug)]
+struct RunReport {
+    job: String,
+    offset: i64,
+    window_start_micros: i64,
+    state_opt: Option<WindowState>,
+    retry_after_opt: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct ExecutorMetrics {
+    runs: Counter<u64>,
+    run_duration: Histogram<f64>,
+    rows_read: Counter<u64>,
+    rows_written: Counter<u64>,
+    freshness: Gauge<i64>,
+    jobs: Gauge<u64>,
+}
+
+impl ExecutorMetrics {
+    fn new() -> Self {
+        let meter = sluice_telemetry::meter("sluice-executor");
+        Self {
+            runs: meter
+                .u64_counter("sluice_executor_runs")
+                .with_unit("{run}")
+                .with_description("Run attempts by job and status (succeeded, failed, retrying)")
+                .build(),
+            run_duration: meter.f64_histogram("sluice_executor_run_duration_seconds").with_unit("s").build(),
+            rows_read: meter.u64_counter("sluice_executor_rows_read").with_unit("{row}").build(),
+            rows_written: meter.u64_counter("sluice_executor_rows_written").with_unit("{row}").build(),
+            freshness: meter
+                .i64_gauge("sluice_executor_freshness_seconds")
+                .with_unit("s")
+                .with_description("Now minus the end of the newest window the job completed")
+                .build(),
+            jobs: meter.u64_gauge("sluice_executor_jobs").with_unit("{job}").build(),
+        }
+    }
+}
+
+/// Shared by the loop and its run tasks.
+struct Shared {
+    config: ExecutorConfig,
+    catalog: Catalog,
+    producer: FutureProducer,
+    instance_id: String,
+    incarnation: String,
+    metrics: ExecutorMetrics,
+}
+
+impl Shared {
+    fn lake(&self) -> &Lake {
+        self.catalog.lake()
+    }
+
+    async fn publish(&self, topic: &str, key: &str, payload: &[u8]) {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Err((error, _)) = self.producer.send(record, EVENT_DELIVERY_TIMEOUT).await {
+            tracing::warn!(%topic, %key, %error, "failed to publish an executor event");
+        }
+    }
+
+    async fn publish_status(&self, event: JobStatusEvent) {
+        match serde_json::to_vec(&event) {
+            Ok(payload) => {
+                let topic = self.config.kafka.topic_names().job_status();
+                self.publish(&topic, &event.job, &payload).await;
+            }
+            Err(error) => tracing::warn!(%error, "failed to encode a status event"),
+        }
+    }
+
+    fn status(
+        &self,
+        job: &str,
+        status: JobStatusKind,
+        reason: String,
+        partition: i32,
+        offset: i64,
+    ) -> JobStatusEvent {
+        JobStatusEvent {
+            job: job.to_string(),
+            status,
+            reason,
+            definition_partition: partition,
+            definition_offset: offset,
+            window_start_opt: None,
+            at: format_micros(now_micros()),
+            executor: self.instance_id.clone(),
+        }
+    }
+}
+
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Runs until `shutdown` is cancelled, then lets running attempts finish within the grace period.
+pub async fn run(
+    config: ExecutorConfig,
+    catalog: Catalog,
+    shutdown: CancellationToken,
+) -> Result<(), SchedulerError> {
+    let instance_id = if config.executor.instance_id.is_empty() {
+        format!("executor-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        config.executor.instance_id.clone()
+    };
+    let producer: FutureProducer = config
+        .kafka
+        .producer_config()
+        .create()
+        .map_err(|source| SchedulerError::Client { role: "producer", source })?;
+    let mut consumer_config = config.kafka.consumer_config(&config.executor.group_id);
+    // Offsets are never committed: a replica that gets a partition reads every definition in
+    // it, and the latest value of each key is the job.
+    config.kafka.set_defaults(&mut consumer_config, [("auto.offset.reset", "earliest")]);
+    let consumer: StreamConsumer =
+        consumer_config.create().map_err(|source| SchedulerError::Client { role: "consumer", source })?;
+    let jobs_topic = config.kafka.topic_names().jobs();
+    consumer
+        .subscribe(&[&jobs_topic])
+        .map_err(|source| SchedulerError::Client { role: "consumer", source })?;
+
+    let shared = Arc::new(Shared {
+        config,
+        catalog,
+        producer,
+        instance_id,
+        incarnation: uuid::Uuid::new_v4().to_string(),
+        metrics: ExecutorMetrics::new(),
+    });
+    tracing::info!(instance = %shared.instance_id, topic = %jobs_topic, "executor started");
+    let semaphore = Arc::new(Semaphore::new(shared.config.executor.max_concurrent_runs));
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel::<RunReport>();
+    let mut jobs: BTreeMap<String, ScheduledJob> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.config.executor.tick_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let restate_every = Duration::from_millis(shared.config.executor.restate_check_interval_ms);
+    let mut last_restate_check = Instant::now();
+
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = consumer.recv() => match message {
+                Ok(message) => {
+                    let key = message.key().map(|key| String::from_utf8_lossy(key).into_owned());
+                    let payload = message.payload().map(|payload| String::from_utf8_lossy(payload).into_owned());
+                    let timestamp_micros = message.timestamp().to_millis().map_or_else(now_micros, |ms| ms * 1000);
+                    handle_definition(&shared, &mut jobs, key, payload, message.partition(), message.offset(), timestamp_micros).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "jobs topic read failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            Some(report) = report_rx.recv() => apply_report(&mut jobs, report),
+            _ = tick.tick() => {
+                drop_unassigned(&consumer, &jobs_topic, &mut jobs);
+                let check_restatement = last_restate_check.elapsed() >= restate_every;
+                if check_restatement {
+                    last_restate_check = Instant::now();
+                }
+                schedule(&shared, &mut jobs, &semaphore, &report_tx, check_restatement).await;
+            }
+        }
+    }
+
+    // Let running attempts finish; what does not finish is taken over when its lease ends.
+    let grace = Duration::from_millis(shared.config.shutdown.grace_period_ms);
+    let permits = u32::try_from(shared.config.executor.max_concurrent_runs).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, semaphore.acquire_many(permits)).await.is_err() {
+        tracing::warn!("runs still going at the end of the grace period; their leases will expire");
+    }
+    let _ = rdkafka::producer::Producer::flush(&shared.producer, Duration::from_secs(5));
+    tracing::info!("executor stopped");
+    Ok(())
+}
+
+async fn handle_definition(
+    shared: &Shared,
+    jobs: &mut BTreeMap<String, ScheduledJob>,
+    key_opt: Option<String>,
+    payload_opt: Option<String>,
+    partition: i32,
+    offset: i64,
+    submitted_at_micros: i64,
+) {
+    let Some(key) = key_opt else {
+        tracing::warn!(partition, offset, "job definition without a key ignored; the key is the job name");
+        return;
+    };
+    let Some(text) = payload_opt else {
+        if jobs.remove(&key).is_some() || crate::job::validate_name(&key).is_ok() {
+            tracing::info!(job = %key, "job deleted");
+            shared
+                .publish_status(shared.status(&key, JobStatusKind::Deleted, String::new(), partition, offset))
+                .await;
+        }
+        return;
+    };
+    match validate_job(&shared.catalog, &text, Some(&key)).await {
+        Err(reason) => {
+            tracing::warn!(job = %key, %reason, "job rejected");
+            // The newest definition is the job: a rejected one replaces a valid one too.
+            jobs.remove(&key);
+            shared
+                .publish_status(shared.status(&key, JobStatusKind::Rejected, reason, partition, offset))
+                .await;
+        }
+        Ok(job) => {
+            let windows = match load_windows(shared.lake(), &key).await {
+                Ok(windows) => windows,
+                Err(error) => {
+                    // Without its records the job cannot know what ran; it is read again
+                    // when the partition is reassigned or the job resubmitted.
+                    tracing::error!(job = %key, error = %format!("{:#}", anyhow::Error::from(error)), "failed to load run records");
+                    return;
+                }
+            };
+            let definition = &job.definition;
+            let first_window_micros = definition.start_micros_opt.map_or_else(
+                || definition.window_containing(submitted_at_micros),
+                |start| definition.window_containing(start),
+            );
+            tracing::info!(job = %key, streams = ?job.streams, first_window = %format_micros(first_window_micros), "job accepted");
+            jobs.insert(
+                key.clone(),
+                ScheduledJob {
+                    job: Arc::new(job),
+                    partition,
+                    offset,
+                    first_window_micros,
+                    windows,
+                    backfills: Vec::new(),
+                    running: BTreeSet::new(),
+                    retry_at: HashMap::new(),
+                },
+            );
+            shared
+                .publish_status(shared.status(
+                    &key,
+                    JobStatusKind::Accepted,
+                    String::new(),
+                    partition,
+                    offset,
+                ))
+                .await;
+        }
+    }
+    shared.metrics.jobs.record(jobs.len() as u64, &[]);
+}
+
+/// Jobs of partitions this replica no longer owns stop being scheduled here (running attempts
+/// finish; their claims keep the new owner from starting them twice).
+fn drop_unassigned(consumer: &StreamConsumer, topic: &str, jobs: &mut BTreeMap<String, ScheduledJob>) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let owned: BTreeSet<i32> = assignment
+        .elements()
+        .iter()
+        .filter(|element| element.topic() == topic)
+        .map(|element| element.partition())
+        .collect();
+    jobs.retain(|name, job| {
+        let keep = owned.contains(&job.partition);
+        if !keep {
+            tracing::info!(job = %name, partition = job.partition, "job moved to another replica");
+        }
+        keep
+    });
+}
+
+/// A window to start now.
+#[derive(Debug)]
+struct Due {
+    job: String,
+    window_start_micros: i64,
+    revision: u32,
+    attempt: u32,
+}
+
+async fn schedule(
+    shared: &Arc<Shared>,
+    jobs: &mut BTreeMap<String, ScheduledJob>,
+    semaphore: &Arc<Semaphore>,
+    report_tx: &mpsc::UnboundedSender<RunReport>,
+    check_restatement: bool,
+) {
+    let now = now_micros();
+    let mut watermarks: HashMap<String, Option<i64>> = HashMap::new();
+    let snapshot_opt = if check_restatement && jobs.values().any(|job| job.job.definition.restate) {
+        shared.catalog.snapshot().await.ok()
+    } else {
+        None
+    };
+    let mut due: Vec<Due> = Vec::new();
+    for (name, scheduled) in jobs.iter_mut() {
+        match load_backfills(shared.lake(), name).await {
+            Ok(backfills) => scheduled.backfills = backfills,
+            Err(error) => tracing::warn!(job = %name, %error, "failed to read backfill requests"),
+        }
+        let job = Arc::clone(&scheduled.job);
+        let definition = &job.definition;
+        // Complete through: the lowest watermark of the streams read, or the clock for jobs
+        // that read only reference tables.
+        let mut complete_through = now;
+        for stream in &job.streams {
+            let watermark = match watermarks.get(stream) {
+                Some(watermark) => *watermark,
+                None => {
+                    let watermark = shared
+                        .lake()
+                        .published_watermark(stream)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|watermark| watermark.watermark_micros);
+                    watermarks.insert(stream.clone(), watermark);
+                    watermark
+                }
+            };
+            complete_through = complete_through.min(watermark.unwrap_or(i64::MIN));
+        }
+        let backfill_from = scheduled.backfills.iter().map(|request| request.from_micros).min();
+        let mut window_start = match backfill_from {
+            Some(from) => scheduled.first_window_micros.min(definition.window_containing(from)),
+            None => scheduled.first_window_micros,
+        };
+        let mut newest_complete_opt = None;
+        loop {
+            let window_end = window_start + definition.window_micros;
+            if window_end.saturating_add(definition.lateness_micros) > complete_through {
+                break;
+            }
+            if let Some(schedule) = &definition.schedule_opt {
+                match schedule.next_at_or_after(window_end + definition.lateness_micros) {
+                    Some(fires_at) if fires_at <= now => {}
+                    _ => break,
+                }
+            }
+            let in_range = window_start >= scheduled.first_window_micros
+                || scheduled
+                    .backfills
+                    .iter()
+                    .any(|request| request.from_micros < window_end && window_start < request.to_micros);
+            if in_range {
+                if let Some(next) =
+                    next_step(shared, scheduled, window_start, window_end, now, snapshot_opt.as_ref())
+                {
+                    due.push(Due {
+                        job: name.clone(),
+                        window_start_micros: window_start,
+                        revision: next.0,
+                        attempt: next.1,
+                    });
+                }
+                if scheduled.windows.get(&window_start).is_some_and(|state| {
+                    state
+                        .outcome_opt
+                        .as_ref()
+                        .is_some_and(|outcome| outcome.status == OutcomeStatus::Succeeded)
+                }) {
+                    newest_complete_opt = Some(window_end);
+                }
+            }
+            window_start = window_end;
+        }
+        if let Some(newest) = newest_complete_opt {
+            shared
+                .metrics
+                .freshness
+                .record((now - newest) / 1_000_000, &[KeyValue::new("job", name.clone())]);
+        }
+    }
+    // Oldest windows first across all jobs: catching up keeps order.
+    due.sort_by_key(|item| item.window_start_micros);
+    for item in due {
+        let Ok(permit) = Arc::clone(semaphore).try_acquire_owned() else { break };
+        let Some(scheduled) = jobs.get_mut(&item.job) else { continue };
+        scheduled.running.insert(item.window_start_micros);
+        let job = Arc::clone(&scheduled.job);
+        let offset = scheduled.offset;
+        let shared = Arc::clone(shared);
+        let report_tx = report_tx.clone();
+        tokio::spawn(async move {
+            let report =
+                run_attempt(&shared, &job, offset, item.window_start_micros, item.revision, item.attempt)
+                    .await;
+            drop(permit);
+            let _ = report_tx.send(report);
+        });
+    }
+}
+
+/// The revision and attempt to start for a window now, if any.
+fn next_step(
+    shared: &Shared,
+    scheduled: &mut ScheduledJob,
+    window_start: i64,
+    window_end: i64,
+    now: i64,
+    snapshot_opt: Option<&crate::catalog::Snapshot>,
+) -> Option<(u32, u32)> {
+    if scheduled.running.contains(&window_start) {
+        return None;
+    }
+    if let Some(retry_at) = scheduled.retry_at.get(&window_start) {
+        if Instant::now() < *retry_at {
+            return None;
+        }
+        scheduled.retry_at.remove(&window_start);
+    }
+    let Some(state) = scheduled.windows.get(&window_start) else { return Some((0, 1)) };
+    if let Some(outcome) = &state.outcome_opt {
+        let backfilled = scheduled.backfills.iter().any(|request| {
+            request.from_micros < window_end
+                && window_start < request.to_micros
+                && !satisfies(state, request.requested_at_micros)
+        });
+        let restated = scheduled.job.definition.restate
+            && outcome.status == OutcomeStatus::Succeeded
+            && snapshot_opt.is_some_and(|snapshot| {
+                let rows: u64 = scheduled
+                    .job
+                    .streams
+                    .iter()
+                    .flat_map(|stream| snapshot.files_overlapping(stream, window_start, window_end))
+                    .map(|file| file.num_rows)
+                    .sum();
+                rows != outcome.input_rows
+            });
+        return (backfilled || restated).then_some((state.revision + 1, 1));
+    }
+    let Some(attempt) = &state.latest_attempt_opt else { return Some((state.revision, 1)) };
+    let own_dead_claim = attempt.owner == shared.instance_id && attempt.incarnation != shared.incarnation;
+    (own_dead_claim || attempt.lease_until_micros <= now).then_some((state.revision, attempt.attempt + 1))
+}
+
+async fn run_attempt(
+    shared: &Shared,
+    job: &ValidatedJob,
+    offset: i64,
+    window_start_micros: i64,
+    revision: u32,
+    attempt: u32,
+) -> RunReport {
+    let definition = &job.definition;
+    let window_end_micros = window_start_micros + definition.window_micros;
+    let mut report = RunReport {
+        job: definition.name.clone(),
+        offset,
+        window_start_micros,
+        state_opt: None,
+        retry_after_opt: None,
+    };
+    let section = &shared.config.executor;
+    let max_attempts = definition.max_attempts_opt.unwrap_or(section.default_max_attempts).max(1);
+    let timeout_micros = definition
+        .timeout_micros_opt
+        .unwrap_or(i64::try_from(section.default_timeout_ms).unwrap_or(i64::MAX / 2) * 1000);
+    let started_at_micros = now_micros();
+    let mut claim_record = AttemptRecord {
+        job: definition.name.clone(),
+        window_start_micros,
+        window_end_micros,
+        revision,
+        attempt,
+        owner: shared.instance_id.clone(),
+        incarnation: shared.incarnation.clone(),
+        started_at_micros,
+        lease_until_micros: started_at_micros
+            .saturating_add(timeout_micros)
+            .saturating_add(i64::try_from(section.lease_grace_ms).unwrap_or(0) * 1000),
+    };
+    let lake = shared.lake();
+    let reload = |lake: &Lake| {
+        let lake = lake.clone();
+        let name = definition.name.clone();
+        async move {
+            load_windows(&lake, &name).await.ok().and_then(|mut windows| windows.remove(&window_start_micros))
+        }
+    };
+
+    if attempt > max_attempts {
+        // Every attempt failed before (or died): the window is failed for good.
+        let outcome = OutcomeRecord {
+            job: definition.name.clone(),
+            window_start_micros,
+            window_end_micros,
+            revision,
+            attempt: attempt - 1,
+            status: OutcomeStatus::Failed,
+            started_at_micros,
+            finished_at_micros: started_at_micros,
+            stats: Default::default(),
+            input_rows: 0,
+            result_path_opt: None,
+            error_opt: Some(format!("{} attempts failed or did not finish", attempt - 1)),
+        };
+        if let Err(error) = record_outcome(lake, &outcome).await {
+            tracing::warn!(job = %definition.name, %error, "failed to record a failed window");
+        }
+        report.state_opt = reload(lake).await;
+        return report;
+    }
+
+    match claim(lake, &claim_record).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(job = %definition.name, window = %format_micros(window_start_micros), "another replica claimed this attempt");
+            report.state_opt = reload(lake).await;
+            return report;
+        }
+        Err(error) => {
+            tracing::warn!(job = %definition.name, %error, "failed to claim a window; will try again");
+            report.retry_after_opt = Some(Duration::from_millis(section.retry_backoff_ms));
+            return report;
+        }
+    }
+    let span = tracing::info_span!("job_run", job = %definition.name, window_start = %format_micros(window_start_micros), revision, attempt);
+    let run = WindowRun {
+        catalog: &shared.catalog,
+        job: definition,
+        window_start_micros,
+        window_end_micros,
+        timeout: Duration::from_micros(u64::try_from(timeout_micros).unwrap_or(u64::MAX)),
+    };
+    let result = tracing::Instrument::instrument(run.execute(), span.clone()).await;
+    let finished_at_micros = now_micros();
+    let duration_ms = (finished_at_micros - started_at_micros) / 1000;
+    let (status, stats, error_opt, result_path_opt) = match &result {
+        Ok(done) => (RunStatus::Succeeded, done.stats, None, Some(done.result_path.clone())),
+        // Query errors retry too: a file merged away under a running query is one.
+        Err(error) if attempt < max_attempts => {
+            (RunStatus::Retrying, Default::default(), Some(error.to_string()), None)
+        }
+        Err(error) => (RunStatus::Failed, Default::default(), Some(error.to_string()), None),
+    };
+    match &result {
+        Ok(_) => tracing::info!(parent: &span, rows_written = stats.rows_written, duration_ms, "window done"),
+        Err(error) => tracing::warn!(parent: &span, %error, ?status, "window attempt failed"),
+    }
+
+    if status != RunStatus::Retrying {
+        let outcome = OutcomeRecord {
+            job: definition.name.clone(),
+            window_start_micros,
+            window_end_micros,
+            revision,
+            attempt,
+            status: if status == RunStatus::Succeeded {
+                OutcomeStatus::Succeeded
+            } else {
+                OutcomeStatus::Failed
+            },
+            started_at_micros,
+            finished_at_micros,
+            stats,
+            input_rows: result.as_ref().map_or(0, |done| done.input_rows),
+            result_path_opt: result_path_opt.clone(),
+            error_opt: error_opt.clone(),
+        };
+        match record_outcome(lake, &outcome).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // A stale attempt (its lease ran out while it worked): the other one counts.
+                tracing::warn!(parent: &span, "another attempt recorded this window first; this run is not counted");
+                report.state_opt = reload(lake).await;
+                return report;
+            }
+            Err(error) => {
+                tracing::warn!(parent: &span, %error, "failed to record the outcome; the window will run again");
+                claim_record.lease_until_micros = 0;
+                report.retry_after_opt = Some(Duration::from_millis(section.retry_backoff_ms));
+                report.state_opt =
+                    Some(WindowState { revision, latest_attempt_opt: Some(claim_record), outcome_opt: None });
+                return report;
+            }
+        }
+        report.state_opt = Some(WindowState {
+            revision,
+            latest_attempt_opt: Some(claim_record),
+            outcome_opt: Some(outcome),
+        });
+        if status == RunStatus::Failed {
+            let mut event = shared.status(
+                &definition.name,
+                JobStatusKind::WindowFailed,
+                error_opt.clone().unwrap_or_default(),
+                0,
+                offset,
+            );
+            event.window_start_opt = Some(format_micros(window_start_micros));
+            shared.publish_status(event).await;
+        }
+    } else {
+        let backoff = section.retry_backoff_ms.saturating_mul(1 << (attempt - 1).min(10));
+        report.retry_after_opt = Some(Duration::from_millis(backoff));
+        // The attempt is over: the next one need not wait for this claim's lease.
+        claim_record.lease_until_micros = 0;
+        report.state_opt =
+            Some(WindowState { revision, latest_attempt_opt: Some(claim_record), outcome_opt: None });
+    }
+
+    let labels = [
+        KeyValue::new("job", definition.name.clone()),
+        KeyValue::new("status", format!("{status:?}").to_lowercase()),
+    ];
+    shared.metrics.runs.add(1, &labels);
+    shared.metrics.run_duration.record(duration_ms as f64 / 1000.0, &labels[..1]);
+    shared.metrics.rows_read.add(stats.rows_read, &labels[..1]);
+    shared.metrics.rows_written.add(stats.rows_written, &labels[..1]);
+    let event = JobRunEvent {
+        job: definition.name.clone(),
+        window_start_micros,
+        window_end_micros,
+        revision: i32::try_from(revision).unwrap_or(i32::MAX),
+        attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+        status,
+        started_at_micros,
+        finished_at_micros,
+        duration_ms,
+        rows_read: stats.rows_read as i64,
+        bytes_read: stats.bytes_read as i64,
+        files_read: stats.files_read as i64,
+        rows_written: stats.rows_written as i64,
+        bytes_written: stats.bytes_written as i64,
+        result_path_opt,
+        error_opt,
+        executor: shared.instance_id.clone(),
+    };
+    match event.encode() {
+        Ok(payload) => {
+            shared.publish(&shared.config.kafka.topic_names().job_runs(), &definition.name, &payload).await
+        }
+        Err(error) => tracing::warn!(%error, "failed to encode a run event"),
+    }
+    report
+}
+
+fn apply_report(jobs: &mut BTreeMap<String, ScheduledJob>, report: RunReport) {
+    let Some(scheduled) = jobs.get_mut(&report.job) else { return };
+    scheduled.running.remove(&report.window_start_micros);
+    if scheduled.offset != report.offset {
+        // The job was replaced while this ran; the new definition loaded the records afresh,
+        // and this report's state is just as fresh, so it still applies.
+        tracing::debug!(job = %report.job, "run of a replaced definition finished");
+    }
+    if let Some(state) = report.state_opt {
+        scheduled.windows.insert(report.window_start_micros, state);
+    }
+    if let Some(after) = report.retry_after_opt {
+        scheduled.retry_at.insert(report.window_start_micros, Instant::now() + after);
+    }
+}
