@@ -46,6 +46,16 @@ pub(crate) enum JobsCommand {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Print a job's results for its newest windows.
+    #[command(after_help = "Example:\n  sluice jobs results device_minute_stats --windows 3")]
+    Results {
+        name: String,
+        /// How many of the newest windows to show.
+        #[arg(long, default_value_t = 3)]
+        windows: usize,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
     /// Run a job's windows in [FROM, TO) again (or for the first time), and follow progress.
     #[command(
         after_help = "Example:\n  sluice jobs backfill hourly_device_stats --from 2026-11-25 --to 2026-11-26T12:00:00Z"
@@ -87,6 +97,7 @@ pub(crate) fn run(config: &ExecutorConfig, command: JobsCommand) -> anyhow::Resu
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Runs { name, limit } => runs(config, &name, limit),
+        JobsCommand::Results { name, windows, format } => results(config, &name, windows, format),
         JobsCommand::Backfill { name, from, to, timeout, no_wait } => {
             backfill(config, &name, &from, &to, Duration::from_secs(timeout), no_wait)
         }
@@ -325,6 +336,38 @@ fn runs(config: &ExecutorConfig, name: &str, limit: usize) -> anyhow::Result<Exi
             event.duration_ms,
             event.error_opt.as_deref().unwrap_or(""),
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn results(
+    config: &ExecutorConfig,
+    name: &str,
+    windows: usize,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let catalog = open_catalog(config)?;
+    let runtime = runtime()?;
+    let lake = catalog.lake();
+    let mut paths = runtime.block_on(lake.list_under(&format!("results/{name}")))?;
+    paths.retain(|path| path.ends_with(".parquet"));
+    if paths.is_empty() {
+        println!("no results of {name} yet under {}", config.object_store.url);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Paths sort by window start: the newest are last.
+    for path in &paths[paths.len().saturating_sub(windows)..] {
+        let bytes = runtime.block_on(lake.get(path))?;
+        let batches: Vec<RecordBatch> =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+                .build()?
+                .collect::<Result<_, _>>()?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if format == OutputFormat::Table {
+            let window = path.split('/').find_map(|part| part.strip_prefix("window_start=")).unwrap_or(path);
+            println!("{name}, window starting {window} ({rows} rows, {path})");
+        }
+        print_batches(&batches, format)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `sluice`: the command line for people operating a Sluice pipeline.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -188,7 +189,10 @@ fn tail(
                 decode(registry, payload).unwrap_or_else(|error| format!("undecodable: {error:#}").into()),
             );
         }
-        println!("{}", Value::Object(line));
+        // A reader that stops early (`| head`) ends the tail, not the process with a panic.
+        if writeln!(std::io::stdout().lock(), "{}", Value::Object(line)).is_err() {
+            break;
+        }
         num_printed += 1;
     }
     eprintln!("{num_printed} record(s) from {topic}");
