@@ -310,3 +310,141 @@ async fn bad_jobs_are_rejected_with_their_reasons_and_good_ones_still_run() {
     assert!(statuses.iter().any(|event| event.job == "good" && event.status == JobStatusKind::Deleted));
     executor.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_join() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let work_dir = tempfile::TempDir::new().unwrap();
+    let lake_dir = work_dir.path().join("lake");
+    let lake = lake(&lake_dir);
+    let readings = telemetry_readings(2_000, 20, 2 * HOUR);
+    let region = |device: &str| if device.ends_with(['0', '2', '4', '6', '8']) { "north" } else { "south" };
+    let mut registry = String::from("device_id,region\n");
+    for device in 0..20 {
+        let name = format!("dev-{device:04}");
+        registry.push_str(&format!("{name},{}\n", region(&name)));
+    }
+    std::fs::create_dir_all(lake_dir.join("reference")).unwrap();
+    std::fs::write(lake_dir.join("reference/devices.csv"), registry).unwrap();
+
+    let mut compactor = compactor_config(&broker, &prefix, &lake_dir);
+    compactor.watermark.interval_ms = 200;
+    compactor.watermark.allowed_lateness_ms = 1_000;
+    let compactor = CompactorService::start(compactor).await.unwrap();
+    let topic = format!("{prefix}.telemetry");
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings).await.unwrap();
+    wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
+    let watermark = settled_watermark(&lake, 1_000_000).await;
+
+    let mut config = executor_config(&broker, &prefix, &lake_dir);
+    config.executor.restate_check_interval_ms = 300;
+    config.tables.reference.push(sluice_executor::catalog::ReferenceTable {
+        name: "devices".into(),
+        path: "reference/devices.csv".into(),
+        format: sluice_executor::catalog::ReferenceFormat::Csv,
+    });
+    let config_path = work_dir.path().join("executor.toml");
+    std::fs::write(&config_path, sluice_config::to_masked_toml(&config).unwrap()).unwrap();
+    let executor = ExecutorService::start(config);
+
+    let first_hour = readings.iter().map(ts).min().unwrap().div_euclid(HOUR) * HOUR;
+    let windows: Vec<i64> =
+        (0..).map(|index| first_hour + index * HOUR).take_while(|start| start + HOUR <= watermark).collect();
+    let restating = format!(
+        "-- name: regional_counts\n-- window: 1h\n-- restate: true\n-- start: {}\n\
+         SELECT d.region, count(*) AS readings FROM telemetry t JOIN devices d ON t.device_id = d.device_id\n\
+         GROUP BY d.region ORDER BY d.region\n",
+        rfc3339(first_hour)
+    );
+    submit_job(&broker.bootstrap_servers(), &prefix, "regional_counts", Some(&restating)).await.unwrap();
+    // Starts at the current hour: the data's hours run only when backfilled.
+    let current_hour = sluice_integration_tests::now_micros().div_euclid(HOUR) * HOUR;
+    let later = format!(
+        "-- name: hourly_totals\n-- window: 1h\n-- start: {}\nSELECT count(*) AS readings FROM telemetry\n",
+        rfc3339(current_hour)
+    );
+    submit_job(&broker.bootstrap_servers(), &prefix, "hourly_totals", Some(&later)).await.unwrap();
+    wait_for_windows(&lake, "regional_counts", &windows, Duration::from_secs(90)).await;
+
+    let regional = |readings: &[serde_json::Value], start: i64| {
+        let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+        for reading in readings.iter().filter(|reading| (start..start + HOUR).contains(&ts(reading))) {
+            *counts.entry(region(reading["device_id"].as_str().unwrap()).to_string()).or_default() += 1;
+        }
+        counts
+    };
+    let result_counts = |start: i64| {
+        let mut counts = BTreeMap::new();
+        for batch in read_result(&lake_dir, "regional_counts", start) {
+            let regions = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            let values = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            for row in 0..batch.num_rows() {
+                counts.insert(regions.value(row).to_string(), values.value(row));
+            }
+        }
+        counts
+    };
+    for start in &windows {
+        assert_eq!(result_counts(*start), regional(&readings, *start), "{}", rfc3339(*start));
+    }
+
+    // Late readings for the first complete hour: the restating job runs it again.
+    let late: Vec<serde_json::Value> = (0..50)
+        .map(|index| {
+            serde_json::json!({
+                "device_id": "dev-0001",
+                "ts": windows[0] + 60_000_000 + index,
+                "seq": 1_000_000 + index,
+                "temperature": 20.0,
+            })
+        })
+        .collect();
+    produce_readings(&broker.bootstrap_servers(), &topic, &late).await.unwrap();
+    let restated = wait_until(Duration::from_secs(60), || {
+        let lake = lake.clone();
+        let first = windows[0];
+        async move {
+            load_windows(&lake, "regional_counts").await.unwrap().get(&first).is_some_and(|state| {
+                state.revision == 1 && state.outcome_opt.as_ref().is_some_and(|outcome| outcome.revision == 1)
+            })
+        }
+    })
+    .await;
+    assert!(restated, "the window with late rows ran again");
+    let all: Vec<serde_json::Value> = readings.iter().chain(&late).cloned().collect();
+    assert_eq!(result_counts(windows[0]), regional(&all, windows[0]));
+    let states = load_windows(&lake, "regional_counts").await.unwrap();
+    for start in &windows[1..] {
+        assert_eq!(states[start].revision, 0, "untouched windows are not restated");
+    }
+
+    // Nothing of the data's hours ran for the later job until the backfill asks for them.
+    assert!(load_windows(&lake, "hourly_totals").await.unwrap().keys().all(|start| *start >= current_hour));
+    let sluice = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("sluice");
+    let backfill = tokio::process::Command::new(sluice)
+        .arg("--config")
+        .arg(&config_path)
+        .args([
+            "jobs",
+            "backfill",
+            "hourly_totals",
+            "--from",
+            &rfc3339(first_hour),
+            "--to",
+            &rfc3339(windows.last().unwrap() + HOUR),
+        ])
+        .args(["--timeout", "90"])
+        .output()
+        .await
+        .unwrap();
+    assert!(backfill.status.success(), "{}", String::from_utf8_lossy(&backfill.stderr));
+    for start in &windows {
+        let batches = read_result(&lake_dir, "hourly_totals", *start);
+        let counts = batches[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        let expected = all.iter().filter(|reading| (*start..start + HOUR).contains(&ts(reading))).count();
+        assert_eq!(counts.value(0), expected as i64, "{}", rfc3339(*start));
+    }
+    executor.stop().await.unwrap();
+    compactor.stop().await.unwrap();
+}
