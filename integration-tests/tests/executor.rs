@@ -174,6 +174,21 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
         .expect("kcat is installed by deploy/local/prerequisites.sh");
     assert!(kcat.status.success(), "kcat: {}", String::from_utf8_lossy(&kcat.stderr));
 
+    // A job that fails at run time (a cast of device ids to numbers) and one that cannot finish
+    // in its timeout: both are retried, then marked failed; neither holds up the others.
+    let failing = format!(
+        "-- name: failing_cast\n-- window: 1h\n-- retries: 1\n-- start: {}\n\
+         SELECT sum(CAST(device_id AS BIGINT)) FROM telemetry\n",
+        rfc3339(first_hour)
+    );
+    submit_job(&broker.bootstrap_servers(), &prefix, "failing_cast", Some(&failing)).await.unwrap();
+    let slow = format!(
+        "-- name: too_slow\n-- window: 1h\n-- retries: 0\n-- timeout: 1ms\n-- start: {}\n\
+         SELECT count(*) FROM telemetry a CROSS JOIN telemetry b\n",
+        rfc3339(first_hour)
+    );
+    submit_job(&broker.bootstrap_servers(), &prefix, "too_slow", Some(&slow)).await.unwrap();
+
     let hourly_windows: Vec<i64> =
         (0..).map(|index| first_hour + index * HOUR).take_while(|start| start + HOUR <= watermark).collect();
     let half_hour_windows: Vec<i64> = (0..)
@@ -252,6 +267,43 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
         );
     }
 
+    let failed_window = hourly_windows[0];
+    let marked_failed = wait_until(Duration::from_secs(60), || {
+        let lake = lake.clone();
+        async move {
+            let failing = load_windows(&lake, "failing_cast").await.unwrap();
+            let slow = load_windows(&lake, "too_slow").await.unwrap();
+            [failing, slow].iter().all(|windows| {
+                windows
+                    .get(&failed_window)
+                    .and_then(|state| state.outcome_opt.as_ref())
+                    .is_some_and(|outcome| outcome.status == OutcomeStatus::Failed)
+            })
+        }
+    })
+    .await;
+    assert!(marked_failed, "both failing jobs' first window is marked failed");
+    let failing = load_windows(&lake, "failing_cast").await.unwrap();
+    let outcome = failing[&failed_window].outcome_opt.clone().unwrap();
+    assert_eq!(outcome.attempt, 2, "one retry");
+    assert!(outcome.error_opt.as_deref().unwrap_or_default().contains("Cast error"), "{outcome:?}");
+    let slow = load_windows(&lake, "too_slow").await.unwrap();
+    let outcome = slow[&failed_window].outcome_opt.clone().unwrap();
+    assert!(outcome.error_opt.as_deref().unwrap_or_default().contains("timeout"), "{outcome:?}");
+    let events = run_events(&broker, &prefix, expected_runs + 3).await;
+    let failing_statuses: Vec<RunStatus> = events
+        .iter()
+        .filter(|event| event.job == "failing_cast" && event.window_start_micros == failed_window)
+        .map(|event| event.status)
+        .collect();
+    assert_eq!(failing_statuses, vec![RunStatus::Retrying, RunStatus::Failed]);
+    let statuses = status_events(&broker, &prefix, 5).await;
+    assert!(
+        statuses
+            .iter()
+            .any(|event| event.job == "failing_cast" && event.status == JobStatusKind::WindowFailed)
+    );
+
     // A window that is not complete has not run.
     let windows = load_windows(&lake, "hourly_device_stats").await.unwrap();
     assert!(windows.keys().all(|start| start + HOUR <= watermark), "only complete windows ran");
@@ -308,6 +360,30 @@ async fn bad_jobs_are_rejected_with_their_reasons_and_good_ones_still_run() {
     submit_job(&broker.bootstrap_servers(), &prefix, "good", None).await.unwrap();
     let statuses = status_events(&broker, &prefix, cases.len() + 2).await;
     assert!(statuses.iter().any(|event| event.job == "good" && event.status == JobStatusKind::Deleted));
+
+    // The same through the CLI, as an operator would.
+    let sluice = |args: &[&str]| {
+        let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("sluice");
+        let mut command = std::process::Command::new(binary);
+        command.current_dir(sluice_integration_tests::repo_root());
+        command.args(["--bootstrap-servers", &broker.bootstrap_servers(), "--topic-prefix", &prefix]);
+        command.arg("--lake").arg(lake_dir.path());
+        command.args(args);
+        command.output().unwrap()
+    };
+    let submitted = sluice(&["jobs", "submit", "examples/jobs/device_minute_stats.sql", "--wait", "60"]);
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    assert!(String::from_utf8_lossy(&submitted.stdout).contains("Accepted"), "{submitted:?}");
+    let listed = String::from_utf8(sluice(&["jobs", "list"]).stdout).unwrap();
+    assert!(listed.contains("device_minute_stats") && listed.contains("accepted"), "{listed}");
+    assert!(!listed.contains("syntax_error") || listed.contains("rejected"), "{listed}");
+    let shown = String::from_utf8(sluice(&["jobs", "show", "device_minute_stats"]).stdout).unwrap();
+    assert!(shown.contains("-- window: 1m") && shown.contains("status: Accepted"), "{shown}");
+    assert!(sluice(&["jobs", "delete", "device_minute_stats"]).status.success());
+    let listed = String::from_utf8(sluice(&["jobs", "list"]).stdout).unwrap();
+    assert!(!listed.contains("device_minute_stats"), "{listed}");
+    let missing = sluice(&["jobs", "show", "device_minute_stats"]);
+    assert_eq!(missing.status.code(), Some(1));
     executor.stop().await.unwrap();
 }
 
