@@ -180,7 +180,7 @@ async fn prepare(dir: &Path, rows: usize, devices: usize) -> Lake {
     }
     let started = Instant::now();
     let hours = 7 * 24;
-    let per_device = (rows / hours / devices).max(1);
+    let per_device = rows.div_ceil(hours * devices);
     let properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
         .set_statistics_enabled(EnabledStatistics::Page)
@@ -315,7 +315,7 @@ print(json.dumps(out))
 fn main() {
     let rows = bench_arg("--rows", 50_000_000);
     let devices = bench_arg("--devices", 10_000);
-    let dir: PathBuf = std::env::temp_dir().join(format!("sluice-query-bench-{rows}-{devices}"));
+    let dir: PathBuf = std::env::temp_dir().join(format!("sluice-query-bench-{rows}-{devices}-v2"));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(prepare(&dir, rows, devices));
 

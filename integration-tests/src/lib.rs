@@ -416,6 +416,8 @@ pub fn compactor_config(
     config.kafka.client.0.insert("heartbeat.interval.ms".into(), "500".into());
     config.flush.max_age_ms = 300;
     config.shutdown.grace_period_ms = 20_000;
+    // Tests run side by side: any free port.
+    config.health.listen_address = "127.0.0.1:0".into();
     config
 }
 
@@ -471,6 +473,7 @@ pub fn executor_config(
     config.kafka.client.0.insert("session.timeout.ms".into(), "6000".into());
     config.kafka.client.0.insert("heartbeat.interval.ms".into(), "500".into());
     config.shutdown.grace_period_ms = 10_000;
+    config.health.listen_address = "127.0.0.1:0".into();
     config
 }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Validate};
+use sluice_health::HealthConfig;
 use sluice_kafka::KafkaConfig;
 use sluice_lake::{ObjectStoreConfig, PartitionGranularity};
 use sluice_schema::SchemasConfig;
@@ -23,6 +24,7 @@ pub struct CompactorConfig {
     pub object_store: ObjectStoreConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+    pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -187,6 +189,7 @@ impl Validate for CompactorConfig {
         issues.extend(self.kafka.validate("kafka"));
         issues.extend(self.telemetry.validate("telemetry"));
         issues.extend(self.object_store.validate("object_store"));
+        issues.extend(self.health.validate("health"));
         if self.compactor.group_id.is_empty() {
             issues.push(ConfigIssue::new("compactor.group_id", "must be set"));
         }

@@ -48,6 +48,8 @@ pub enum CompactorError {
     Loop(#[from] LoopError),
     #[error("the consumer loop panicked")]
     Panicked,
+    #[error("failed to serve /healthz and /readyz")]
+    Health(#[source] std::io::Error),
 }
 
 pub type Result<T, E = CompactorError> = std::result::Result<T, E>;
@@ -191,6 +193,10 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         topic_specs.push(config.kafka.dead_letter_topic_spec(stream));
         streams.insert(info.topic.clone(), Arc::new(info));
     }
+    let readiness = sluice_health::Readiness::default();
+    sluice_health::serve(&config.health, readiness.clone(), shutdown.clone())
+        .await
+        .map_err(CompactorError::Health)?;
     let topic_statuses = ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
     let partitions_by_stream: Vec<(String, i32)> = streams
         .values()
@@ -273,8 +279,10 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     };
     // The loop blocks on Kafka and calls the store through the runtime handle: it lives on a
     // blocking thread. A failed loop cancels the shutdown token so the whole service stops.
+    readiness.set(true);
     let worker = tokio::task::spawn_blocking(move || {
         let result = compactor_loop.run().map_err(CompactorError::from);
+        readiness.set(false);
         if result.is_err() {
             shutdown.cancel();
         }

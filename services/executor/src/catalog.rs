@@ -31,7 +31,7 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 use sluice_lake::{CommittedFile, Lake, LakeError, PartitionGranularity, PartitionKey};
-use sluice_schema::{EVENT_TIME_FIELD, SchemaRegistry, to_arrow_schema};
+use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaRegistry, to_arrow_schema};
 
 use crate::job::{WINDOW_END_PLACEHOLDER, WINDOW_START_PLACEHOLDER};
 
@@ -287,9 +287,14 @@ impl Catalog {
     ) -> Result<ListingTable, DataFusionError> {
         let table_url =
             ListingTableUrl::parse(format!("{COMMITTED_URL}{}/", self.relative_to_store(stream)))?;
+        // The compactor (and its merges) write every file sorted by key, then event time:
+        // declared, it lets per-device windows and sorts merge files instead of sorting rows.
+        let sort_order =
+            vec![vec![col(KEY_FIELD).sort(true, false), col(EVENT_TIME_FIELD).sort(true, false)]];
         let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
             .with_file_extension(".parquet")
-            .with_table_partition_cols(partition_columns(granularity));
+            .with_table_partition_cols(partition_columns(granularity))
+            .with_file_sort_order(sort_order);
         ListingTable::try_new(
             ListingTableConfig::new(table_url).with_listing_options(options).with_schema(file_schema),
         )

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Validate};
+use sluice_health::HealthConfig;
 use sluice_kafka::KafkaConfig;
 use sluice_lake::ObjectStoreConfig;
 use sluice_schema::SchemasConfig;
@@ -10,7 +11,7 @@ use sluice_telemetry::TelemetryConfig;
 
 use crate::catalog::ReferenceTable;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecutorConfig {
     pub executor: ExecutorSection,
@@ -20,7 +21,30 @@ pub struct ExecutorConfig {
     pub object_store: ObjectStoreConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
+    #[serde(default = "default_health")]
+    pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
+}
+
+/// Beside the compactor's 8081 and ingest's 8080 when all run on one machine.
+fn default_health() -> HealthConfig {
+    HealthConfig::with_address("127.0.0.1:8082")
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            executor: ExecutorSection::default(),
+            query: QueryConfig::default(),
+            tables: TablesConfig::default(),
+            schemas: SchemasConfig::default(),
+            object_store: ObjectStoreConfig::default(),
+            kafka: KafkaConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            health: default_health(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +132,7 @@ impl Validate for ExecutorConfig {
         issues.extend(self.kafka.validate("kafka"));
         issues.extend(self.telemetry.validate("telemetry"));
         issues.extend(self.object_store.validate("object_store"));
+        issues.extend(self.health.validate("health"));
         let section = &self.executor;
         if section.group_id.is_empty() {
             issues.push(ConfigIssue::new("executor.group_id", "must be set"));

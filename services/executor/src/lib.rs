@@ -34,6 +34,8 @@ pub enum ExecutorError {
     Topics(#[from] KafkaError),
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+    #[error("failed to serve /healthz and /readyz")]
+    Health(#[source] std::io::Error),
 }
 
 /// The catalog a configuration describes: the lake's store, the stream schemas, the reference
@@ -49,9 +51,16 @@ pub fn open_catalog(config: &ExecutorConfig) -> Result<Catalog, ExecutorError> {
 /// Runs the executor until `shutdown` is cancelled.
 pub async fn run(config: ExecutorConfig, shutdown: CancellationToken) -> Result<(), ExecutorError> {
     let catalog = open_catalog(&config)?;
+    let readiness = sluice_health::Readiness::default();
+    sluice_health::serve(&config.health, readiness.clone(), shutdown.clone())
+        .await
+        .map_err(ExecutorError::Health)?;
     let mut specs = vec![config.kafka.jobs_topic_spec()];
     specs.extend(config.kafka.job_event_topic_specs());
     ensure_topics(&config.kafka, &specs, TOPIC_SETUP_TIMEOUT).await?;
-    scheduler::run(config, catalog, shutdown).await?;
+    readiness.set(true);
+    let result = scheduler::run(config, catalog, shutdown).await;
+    readiness.set(false);
+    result?;
     Ok(())
 }

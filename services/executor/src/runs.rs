@@ -241,11 +241,19 @@ fn encode_parquet(
 /// Rows, bytes and files the plan's scans read, from their metrics after the run.
 pub fn scan_stats(plan: &Arc<dyn ExecutionPlan>) -> RunStats {
     let mut stats = RunStats::default();
+    // A large file may be split into byte ranges over several groups: count each file once.
+    let mut files_read = std::collections::BTreeSet::new();
     let mut stack = vec![Arc::clone(plan)];
     while let Some(node) = stack.pop() {
         if let Some(scan) = node.downcast_ref::<DataSourceExec>() {
             if let Some(files) = scan.data_source().downcast_ref::<FileScanConfig>() {
-                stats.files_read += files.file_groups.iter().map(|group| group.len() as u64).sum::<u64>();
+                files_read.extend(
+                    files
+                        .file_groups
+                        .iter()
+                        .flat_map(|group| group.iter())
+                        .map(|file| file.object_meta.location.clone()),
+                );
             }
             if let Some(metrics) = node.metrics() {
                 stats.rows_read += metrics.output_rows().unwrap_or(0) as u64;
@@ -255,6 +263,7 @@ pub fn scan_stats(plan: &Arc<dyn ExecutionPlan>) -> RunStats {
         }
         stack.extend(node.children().into_iter().cloned());
     }
+    stats.files_read = files_read.len() as u64;
     stats
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -209,11 +209,13 @@ impl Lake {
             .map_err(LakeError::store("list", directory))?;
         paths.retain(|path| path.as_ref().ends_with(".json"));
         paths.sort();
-        let mut records = Vec::with_capacity(paths.len());
-        for path in paths {
-            records.push(self.read_json(&path).await?);
-        }
-        Ok(records)
+        // Records are small: reading many at once hides the store's per-request latency.
+        // Owned futures: borrowing `self` here would make the caller's future not `Send`.
+        let reads = paths.into_iter().map(|path| {
+            let lake = self.clone();
+            async move { lake.read_json::<T>(&path).await }
+        });
+        futures::stream::iter(reads).buffered(16).try_collect().await
     }
 
     /// Creates a merge record with create-if-absent: the commit point of a merge.

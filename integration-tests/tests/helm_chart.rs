@@ -1,0 +1,117 @@
+//! The Helm chart: lint, render with the default values and with the CI values (S3, Ingress,
+//! autoscaling, tokens), validate every manifest against the Kubernetes API schemas, and load
+//! every rendered service configuration into the service binary that will read it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sluice_integration_tests::repo_root;
+
+fn tool(subcommand: &str) -> PathBuf {
+    let output =
+        Command::new(repo_root().join("deploy/local/k8s-tools.sh")).arg(subcommand).output().unwrap();
+    assert!(output.status.success(), "k8s-tools.sh: {}", String::from_utf8_lossy(&output.stderr));
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+fn succeeded(output: &Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what}:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// `sluice-ingest` and friends next to this test's executable.
+fn service_binary(name: &str) -> PathBuf {
+    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join(name);
+    assert!(binary.exists(), "{} is missing; build the workspace first", binary.display());
+    binary
+}
+
+/// Writes each `<service>.toml` found in the rendered ConfigMaps and Secrets into `directory`.
+fn extract_configs(manifests: &Path, directory: &Path) -> Vec<PathBuf> {
+    let script = r#"
+import pathlib, sys, yaml
+out = pathlib.Path(sys.argv[2])
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if not doc or doc.get("kind") not in ("ConfigMap", "Secret"):
+        continue
+    for key, value in {**doc.get("data", {}), **doc.get("stringData", {})}.items():
+        if key.endswith(".toml"):
+            (out / key).write_text(value)
+            print(key)
+"#;
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(manifests)
+        .arg(directory)
+        .env("PYTHONPATH", tool("pythonpath"))
+        .output()
+        .unwrap();
+    succeeded(&output, "extracting configs").lines().map(|name| directory.join(name)).collect()
+}
+
+#[test]
+fn chart_lints_renders_validates_and_its_configs_load() {
+    let bin = tool("bin");
+    let helm = bin.join("helm");
+    let chart = repo_root().join("helm/sluice");
+    let ci_values = chart.join("ci/s3-ingress-hpa-values.yaml");
+    for values in [None, Some(&ci_values)] {
+        let mut lint = Command::new(&helm);
+        lint.arg("lint").arg("--strict").arg(&chart);
+        let mut template = Command::new(&helm);
+        template.args(["template", "sluice-test"]).arg(&chart);
+        if let Some(values) = values {
+            lint.arg("-f").arg(values);
+            template.arg("-f").arg(values);
+        }
+        succeeded(&lint.output().unwrap(), "helm lint");
+        let rendered = succeeded(&template.output().unwrap(), "helm template");
+        let work = tempfile::TempDir::new().unwrap();
+        let manifests = work.path().join("rendered.yaml");
+        std::fs::write(&manifests, &rendered).unwrap();
+        let validate = Command::new(bin.join("kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .arg(&manifests)
+            .output()
+            .unwrap();
+        succeeded(&validate, "kubernetes-validate");
+
+        for kind in ["kind: Deployment", "kind: PodDisruptionBudget", "kind: ConfigMap", "kind: Service\n"] {
+            assert!(rendered.contains(kind), "{kind} rendered");
+        }
+        assert!(rendered.contains("readOnlyRootFilesystem: true") && rendered.contains("runAsNonRoot: true"));
+        if values.is_some() {
+            for kind in ["kind: Ingress", "kind: HorizontalPodAutoscaler", "kind: NetworkPolicy", "kind: Job"]
+            {
+                assert!(rendered.contains(kind), "{kind} rendered with the CI values");
+            }
+            assert!(rendered.contains("eks.amazonaws.com/role-arn"));
+        }
+
+        let configs = extract_configs(&manifests, work.path());
+        assert_eq!(configs.len(), 3, "{configs:?}");
+        for config in configs {
+            let service = format!("sluice-{}", config.file_stem().unwrap().to_str().unwrap());
+            let output = Command::new(service_binary(&service))
+                .arg("--config")
+                .arg(&config)
+                .arg("--print-config")
+                .output()
+                .unwrap();
+            let printed = succeeded(
+                &output,
+                &format!("{service} --print-config with the rendered {}", config.display()),
+            );
+            if values.is_some() {
+                assert!(printed.contains("otel-collector.observability"), "{service}: {printed}");
+            }
+        }
+    }
+}
