@@ -1,11 +1,10 @@
 //! Job definitions: one SQL file whose leading `-- key: value` comments are its settings.
 //! docs/jobs.md is the user's reference for the syntax.
 
-use std::str::FromStr;
-
 use chrono::{DateTime, TimeZone, Utc};
-use croner::Cron;
 use serde::Serialize;
+
+use crate::cron::Cron;
 
 /// Placeholders a job's SQL may use; they are bound to the window's bounds (UTC timestamps).
 pub const WINDOW_START_PLACEHOLDER: &str = "window_start";
@@ -53,7 +52,7 @@ pub struct Schedule {
 
 impl Schedule {
     fn parse(expression: &str, time_zone: &str) -> Result<Self, String> {
-        let cron = Cron::from_str(expression)
+        let cron = Cron::parse(expression)
             .map_err(|error| format!("schedule '{expression}' is not a valid cron expression: {error}"))?;
         let tz: chrono_tz::Tz = time_zone.parse().map_err(|_| {
             format!("time_zone '{time_zone}' is not an IANA time zone name (e.g. Europe/Berlin)")
@@ -64,7 +63,7 @@ impl Schedule {
     /// The first time the schedule fires at or after `micros`, or none if it never does.
     pub fn next_at_or_after(&self, micros: i64) -> Option<i64> {
         let start = Utc.timestamp_micros(micros).single()?.with_timezone(&self.tz);
-        let next: DateTime<chrono_tz::Tz> = self.cron.find_next_occurrence(&start, true).ok()?;
+        let next: DateTime<chrono_tz::Tz> = self.cron.next_at_or_after(&start)?;
         Some(next.with_timezone(&Utc).timestamp_micros())
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod cron;
 pub mod events;
 pub mod job;
 pub mod runs;
