@@ -23,6 +23,25 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
+/// A workspace binary (`sluice-compactor`, `sluice`, ...) next to the running test's executable:
+/// cargo builds every binary of the workspace before its tests.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|test| Some(test.parent()?.parent()?.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name));
+    assert!(binary.exists(), "{} is missing; build the workspace first", binary.display());
+    binary
+}
+
+/// The lake in a local directory, as the services open it.
+pub fn open_local_lake(directory: &Path) -> sluice_lake::Lake {
+    let config =
+        sluice_lake::ObjectStoreConfig { url: directory.display().to_string(), ..Default::default() };
+    let (store, root) = sluice_lake::open_store(&config).expect("local lake directory");
+    sluice_lake::Lake::new(store, root)
+}
+
 /// A `--name value` number from a benchmark's command line, or `default`.
 pub fn bench_arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();

@@ -4,14 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use rand::Rng;
 use sluice_integration_tests::{
     Broker, assert_exactly_once, compactor_config, produce_readings, read_lake_rows, telemetry_readings,
-    unique_suffix, wait_for_lake_rows,
+    unique_suffix, wait_for_lake_rows, workspace_binary,
 };
 use tokio::process::{Child, Command};
 
@@ -19,19 +18,10 @@ const HOUR: i64 = 3_600_000_000;
 const NUM_RECORDS: usize = 200_000;
 const NUM_KILLS: usize = 6;
 
-/// The compactor binary next to this test's own executable (cargo builds it for the workspace).
-fn compactor_binary() -> PathBuf {
-    let test_binary = std::env::current_exe().unwrap();
-    let profile_dir = test_binary.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("sluice-compactor");
-    assert!(binary.exists(), "{} is missing; build the workspace first", binary.display());
-    binary
-}
-
 fn spawn_compactor(config_path: &std::path::Path, instance: usize, log_dir: &std::path::Path) -> Child {
     let log =
         std::fs::File::create(log_dir.join(format!("compactor-{instance}-{}.log", unique_suffix()))).unwrap();
-    Command::new(compactor_binary())
+    Command::new(workspace_binary("sluice-compactor"))
         .arg("--config")
         .arg(config_path)
         .env("SLUICE_COMPACTOR__INSTANCE_ID", format!("crash-test-{instance}"))

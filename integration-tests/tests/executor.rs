@@ -13,18 +13,12 @@ use sluice_executor::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunSta
 use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
 use sluice_integration_tests::{
     Broker, CompactorService, ExecutorService, compactor_config, consume_topic_within, executor_config,
-    produce_readings, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until,
+    open_local_lake, produce_readings, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows,
+    wait_until,
 };
 use sluice_lake::Lake;
 
 const HOUR: i64 = 3_600_000_000;
-
-fn lake(directory: &Path) -> Lake {
-    let config =
-        sluice_lake::ObjectStoreConfig { url: directory.display().to_string(), ..Default::default() };
-    let (store, root) = sluice_lake::open_store(&config).unwrap();
-    Lake::new(store, root)
-}
 
 fn rfc3339(micros: i64) -> String {
     sluice_executor::job::format_micros(micros)
@@ -124,7 +118,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
     let broker = Broker::start().await.unwrap();
     let prefix = format!("test-{}", unique_suffix());
     let lake_dir = tempfile::TempDir::new().unwrap();
-    let lake = lake(lake_dir.path());
+    let lake = open_local_lake(lake_dir.path());
     // Three hours of readings from 20 devices, ending an hour ago, some late and out of order.
     let readings = telemetry_readings(6_000, 20, 3 * HOUR);
     let mut compactor = compactor_config(&broker, &prefix, lake_dir.path());
@@ -363,8 +357,7 @@ async fn bad_jobs_are_rejected_with_their_reasons_and_good_ones_still_run() {
 
     // The same through the CLI, as an operator would.
     let sluice = |args: &[&str]| {
-        let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("sluice");
-        let mut command = std::process::Command::new(binary);
+        let mut command = std::process::Command::new(sluice_integration_tests::workspace_binary("sluice"));
         command.current_dir(sluice_integration_tests::repo_root());
         command.args(["--bootstrap-servers", &broker.bootstrap_servers(), "--topic-prefix", &prefix]);
         command.arg("--lake").arg(lake_dir.path());
@@ -393,7 +386,7 @@ async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_
     let prefix = format!("test-{}", unique_suffix());
     let work_dir = tempfile::TempDir::new().unwrap();
     let lake_dir = work_dir.path().join("lake");
-    let lake = lake(&lake_dir);
+    let lake = open_local_lake(&lake_dir);
     let readings = telemetry_readings(2_000, 20, 2 * HOUR);
     let region = |device: &str| if device.ends_with(['0', '2', '4', '6', '8']) { "north" } else { "south" };
     let mut registry = String::from("device_id,region\n");
@@ -497,8 +490,7 @@ async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_
 
     // Nothing of the data's hours ran for the later job until the backfill asks for them.
     assert!(load_windows(&lake, "hourly_totals").await.unwrap().keys().all(|start| *start >= current_hour));
-    let sluice = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("sluice");
-    let backfill = tokio::process::Command::new(sluice)
+    let backfill = tokio::process::Command::new(sluice_integration_tests::workspace_binary("sluice"))
         .arg("--config")
         .arg(&config_path)
         .args([

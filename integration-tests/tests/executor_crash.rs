@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -14,10 +14,10 @@ use rand::Rng;
 use sluice_executor::events::{JobRunEvent, RunStatus};
 use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
 use sluice_integration_tests::{
-    Broker, CompactorService, compactor_config, consume_topic_within, executor_config, produce_readings,
-    submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until,
+    Broker, CompactorService, compactor_config, consume_topic_within, executor_config, open_local_lake,
+    produce_readings, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until,
+    workspace_binary,
 };
-use sluice_lake::Lake;
 use tokio::process::{Child, Command};
 
 const HOUR: i64 = 3_600_000_000;
@@ -25,19 +25,10 @@ const WINDOW: i64 = HOUR / 6;
 const NUM_KILLS: usize = 5;
 const JOBS: [&str; 2] = ["device_counts_a", "device_counts_b"];
 
-/// The executor binary next to this test's own executable (cargo builds it for the workspace).
-fn executor_binary() -> PathBuf {
-    let test_binary = std::env::current_exe().unwrap();
-    let profile_dir = test_binary.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("sluice-executor");
-    assert!(binary.exists(), "{} is missing; build the workspace first", binary.display());
-    binary
-}
-
 fn spawn_executor(config_path: &Path, instance: usize, log_dir: &Path) -> Child {
     let log =
         std::fs::File::create(log_dir.join(format!("executor-{instance}-{}.log", unique_suffix()))).unwrap();
-    Command::new(executor_binary())
+    Command::new(workspace_binary("sluice-executor"))
         .arg("--config")
         .arg(config_path)
         .env("SLUICE_EXECUTOR__INSTANCE_ID", format!("crash-test-{instance}"))
@@ -61,12 +52,7 @@ async fn killed_executors_leave_every_window_run_exactly_once() {
     let compactor = CompactorService::start(compactor).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
     wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
-    let (store, root) = sluice_lake::open_store(&sluice_lake::ObjectStoreConfig {
-        url: lake_dir.display().to_string(),
-        ..Default::default()
-    })
-    .unwrap();
-    let lake = Lake::new(store, root);
+    let lake = open_local_lake(&lake_dir);
     let watermark = lake.watermark("telemetry", 4, 1_000_000).await.unwrap().unwrap();
     let published = wait_until(Duration::from_secs(30), || {
         let lake = lake.clone();

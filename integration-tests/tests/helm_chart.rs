@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sluice_integration_tests::repo_root;
+use sluice_integration_tests::{repo_root, workspace_binary};
 
 fn tool(subcommand: &str) -> PathBuf {
     let output =
@@ -24,13 +24,6 @@ fn succeeded(output: &Output, what: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-/// `sluice-ingest` and friends next to this test's executable.
-fn service_binary(name: &str) -> PathBuf {
-    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join(name);
-    assert!(binary.exists(), "{} is missing; build the workspace first", binary.display());
-    binary
 }
 
 /// Writes each `<service>.toml` found in the rendered ConfigMaps and Secrets into `directory`.
@@ -99,7 +92,7 @@ fn chart_lints_renders_validates_and_its_configs_load() {
         assert_eq!(configs.len(), 3, "{configs:?}");
         for config in configs {
             let service = format!("sluice-{}", config.file_stem().unwrap().to_str().unwrap());
-            let output = Command::new(service_binary(&service))
+            let output = Command::new(workspace_binary(&service))
                 .arg("--config")
                 .arg(&config)
                 .arg("--print-config")

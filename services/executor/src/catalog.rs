@@ -101,14 +101,17 @@ impl Snapshot {
         }
     }
 
-    /// Committed files holding rows of `[start, end)`, by their recorded event-time range.
-    pub fn files_overlapping(&self, stream: &str, start_micros: i64, end_micros: i64) -> Vec<&CommittedFile> {
-        self.files(stream)
+    /// Rows of the committed files of `streams` that hold rows of `[start, end)`, by their
+    /// recorded event-time range: what a window run read, and what restatement compares with.
+    pub fn rows_overlapping(&self, streams: &[String], start_micros: i64, end_micros: i64) -> u64 {
+        streams
             .iter()
+            .flat_map(|stream| self.files(stream))
             .filter(|file| {
                 file.min_event_time_micros < end_micros && file.max_event_time_micros >= start_micros
             })
-            .collect()
+            .map(|file| file.num_rows)
+            .sum()
     }
 }
 

@@ -160,6 +160,8 @@ pub enum RunError {
 pub struct WindowRun<'a> {
     pub catalog: &'a Catalog,
     pub job: &'a JobDefinition,
+    /// The streams the job reads: their rows in the window are recorded for restatement.
+    pub streams: &'a [String],
     pub window_start_micros: i64,
     pub window_end_micros: i64,
     pub timeout: Duration,
@@ -178,7 +180,8 @@ impl WindowRun<'_> {
         let started = Instant::now();
         let lake_error = |error: &dyn std::fmt::Display| RunError::Lake(error.to_string());
         let snapshot = self.catalog.snapshot().await.map_err(|error| lake_error(&format!("{error:#}")))?;
-        let input_rows = self.input_rows(&snapshot);
+        let input_rows =
+            snapshot.rows_overlapping(self.streams, self.window_start_micros, self.window_end_micros);
         let scope =
             Scope::Window { start_micros: self.window_start_micros, end_micros: self.window_end_micros };
         let ctx = self
@@ -208,17 +211,6 @@ impl WindowRun<'_> {
         stats.rows_written = rows_written;
         stats.bytes_written = bytes_written;
         Ok(RunResult { stats, input_rows, result_path: path })
-    }
-
-    fn input_rows(&self, snapshot: &crate::catalog::Snapshot) -> u64 {
-        self.catalog
-            .stream_names()
-            .iter()
-            .flat_map(|stream| {
-                snapshot.files_overlapping(stream, self.window_start_micros, self.window_end_micros)
-            })
-            .map(|file| file.num_rows)
-            .sum()
     }
 }
 

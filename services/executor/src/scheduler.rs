@@ -512,14 +512,8 @@ fn next_step(
         let restated = scheduled.job.definition.restate
             && outcome.status == OutcomeStatus::Succeeded
             && snapshot_opt.is_some_and(|snapshot| {
-                let rows: u64 = scheduled
-                    .job
-                    .streams
-                    .iter()
-                    .flat_map(|stream| snapshot.files_overlapping(stream, window_start, window_end))
-                    .map(|file| file.num_rows)
-                    .sum();
-                rows != outcome.input_rows
+                snapshot.rows_overlapping(&scheduled.job.streams, window_start, window_end)
+                    != outcome.input_rows
             });
         return (backfilled || restated).then_some((state.revision + 1, 1));
     }
@@ -613,6 +607,7 @@ async fn run_attempt(
     let run = WindowRun {
         catalog: &shared.catalog,
         job: definition,
+        streams: &job.streams,
         window_start_micros,
         window_end_micros,
         timeout: Duration::from_micros(u64::try_from(timeout_micros).unwrap_or(u64::MAX)),
