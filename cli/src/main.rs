@@ -16,6 +16,7 @@ use sluice_executor::ExecutorConfig;
 use sluice_schema::{SchemaRegistry, split_single_object};
 
 mod jobs;
+mod simulate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,7 +27,8 @@ mod jobs;
 then the flags below.\n\nExit codes: 0 done, 1 failed (Kafka or the store unreachable, a query error), \
 2 bad usage, 3 a job was refused (the reason is printed).\n\nExamples:\n  \
 sluice jobs submit examples/jobs/hourly_device_stats.sql\n  sluice jobs runs hourly_device_stats\n  \
-sluice query \"SELECT device_id, count(*) FROM telemetry GROUP BY device_id\"\n  sluice tail telemetry --limit 5"
+sluice query \"SELECT device_id, count(*) FROM telemetry GROUP BY device_id\"\n  sluice tail telemetry --limit 5\n  \
+sluice simulate --devices 32 --history 10m"
 )]
 struct Args {
     /// The executor's TOML configuration (Kafka, object store, schemas, reference tables).
@@ -82,6 +84,8 @@ sluice query --format csv \"SELECT * FROM telemetry LIMIT 10\""
         #[arg(long, value_enum, default_value_t = jobs::OutputFormat::Table)]
         format: jobs::OutputFormat,
     },
+    /// Play a fleet of devices: readings over HTTP (and MQTT) with realistic signals and faults.
+    Simulate(Box<simulate::SimulateArgs>),
 }
 
 fn main() -> ExitCode {
@@ -137,6 +141,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Jobs(command) => jobs::run(&config, command),
         Command::Tables => jobs::tables(&config),
         Command::Query { sql, format } => jobs::query(&config, &sql, format),
+        Command::Simulate(simulate_args) => {
+            simulate::run(&simulate_args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

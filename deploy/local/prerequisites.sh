@@ -28,6 +28,7 @@ fi
 deploy/local/broker.sh install
 deploy/local/s3-server.sh install
 deploy/local/k8s-tools.sh install
+deploy/local/promtool.sh install
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "prerequisites.sh: installing cargo-nextest" >&2

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the pipeline locally, end to end: the Kafka-protocol broker, the ingest service, the
-# compactor and the executor; sample readings from 32 devices over the last five minutes (and a
-# bad batch, refused); what landed in Kafka; the Parquet files committed under ./data; the
-# example job examples/jobs/device_minute_stats.sql submitted through sluice.jobs, run over
-# those minutes, and its results. Services are built in debug mode; logs go under ./.local.
+# compactor and the executor on a lake under ./data; the device simulator (`sluice simulate`)
+# sending yesterday's and today's readings of 32 devices at 4 sites with a few faults, then live
+# readings; every job in examples/jobs/ submitted through sluice.jobs; the first complete
+# windows run; and a report of what was sent, refused, written and computed. Services are built
+# in debug mode; logs go under ./.local. Ctrl-C stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -15,9 +16,10 @@ touch .local/run-start
 ingest_pid=""
 compactor_pid=""
 executor_pid=""
+simulator_pid=""
 
 cleanup() {
-  for pid in "$executor_pid" "$ingest_pid" "$compactor_pid"; do
+  for pid in "$simulator_pid" "$executor_pid" "$ingest_pid" "$compactor_pid"; do
     if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
       kill "$pid" 2>/dev/null || true
       wait "$pid" 2>/dev/null || true
@@ -32,10 +34,17 @@ step() { printf '\n==> %s\n' "$*"; }
 for tool in cargo curl python3; do
   command -v "$tool" >/dev/null || { echo "run.sh: '$tool' is needed; install it first" >&2; exit 1; }
 done
-if (exec 3<>"/dev/tcp/${ingest_address%:*}/${ingest_address#*:}") 2>/dev/null; then
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if port_in_use "${ingest_address#*:}"; then
   echo "run.sh: $ingest_address is already in use; stop what runs there or set SLUICE_INGEST_PORT" >&2
   exit 1
 fi
+for port in 8081 8082; do
+  if port_in_use "$port"; then
+    echo "run.sh: 127.0.0.1:$port (compactor and executor health endpoints) is already in use; is another run.sh running?" >&2
+    exit 1
+  fi
+done
 
 step "Installing prerequisites (only what is missing)"
 deploy/local/prerequisites.sh
@@ -83,32 +92,30 @@ sleep 1
 kill -0 "$executor_pid" 2>/dev/null || { echo "run.sh: executor exited; see .local/executor.log:" >&2; tail -n 20 .local/executor.log >&2; exit 1; }
 echo "running (log: .local/executor.log)"
 
-step "Sending sample readings from 32 devices, one a minute over the last five minutes"
-run_id="$(date +%s)"
-now_ms="$(($(date +%s%N) / 1000000))"
-readings=""
-# 32 devices: enough keys to reach every partition, since the watermark waits for all of them.
-for device in $(seq 1 32); do
-  for seq in 1 2 3 4 5; do
-    ts=$((now_ms - (5 - seq) * 60000))
-    temperature="$((15 + device % 10)).$((seq * 7 % 10))"
-    readings+="{\"device_id\":\"demo-$run_id-$device\",\"ts\":$ts,\"seq\":$seq,\"site\":\"farm-$((device % 4 + 1))\",\"temperature\":$temperature,\"humidity\":$((40 + seq)).5,\"battery\":0.9$device}"$'\n'
-  done
-done
-printf 'POST /v1/streams/telemetry/records (160 readings, NDJSON): '
-curl -sS -w ' HTTP %{http_code}\n' -H 'content-type: application/x-ndjson' --data-binary "$readings" \
-  "http://$ingest_address/v1/streams/telemetry/records"
-printf 'POST a batch with a bad reading (refused whole, nothing written): '
-curl -sS -w ' HTTP %{http_code}\n' -H 'content-type: application/json' \
-  --data "[{\"device_id\":\"demo-$run_id-1\",\"ts\":$now_ms,\"seq\":6},{\"device_id\":\"demo-$run_id-9\",\"ts\":\"yesterday\",\"seq\":1}]" \
-  "http://$ingest_address/v1/streams/telemetry/records"
+sluice() { "$bin_dir/sluice" --config deploy/config/executor.toml --bootstrap-servers "127.0.0.1:$broker_port" "$@"; }
 
-step "What landed in Kafka (topic sluice.telemetry, decoded with schemas/telemetry.avsc)"
-"$bin_dir/sluice" --bootstrap-servers "127.0.0.1:$broker_port" tail telemetry --limit 1000000 --idle-timeout-ms 1500 \
-  2>/dev/null | grep "demo-$run_id-" > .local/run-records.jsonl || true
-head -n 5 .local/run-records.jsonl
-landed="$(wc -l < .local/run-records.jsonl)"
-echo "... This run's readings in Kafka: $landed (expected 160)"
+step "Submitting the jobs in examples/jobs/ through sluice.jobs"
+for job in examples/jobs/*.sql; do
+  sluice jobs submit "$job" --wait 60
+done
+
+now_s="$(date +%s)"
+today_s=$((now_s / 86400 * 86400))
+# The daily job needs a complete UTC day whose lateness (30 minutes) has passed.
+if (( now_s - today_s < 3600 )); then day_s=$((today_s - 2 * 86400)); else day_s=$((today_s - 86400)); fi
+history_s=$((now_s - day_s))
+step "Simulating 32 devices at 4 sites: readings from $(date -u -d "@$day_s" +%Y-%m-%dT%H:%MZ) until now, one a minute each"
+echo "faults: 1% invalid, 2% late by 5 minutes, 5% out of order, 1% sent twice, device clocks off by up to 2 s"
+"$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --devices 32 --sites 4 --rate 0.016667 \
+  --history "${history_s}s" --invalid 0.01 --late 0.02 --late-by 5m --out-of-order 0.05 --duplicates 0.01 \
+  --clock-skew 2s --anomalies 0.002 --seed "$now_s" --device-prefix "demo" --log .local/simulated.ndjson \
+  | tee .local/simulator-report.txt
+echo "(every reading sent, with its faults and ingest's answer: .local/simulated.ndjson)"
+
+step "Live readings: every device every 5 s, in the background (log: .local/simulator-live.log)"
+"$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --devices 32 --sites 4 --rate 0.2 \
+  --duration 2h --seed "$((now_s + 1))" --device-prefix "demo" > .local/simulator-live.log 2>&1 &
+simulator_pid=$!
 
 step "Parquet committed by the compactor (./data, Hive layout by event time)"
 data_files() { find data/telemetry -name '*.parquet' -newer .local/run-start 2>/dev/null | wc -l; }
@@ -122,36 +129,46 @@ if [[ "$(data_files)" -eq 0 ]]; then
   exit 1
 fi
 sleep 6
-find data/telemetry -name '*.parquet' -newer .local/run-start | sort | head -n 10
-echo "Files written this run: $(data_files); commit records: $(find data/_sluice/commits -name '*.json' | wc -l) in all"
+echo "files written this run: $(data_files) in $(find data/telemetry -mindepth 2 -maxdepth 2 -type d -name 'hour=*' | wc -l) hourly partitions, for example:"
+find data/telemetry -name '*.parquet' -newer .local/run-start | sort | tail -n 3
+echo "commit records: $(find data/_sluice/commits -name '*.json' | wc -l)"
 
-sluice() { "$bin_dir/sluice" --config deploy/config/executor.toml --bootstrap-servers "127.0.0.1:$broker_port" "$@"; }
+step "Waiting for the first live window of device_minute_stats (complete about a minute after submission)"
+for _ in $(seq 1 180); do
+  sluice jobs show device_minute_stats 2>/dev/null | grep -Eq '[1-9][0-9]* succeeded' && break
+  sleep 1
+done
+sluice jobs show device_minute_stats | sed -n '1,12p'
 
-step "Submitting examples/jobs/device_minute_stats.sql through sluice.jobs"
-sed -n '1,4p' examples/jobs/device_minute_stats.sql
-sluice jobs submit examples/jobs/device_minute_stats.sql --wait 60
+hour_s=$((now_s / 3600 * 3600))
+step "Running the hourly and daily jobs over the simulated history (backfills)"
+sluice jobs backfill hourly_device_stats --from "$(date -u -d "@$((hour_s - 7200))" +%Y-%m-%dT%H:00:00Z)" \
+  --to "$(date -u -d "@$((hour_s - 3600))" +%Y-%m-%dT%H:00:00Z)" --timeout 180
+sluice jobs backfill temperature_anomalies --from "$(date -u -d "@$((hour_s - 7200))" +%Y-%m-%dT%H:00:00Z)" \
+  --to "$(date -u -d "@$((hour_s - 3600))" +%Y-%m-%dT%H:00:00Z)" --timeout 180
+sluice jobs backfill daily_site_percentiles --from "$(date -u -d "@$day_s" +%Y-%m-%dT00:00:00Z)" \
+  --to "$(date -u -d "@$((day_s + 86400))" +%Y-%m-%dT00:00:00Z)" --timeout 300
 
-step "Running it over this run's minutes (a backfill; later minutes run by themselves once complete)"
-now_s=$((now_ms / 1000))
-# Minutes from five minutes ago up to the last one that the watermark (2 s behind) has passed.
-from="$(date -u -d "@$((now_s - 300))" +%Y-%m-%dT%H:%M:00Z)"
-to="$(date -u -d "@$((now_s - 10))" +%Y-%m-%dT%H:%M:00Z)"
-sluice jobs backfill device_minute_stats --from "$from" --to "$to" --timeout 180
-
-step "Results of device_minute_stats (./data/results/device_minute_stats/), this run's devices"
-sluice jobs results device_minute_stats --windows 2 | grep -E "window starting|device_id|^\+|demo-$run_id-(1|2|3)\b" || true
+step "Report"
+cat .local/simulator-report.txt
+for job in device_minute_stats hourly_device_stats temperature_anomalies daily_site_percentiles; do
+  echo
+  echo "--- $job: first rows of its newest result (data/results/$job/)"
+  sluice jobs results "$job" --windows 1 | head -n 14
+done
 echo
-sluice jobs runs device_minute_stats --limit 6
+sluice jobs runs device_minute_stats --limit 3
 
 step "Done"
 cat <<EOT
-The broker keeps running (memory storage): deploy/local/broker.sh status | stop
-Next:
+Data: ./data/telemetry (Parquet by dt=/hour=), ./data/results/<job>/ (job results), ./data/_sluice (commit records, run records).
+The services and the live simulator stop with this script; the broker keeps running (memory
+storage, so topics and jobs survive until it stops): deploy/local/broker.sh status | stop
+Next, in another terminal:
   target/debug/sluice query "SELECT site, count(*) AS readings, round(avg(temperature), 1) AS avg_temp FROM telemetry GROUP BY site ORDER BY site"
   target/debug/sluice jobs list                         # jobs and their status
   target/debug/sluice jobs runs device_minute_stats     # run history (sluice.job-runs)
-  target/debug/sluice tail telemetry --limit 5          # read the stream
-  ls data/telemetry/ data/results/                      # the lake and the job results
+  target/debug/sluice tail telemetry --dead-letters     # readings refused over MQTT
+  target/debug/sluice simulate --help                   # more devices, MQTT, faults
   cat docs/jobs.md                                      # write your own job
 EOT
-[[ "$landed" == "160" && "$(data_files)" -gt 0 ]]

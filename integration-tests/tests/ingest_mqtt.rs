@@ -6,14 +6,12 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_ingest::IngestConfig;
 use sluice_integration_tests::{
-    Broker, IngestService, Mosquitto, consume_topic, decode_value, ingest_config, now_micros,
-    telemetry_schema_json, unique_suffix,
+    Broker, IngestService, Mosquitto, MqttDevice as Device, consume_topic, decode_value, ingest_config,
+    now_micros, telemetry_schema_json, unique_suffix, wait_for_mqtt_bridge,
 };
-use tokio::sync::mpsc;
 
 const SETTLE: Duration = Duration::from_millis(1500);
 
@@ -25,63 +23,33 @@ fn mqtt_ingest_config(broker: &Broker, mosquitto: &Mosquitto) -> IngestConfig {
     config
 }
 
-/// A device-side MQTT client whose publishes resolve once the MQTT broker acknowledged them.
-struct Device {
-    client: AsyncClient,
-    puback_rx: mpsc::UnboundedReceiver<()>,
-}
-
-impl Device {
-    async fn connect(port: u16) -> Self {
-        let options = MqttOptions::new(format!("device-{}", unique_suffix()), "127.0.0.1", port);
-        let (client, mut event_loop) = AsyncClient::new(options, 16);
-        let (puback_tx, puback_rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                match event_loop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        let _ = puback_tx.send(());
-                    }
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        Self { client, puback_rx }
-    }
-
-    async fn publish(&mut self, topic: &str, payload: Value) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload.to_string()).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.puback_rx.recv())
-            .await
-            .expect("PUBACK from mosquitto")
-            .unwrap();
-    }
-}
-
-/// Waits until the bridge's subscription is in place: a device publishes probes (readings of
-/// device "probe") until one of them lands in Kafka.
-async fn wait_for_bridge(mosquitto: &Mosquitto, broker: &Broker, ingest: &IngestService) {
-    let mut prober = Device::connect(mosquitto.port).await;
-    let probing = tokio::spawn(async move {
-        for attempt in 0..200 {
-            prober.publish("sluice/telemetry/probe", json!({"ts": now_micros(), "seq": attempt})).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    let records =
-        consume_topic(&broker.bootstrap_servers(), &ingest.stream_topic("telemetry"), 1, Duration::ZERO)
-            .await
-            .unwrap();
-    probing.abort();
-    assert!(!records.is_empty(), "the MQTT bridge never subscribed");
-}
-
 fn probe_free(
     records: Vec<sluice_integration_tests::ConsumedRecord>,
 ) -> Vec<sluice_integration_tests::ConsumedRecord> {
     records.into_iter().filter(|record| record.key.as_deref() != Some("probe")).collect()
+}
+
+/// The topic's records other than probes, once at least `expected` of them arrived and no more
+/// came for [`SETTLE`]. Probes count towards a plain [`consume_topic`]'s `expected`, so waiting
+/// for them alone could stop before the last readings land.
+async fn consume_readings(
+    broker: &Broker,
+    topic: &str,
+    expected: usize,
+) -> Vec<sluice_integration_tests::ConsumedRecord> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let records =
+            consume_topic(&broker.bootstrap_servers(), topic, expected, Duration::ZERO).await.unwrap();
+        let num_probes = records.len() - probe_free(records.clone()).len();
+        if records.len() - num_probes >= expected || tokio::time::Instant::now() >= deadline {
+            // Read again with the probes counted, then wait for anything (a duplicate) after them.
+            let settled =
+                consume_topic(&broker.bootstrap_servers(), topic, records.len(), SETTLE).await.unwrap();
+            return probe_free(settled);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,33 +58,30 @@ async fn readings_land_keyed_by_topic_device_and_bad_ones_are_dead_lettered() {
     let mosquitto = Mosquitto::start().await.unwrap();
     let ingest = IngestService::start(mqtt_ingest_config(&broker, &mosquitto)).await.unwrap();
     let mut device = Device::connect(mosquitto.port).await;
-    wait_for_bridge(&mosquitto, &broker, &ingest).await;
+    wait_for_mqtt_bridge(&mosquitto, &broker, &ingest.stream_topic("telemetry")).await.unwrap();
     let ts = now_micros() - 1_000_000;
 
     // Valid, device taken from the topic.
-    device.publish("sluice/telemetry/tractor-9", json!({"ts": ts, "seq": 1, "battery": 0.5})).await;
+    device.publish("sluice/telemetry/tractor-9", json!({"ts": ts, "seq": 1, "battery": 0.5})).await.unwrap();
     // Valid, an array of two readings naming the same device.
     device
         .publish(
             "sluice/telemetry/tractor-9",
             json!([{"device_id": "tractor-9", "ts": ts + 1, "seq": 2}, {"ts": ts + 2, "seq": 3}]),
         )
-        .await;
+        .await
+        .unwrap();
     // Invalid: wrong type.
-    device.publish("sluice/telemetry/tractor-9", json!({"ts": ts, "seq": "four"})).await;
+    device.publish("sluice/telemetry/tractor-9", json!({"ts": ts, "seq": "four"})).await.unwrap();
     // Invalid: the payload names another device than the topic.
     device
         .publish("sluice/telemetry/tractor-9", json!({"device_id": "harvester-1", "ts": ts, "seq": 5}))
-        .await;
+        .await
+        .unwrap();
     // Malformed JSON.
-    device.client.publish("sluice/telemetry/tractor-9", QoS::AtLeastOnce, false, "{not json").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), device.puback_rx.recv()).await.unwrap();
+    device.publish_bytes("sluice/telemetry/tractor-9", b"{not json".to_vec()).await.unwrap();
 
-    let stream_records = probe_free(
-        consume_topic(&broker.bootstrap_servers(), &ingest.stream_topic("telemetry"), 4, SETTLE)
-            .await
-            .unwrap(),
-    );
+    let stream_records = consume_readings(&broker, &ingest.stream_topic("telemetry"), 4).await;
     let schema_json = telemetry_schema_json();
     let mut seqs: Vec<i64> = stream_records
         .iter()
@@ -164,10 +129,10 @@ async fn reading_sent_during_kafka_outage_is_delivered_after_restart() {
     let config = mqtt_ingest_config(&broker, &mosquitto);
     let ingest = IngestService::start(config.clone()).await.unwrap();
     let mut device = Device::connect(mosquitto.port).await;
-    wait_for_bridge(&mosquitto, &broker, &ingest).await;
+    wait_for_mqtt_bridge(&mosquitto, &broker, &ingest.stream_topic("telemetry")).await.unwrap();
 
     broker.kill().await;
-    device.publish("sluice/telemetry/pump-3", json!({"ts": now_micros(), "seq": 77})).await;
+    device.publish("sluice/telemetry/pump-3", json!({"ts": now_micros(), "seq": 77})).await.unwrap();
     // Give the bridge time to receive it and fail to produce it; then stop ingest with the
     // reading unacknowledged to MQTT.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -176,11 +141,7 @@ async fn reading_sent_during_kafka_outage_is_delivered_after_restart() {
     // Kafka comes back (empty: memory storage), ingest restarts with the same MQTT session.
     let broker = Broker::start_on(broker_port).await.unwrap();
     let ingest = IngestService::start(config).await.unwrap();
-    let records = probe_free(
-        consume_topic(&broker.bootstrap_servers(), &ingest.stream_topic("telemetry"), 1, SETTLE)
-            .await
-            .unwrap(),
-    );
+    let records = consume_readings(&broker, &ingest.stream_topic("telemetry"), 1).await;
     assert_eq!(records.len(), 1, "the reading sent during the outage arrived exactly once");
     assert_eq!(records[0].key.as_deref(), Some("pump-3"));
     let value = decode_value(&telemetry_schema_json(), &records[0].payload).unwrap();
@@ -198,21 +159,17 @@ async fn replicas_in_a_shared_subscription_group_split_readings_without_duplicat
     second_config.mqtt.client_id = format!("ingest-{}", unique_suffix());
     let first = IngestService::start(first_config).await.unwrap();
     let second = IngestService::start(second_config).await.unwrap();
-    wait_for_bridge(&mosquitto, &broker, &first).await;
+    wait_for_mqtt_bridge(&mosquitto, &broker, &first.stream_topic("telemetry")).await.unwrap();
     // The first replica's subscription is proven; the second subscribes at the same moment of
-    // its start. Without the shared group each reading below would land twice.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // its start, and if it is late the first takes every reading. Without the shared group each
+    // reading below would land twice.
 
     let mut device = Device::connect(mosquitto.port).await;
     let ts = now_micros();
     for seq in 0..40 {
-        device.publish("sluice/telemetry/sprinkler-2", json!({"ts": ts + seq, "seq": seq})).await;
+        device.publish("sluice/telemetry/sprinkler-2", json!({"ts": ts + seq, "seq": seq})).await.unwrap();
     }
-    let records = probe_free(
-        consume_topic(&broker.bootstrap_servers(), &first.stream_topic("telemetry"), 40, SETTLE)
-            .await
-            .unwrap(),
-    );
+    let records = consume_readings(&broker, &first.stream_topic("telemetry"), 40).await;
     let schema_json = telemetry_schema_json();
     let mut seqs: Vec<i64> = records
         .iter()

@@ -466,6 +466,7 @@ impl CompactorLoop {
 
     /// Commits the partition's buffered range. On any failure before the commit point, the
     /// buffer is dropped and the range is read again from Kafka.
+    #[tracing::instrument(name = "flush", skip_all, fields(stream = %state.stream.stream, partition = key.1))]
     fn flush_partition(&self, key: &(String, i32), state: &mut PartitionState) {
         let Some(range_start) = state.range_start_opt.filter(|&start| state.next_offset > start) else {
             return;
@@ -473,11 +474,9 @@ impl CompactorLoop {
         let started = Instant::now();
         let stream = Arc::clone(&state.stream);
         let batch = state.builder.finish();
-        let (files, num_duplicates_dropped) = match encode_partitioned(
-            &batch,
-            stream.granularity,
-            &stream.writer_properties,
-        ) {
+        let encoded = tracing::info_span!("encode_parquet", num_rows = batch.num_rows())
+            .in_scope(|| encode_partitioned(&batch, stream.granularity, &stream.writer_properties));
+        let (files, num_duplicates_dropped) = match encoded {
             Ok(flush) => (flush.files, flush.num_duplicates_dropped),
             Err(error) => {
                 tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to encode Parquet; re-reading the range");
@@ -485,6 +484,7 @@ impl CompactorLoop {
                 return;
             }
         };
+        let upload_span = tracing::info_span!("upload", num_files = files.len()).entered();
         let mut committed_files = Vec::with_capacity(files.len());
         for file in files {
             let file_name =
@@ -507,6 +507,7 @@ impl CompactorLoop {
             }
             committed_files.push(committed);
         }
+        drop(upload_span);
         let max_event_time_micros_opt =
             match (state.committed_max_event_time_opt, state.buffered_max_event_time_opt) {
                 (Some(committed), Some(buffered)) => Some(committed.max(buffered)),
@@ -526,9 +527,11 @@ impl CompactorLoop {
             writer_id: self.writer_id.clone(),
             created_at_micros: now_micros(),
         };
-        match self.handle.block_on(self.lake.create_commit(&record)) {
+        let _commit_span = tracing::info_span!("commit", sequence = record.sequence).entered();
+        let outcome = self.handle.block_on(self.lake.create_commit(&record));
+        match outcome {
             Ok(CommitOutcome::Created) => {
-                self.publish_with_retries(&record);
+                tracing::info_span!("publish").in_scope(|| self.publish_with_retries(&record));
                 let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
                 self.metrics.record_flush(
                     &stream.stream,

@@ -218,6 +218,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     let handle = Handle::current();
     let streams_by_topic = streams.iter().map(|(topic, info)| (topic.clone(), info.stream.clone())).collect();
     let metrics = Arc::new(metrics::CompactorMetrics::new());
+    metrics.start_counters(streams.values().map(|info| info.stream.as_str()));
     let (context, events_rx) =
         RebalanceContext::new(lake.clone(), handle.clone(), streams_by_topic, Arc::clone(&metrics));
     let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);

@@ -144,6 +144,7 @@ pub(crate) async fn merge_stream(
 }
 
 /// Reads the inputs, and writes them as one sorted file to staging.
+#[tracing::instrument(name = "merge", skip_all, fields(stream = %target.stream, partition = %partition, num_inputs = inputs.len()))]
 async fn merge_files(
     lake: &Lake,
     target: &MergeTarget,

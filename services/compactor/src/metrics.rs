@@ -30,10 +30,15 @@ impl CompactorMetrics {
                 .build(),
             bytes_written: meter.u64_counter("sluice_compactor_bytes_written").with_unit("By").build(),
             files_written: meter.u64_counter("sluice_compactor_files_written").with_unit("{file}").build(),
-            file_size: meter.u64_histogram("sluice_compactor_file_size_bytes").with_unit("By").build(),
+            file_size: meter
+                .u64_histogram("sluice_compactor_file_size_bytes")
+                .with_unit("By")
+                .with_boundaries(sluice_telemetry::FILE_SIZE_BUCKETS_BYTES.to_vec())
+                .build(),
             flush_duration: meter
                 .f64_histogram("sluice_compactor_flush_duration_seconds")
                 .with_unit("s")
+                .with_boundaries(sluice_telemetry::DURATION_BUCKETS_SECONDS.to_vec())
                 .build(),
             buffered_bytes: meter.u64_gauge("sluice_compactor_buffered_bytes").with_unit("By").build(),
             dead_lettered: meter
@@ -59,6 +64,19 @@ impl CompactorMetrics {
                 .with_unit("s")
                 .with_description("Completeness watermark of the stream, epoch seconds")
                 .build(),
+        }
+    }
+
+    /// Exports the event counters at zero for every stream, so that `increase()` and alert rules
+    /// see the first dead letter or conflict instead of a series that appears already at one.
+    pub(crate) fn start_counters<'a>(&self, streams: impl Iterator<Item = &'a str>) {
+        for stream in streams {
+            let labels = [KeyValue::new("stream", stream.to_string())];
+            self.records_written.add(0, &labels);
+            self.bytes_written.add(0, &labels);
+            self.files_written.add(0, &labels);
+            self.dead_lettered.add(0, &labels);
+            self.commit_conflicts.add(0, &labels);
         }
     }
 

@@ -176,36 +176,64 @@ pub struct RunResult {
 }
 
 impl WindowRun<'_> {
+    /// Each DataFusion phase runs in its own span (children of `job_run`), so that a trace shows
+    /// where a slow window spent its time: listing committed files, planning, optimizing and
+    /// physical planning, executing, or writing the result.
     pub async fn execute(&self) -> Result<RunResult, RunError> {
+        use tracing::Instrument as _;
+
         let started = Instant::now();
         let lake_error = |error: &dyn std::fmt::Display| RunError::Lake(error.to_string());
-        let snapshot = self.catalog.snapshot().await.map_err(|error| lake_error(&format!("{error:#}")))?;
+        let snapshot = self
+            .catalog
+            .snapshot()
+            .instrument(tracing::info_span!("snapshot"))
+            .await
+            .map_err(|error| lake_error(&format!("{error:#}")))?;
         let input_rows =
             snapshot.rows_overlapping(self.streams, self.window_start_micros, self.window_end_micros);
         let scope =
             Scope::Window { start_micros: self.window_start_micros, end_micros: self.window_end_micros };
-        let ctx = self
-            .catalog
-            .session(&snapshot, scope, true)
-            .await
-            .map_err(|error| RunError::Query(format!("{:#}", anyhow::Error::from(error))))?;
-        let frame = plan_query(&ctx, &self.job.sql, Some((self.window_start_micros, self.window_end_micros)))
-            .await
-            .map_err(|error| RunError::Query(error.0))?;
+        let frame = async {
+            let ctx = self
+                .catalog
+                .session(&snapshot, scope, true)
+                .await
+                .map_err(|error| RunError::Query(format!("{:#}", anyhow::Error::from(error))))?;
+            plan_query(&ctx, &self.job.sql, Some((self.window_start_micros, self.window_end_micros)))
+                .await
+                .map_err(|error| RunError::Query(error.0))
+        }
+        .instrument(tracing::info_span!("logical_plan"))
+        .await?;
         let task_ctx = frame.task_ctx();
-        let plan = frame.create_physical_plan().await.map_err(|error| RunError::Query(describe(&error)))?;
+        let plan = frame
+            .create_physical_plan()
+            .instrument(tracing::info_span!("physical_plan"))
+            .await
+            .map_err(|error| RunError::Query(describe(&error)))?;
         let remaining = self.timeout.saturating_sub(started.elapsed());
+        let execute_span = tracing::info_span!(
+            "execute",
+            partitions = plan.properties().output_partitioning().partition_count()
+        );
         let batches = tokio::time::timeout(remaining, collect(Arc::clone(&plan), Arc::new(task_ctx)))
+            .instrument(execute_span)
             .await
             .map_err(|_| RunError::Timeout(self.timeout))?
             .map_err(|error| RunError::Query(describe(&error)))?;
 
         let schema: SchemaRef = plan.schema();
         let rows_written: u64 = batches.iter().map(|batch| batch.num_rows() as u64).sum();
-        let bytes = encode_parquet(schema, &batches).map_err(RunError::Query)?;
-        let bytes_written = bytes.len() as u64;
         let path = result_path(&self.job.name, self.window_start_micros);
-        self.catalog.lake().put(&path, bytes).await.map_err(|error| lake_error(&error))?;
+        let bytes_written = async {
+            let bytes = encode_parquet(schema, &batches).map_err(RunError::Query)?;
+            let bytes_written = bytes.len() as u64;
+            self.catalog.lake().put(&path, bytes).await.map_err(|error| lake_error(&error))?;
+            Ok::<_, RunError>(bytes_written)
+        }
+        .instrument(tracing::info_span!("write_result", rows = rows_written))
+        .await?;
 
         let mut stats = scan_stats(&plan);
         stats.rows_written = rows_written;

@@ -117,7 +117,11 @@ impl ExecutorMetrics {
                 .with_unit("{run}")
                 .with_description("Run attempts by job and status (succeeded, failed, retrying)")
                 .build(),
-            run_duration: meter.f64_histogram("sluice_executor_run_duration_seconds").with_unit("s").build(),
+            run_duration: meter
+                .f64_histogram("sluice_executor_run_duration_seconds")
+                .with_unit("s")
+                .with_boundaries(sluice_telemetry::DURATION_BUCKETS_SECONDS.to_vec())
+                .build(),
             rows_read: meter.u64_counter("sluice_executor_rows_read").with_unit("{row}").build(),
             rows_written: meter.u64_counter("sluice_executor_rows_written").with_unit("{row}").build(),
             freshness: meter
@@ -316,6 +320,13 @@ async fn handle_definition(
                 |start| definition.window_containing(start),
             );
             tracing::info!(job = %key, streams = ?job.streams, first_window = %format_micros(first_window_micros), "job accepted");
+            // Series at zero from the start: alert rules on `increase()` then see the first failure.
+            for status in ["succeeded", "failed", "retrying"] {
+                shared
+                    .metrics
+                    .runs
+                    .add(0, &[KeyValue::new("job_name", key.clone()), KeyValue::new("status", status)]);
+            }
             jobs.insert(
                 key.clone(),
                 ScheduledJob {
@@ -461,7 +472,7 @@ async fn schedule(
             shared
                 .metrics
                 .freshness
-                .record((now - newest) / 1_000_000, &[KeyValue::new("job", name.clone())]);
+                .record((now - newest) / 1_000_000, &[KeyValue::new("job_name", name.clone())]);
         }
     }
     // Oldest windows first across all jobs: catching up keeps order.
@@ -690,7 +701,7 @@ async fn run_attempt(
     }
 
     let labels = [
-        KeyValue::new("job", definition.name.clone()),
+        KeyValue::new("job_name", definition.name.clone()),
         KeyValue::new("status", format!("{status:?}").to_lowercase()),
     ];
     shared.metrics.runs.add(1, &labels);

@@ -62,11 +62,13 @@ impl IngestMetrics {
             request_duration: meter
                 .f64_histogram("sluice_ingest_request_duration_seconds")
                 .with_unit("s")
+                .with_boundaries(sluice_telemetry::LATENCY_BUCKETS_SECONDS.to_vec())
                 .with_description("Time to answer an ingest request or MQTT message")
                 .build(),
             produce_duration: meter
                 .f64_histogram("sluice_ingest_produce_duration_seconds")
                 .with_unit("s")
+                .with_boundaries(sluice_telemetry::LATENCY_BUCKETS_SECONDS.to_vec())
                 .with_description("Time from producing a batch to the broker acknowledging all of it")
                 .build(),
             in_flight_bytes: meter

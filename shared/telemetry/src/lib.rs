@@ -20,6 +20,30 @@ use tracing_subscriber::util::SubscriberInitExt;
 pub use opentelemetry::global::meter;
 pub use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter};
 
+/// Histogram bucket bounds for latencies in seconds, from a millisecond to ten seconds. The SDK's
+/// default bounds (0 to 10,000) suit milliseconds and would put every request in the first bucket.
+pub const LATENCY_BUCKETS_SECONDS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Bucket bounds for work that takes seconds to an hour (flushes, job runs).
+pub const DURATION_BUCKETS_SECONDS: &[f64] =
+    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+
+/// Bucket bounds for file sizes in bytes, 64 KiB to 1 GiB: small files are what hurts scans.
+pub const FILE_SIZE_BUCKETS_BYTES: &[f64] = &[
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    33_554_432.0,
+    67_108_864.0,
+    134_217_728.0,
+    268_435_456.0,
+    536_870_912.0,
+    1_073_741_824.0,
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
