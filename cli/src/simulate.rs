@@ -88,6 +88,10 @@ pub(crate) struct SimulateArgs {
     /// Readings per HTTP request.
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
+    /// HTTP requests in flight at once; more load ingest harder and let batches arrive out of
+    /// order.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
     /// Write every reading sent here, one JSON object per line with its transport, faults and
     /// ingest's answer.
     #[arg(long, value_name = "PATH")]
@@ -340,6 +344,7 @@ pub(crate) struct Report {
     last_event_time_opt: Option<i64>,
     http_requests: u64,
     http_retries: u64,
+    elapsed: Duration,
 }
 
 impl Report {
@@ -361,16 +366,25 @@ impl Report {
             "faults": self.faults,
             "first_event_time": self.first_event_time_opt.map(sluice_executor::job::format_micros),
             "last_event_time": self.last_event_time_opt.map(sluice_executor::job::format_micros),
+            "elapsed_seconds": self.elapsed.as_secs_f64(),
+            "readings_per_second": self.readings_per_second(),
         })
+    }
+
+    /// Sending rate over the whole run, answers included: with history, ingest's throughput.
+    fn readings_per_second(&self) -> f64 {
+        (self.http_sent + self.mqtt_published) as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
     fn print_text(&self, args: &SimulateArgs, num_mqtt_devices: usize) {
         println!(
-            "sent {} readings from {} devices at {} sites ({} over MQTT)",
+            "sent {} readings from {} devices at {} sites ({} over MQTT) in {:.1} s, {:.0} readings/s",
             self.http_sent + self.mqtt_published,
             args.devices,
             args.sites,
-            num_mqtt_devices
+            num_mqtt_devices,
+            self.elapsed.as_secs_f64(),
+            self.readings_per_second()
         );
         println!(
             "  HTTP: {} sent, {} accepted, {} rejected ({} requests, {} retried)",
@@ -444,6 +458,7 @@ async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let mut fleet = Fleet::new(args, args.mqtt.is_some(), faults);
     let num_mqtt_devices = fleet.num_mqtt_devices();
     let mut sender = Sender::connect(args).await?;
+    let started = std::time::Instant::now();
     let step_micros = (1_000_000.0 / args.rate).max(1.0) as i64;
     let limit = args.count.unwrap_or(u64::MAX);
     let mut sent: u64 = 0;
@@ -456,8 +471,14 @@ async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         sent += sender.send(fleet.tick(event_time), limit - sent).await?;
         event_time += step_micros;
     }
-    // Live: one reading per device per step of wall time.
-    let live_end = now + i64::try_from(args.duration.as_micros()).unwrap_or(i64::MAX / 4);
+    // Live: one reading per device per step of wall time. Sending the history took time; the
+    // readings of that time go out first (at once), so there is no gap up to the live ones. A
+    // history-only run ends at the time its history was sent.
+    let live_end = if args.duration.is_zero() {
+        now_micros()
+    } else {
+        now + i64::try_from(args.duration.as_micros()).unwrap_or(i64::MAX / 4)
+    };
     let unbounded_live = args.history.is_zero() && args.duration.is_zero();
     while sent < limit && (event_time < live_end || unbounded_live) {
         let wait = event_time - now_micros();
@@ -468,7 +489,8 @@ async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
         event_time += step_micros;
     }
     sender.send(fleet.drain(), u64::MAX).await?;
-    let report = sender.finish().await?;
+    let mut report = sender.finish().await?;
+    report.elapsed = started.elapsed();
     match args.report {
         ReportFormat::Json => println!("{}", report.to_json(args, num_mqtt_devices)),
         ReportFormat::Text => report.print_text(args, num_mqtt_devices),
@@ -476,13 +498,14 @@ async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends messages: HTTP in batches (invalid readings alone, so that a refused one loses no
-/// valid neighbour), MQTT one publish per reading with QoS 1.
+/// Sends messages: HTTP in batches, up to `--concurrency` requests at once (invalid readings
+/// alone, so that a refused one holds up no valid neighbour), MQTT one publish per reading with
+/// QoS 1.
 struct Sender {
-    http: reqwest::Client,
-    records_url: String,
-    token_opt: Option<String>,
+    target: HttpTarget,
     batch: usize,
+    concurrency: usize,
+    in_flight: tokio::task::JoinSet<anyhow::Result<PostOutcome>>,
     mqtt_opt: Option<MqttSender>,
     mqtt_topic_prefix: String,
     stream: String,
@@ -510,17 +533,21 @@ impl Sender {
             )),
         };
         Ok(Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .context("failed to build the HTTP client")?,
-            records_url: format!(
-                "{}/v1/streams/{}/records",
-                args.ingest_url.trim_end_matches('/'),
-                args.stream
-            ),
-            token_opt: args.token.clone(),
+            target: HttpTarget {
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .context("failed to build the HTTP client")?,
+                records_url: format!(
+                    "{}/v1/streams/{}/records",
+                    args.ingest_url.trim_end_matches('/'),
+                    args.stream
+                ),
+                token_opt: args.token.clone(),
+            },
             batch: args.batch.max(1),
+            concurrency: args.concurrency.max(1),
+            in_flight: tokio::task::JoinSet::new(),
             mqtt_opt,
             mqtt_topic_prefix: args.mqtt_topic_prefix.clone(),
             stream: args.stream.clone(),
@@ -555,74 +582,39 @@ impl Sender {
         }
         let (invalid, valid): (Vec<Outgoing>, Vec<Outgoing>) =
             http.into_iter().partition(Outgoing::is_invalid);
-        for chunk in valid.chunks(self.batch) {
-            self.post(chunk).await?;
-        }
-        for message in invalid {
-            self.post(std::slice::from_ref(&message)).await?;
+        let batches = valid
+            .chunks(self.batch)
+            .map(<[Outgoing]>::to_vec)
+            .chain(invalid.into_iter().map(|message| vec![message]));
+        for batch in batches {
+            while self.in_flight.len() >= self.concurrency {
+                self.settle_one().await?;
+            }
+            self.in_flight.spawn(post(self.target.clone(), batch));
         }
         Ok(num_messages)
     }
 
-    /// Posts readings as NDJSON. A 400 names the refused records: they are counted with their
-    /// reason and the rest is sent again. 429, 503 and connection errors are retried.
-    async fn post(&mut self, messages: &[Outgoing]) -> anyhow::Result<()> {
-        let mut remaining: Vec<&Outgoing> = messages.iter().collect();
-        let mut attempt = 0u32;
-        while !remaining.is_empty() {
-            let body: String = remaining.iter().map(|message| format!("{}\n", message.body)).collect();
-            let mut request =
-                self.http.post(&self.records_url).header("content-type", "application/x-ndjson").body(body);
-            if let Some(token) = &self.token_opt {
-                request = request.bearer_auth(token);
-            }
-            self.report.http_requests += 1;
-            let outcome = request.send().await;
-            let (status, answer) = match outcome {
-                Ok(response) => {
-                    let status = response.status();
-                    (Some(status), response.text().await.unwrap_or_default())
+    /// Waits for one in-flight HTTP batch and books what ingest answered.
+    async fn settle_one(&mut self) -> anyhow::Result<()> {
+        let Some(joined) = self.in_flight.join_next().await else { return Ok(()) };
+        let outcome = joined.context("an HTTP sender task failed")??;
+        self.report.http_requests += outcome.requests;
+        self.report.http_retries += outcome.retries;
+        for (message, answer) in outcome.answers {
+            self.report.http_sent += 1;
+            let text = match answer {
+                Answer::Accepted => {
+                    self.report.http_accepted += 1;
+                    "accepted".to_string()
                 }
-                Err(error) => (None, error.to_string()),
+                Answer::Rejected(reason) => {
+                    self.report.http_rejected += 1;
+                    *self.report.rejected_by_reason.entry(reason.clone()).or_default() += 1;
+                    format!("rejected: {reason}")
+                }
             };
-            match status {
-                Some(status) if status.is_success() => {
-                    self.report.http_sent += remaining.len() as u64;
-                    self.report.http_accepted += remaining.len() as u64;
-                    for message in &remaining {
-                        self.log(message, "accepted")?;
-                    }
-                    return Ok(());
-                }
-                Some(status) if status.as_u16() == 400 => {
-                    let refused = refused_records(&answer, remaining.len());
-                    if refused.is_empty() {
-                        bail!("ingest refused a request without naming a record: {answer}");
-                    }
-                    let mut kept = Vec::with_capacity(remaining.len());
-                    for (index, message) in remaining.into_iter().enumerate() {
-                        match refused.get(&index) {
-                            Some(reason) => {
-                                self.report.http_sent += 1;
-                                self.report.http_rejected += 1;
-                                *self.report.rejected_by_reason.entry(reason.clone()).or_default() += 1;
-                                self.log(message, &format!("rejected: {reason}"))?;
-                            }
-                            None => kept.push(message),
-                        }
-                    }
-                    remaining = kept;
-                }
-                Some(status) if !(status.as_u16() == 429 || status.is_server_error()) => {
-                    bail!("ingest answered {status}: {answer}");
-                }
-                _ if attempt >= 8 => bail!("ingest did not take readings after {attempt} retries: {answer}"),
-                _ => {
-                    attempt += 1;
-                    self.report.http_retries += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
-                }
-            }
+            self.log(&message, &text)?;
         }
         Ok(())
     }
@@ -645,6 +637,9 @@ impl Sender {
     }
 
     async fn finish(mut self) -> anyhow::Result<Report> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
         if let Some(mqtt) = self.mqtt_opt.take() {
             mqtt.wait_for_acks().await?;
         }
@@ -653,6 +648,79 @@ impl Sender {
         }
         Ok(self.report)
     }
+}
+
+/// Where and how to post: cloned into each sender task.
+#[derive(Clone)]
+struct HttpTarget {
+    client: reqwest::Client,
+    records_url: String,
+    token_opt: Option<String>,
+}
+
+enum Answer {
+    Accepted,
+    Rejected(String),
+}
+
+struct PostOutcome {
+    answers: Vec<(Outgoing, Answer)>,
+    requests: u64,
+    retries: u64,
+}
+
+/// Posts readings as NDJSON. A 400 names the refused records: they are booked with their
+/// reason and the rest is sent again, as a gateway would. 429, 503 and connection errors are
+/// retried with backoff.
+async fn post(target: HttpTarget, messages: Vec<Outgoing>) -> anyhow::Result<PostOutcome> {
+    let mut outcome = PostOutcome { answers: Vec::with_capacity(messages.len()), requests: 0, retries: 0 };
+    let mut remaining = messages;
+    let mut attempt = 0u32;
+    while !remaining.is_empty() {
+        let body: String = remaining.iter().map(|message| format!("{}\n", message.body)).collect();
+        let mut request =
+            target.client.post(&target.records_url).header("content-type", "application/x-ndjson").body(body);
+        if let Some(token) = &target.token_opt {
+            request = request.bearer_auth(token);
+        }
+        outcome.requests += 1;
+        let (status_opt, text) = match request.send().await {
+            Ok(response) => {
+                let status = response.status();
+                (Some(status), response.text().await.unwrap_or_default())
+            }
+            Err(error) => (None, error.to_string()),
+        };
+        match status_opt {
+            Some(status) if status.is_success() => {
+                outcome.answers.extend(remaining.drain(..).map(|message| (message, Answer::Accepted)));
+            }
+            Some(status) if status.as_u16() == 400 => {
+                let refused = refused_records(&text, remaining.len());
+                if refused.is_empty() {
+                    bail!("ingest refused a request without naming a record: {text}");
+                }
+                let mut kept = Vec::with_capacity(remaining.len());
+                for (index, message) in remaining.into_iter().enumerate() {
+                    match refused.get(&index) {
+                        Some(reason) => outcome.answers.push((message, Answer::Rejected(reason.clone()))),
+                        None => kept.push(message),
+                    }
+                }
+                remaining = kept;
+            }
+            Some(status) if !(status.as_u16() == 429 || status.is_server_error()) => {
+                bail!("ingest answered {status}: {text}");
+            }
+            _ if attempt >= 8 => bail!("ingest did not take readings after {attempt} retries: {text}"),
+            _ => {
+                attempt += 1;
+                outcome.retries += 1;
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// Index to reason of each record a 400 answer names

@@ -10,6 +10,8 @@ cd "$(dirname "$0")/../.."
 
 readonly ingest_address="127.0.0.1:${SLUICE_INGEST_PORT:-8080}"
 readonly broker_port="${SLUICE_BROKER_PORT:-9092}"
+# A Mosquitto of this run's own, beside any system one on 1883.
+readonly mqtt_port="${SLUICE_MQTT_PORT:-1884}"
 readonly bin_dir="${CARGO_TARGET_DIR:-target}/debug"
 mkdir -p .local
 touch .local/run-start
@@ -17,9 +19,10 @@ ingest_pid=""
 compactor_pid=""
 executor_pid=""
 simulator_pid=""
+mosquitto_pid=""
 
 cleanup() {
-  for pid in "$simulator_pid" "$executor_pid" "$ingest_pid" "$compactor_pid"; do
+  for pid in "$simulator_pid" "$executor_pid" "$ingest_pid" "$compactor_pid" "$mosquitto_pid"; do
     if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
       kill "$pid" 2>/dev/null || true
       wait "$pid" 2>/dev/null || true
@@ -37,6 +40,10 @@ done
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if port_in_use "${ingest_address#*:}"; then
   echo "run.sh: $ingest_address is already in use; stop what runs there or set SLUICE_INGEST_PORT" >&2
+  exit 1
+fi
+if port_in_use "$mqtt_port"; then
+  echo "run.sh: 127.0.0.1:$mqtt_port (this run's MQTT broker) is already in use; stop what runs there or set SLUICE_MQTT_PORT" >&2
   exit 1
 fi
 for port in 8081 8082; do
@@ -62,8 +69,21 @@ deploy/local/broker.sh start --port "$broker_port"
 step "Building the services (debug; the first build takes several minutes)"
 cargo build --locked --bins --workspace
 
-step "Starting sluice-ingest on http://$ingest_address"
+step "Starting Mosquitto (MQTT) on 127.0.0.1:$mqtt_port"
+mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+# Mosquitto drops QoS 1 messages for a subscriber past max_queued_messages (default 1000): the
+# history below arrives faster than a debug build of ingest takes it.
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' "$mqtt_port" \
+  > .local/mosquitto.conf
+"$mosquitto_bin" -c .local/mosquitto.conf > .local/mosquitto.log 2>&1 &
+mosquitto_pid=$!
+for _ in $(seq 1 50); do port_in_use "$mqtt_port" && break; sleep 0.1; done
+port_in_use "$mqtt_port" || { echo "run.sh: mosquitto did not start; see .local/mosquitto.log" >&2; exit 1; }
+echo "running (log: .local/mosquitto.log)"
+
+step "Starting sluice-ingest on http://$ingest_address, MQTT bridge on sluice/<stream>/<device>"
 SLUICE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$broker_port" SLUICE_HTTP__LISTEN_ADDRESS="$ingest_address" \
+  SLUICE_MQTT__ENABLED=true SLUICE_MQTT__PORT="$mqtt_port" SLUICE_MQTT__CLIENT_ID="sluice-ingest-local-$$" \
   "$bin_dir/sluice-ingest" --config deploy/config/ingest.toml > .local/ingest.log 2>&1 &
 ingest_pid=$!
 for _ in $(seq 1 100); do
@@ -72,6 +92,8 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 curl -fsS "http://$ingest_address/readyz" >/dev/null || { echo "run.sh: ingest not ready after 20 s; see .local/ingest.log" >&2; exit 1; }
+for _ in $(seq 1 50); do grep -q "subscribed to MQTT topics" .local/ingest.log && break; sleep 0.2; done
+grep -q "subscribed to MQTT topics" .local/ingest.log || { echo "run.sh: ingest's MQTT bridge did not subscribe in 10 s; see .local/ingest.log" >&2; exit 1; }
 echo "ready (log: .local/ingest.log)"
 
 step "Starting sluice-compactor (lake in ./data, files every 5 s for this demo)"
@@ -104,16 +126,18 @@ today_s=$((now_s / 86400 * 86400))
 # The daily job needs a complete UTC day whose lateness (30 minutes) has passed.
 if (( now_s - today_s < 3600 )); then day_s=$((today_s - 2 * 86400)); else day_s=$((today_s - 86400)); fi
 history_s=$((now_s - day_s))
-step "Simulating 32 devices at 4 sites: readings from $(date -u -d "@$day_s" +%Y-%m-%dT%H:%MZ) until now, one a minute each"
+step "Simulating 32 devices at 4 sites (8 over MQTT, the rest over HTTP): readings from $(date -u -d "@$day_s" +%Y-%m-%dT%H:%MZ) until now, one a minute each"
 echo "faults: 1% invalid, 2% late by 5 minutes, 5% out of order, 1% sent twice, device clocks off by up to 2 s"
-"$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --devices 32 --sites 4 --rate 0.016667 \
+"$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --mqtt "127.0.0.1:$mqtt_port" --mqtt-share 0.25 \
+  --devices 32 --sites 4 --rate 0.016667 \
   --history "${history_s}s" --invalid 0.01 --late 0.02 --late-by 5m --out-of-order 0.05 --duplicates 0.01 \
   --clock-skew 2s --anomalies 0.002 --seed "$now_s" --device-prefix "demo" --log .local/simulated.ndjson \
   | tee .local/simulator-report.txt
 echo "(every reading sent, with its faults and ingest's answer: .local/simulated.ndjson)"
 
 step "Live readings: every device every 5 s, in the background (log: .local/simulator-live.log)"
-"$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --devices 32 --sites 4 --rate 0.2 \
+"$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --mqtt "127.0.0.1:$mqtt_port" --mqtt-share 0.25 \
+  --devices 32 --sites 4 --rate 0.2 \
   --duration 2h --seed "$((now_s + 1))" --device-prefix "demo" > .local/simulator-live.log 2>&1 &
 simulator_pid=$!
 
@@ -151,6 +175,8 @@ sluice jobs backfill daily_site_percentiles --from "$(date -u -d "@$day_s" +%Y-%
 
 step "Report"
 cat .local/simulator-report.txt
+dead_letters="$(sluice tail telemetry --dead-letters --limit 1000000 --idle-timeout-ms 1500 2>/dev/null | wc -l)"
+echo "  records in the dead-letter topic sluice.telemetry.dlq (invalid MQTT readings, every run on this broker): $dead_letters"
 for job in device_minute_stats hourly_device_stats temperature_anomalies daily_site_percentiles; do
   echo
   echo "--- $job: first rows of its newest result (data/results/$job/)"

@@ -30,7 +30,18 @@ async fn what_the_simulator_reports_is_what_lands_in_kafka() {
         .args(["--mqtt", &format!("127.0.0.1:{}", mosquitto.port), "--mqtt-share", "0.3"])
         .args(["--devices", "20", "--sites", "3", "--rate", "0.1", "--history", "10m"])
         .args(["--invalid", "0.05", "--late", "0.05", "--out-of-order", "0.1", "--duplicates", "0.05"])
-        .args(["--clock-skew", "20s", "--batch", "50", "--seed", "3", "--report", "json"])
+        .args([
+            "--clock-skew",
+            "20s",
+            "--batch",
+            "50",
+            "--concurrency",
+            "4",
+            "--seed",
+            "3",
+            "--report",
+            "json",
+        ])
         .arg("--log")
         .arg(&log_path)
         .current_dir(repo_root())
@@ -45,10 +56,30 @@ async fn what_the_simulator_reports_is_what_lands_in_kafka() {
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
 
-    // 20 devices, one reading a device every 10 s for 10 minutes, plus the duplicates.
+    // 20 devices, one reading a device every 10 s for 10 minutes (and for the moments sending
+    // took), every sequence number once, plus the duplicates.
     let num_duplicates = report["faults"]["duplicate"].as_u64().unwrap();
     assert_eq!(sent.len() as u64, report["sent"].as_u64().unwrap());
-    assert_eq!(sent.len() as u64, 20 * 60 + num_duplicates);
+    let mut seqs_by_device: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for entry in
+        sent.iter().filter(|entry| !entry["faults"].as_array().unwrap().iter().any(|f| f == "duplicate"))
+    {
+        let reading = &entry["reading"];
+        // Invalid readings may lack a seq: their place is the one missing below.
+        let seq = reading["seq"].as_i64().unwrap_or(-1);
+        seqs_by_device.entry(reading["device_id"].as_str().unwrap().to_string()).or_default().push(seq);
+    }
+    assert_eq!(seqs_by_device.len(), 20);
+    for (device, seqs) in &mut seqs_by_device {
+        seqs.sort();
+        let num_missing = seqs.iter().filter(|&&seq| seq == -1).count();
+        let numbered: Vec<i64> = seqs.iter().copied().filter(|&seq| seq >= 0).collect();
+        let max = *numbered.last().unwrap();
+        assert!(max >= 60, "{device}: {max} readings");
+        assert_eq!(numbered.len() + num_missing, max as usize, "{device}: no reading skipped");
+    }
+    let num_readings: usize = seqs_by_device.values().map(Vec::len).sum();
+    assert_eq!(sent.len() as u64, num_readings as u64 + num_duplicates);
     assert_eq!(report["mqtt_devices"], 6);
     let has_fault =
         |entry: &Value, fault: &str| entry["faults"].as_array().unwrap().iter().any(|f| f == fault);
@@ -73,6 +104,8 @@ async fn what_the_simulator_reports_is_what_lands_in_kafka() {
     let reasons: u64 =
         report["rejected_by_reason"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
     assert_eq!(reasons, rejected);
+    assert!(report["readings_per_second"].as_f64().unwrap() > 0.0);
+    assert!(report["http"]["requests"].as_u64().unwrap() >= (http.len() as u64 - rejected) / 50);
 
     // Kafka holds every valid reading sent (duplicates twice: ingest does not dedupe; the
     // compactor does), and the dead-letter topic every invalid one sent over MQTT.

@@ -95,6 +95,10 @@ impl MqttBridge {
                             }
                         }
                     }
+                    Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                        // Readings published before this point had no subscriber: say when it is.
+                        tracing::info!(return_codes = ?suback.return_codes, "subscribed to MQTT topics");
+                    }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         if let Some(work_tx) = &work_tx_opt {
                             // Not acknowledged if dropped: the broker delivers it again.
