@@ -6,7 +6,10 @@
 //! - ingest: NDJSON batches of 1,000 readings POSTed over loopback by `concurrency` client tasks
 //!   to an in-process sluice-ingest, each answered 200 only after Kafka acknowledged the batch.
 //!
-//! `cargo bench -p sluice-integration-tests --bench ingest_throughput -- [--records N] [--concurrency C]`
+//! - simulator: `sluice simulate` (the release binary, when built) sending a fleet's history to the
+//!   same ingest, against a ceiling round just before it.
+//!
+//! `cargo build --release --bin sluice && cargo bench -p sluice-integration-tests --bench ingest_throughput -- [--records N] [--concurrency C]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark harness")]
 
@@ -216,5 +219,60 @@ async fn main() {
     }
     ratios.sort_by(f64::total_cmp);
     println!("median ratio HTTP ingest / ceiling: {:.2}", ratios[ratios.len() / 2]);
+    simulator_rounds(&ingest, &producer, direct_topic, &schema, &readings, concurrency, rounds).await;
     ingest.stop().await.unwrap();
+}
+
+/// The same ingest loaded by the device simulator (`sluice simulate`, the release binary): a
+/// fleet of 1,000 devices with realistic signals sending history as fast as ingest answers, from
+/// `concurrency` connections. Its generator shares the two cores with ingest and the broker, so
+/// this ratio is lower than the in-process client's; it is what a load test with the simulator
+/// sees. Skipped when the binary is not built (`cargo build --release --bin sluice`).
+async fn simulator_rounds(
+    ingest: &IngestService,
+    producer: &BatchProducer,
+    direct_topic: &str,
+    schema: &StreamSchema,
+    readings: &[serde_json::Value],
+    concurrency: usize,
+    rounds: usize,
+) {
+    let Some(simulator) = std::env::current_exe()
+        .ok()
+        .and_then(|bench| Some(bench.parent()?.parent()?.join("sluice")))
+        .filter(|path| path.exists())
+    else {
+        println!("sluice simulate: skipped (build it first: cargo build --release --bin sluice)");
+        return;
+    };
+    // 1,000 devices, one reading a second each: history of N/1000 seconds is N readings.
+    let history = format!("{}s", readings.len() / 1_000);
+    println!("| round | ceiling (rdkafka direct) rec/s | sluice simulate -> ingest rec/s | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for round in 1..=rounds {
+        let direct = ceiling(producer, direct_topic, schema, readings, concurrency).await;
+        let output = tokio::process::Command::new(&simulator)
+            .args(["simulate", "--ingest-url", &ingest.base_url, "--devices", "1000", "--rate", "1"])
+            .args(["--history", &history, "--batch", &BATCH_SIZE.to_string()])
+            .args([
+                "--concurrency",
+                &concurrency.to_string(),
+                "--seed",
+                &round.to_string(),
+                "--report",
+                "json",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["http"]["rejected"], 0);
+        let simulated = report["readings_per_second"].as_f64().unwrap();
+        println!(
+            "| {round} | {:.0} | {simulated:.0} | {:.2} |",
+            direct.records_per_sec(),
+            simulated / direct.records_per_sec()
+        );
+    }
 }
