@@ -7,6 +7,7 @@
 //! - `hourly_per_device`: hourly aggregate per device;
 //! - `daily_site_percentiles`: a day's percentiles per site and region, joined with the registry;
 //! - `daily_anomalies`: top 20 readings by z-score over a day (window functions);
+//! - `daily_anomalies_join`: the same top 20 with the statistics as an aggregate joined back;
 //! - `one_hour_of_week`: one hour out of the whole week, by status.
 //!
 //! Sluice runs each as the executor does (commit-record snapshot, window-scoped session, plan,
@@ -89,6 +90,16 @@ fn queries() -> Vec<Query> {
                 / nullif(stddev_pop(temperature) OVER (PARTITION BY device_id), 0) AS z FROM telemetry) \
                 SELECT device_id, ts, temperature, z FROM scored ORDER BY abs(z) DESC LIMIT 20",
         },
+        // The same top 20 with the per-device statistics as an aggregate joined back to the rows:
+        // what examples/jobs/temperature_anomalies.sql does, since DataFusion sorts the day's rows
+        // by device for the window functions above.
+        Query {
+            name: "daily_anomalies_join",
+            window_start: day,
+            window_end: day + DAY,
+            sluice_sql: ANOMALIES_BY_JOIN,
+            duckdb_sql: ANOMALIES_BY_JOIN,
+        },
         Query {
             name: "one_hour_of_week",
             window_start: WEEK_START + 5 * DAY + 7 * HOUR,
@@ -100,6 +111,12 @@ fn queries() -> Vec<Query> {
         },
     ]
 }
+
+const ANOMALIES_BY_JOIN: &str = "WITH stats AS (SELECT device_id, avg(temperature) AS mean, \
+    nullif(stddev_pop(temperature), 0) AS sd FROM telemetry GROUP BY device_id), \
+    scored AS (SELECT t.device_id, t.ts, t.temperature, (t.temperature - s.mean) / s.sd AS z \
+    FROM telemetry t JOIN stats s ON t.device_id = s.device_id) \
+    SELECT device_id, ts, temperature, z FROM scored ORDER BY abs(z) DESC LIMIT 20";
 
 /// A cheap deterministic noise source, so the data set is the same on every machine.
 fn noise(seed: u64) -> f64 {
