@@ -222,6 +222,11 @@ impl WindowRun<'_> {
             .await
             .map_err(|_| RunError::Timeout(self.timeout))?
             .map_err(|error| RunError::Query(describe(&error)))?;
+        // A plan that never yields can finish inside its first poll, past the deadline the timer
+        // could not enforce; its claim's lease may have run out meanwhile, so it does not count.
+        if started.elapsed() > self.timeout {
+            return Err(RunError::Timeout(self.timeout));
+        }
 
         let schema: SchemaRef = plan.schema();
         let rows_written: u64 = batches.iter().map(|batch| batch.num_rows() as u64).sum();
