@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use sluice_executor::job::parse_duration_micros;
+use sluice_executor::scheduler::now_micros;
 
 const DAY_MICROS: f64 = 86_400_000_000.0;
 
@@ -412,11 +413,6 @@ impl Report {
             );
         }
     }
-}
-
-fn now_micros() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
 }
 
 pub(crate) fn run(args: &SimulateArgs) -> anyhow::Result<()> {
