@@ -109,7 +109,27 @@ async fn undecodable_records_are_dead_lettered_with_a_reason_and_do_not_stall() 
     let mut unknown_fingerprint = vec![0xC3, 0x01];
     unknown_fingerprint.extend_from_slice(&[7; 8]);
     unknown_fingerprint.extend_from_slice(b"junk");
-    let poison: [&[u8]; 2] = [b"{\"not\": \"avro\"}", &unknown_fingerprint];
+    // Framed with the stream's fingerprint but broken inside: only decoding finds them out, one
+    // at decode time (truncated) and one when the decoded rows become a batch (enum index).
+    let schema_path = sluice_integration_tests::repo_root().join("schemas/telemetry.avsc");
+    let schema = sluice_schema::StreamSchema::from_avro_json(
+        "telemetry",
+        &std::fs::read_to_string(&schema_path).unwrap(),
+        &schema_path,
+    )
+    .unwrap();
+    let encode = |seq: i64| {
+        let mut value = Vec::new();
+        let reading = serde_json::json!({"device_id": "dev-0000", "ts": before[0]["ts"], "seq": seq});
+        schema.encode_json(&reading, i64::MAX / 2, 0, &mut value).unwrap();
+        value
+    };
+    let mut truncated = encode(1_000_000);
+    truncated.pop();
+    // The status enum is the last field; 18 is index 9, past its three symbols.
+    let mut bad_enum = encode(1_000_001);
+    *bad_enum.last_mut().unwrap() = 18;
+    let poison: [&[u8]; 4] = [b"{\"not\": \"avro\"}", &unknown_fingerprint, &truncated, &bad_enum];
     produce_raw(&producer, &topic, poison.iter().map(|value| (&b"dev-0000"[..], 0, *value))).await.unwrap();
     let after = telemetry_readings(200, 5, HOUR)[100..].to_vec();
     produce_readings(&broker.bootstrap_servers(), &topic, &after).await.unwrap();
@@ -121,24 +141,29 @@ async fn undecodable_records_are_dead_lettered_with_a_reason_and_do_not_stall() 
     let dead_letters = consume_topic(
         &broker.bootstrap_servers(),
         &format!("{prefix}.telemetry.dlq"),
-        2,
+        4,
         Duration::from_millis(500),
     )
     .await
     .unwrap();
-    assert_eq!(dead_letters.len(), 2);
+    assert_eq!(dead_letters.len(), 4);
     let reasons: Vec<&str> = dead_letters
         .iter()
         .map(|record| record.header(sluice_compactor::DEAD_LETTER_REASON_HEADER).unwrap())
         .collect();
     assert!(reasons.iter().any(|reason| reason.contains("single-object marker")), "{reasons:?}");
     assert!(reasons.iter().any(|reason| reason.contains("fingerprint 0707070707070707")), "{reasons:?}");
+    let undecodable =
+        reasons.iter().filter(|reason| reason.contains("does not decode") || reason.contains("truncated"));
+    assert_eq!(undecodable.count(), 2, "{reasons:?}");
+    let dead_payloads: Vec<&[u8]> = dead_letters.iter().map(|record| record.payload.as_slice()).collect();
+    assert!(dead_payloads.contains(&truncated.as_slice()) && dead_payloads.contains(&bad_enum.as_slice()));
     assert!(dead_letters.iter().all(|record| {
         record.header(sluice_compactor::DEAD_LETTER_SOURCE_HEADER).unwrap().starts_with("kafka:")
     }));
     compactor.stop().await.unwrap();
     let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
-    assert_eq!(commits.iter().map(|commit| commit.num_dead_lettered).sum::<u64>(), 2);
+    assert_eq!(commits.iter().map(|commit| commit.num_dead_lettered).sum::<u64>(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

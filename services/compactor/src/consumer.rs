@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
+use arrow_array::RecordBatch;
 use parquet::file::properties::WriterProperties;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -22,7 +23,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_kafka::{BatchProducer, BatchRecord};
 use sluice_lake::{CommitOutcome, CommitRecord, CommittedFile, Lake, PartitionGranularity, PartitionKey};
-use sluice_schema::{ArrowBatchBuilder, SchemaRegistry, StreamSchema, split_single_object};
+use sluice_schema::{DecoderSetupError, StreamDecoder, StreamSchema, event_times_micros};
 use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
 
@@ -39,6 +40,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const TRIGGER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const STORE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const ASSIGN_LOAD_ATTEMPTS: u32 = 5;
+/// Values copied aside before they are decoded together: large enough that arrow-avro decodes
+/// in long runs, small enough that a chunk with a bad value is cheap to decode again one by one.
+const DECODE_CHUNK_VALUES: usize = 4_096;
 
 /// What the compactor knows about one stream.
 pub(crate) struct StreamInfo {
@@ -46,6 +50,8 @@ pub(crate) struct StreamInfo {
     pub(crate) topic: String,
     pub(crate) dead_letter_topic: String,
     pub(crate) reader: Arc<StreamSchema>,
+    /// Every schema the stream's records may name, the reader's included.
+    pub(crate) writers: Vec<Arc<StreamSchema>>,
     pub(crate) granularity: PartitionGranularity,
     pub(crate) writer_properties: WriterProperties,
 }
@@ -162,10 +168,44 @@ impl RebalanceContext {
     }
 }
 
+impl StreamInfo {
+    pub(crate) fn decoder(&self) -> Result<StreamDecoder, DecoderSetupError> {
+        StreamDecoder::new(Arc::clone(&self.reader), &self.writers)
+    }
+}
+
+/// Records consumed but not decoded yet, copied out of librdkafka's buffers.
+#[derive(Default)]
+struct PendingValues {
+    bytes: Vec<u8>,
+    /// Per record: offset, key range and value range in `bytes`.
+    records: Vec<(i64, std::ops::Range<usize>, std::ops::Range<usize>)>,
+}
+
+impl PendingValues {
+    fn push(&mut self, offset: i64, key: &[u8], value: &[u8]) {
+        let key_start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        let value_start = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.records.push((offset, key_start..value_start, value_start..self.bytes.len()));
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.records.clear();
+    }
+}
+
 /// Buffered, not yet committed state of one assigned Kafka partition.
 struct PartitionState {
     stream: Arc<StreamInfo>,
-    builder: ArrowBatchBuilder,
+    decoder: StreamDecoder,
+    pending: PendingValues,
+    batches: Vec<RecordBatch>,
+    num_buffered_rows: usize,
+    /// Avro bytes consumed since the last commit (pending and decoded): a cheap proxy for memory.
+    num_value_bytes: usize,
     next_sequence: u64,
     /// Start of the range the next commit covers; `None` until the first record of a partition
     /// that has no commit yet.
@@ -181,11 +221,15 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    fn new(stream: Arc<StreamInfo>, latest: Option<&CommitRecord>) -> Self {
-        let builder = ArrowBatchBuilder::new(Arc::clone(&stream.reader));
+    fn new(stream: Arc<StreamInfo>, latest: Option<&CommitRecord>) -> Result<Self, DecoderSetupError> {
+        let decoder = stream.decoder()?;
         let mut state = Self {
             stream,
-            builder,
+            decoder,
+            pending: PendingValues::default(),
+            batches: Vec::new(),
+            num_buffered_rows: 0,
+            num_value_bytes: 0,
             next_sequence: 0,
             range_start_opt: None,
             next_offset: 0,
@@ -197,12 +241,15 @@ impl PartitionState {
             warned_behind_commit: false,
         };
         state.reset_to(latest);
-        state
+        Ok(state)
     }
 
     /// Drops everything buffered and continues after `latest`.
     fn reset_to(&mut self, latest: Option<&CommitRecord>) {
-        let _dropped = self.builder.finish();
+        self.pending.clear();
+        self.batches.clear();
+        self.num_buffered_rows = 0;
+        self.num_value_bytes = 0;
         self.next_sequence = latest.map_or(0, |record| record.sequence + 1);
         self.range_start_opt = latest.map(|record| record.end_offset);
         self.next_offset = latest.map_or(0, |record| record.end_offset);
@@ -236,7 +283,6 @@ pub(crate) struct CompactorLoop {
     pub(crate) events_rx: Receiver<RebalanceEvent>,
     pub(crate) handle: Handle,
     pub(crate) lake: Lake,
-    pub(crate) schemas: SchemaRegistry,
     pub(crate) streams: HashMap<String, Arc<StreamInfo>>,
     pub(crate) flush: FlushConfig,
     pub(crate) dead_letters: BatchProducer,
@@ -272,7 +318,7 @@ impl CompactorLoop {
                             // Shutdown interrupted a dead-letter write; the record is read again later.
                             break Ok(());
                         }
-                        if state.builder.num_value_bytes() >= self.flush.target_file_bytes {
+                        if state.num_value_bytes >= self.flush.target_file_bytes {
                             self.flush_partition(&key, state);
                         }
                     }
@@ -317,16 +363,15 @@ impl CompactorLoop {
                             }
                         }
                         tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |record| record.end_offset), "partition assigned");
-                        partitions.insert(
-                            (topic, partition),
-                            PartitionState::new(Arc::clone(stream), latest.as_ref()),
-                        );
+                        let state = PartitionState::new(Arc::clone(stream), latest.as_ref())
+                            .map_err(|error| LoopError::Rebalance(error.to_string()))?;
+                        partitions.insert((topic, partition), state);
                     }
                 }
                 RebalanceEvent::Revoked(revoked) => {
                     for key in revoked {
                         if let Some(state) = partitions.remove(&key) {
-                            tracing::info!(topic = %key.0, partition = key.1, dropped_rows = state.builder.num_rows(), "partition revoked; uncommitted rows dropped");
+                            tracing::info!(topic = %key.0, partition = key.1, dropped_records = state.num_buffered_rows + state.pending.records.len(), "partition revoked; uncommitted rows dropped");
                         }
                     }
                 }
@@ -336,8 +381,9 @@ impl CompactorLoop {
         Ok(())
     }
 
-    /// Adds one record to its partition's buffer, or dead-letters it. Returns false when
-    /// shutdown interrupted a dead-letter write.
+    /// Adds one record to its partition's buffer; every [`DECODE_CHUNK_VALUES`] records the
+    /// buffer is decoded and the undecodable ones dead-lettered. Returns false when shutdown
+    /// interrupted a dead-letter write.
     fn buffer_message(&self, state: &mut PartitionState, message: &BorrowedMessage<'_>) -> bool {
         let offset = message.offset();
         if offset < state.next_offset {
@@ -358,46 +404,66 @@ impl CompactorLoop {
         }
         state.range_start_opt.get_or_insert(offset);
         let payload = message.payload().unwrap_or_default();
-        let decoded = split_single_object(payload).map_err(|error| error.to_string()).and_then(
-            |(fingerprint, datum)| {
-                let writer = self
-                    .schemas
-                    .by_fingerprint(fingerprint)
-                    .filter(|writer| writer.stream == state.stream.stream)
-                    .ok_or_else(|| {
-                        format!(
-                            "no schema of stream '{}' has fingerprint {fingerprint:016x}",
-                            state.stream.stream
-                        )
-                    })?;
-                state.builder.append(writer, datum).map_err(|error| error.to_string())
-            },
-        );
-        match decoded {
-            Ok(event_time) => {
+        state.pending.push(offset, message.key().unwrap_or_default(), payload);
+        state.num_value_bytes += payload.len();
+        state.next_offset = offset + 1;
+        state.first_buffered_at_opt.get_or_insert_with(Instant::now);
+        if state.pending.records.len() >= DECODE_CHUNK_VALUES {
+            return self.decode_pending(message.topic(), message.partition(), state);
+        }
+        true
+    }
+
+    /// Decodes the records set aside, buffers their rows and dead-letters the ones that do not
+    /// decode. Returns false when shutdown interrupted a dead-letter write: the buffer then ends
+    /// before that record, which is read again by whoever resumes the partition.
+    fn decode_pending(&self, topic: &str, partition: i32, state: &mut PartitionState) -> bool {
+        if state.pending.records.is_empty() {
+            return true;
+        }
+        let pending = std::mem::take(&mut state.pending);
+        let values: Vec<&[u8]> =
+            pending.records.iter().map(|(_, _, value)| &pending.bytes[value.clone()]).collect();
+        let decoded = state.decoder.decode(&values);
+        let mut batch = decoded.batch;
+        let mut completed = true;
+        for (position, (index, reason)) in decoded.rejected.iter().enumerate() {
+            let (offset, key, value) = &pending.records[*index];
+            let source = format!("kafka:{topic}/{partition}@{offset}");
+            if !self.dead_letter(
+                &state.stream,
+                &pending.bytes[key.clone()],
+                &pending.bytes[value.clone()],
+                reason,
+                &source,
+            ) {
+                // Rows come in record order, one per record that was not refused.
+                batch = batch.slice(0, index - position);
+                state.next_offset = *offset;
+                completed = false;
+                break;
+            }
+            state.num_dead_lettered += 1;
+        }
+        if let Some(event_times) = event_times_micros(&batch) {
+            for &event_time in &event_times {
                 state
                     .open_partitions
                     .insert(PartitionKey::for_event_time(event_time, state.stream.granularity));
-                state.buffered_max_event_time_opt =
-                    Some(state.buffered_max_event_time_opt.map_or(event_time, |max| max.max(event_time)));
             }
-            Err(reason) => {
-                let source = format!("kafka:{}/{}@{offset}", message.topic(), message.partition());
-                if !self.dead_letter(
-                    &state.stream,
-                    message.key().unwrap_or_default(),
-                    payload,
-                    &reason,
-                    &source,
-                ) {
-                    return false;
-                }
-                state.num_dead_lettered += 1;
+            if let Some(&max) = event_times.iter().max() {
+                state.buffered_max_event_time_opt =
+                    Some(state.buffered_max_event_time_opt.map_or(max, |buffered| buffered.max(max)));
             }
         }
-        state.next_offset = offset + 1;
-        state.first_buffered_at_opt.get_or_insert_with(Instant::now);
-        true
+        if batch.num_rows() > 0 {
+            state.num_buffered_rows += batch.num_rows();
+            state.batches.push(batch);
+        }
+        // Keep the allocation for the next chunk.
+        state.pending = pending;
+        state.pending.clear();
+        completed
     }
 
     /// Writes a record that cannot be decoded to the dead-letter topic and waits for Kafka's
@@ -444,22 +510,23 @@ impl CompactorLoop {
     fn flush_due(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
         let max_age = Duration::from_millis(self.flush.max_age_ms);
         for (key, state) in partitions.iter_mut() {
+            // Open partitions are known only for decoded rows.
+            self.decode_pending(&key.0, key.1, state);
             let too_old = state.first_buffered_at_opt.is_some_and(|since| since.elapsed() >= max_age);
             let too_scattered = state.open_partitions.len() > self.flush.max_open_partitions;
             if (too_old || too_scattered) && state.has_uncommitted() {
                 self.flush_partition(key, state);
             }
         }
-        let mut total: usize = partitions.values().map(|state| state.builder.num_value_bytes()).sum();
+        let mut total: usize = partitions.values().map(|state| state.num_value_bytes).sum();
         while total > self.flush.max_buffered_bytes {
-            let Some((key, state)) =
-                partitions.iter_mut().max_by_key(|(_, state)| state.builder.num_value_bytes())
+            let Some((key, state)) = partitions.iter_mut().max_by_key(|(_, state)| state.num_value_bytes)
             else {
                 break;
             };
             let key = key.clone();
             self.flush_partition(&key, state);
-            total = partitions.values().map(|state| state.builder.num_value_bytes()).sum();
+            total = partitions.values().map(|state| state.num_value_bytes).sum();
         }
         self.metrics.set_buffered_bytes(total);
     }
@@ -468,14 +535,16 @@ impl CompactorLoop {
     /// buffer is dropped and the range is read again from Kafka.
     #[tracing::instrument(name = "flush", skip_all, fields(stream = %state.stream.stream, partition = key.1))]
     fn flush_partition(&self, key: &(String, i32), state: &mut PartitionState) {
+        self.decode_pending(&key.0, key.1, state);
         let Some(range_start) = state.range_start_opt.filter(|&start| state.next_offset > start) else {
             return;
         };
         let started = Instant::now();
         let stream = Arc::clone(&state.stream);
-        let batch = state.builder.finish();
-        let encoded = tracing::info_span!("encode_parquet", num_rows = batch.num_rows())
-            .in_scope(|| encode_partitioned(&batch, stream.granularity, &stream.writer_properties));
+        let batches = std::mem::take(&mut state.batches);
+        let encoded = tracing::info_span!("encode_parquet", num_rows = state.num_buffered_rows)
+            .in_scope(|| encode_partitioned(&batches, stream.granularity, &stream.writer_properties));
+        drop(batches);
         let (files, num_duplicates_dropped) = match encoded {
             Ok(flush) => (flush.files, flush.num_duplicates_dropped),
             Err(error) => {

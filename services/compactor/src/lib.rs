@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::consumer::BaseConsumer;
 use sluice_kafka::{BatchProducer, KafkaError, TopicSpec, TopicStatus, ensure_topics};
 use sluice_lake::{Lake, StoreError};
-use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaError, SchemaRegistry};
+use sluice_schema::{DecoderSetupError, EVENT_TIME_FIELD, KEY_FIELD, SchemaError, SchemaRegistry};
 use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
 
@@ -42,6 +42,8 @@ pub enum CompactorError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    #[error("cannot decode a stream")]
+    Decoder(#[from] DecoderSetupError),
     #[error("invalid Parquet settings")]
     Parquet(#[from] EncodeError),
     #[error("the consumer loop failed")]
@@ -172,6 +174,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
             topic: topic_names.stream(stream),
             dead_letter_topic: topic_names.dead_letter(stream),
             reader: Arc::clone(reader),
+            writers: schemas.writers_of(stream).cloned().collect(),
             granularity: config
                 .compactor
                 .granularity
@@ -184,6 +187,8 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
                 event_time_column,
             )?,
         };
+        // Every assigned partition builds its own decoder: find a schema arrow-avro cannot decode now.
+        info.decoder()?;
         merge_targets.push(merge::MergeTarget {
             stream: info.stream.clone(),
             granularity: info.granularity,
@@ -270,7 +275,6 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         events_rx,
         handle,
         lake,
-        schemas,
         streams,
         flush: config.flush.clone(),
         dead_letters,

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
-use arrow_select::concat::concat_batches;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
 use sluice_lake::{
@@ -171,16 +170,10 @@ async fn merge_files(
                     })?);
                 }
             }
-            let schema = batches.first().map(RecordBatch::schema).ok_or_else(|| MergeError::Combine {
-                partition: partition_name.clone(),
-                source: arrow_schema::ArrowError::InvalidArgumentError("no rows".into()),
-            })?;
-            // Files written under different schema versions have different columns: concat refuses
-            // them, and the partition stays as it is.
-            let combined = concat_batches(&schema, &batches)
-                .map_err(|source| MergeError::Combine { partition: partition_name, source })?;
+            // Files written under different schema versions have different columns: encoding
+            // refuses to mix them, and the partition stays as it is.
             Ok(encode_partitioned(
-                &combined,
+                &batches,
                 target_for_encoding.granularity,
                 &target_for_encoding.writer_properties,
             )?)

@@ -1,11 +1,11 @@
 //! One flushed buffer to Parquet files: rows split by event-time partition, each file sorted by
 //! (device_id, ts), with page-level statistics (column and offset indexes) for pruning.
 
+use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int64Type, TimestampMicrosecondType, TimestampMillisecondType};
-use arrow_array::{ArrayRef, RecordBatch, UInt32Array};
-use arrow_schema::{ArrowError, DataType, TimeUnit};
-use arrow_select::take::take_record_batch;
+use arrow_array::types::Int64Type;
+use arrow_schema::ArrowError;
+use arrow_select::interleave::interleave_record_batch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
@@ -13,7 +13,7 @@ use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sluice_lake::{PartitionGranularity, PartitionKey};
-use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SEQUENCE_FIELD};
+use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SEQUENCE_FIELD, event_times_micros};
 
 use crate::config::{ParquetCompression, ParquetConfig};
 
@@ -61,22 +61,6 @@ pub(crate) fn writer_properties(
         .build())
 }
 
-/// Event times of every row, in microseconds.
-fn event_times_micros(column: &ArrayRef) -> Result<Vec<i64>, EncodeError> {
-    Ok(match column.data_type() {
-        DataType::Timestamp(TimeUnit::Microsecond, _) => {
-            column.as_primitive::<TimestampMicrosecondType>().values().to_vec()
-        }
-        DataType::Timestamp(TimeUnit::Millisecond, _) => column
-            .as_primitive::<TimestampMillisecondType>()
-            .values()
-            .iter()
-            .map(|millis| millis * 1_000)
-            .collect(),
-        _ => return Err(EncodeError::MissingColumn(EVENT_TIME_FIELD)),
-    })
-}
-
 /// The Parquet files of one flush, and how many repeated readings were left out.
 #[derive(Debug)]
 pub(crate) struct EncodedFlush {
@@ -86,36 +70,56 @@ pub(crate) struct EncodedFlush {
     pub(crate) num_duplicates_dropped: usize,
 }
 
-/// Splits `batch` by event-time partition and encodes each part as a sorted Parquet file.
+/// Splits the rows of `batches` (one schema) by event-time partition and encodes each part as
+/// a sorted Parquet file.
 ///
 /// One permutation orders all rows by (partition, device_id, ts, seq); repeated readings are
 /// then adjacent and dropped, and each partition is a zero-copy slice of one reordered batch, so
 /// the rows are copied once.
 pub(crate) fn encode_partitioned(
-    batch: &RecordBatch,
+    batches: &[RecordBatch],
     granularity: PartitionGranularity,
     properties: &WriterProperties,
 ) -> Result<EncodedFlush, EncodeError> {
-    let schema = batch.schema();
-    let key_index = schema.index_of(KEY_FIELD).map_err(|_| EncodeError::MissingColumn(KEY_FIELD))?;
-    let event_time_index =
-        schema.index_of(EVENT_TIME_FIELD).map_err(|_| EncodeError::MissingColumn(EVENT_TIME_FIELD))?;
-    let event_times = event_times_micros(batch.column(event_time_index))?;
-    let devices =
-        batch.column(key_index).as_string_opt::<i32>().ok_or(EncodeError::MissingColumn(KEY_FIELD))?;
-    let sequences = batch
-        .column_by_name(SEQUENCE_FIELD)
-        .and_then(|column| column.as_primitive_opt::<Int64Type>())
-        .ok_or(EncodeError::MissingColumn(SEQUENCE_FIELD))?
-        .values();
+    let Some(first) = batches.first() else {
+        return Ok(EncodedFlush { files: Vec::new(), num_duplicates_dropped: 0 });
+    };
+    let schema = first.schema();
+    if let Some(other) = batches.iter().find(|batch| batch.schema().fields() != schema.fields()) {
+        return Err(EncodeError::Arrow(ArrowError::SchemaError(format!(
+            "rows of different schemas cannot share a file: {schema:?} and {:?}",
+            other.schema()
+        ))));
+    }
+    let mut event_times = Vec::new();
+    let mut devices = Vec::new();
+    let mut sequences = Vec::new();
+    // Where each batch's rows start in the row numbering of all batches.
+    let mut batch_starts = Vec::with_capacity(batches.len());
+    for batch in batches {
+        batch_starts.push(event_times.len());
+        event_times.extend(event_times_micros(batch).ok_or(EncodeError::MissingColumn(EVENT_TIME_FIELD))?);
+        let batch_devices = batch
+            .column_by_name(KEY_FIELD)
+            .and_then(|column| column.as_string_opt::<i32>())
+            .ok_or(EncodeError::MissingColumn(KEY_FIELD))?;
+        devices.extend((0..batch.num_rows()).map(|row| batch_devices.value(row)));
+        sequences.extend_from_slice(
+            batch
+                .column_by_name(SEQUENCE_FIELD)
+                .and_then(|column| column.as_primitive_opt::<Int64Type>())
+                .ok_or(EncodeError::MissingColumn(SEQUENCE_FIELD))?
+                .values(),
+        );
+    }
     let partitions: Vec<PartitionKey> =
         event_times.iter().map(|&event_time| PartitionKey::for_event_time(event_time, granularity)).collect();
-    let mut order: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    let mut order: Vec<u32> = (0..event_times.len() as u32).collect();
     order.sort_unstable_by(|&left, &right| {
         let (left, right) = (left as usize, right as usize);
         partitions[left]
             .cmp(&partitions[right])
-            .then_with(|| devices.value(left).cmp(devices.value(right)))
+            .then_with(|| devices[left].cmp(devices[right]))
             .then_with(|| event_times[left].cmp(&event_times[right]))
             .then_with(|| sequences[left].cmp(&sequences[right]))
     });
@@ -124,10 +128,19 @@ pub(crate) fn encode_partitioned(
         let (later, earlier) = (later as usize, earlier as usize);
         sequences[later] == sequences[earlier]
             && event_times[later] == event_times[earlier]
-            && devices.value(later) == devices.value(earlier)
+            && devices[later] == devices[earlier]
     });
     let num_duplicates_dropped = num_rows_before - order.len();
-    let sorted = take_record_batch(batch, &UInt32Array::from(order.clone()))?;
+    let batch_refs: Vec<&RecordBatch> = batches.iter().collect();
+    let sorted_locations: Vec<(usize, usize)> = order
+        .iter()
+        .map(|&row| {
+            let row = row as usize;
+            let batch_index = batch_starts.partition_point(|&start| start <= row) - 1;
+            (batch_index, row - batch_starts[batch_index])
+        })
+        .collect();
+    let sorted = interleave_record_batch(&batch_refs, &sorted_locations)?;
     let mut files = Vec::new();
     let mut start = 0;
     while start < order.len() {
@@ -160,7 +173,7 @@ mod tests {
     use std::sync::Arc;
 
     use arrow_array::{Array, Int64Array, StringArray, TimestampMicrosecondArray};
-    use arrow_schema::{Field, Schema};
+    use arrow_schema::{DataType, Field, Schema, TimeUnit};
     use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
     use parquet::file::metadata::PageIndexPolicy;
 
@@ -193,7 +206,7 @@ mod tests {
     #[test]
     fn rows_split_by_hour_and_sorted_by_device_then_time() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let flush = encode_partitioned(&batch(), PartitionGranularity::Hour, &properties).unwrap();
+        let flush = encode_partitioned(&[batch()], PartitionGranularity::Hour, &properties).unwrap();
         assert_eq!(flush.num_duplicates_dropped, 1);
         let files = flush.files;
         assert_eq!(files.len(), 2);
@@ -220,9 +233,29 @@ mod tests {
     }
 
     #[test]
+    fn rows_of_several_batches_are_sorted_together() {
+        let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
+        let whole = encode_partitioned(&[batch()], PartitionGranularity::Hour, &properties).unwrap();
+        let parts = [batch().slice(0, 2), batch().slice(2, 1), batch().slice(3, 3)];
+        let split = encode_partitioned(&parts, PartitionGranularity::Hour, &properties).unwrap();
+        assert_eq!(split.num_duplicates_dropped, 1, "a duplicate in another batch is still found");
+        let bytes =
+            |flush: &EncodedFlush| flush.files.iter().map(|file| file.bytes.clone()).collect::<Vec<_>>();
+        assert_eq!(bytes(&split), bytes(&whole));
+        let other_schema = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("device_id", DataType::Utf8, false)])),
+            vec![Arc::new(StringArray::from(vec!["a"]))],
+        )
+        .unwrap();
+        assert!(
+            encode_partitioned(&[batch(), other_schema], PartitionGranularity::Hour, &properties).is_err()
+        );
+    }
+
+    #[test]
     fn daily_granularity_makes_one_file() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let files = encode_partitioned(&batch(), PartitionGranularity::Day, &properties).unwrap().files;
+        let files = encode_partitioned(&[batch()], PartitionGranularity::Day, &properties).unwrap().files;
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].partition.to_string(), "dt=2026-11-26");
         assert_eq!(files[0].num_rows, 5);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use apache_avro::Schema as AvroSchema;
 
 pub use crate::arrow::to_arrow_schema;
-pub use crate::decode::{ArrowBatchBuilder, DecodeError};
+pub use crate::decode::{Decoded, DecoderSetupError, StreamDecoder, event_times_micros};
 pub use crate::json::{FieldError, RecordMeta, parse_event_time};
 pub use crate::wire::{
     SINGLE_OBJECT_MARKER, WireError, single_object_header, split_single_object, write_single_object_header,
@@ -109,6 +109,8 @@ pub enum NullableUnion {
 pub struct StreamSchema {
     pub stream: String,
     pub avro: AvroSchema,
+    /// The schema file's text, for Avro libraries other than apache-avro.
+    pub avro_json: String,
     /// CRC-64-AVRO (Rabin) fingerprint of the schema's canonical form.
     pub fingerprint: u64,
     pub fields: Vec<FieldSpec>,
@@ -166,6 +168,7 @@ impl StreamSchema {
         Ok(Self {
             stream: stream.to_string(),
             avro,
+            avro_json: schema_json.to_string(),
             fingerprint,
             fields,
             field_index,
@@ -338,6 +341,11 @@ impl SchemaRegistry {
     /// The writer schema named by a message's fingerprint.
     pub fn by_fingerprint(&self, fingerprint: u64) -> Option<&Arc<StreamSchema>> {
         self.by_fingerprint.get(&fingerprint)
+    }
+
+    /// Every schema a record of `stream` may name: the current one and its history.
+    pub fn writers_of<'a>(&'a self, stream: &'a str) -> impl Iterator<Item = &'a Arc<StreamSchema>> {
+        self.by_fingerprint.values().filter(move |schema| schema.stream == stream)
     }
 
     pub fn stream_names(&self) -> impl Iterator<Item = &str> {
