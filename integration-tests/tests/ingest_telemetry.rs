@@ -36,17 +36,25 @@ async fn spans_and_metrics_are_exported_over_otlp() {
         client.post(ingest.records_url("telemetry")).json(&json!({"device_id": 1})).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
-    let metrics = collector.exported_metrics(1, Duration::from_secs(10)).await;
-    let names: BTreeSet<String> =
-        metrics.iter().flat_map(|export| export.metrics.iter().map(|metric| metric.name.clone())).collect();
-    for expected in [
+    let expected = [
         "sluice_ingest_records_accepted",
         "sluice_ingest_records_rejected",
         "sluice_ingest_request_duration_seconds",
         "sluice_ingest_produce_duration_seconds",
         "sluice_ingest_in_flight_bytes",
-    ] {
-        assert!(names.contains(expected), "{expected} not exported; got {names:?}");
+    ];
+    // An export taken before the requests above holds only the gauge: keep reading exports
+    // until one carries the counters and histograms too.
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !expected.iter().all(|name| names.contains(*name)) && std::time::Instant::now() < deadline {
+        let metrics = collector.exported_metrics(1, Duration::from_secs(1)).await;
+        names.extend(
+            metrics.iter().flat_map(|export| export.metrics.iter().map(|metric| metric.name.clone())),
+        );
+    }
+    for name in expected {
+        assert!(names.contains(name), "{name} not exported; got {names:?}");
     }
     ingest.stop().await.unwrap();
     telemetry.shutdown();
