@@ -439,6 +439,22 @@ mod tests {
     }
 
     #[test]
+    fn a_renamed_record_does_not_resolve() {
+        let reader = schema(TELEMETRY);
+        let renamed = schema(&TELEMETRY.replace(r#""name": "Telemetry""#, r#""name": "Reading""#));
+        assert_ne!(renamed.fingerprint, reader.fingerprint);
+        let mut decoder = StreamDecoder::new(Arc::clone(&reader), [&reader, &renamed]).unwrap();
+        let value = encode(&renamed, json!({"device_id": "a", "ts": NOW, "seq": 1}));
+        let decoded = decoder.decode(&[&value]);
+        assert_eq!(decoded.batch.num_rows(), 0);
+        assert!(
+            decoded.rejected[0].1.contains("cannot be read as the current schema"),
+            "{:?}",
+            decoded.rejected
+        );
+    }
+
+    #[test]
     fn chunks_larger_than_a_decoder_batch_keep_every_row() {
         let telemetry = schema(TELEMETRY);
         let mut decoder = StreamDecoder::new(Arc::clone(&telemetry), [&telemetry]).unwrap();
