@@ -203,7 +203,6 @@ struct PartitionState {
     decoder: StreamDecoder,
     pending: PendingValues,
     batches: Vec<RecordBatch>,
-    num_buffered_rows: usize,
     /// Avro bytes consumed since the last commit (pending and decoded): a cheap proxy for memory.
     num_value_bytes: usize,
     next_sequence: u64,
@@ -228,7 +227,6 @@ impl PartitionState {
             decoder,
             pending: PendingValues::default(),
             batches: Vec::new(),
-            num_buffered_rows: 0,
             num_value_bytes: 0,
             next_sequence: 0,
             range_start_opt: None,
@@ -248,7 +246,6 @@ impl PartitionState {
     fn reset_to(&mut self, latest: Option<&CommitRecord>) {
         self.pending.clear();
         self.batches.clear();
-        self.num_buffered_rows = 0;
         self.num_value_bytes = 0;
         self.next_sequence = latest.map_or(0, |record| record.sequence + 1);
         self.range_start_opt = latest.map(|record| record.end_offset);
@@ -258,6 +255,10 @@ impl PartitionState {
         self.first_buffered_at_opt = None;
         self.num_dead_lettered = 0;
         self.buffered_max_event_time_opt = None;
+    }
+
+    fn num_buffered_rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
     }
 
     fn has_uncommitted(&self) -> bool {
@@ -371,7 +372,7 @@ impl CompactorLoop {
                 RebalanceEvent::Revoked(revoked) => {
                     for key in revoked {
                         if let Some(state) = partitions.remove(&key) {
-                            tracing::info!(topic = %key.0, partition = key.1, dropped_records = state.num_buffered_rows + state.pending.records.len(), "partition revoked; uncommitted rows dropped");
+                            tracing::info!(topic = %key.0, partition = key.1, dropped_records = state.num_buffered_rows() + state.pending.records.len(), "partition revoked; uncommitted rows dropped");
                         }
                     }
                 }
@@ -421,7 +422,7 @@ impl CompactorLoop {
         if state.pending.records.is_empty() {
             return true;
         }
-        let pending = std::mem::take(&mut state.pending);
+        let pending = &state.pending;
         let values: Vec<&[u8]> =
             pending.records.iter().map(|(_, _, value)| &pending.bytes[value.clone()]).collect();
         let decoded = state.decoder.decode(&values);
@@ -457,11 +458,8 @@ impl CompactorLoop {
             }
         }
         if batch.num_rows() > 0 {
-            state.num_buffered_rows += batch.num_rows();
             state.batches.push(batch);
         }
-        // Keep the allocation for the next chunk.
-        state.pending = pending;
         state.pending.clear();
         completed
     }
@@ -541,8 +539,9 @@ impl CompactorLoop {
         };
         let started = Instant::now();
         let stream = Arc::clone(&state.stream);
+        let num_rows = state.num_buffered_rows();
         let batches = std::mem::take(&mut state.batches);
-        let encoded = tracing::info_span!("encode_parquet", num_rows = state.num_buffered_rows)
+        let encoded = tracing::info_span!("encode_parquet", num_rows)
             .in_scope(|| encode_partitioned(&batches, stream.granularity, &stream.writer_properties));
         drop(batches);
         let (files, num_duplicates_dropped) = match encoded {

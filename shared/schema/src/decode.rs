@@ -105,10 +105,6 @@ impl StreamDecoder {
         Ok(Self { reader, arrow_schema, compatible, incompatible, decoder })
     }
 
-    pub fn arrow_schema(&self) -> &SchemaRef {
-        &self.arrow_schema
-    }
-
     /// Decodes `values` (Kafka values: single-object header and datum) into one batch.
     pub fn decode(&mut self, values: &[&[u8]]) -> Decoded {
         let mut rejected = Vec::new();
