@@ -764,6 +764,34 @@ fn collect_parquet_files(directory: &Path, files: &mut Vec<PathBuf>) -> anyhow::
     Ok(())
 }
 
+/// Waits until the compactor has published the watermark of everything committed to
+/// `stream` (over its `partitions`), and returns it: the point up to which windows are complete.
+pub async fn settled_watermark(
+    lake: &sluice_lake::Lake,
+    stream: &str,
+    partitions: i32,
+    lateness_micros: i64,
+) -> i64 {
+    let expected = lake
+        .watermark(stream, partitions, lateness_micros)
+        .await
+        .expect("commit records readable")
+        .expect("all partitions committed");
+    let reached = wait_until(Duration::from_secs(60), || {
+        let lake = lake.clone();
+        async move {
+            lake.published_watermark(stream)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|published| published.watermark_micros == expected)
+        }
+    })
+    .await;
+    assert!(reached, "the watermark {expected} of {stream} is published");
+    expected
+}
+
 /// Waits until the lake holds at least `expected` rows; returns what it holds then.
 pub async fn wait_for_lake_rows(
     lake_dir: &Path,

@@ -13,8 +13,8 @@ use sluice_executor::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunSta
 use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
 use sluice_integration_tests::{
     Broker, CompactorService, ExecutorService, compactor_config, consume_topic_within, executor_config,
-    open_local_lake, produce_readings, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows,
-    wait_until,
+    open_local_lake, produce_readings, settled_watermark, submit_job, telemetry_readings, unique_suffix,
+    wait_for_lake_rows, wait_until,
 };
 use sluice_lake::Lake;
 
@@ -37,24 +37,6 @@ fn read_result(lake_dir: &Path, job: &str, window_start: i64) -> Vec<RecordBatch
 /// Event time of a reading in microseconds.
 fn ts(reading: &serde_json::Value) -> i64 {
     reading["ts"].as_i64().unwrap()
-}
-
-/// Waits until the compactor published the watermark of everything committed, and returns it.
-async fn settled_watermark(lake: &Lake, lateness_micros: i64) -> i64 {
-    let expected =
-        lake.watermark("telemetry", 4, lateness_micros).await.unwrap().expect("all partitions committed");
-    let reached = wait_until(Duration::from_secs(60), || {
-        let lake = lake.clone();
-        async move {
-            lake.published_watermark("telemetry")
-                .await
-                .unwrap()
-                .is_some_and(|published| published.watermark_micros == expected)
-        }
-    })
-    .await;
-    assert!(reached, "the watermark {} is published", rfc3339(expected));
-    expected
 }
 
 /// Waits until every window in `starts` has a succeeded outcome.
@@ -128,7 +110,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
     let executor = ExecutorService::start(executor_config(&broker, &prefix, lake_dir.path()));
     produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
     wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
-    let watermark = settled_watermark(&lake, 1_000_000).await;
+    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
 
     let first_hour = readings.iter().map(ts).min().unwrap().div_euclid(HOUR) * HOUR;
     let hourly = format!(
@@ -405,7 +387,7 @@ async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_
     let topic = format!("{prefix}.telemetry");
     produce_readings(&broker.bootstrap_servers(), &topic, &readings).await.unwrap();
     wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
-    let watermark = settled_watermark(&lake, 1_000_000).await;
+    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
 
     let mut config = executor_config(&broker, &prefix, &lake_dir);
     config.executor.restate_check_interval_ms = 300;

@@ -15,8 +15,8 @@ use sluice_executor::events::{JobRunEvent, RunStatus};
 use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
 use sluice_integration_tests::{
     Broker, CompactorService, compactor_config, consume_topic_within, executor_config, open_local_lake,
-    produce_readings, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until,
-    workspace_binary,
+    produce_readings, settled_watermark, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows,
+    wait_until, workspace_binary,
 };
 use tokio::process::{Child, Command};
 
@@ -53,18 +53,7 @@ async fn killed_executors_leave_every_window_run_exactly_once() {
     produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
     wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
     let lake = open_local_lake(&lake_dir);
-    let watermark = lake.watermark("telemetry", 4, 1_000_000).await.unwrap().unwrap();
-    let published = wait_until(Duration::from_secs(30), || {
-        let lake = lake.clone();
-        async move {
-            lake.published_watermark("telemetry")
-                .await
-                .unwrap()
-                .is_some_and(|w| w.watermark_micros == watermark)
-        }
-    })
-    .await;
-    assert!(published);
+    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
 
     let mut config = executor_config(&broker, &prefix, &lake_dir);
     config.executor.max_concurrent_runs = 1;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::{Expr, col, lit};
 use datafusion::prelude::{
     CsvReadOptions, DataFrame, ParquetReadOptions, SQLOptions, SessionConfig, SessionContext,
@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sluice_lake::{CommittedFile, Lake, LakeError, PartitionGranularity, PartitionKey};
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaRegistry, to_arrow_schema};
 
+use crate::distributed::BallistaClient;
 use crate::job::{WINDOW_END_PLACEHOLDER, WINDOW_START_PLACEHOLDER};
 
 /// DataFusion reaches the lake through these two URLs: stream tables through the committed-files
@@ -113,6 +114,20 @@ impl Snapshot {
             .map(|file| file.num_rows)
             .sum()
     }
+
+    /// Committed rows and bytes of `files` (full paths in the store, as plans name them).
+    pub fn totals_of(&self, root: &Path, files: &BTreeSet<Path>) -> (u64, u64) {
+        self.streams
+            .values()
+            .flatten()
+            .filter(|file| files.contains(&location_in_store(root, &file.path)))
+            .fold((0, 0), |(rows, bytes), file| (rows + file.num_rows, bytes + file.size_bytes))
+    }
+}
+
+fn location_in_store(root: &Path, relative: &str) -> Path {
+    let relative = Path::from(relative);
+    if root.as_ref().is_empty() { relative } else { Path::from_iter(root.parts().chain(relative.parts())) }
 }
 
 /// Which rows the stream tables hold.
@@ -134,6 +149,7 @@ pub struct Catalog {
     reference_tables: Vec<ReferenceTable>,
     target_partitions: usize,
     memory_limit_bytes: usize,
+    ballista_opt: Option<BallistaClient>,
 }
 
 impl fmt::Debug for Catalog {
@@ -161,6 +177,7 @@ impl Catalog {
             reference_tables,
             target_partitions: std::thread::available_parallelism().map_or(2, usize::from),
             memory_limit_bytes: 0,
+            ballista_opt: None,
         }
     }
 
@@ -176,6 +193,16 @@ impl Catalog {
     pub fn with_memory_limit(mut self, bytes: usize) -> Self {
         self.memory_limit_bytes = bytes;
         self
+    }
+
+    /// The cluster that runs jobs with `engine: ballista`.
+    pub fn with_ballista(mut self, ballista_opt: Option<BallistaClient>) -> Self {
+        self.ballista_opt = ballista_opt;
+        self
+    }
+
+    pub fn ballista(&self) -> Option<&BallistaClient> {
+        self.ballista_opt.as_ref()
     }
 
     pub fn lake(&self) -> &Lake {
@@ -302,6 +329,13 @@ impl Catalog {
             ListingTableConfig::new(table_url).with_listing_options(options).with_schema(file_schema),
         )
     }
+}
+
+/// A Ballista worker reads the files a plan names through the store itself: the plan was made
+/// over the committed-files view, so the files it names are committed ones already.
+pub fn register_worker_stores(runtime: &RuntimeEnv, store: Arc<dyn ObjectStore>) {
+    runtime.register_object_store(&url(COMMITTED_URL), Arc::clone(&store));
+    runtime.register_object_store(&url(STORE_URL), store);
 }
 
 fn url(text: &str) -> url::Url {
@@ -447,15 +481,7 @@ impl CommittedFilesStore {
             .streams
             .values()
             .flatten()
-            .map(|file| {
-                let relative = Path::from(file.path.as_str());
-                let location = if root.as_ref().is_empty() {
-                    relative
-                } else {
-                    Path::from_iter(root.parts().chain(relative.parts()))
-                };
-                (location, file.size_bytes)
-            })
+            .map(|file| (location_in_store(root, &file.path), file.size_bytes))
             .collect();
         Self { inner, files }
     }

@@ -24,6 +24,7 @@ pub struct ExecutorConfig {
     #[serde(default = "default_health")]
     pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
+    pub ballista: BallistaSection,
 }
 
 /// Beside the compactor's 8081 and ingest's 8080 when all run on one machine.
@@ -43,6 +44,7 @@ impl Default for ExecutorConfig {
             telemetry: TelemetryConfig::default(),
             health: default_health(),
             shutdown: ShutdownConfig::default(),
+            ballista: BallistaSection::default(),
         }
     }
 }
@@ -105,6 +107,45 @@ impl Default for QueryConfig {
     }
 }
 
+/// The Ballista cluster that runs jobs with `-- engine: ballista`, and the settings of the
+/// `sluice-executor ballista-scheduler` and `ballista-worker` processes that make one up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BallistaSection {
+    /// The scheduler, e.g. `http://ballista-scheduler:50050`. Empty: no cluster, and jobs that
+    /// ask for one are refused.
+    pub scheduler_url: String,
+    /// Where `ballista-scheduler` listens.
+    pub scheduler_bind: String,
+    /// Where `ballista-worker` listens: `worker_port` serves result and shuffle data (Arrow
+    /// Flight), `worker_grpc_port` receives tasks.
+    pub worker_bind_host: String,
+    pub worker_port: u16,
+    pub worker_grpc_port: u16,
+    /// The host other workers and the executor reach this worker by (its pod IP or DNS name);
+    /// empty means `worker_bind_host`.
+    pub worker_advertise_host: String,
+    /// Tasks a worker runs at once; 0 means one per core.
+    pub worker_task_slots: usize,
+    /// Shuffle files and spills; empty means a fresh temporary directory.
+    pub worker_work_dir: String,
+}
+
+impl Default for BallistaSection {
+    fn default() -> Self {
+        Self {
+            scheduler_url: String::new(),
+            scheduler_bind: "127.0.0.1:50050".to_string(),
+            worker_bind_host: "127.0.0.1".to_string(),
+            worker_port: 50051,
+            worker_grpc_port: 50052,
+            worker_advertise_host: String::new(),
+            worker_task_slots: 0,
+            worker_work_dir: String::new(),
+        }
+    }
+}
+
 /// Tables besides the streams (which come from schemas/).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,6 +189,18 @@ impl Validate for ExecutorConfig {
                 issues.push(ConfigIssue::new(key, "must be greater than 0"));
             }
         }
+        if !self.ballista.scheduler_url.is_empty() {
+            match url::Url::parse(&self.ballista.scheduler_url) {
+                Ok(url) if url.host_str().is_some() => {}
+                _ => issues.push(ConfigIssue::new(
+                    "ballista.scheduler_url",
+                    "must be a URL with a host, for example http://127.0.0.1:50050",
+                )),
+            }
+        }
+        if self.ballista.scheduler_bind.parse::<std::net::SocketAddr>().is_err() {
+            issues.push(ConfigIssue::new("ballista.scheduler_bind", "must be an IP address and port"));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (index, table) in self.tables.reference.iter().enumerate() {
             if table.name.is_empty() || !table.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -185,6 +238,7 @@ mod tests {
     fn bad_values_are_named() {
         let mut config = ExecutorConfig::default();
         config.executor.max_concurrent_runs = 0;
+        config.ballista.scheduler_url = "no host".into();
         config.tables.reference.push(ReferenceTable {
             name: "bad name".into(),
             path: String::new(),
@@ -194,5 +248,6 @@ mod tests {
         assert!(keys.contains(&"executor.max_concurrent_runs".to_string()), "{keys:?}");
         assert!(keys.contains(&"tables.reference[0].name".to_string()), "{keys:?}");
         assert!(keys.contains(&"tables.reference[0].path".to_string()), "{keys:?}");
+        assert!(keys.contains(&"ballista.scheduler_url".to_string()), "{keys:?}");
     }
 }

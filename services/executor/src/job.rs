@@ -34,9 +34,23 @@ pub struct JobDefinition {
     pub timeout_micros_opt: Option<i64>,
     /// Attempts before a window is marked failed; none means the executor's default.
     pub max_attempts_opt: Option<u32>,
+    /// Where the window's plan executes.
+    pub engine: Engine,
     /// Free text from `-- description:`.
     pub description: String,
     pub sql: String,
+}
+
+/// Where a run's physical plan executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Inside the executor replica that claimed the window.
+    #[default]
+    Local,
+    /// Across the workers of the Ballista cluster in the executor's `[ballista]` config: for
+    /// windows bigger than one machine. Planned (and its files chosen) by the replica as usual.
+    Ballista,
 }
 
 /// A cron expression and the time zone it is read in.
@@ -114,6 +128,7 @@ impl JobDefinition {
         let mut restate = false;
         let mut timeout_micros_opt = None;
         let mut max_attempts_opt = None;
+        let mut engine = Engine::Local;
         let mut description = String::new();
         let mut seen: Vec<&str> = Vec::new();
         for (key, value, line) in &headers {
@@ -143,11 +158,18 @@ impl JobDefinition {
                         ));
                     }
                 }
+                "engine" => {
+                    engine = match value.to_ascii_lowercase().as_str() {
+                        "local" => Engine::Local,
+                        "ballista" => Engine::Ballista,
+                        _ => return fail(format!("line {line}: engine '{value}' is not local or ballista")),
+                    }
+                }
                 "description" => description = value.clone(),
                 other => {
                     return fail(format!(
                         "line {line}: unknown setting '{other}'; known: name, schedule, time_zone, window, \
-                         lateness, start, restate, timeout, retries, output, description"
+                         lateness, start, restate, timeout, retries, output, engine, description"
                     ));
                 }
             }
@@ -186,6 +208,7 @@ impl JobDefinition {
             restate,
             timeout_micros_opt,
             max_attempts_opt,
+            engine,
             description,
             sql,
         })
@@ -299,6 +322,9 @@ mod tests {
         assert_eq!(job.lateness_micros, 600_000_000);
         assert!(job.sql.starts_with("SELECT device_id"));
         assert!(!job.sql.ends_with(';'));
+        assert_eq!(job.engine, Engine::Local);
+        let distributed = JobDefinition::parse(&format!("-- engine: Ballista\n{HOURLY}"), None).unwrap();
+        assert_eq!(distributed.engine, Engine::Ballista);
         let schedule = job.schedule_opt.unwrap();
         // 08:00:00 UTC: the next firing of "5 * * * *" is 08:05.
         let eight = parse_timestamp_micros("2026-11-26T08:00:00Z").unwrap();
@@ -315,6 +341,7 @@ mod tests {
             ("-- name: a\n-- window: 1h\n-- schedul: 5 * * * *\nSELECT 1", None, "unknown setting 'schedul'"),
             ("-- name: a\n-- window: 1h\n-- schedule: 61 * * * *\nSELECT 1", None, "not a valid cron"),
             ("-- name: a\n-- window: 1h\n-- output: csv\nSELECT 1", None, "output 'csv'"),
+            ("-- name: a\n-- window: 1h\n-- engine: spark\nSELECT 1", None, "engine 'spark'"),
             ("-- name: A b\n-- window: 1h\nSELECT 1", None, "lowercase letters"),
             ("-- name: a\n-- window: 1h\n", None, "no SQL"),
             (

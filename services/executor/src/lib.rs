@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod config;
 pub mod cron;
+pub mod distributed;
 pub mod events;
 pub mod job;
 pub mod runs;
@@ -46,7 +47,8 @@ pub fn open_catalog(config: &ExecutorConfig) -> Result<Catalog, ExecutorError> {
     let (store, root) = open_store(&config.object_store)?;
     Ok(Catalog::new(store, root, registry, config.tables.reference.clone())
         .with_target_partitions(config.query.target_partitions)
-        .with_memory_limit(config.query.memory_limit_bytes))
+        .with_memory_limit(config.query.memory_limit_bytes)
+        .with_ballista(distributed::BallistaClient::from_config(&config.ballista)))
 }
 
 /// Runs the executor until `shutdown` is cancelled.

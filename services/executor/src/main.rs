@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use sluice_executor::ExecutorConfig;
 use sluice_shutdown::CancellationToken;
 
@@ -26,6 +26,20 @@ struct Args {
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    role_opt: Option<Role>,
+}
+
+/// Without a subcommand the process is an executor replica. A Ballista cluster, for jobs with
+/// `-- engine: ballista`, is one `ballista-scheduler` and any number of `ballista-worker`s, all
+/// started from this binary with the same configuration file (docs/distributed-queries.md).
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Run the Ballista scheduler, listening on ballista.scheduler_bind.
+    BallistaScheduler,
+    /// Run a Ballista worker that reads the lake in [object_store] and takes tasks from
+    /// ballista.scheduler_url.
+    BallistaWorker,
 }
 
 fn main() -> ExitCode {
@@ -56,17 +70,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         let root = CancellationToken::new();
         // The loop itself lets runs finish within the grace period; allow it a little more.
         let grace = Duration::from_millis(config.shutdown.grace_period_ms + 5_000);
-        let outcome = sluice_shutdown::run_until_stopped(
-            sluice_executor::run(config, root.clone()),
-            root,
-            grace,
-            signals,
-        )
-        .await;
+        let service = async {
+            match args.role_opt {
+                None => sluice_executor::run(config, root.clone()).await.map_err(anyhow::Error::from),
+                Some(role) => run_ballista(role, &config, &root).await,
+            }
+        };
+        let outcome = sluice_shutdown::run_until_stopped(service, root.clone(), grace, signals).await;
         let code = match outcome {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(error)) => {
-                tracing::error!(error = format!("{:#}", anyhow::Error::from(error)), "executor failed");
+                tracing::error!(error = format!("{error:#}"), "executor failed");
                 ExitCode::FAILURE
             }
             Err(forced) => {
@@ -77,4 +91,25 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         telemetry.shutdown();
         Ok(code)
     })
+}
+
+/// A Ballista process stops with the signal that stops the binary: tasks it was running fail,
+/// and their windows are retried like any failed attempt.
+async fn run_ballista(role: Role, config: &ExecutorConfig, stop: &CancellationToken) -> anyhow::Result<()> {
+    use sluice_executor::distributed;
+
+    let running = async {
+        let (store, _root) = sluice_lake::open_store(&config.object_store)?;
+        match role {
+            Role::BallistaScheduler => distributed::run_scheduler(&config.ballista, store).await?,
+            Role::BallistaWorker => {
+                distributed::run_worker(&config.ballista, store, config.query.memory_limit_bytes).await?
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        result = running => result,
+        () = stop.cancelled() => Ok(()),
+    }
 }

@@ -11,14 +11,16 @@
 //! replaced whole by a later revision (a single put or a completed multipart upload: readers
 //! see the old file or the new one, never part of either).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_schema::SchemaRef;
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::DataFusionError;
 use datafusion::physical_plan::{ExecutionPlan, collect};
+use object_store::path::Path;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sluice_lake::{CommitOutcome, Lake, LakeError, METADATA_DIR};
 
 use crate::catalog::{Catalog, Scope, describe, plan_query};
-use crate::job::JobDefinition;
+use crate::job::{Engine, JobDefinition};
 
 /// A claim on one attempt of one window revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +209,7 @@ impl WindowRun<'_> {
         .instrument(tracing::info_span!("logical_plan"))
         .await?;
         let task_ctx = frame.task_ctx();
+        let session_config = task_ctx.session_config().clone();
         let plan = frame
             .create_physical_plan()
             .instrument(tracing::info_span!("physical_plan"))
@@ -217,7 +220,20 @@ impl WindowRun<'_> {
             "execute",
             partitions = plan.properties().output_partitioning().partition_count()
         );
-        let batches = tokio::time::timeout(remaining, collect(Arc::clone(&plan), Arc::new(task_ctx)))
+        let running = async {
+            match (self.job.engine, self.catalog.ballista()) {
+                (Engine::Ballista, Some(cluster)) => {
+                    cluster.collect(Arc::clone(&plan), &session_config).await
+                }
+                // Refused at submission; a replica whose config lost the cluster since then
+                // says so instead of running a window meant for many machines on one.
+                (Engine::Ballista, None) => Err(DataFusionError::Configuration(
+                    "engine 'ballista' needs ballista.scheduler_url, which this executor lacks".into(),
+                )),
+                (Engine::Local, _) => collect(Arc::clone(&plan), Arc::new(task_ctx)).await,
+            }
+        };
+        let batches = tokio::time::timeout(remaining, running)
             .instrument(execute_span)
             .await
             .map_err(|_| RunError::Timeout(self.timeout))?
@@ -241,6 +257,13 @@ impl WindowRun<'_> {
         .await?;
 
         let mut stats = scan_stats(&plan);
+        if self.job.engine == Engine::Ballista {
+            // The scans ran on the workers, whose metrics stay there: count the files the plan
+            // gave them, by their committed row counts and sizes.
+            let (rows, bytes) = snapshot.totals_of(self.catalog.root(), &planned_files(&plan));
+            stats.rows_read = rows;
+            stats.bytes_read = bytes;
+        }
         stats.rows_written = rows_written;
         stats.bytes_written = bytes_written;
         Ok(RunResult { stats, input_rows, result_path: path })
@@ -263,33 +286,46 @@ fn encode_parquet(
     writer.into_inner().map_err(|error| format!("cannot write the result as Parquet: {error}"))
 }
 
-/// Rows, bytes and files the plan's scans read, from their metrics after the run.
+/// Rows, bytes and files the plan's scans read, from their metrics after a local run.
 pub fn scan_stats(plan: &Arc<dyn ExecutionPlan>) -> RunStats {
     let mut stats = RunStats::default();
-    // A large file may be split into byte ranges over several groups: count each file once.
-    let mut files_read = std::collections::BTreeSet::new();
+    for_each_scan(plan, |scan| {
+        if let Some(metrics) = scan.metrics() {
+            stats.rows_read += metrics.output_rows().unwrap_or(0) as u64;
+            stats.bytes_read +=
+                metrics.sum_by_name("bytes_scanned").map_or(0, |value| value.as_usize() as u64);
+        }
+    });
+    stats.files_read = planned_files(plan).len() as u64;
+    stats
+}
+
+/// The files the plan's scans were given. A large file may be split into byte ranges over
+/// several groups: each is named once.
+pub fn planned_files(plan: &Arc<dyn ExecutionPlan>) -> BTreeSet<Path> {
+    let mut files = BTreeSet::new();
+    for_each_scan(plan, |scan| {
+        if let Some(config) = scan.data_source().downcast_ref::<FileScanConfig>() {
+            files.extend(
+                config
+                    .file_groups
+                    .iter()
+                    .flat_map(|group| group.iter())
+                    .map(|file| file.object_meta.location.clone()),
+            );
+        }
+    });
+    files
+}
+
+fn for_each_scan(plan: &Arc<dyn ExecutionPlan>, mut visit: impl FnMut(&DataSourceExec)) {
     let mut stack = vec![Arc::clone(plan)];
     while let Some(node) = stack.pop() {
         if let Some(scan) = node.downcast_ref::<DataSourceExec>() {
-            if let Some(files) = scan.data_source().downcast_ref::<FileScanConfig>() {
-                files_read.extend(
-                    files
-                        .file_groups
-                        .iter()
-                        .flat_map(|group| group.iter())
-                        .map(|file| file.object_meta.location.clone()),
-                );
-            }
-            if let Some(metrics) = node.metrics() {
-                stats.rows_read += metrics.output_rows().unwrap_or(0) as u64;
-                stats.bytes_read +=
-                    metrics.sum_by_name("bytes_scanned").map_or(0, |value| value.as_usize() as u64);
-            }
+            visit(scan);
         }
         stack.extend(node.children().into_iter().cloned());
     }
-    stats.files_read = files_read.len() as u64;
-    stats
 }
 
 /// Creates an attempt claim; `false` if another instance claimed it first.

@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::catalog::{Catalog, Scope, plan_query};
 use crate::config::ExecutorConfig;
 use crate::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
-use crate::job::{JobDefinition, format_micros};
+use crate::job::{Engine, JobDefinition, format_micros};
 use crate::runs::{
     AttemptRecord, BackfillRequest, OutcomeRecord, OutcomeStatus, WindowRun, WindowState, claim,
     load_backfills, load_windows, record_outcome, satisfies,
@@ -42,6 +42,11 @@ pub async fn validate_job(
     key_opt: Option<&str>,
 ) -> Result<ValidatedJob, String> {
     let definition = JobDefinition::parse(text, key_opt).map_err(|error| error.0)?;
+    if definition.engine == Engine::Ballista && catalog.ballista().is_none() {
+        return Err("engine 'ballista' needs a Ballista cluster, and this executor has none \
+                    (ballista.scheduler_url is not set); use engine 'local' or configure one"
+            .to_string());
+    }
     let snapshot = catalog.snapshot().await.map_err(|error| format!("{:#}", anyhow::Error::from(error)))?;
     let ctx = catalog
         .session(&snapshot, Scope::All, false)

@@ -1,0 +1,247 @@
+//! Jobs with `-- engine: ballista` on a real Ballista cluster: a `sluice-executor
+//! ballista-scheduler` process and two `ballista-worker` processes on 127.0.0.1, fed by the
+//! executor service over the lake the compactor wrote from a real broker. The distributed
+//! results must equal values computed here from the readings, and the local engine's results
+//! for the same SQL; the workers' shuffle directories show that they, not the executor, ran it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use sluice_executor::events::{JobRunEvent, RunStatus};
+use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
+use sluice_integration_tests::{
+    Broker, CompactorService, ExecutorService, compactor_config, consume_topic_within, executor_config,
+    free_port, open_local_lake, produce_readings, repo_root, settled_watermark, submit_job,
+    telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until, workspace_binary,
+};
+use tokio::process::{Child, Command};
+
+const HOUR: i64 = 3_600_000_000;
+
+/// A Ballista process from the executor binary, configured through `SLUICE_*` variables.
+fn spawn_ballista(role: &str, env: &[(&str, String)], log_dir: &Path) -> Child {
+    let log = std::fs::File::create(log_dir.join(format!("{role}-{}.log", unique_suffix()))).unwrap();
+    let mut command = Command::new(workspace_binary("sluice-executor"));
+    command.arg(role).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().unwrap()
+}
+
+fn read_result(lake_dir: &Path, job: &str, window_start: i64) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(lake_dir.join(result_path(job, window_start))).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Per device: readings, mean temperature, highest sequence number.
+fn per_device(batches: &[RecordBatch]) -> BTreeMap<String, (i64, f64, i64)> {
+    let mut rows = BTreeMap::new();
+    for batch in batches {
+        let devices = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        let counts = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+        let averages = batch.column(2).as_any().downcast_ref::<Float64Array>().unwrap();
+        let last = batch.column(3).as_any().downcast_ref::<Int64Array>().unwrap();
+        for row in 0..batch.num_rows() {
+            assert!(!averages.is_null(row));
+            rows.insert(
+                devices.value(row).to_string(),
+                (counts.value(row), averages.value(row), last.value(row)),
+            );
+        }
+    }
+    rows
+}
+
+fn files_under(directory: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(directory) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            if path.is_dir() { files_under(&path) } else { 1 }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_engine() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let work_dir = tempfile::TempDir::new().unwrap();
+    let lake_dir = work_dir.path().join("lake");
+    let lake = open_local_lake(&lake_dir);
+    let readings = telemetry_readings(6_000, 20, 3 * HOUR);
+    let mut compactor = compactor_config(&broker, &prefix, &lake_dir);
+    compactor.watermark.interval_ms = 200;
+    compactor.watermark.allowed_lateness_ms = 1_000;
+    let compactor = CompactorService::start(compactor).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
+    wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
+    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
+
+    let scheduler_url = format!("http://127.0.0.1:{}", free_port());
+    let _scheduler = spawn_ballista(
+        "ballista-scheduler",
+        &[
+            ("SLUICE_BALLISTA__SCHEDULER_BIND", scheduler_url.trim_start_matches("http://").to_string()),
+            ("SLUICE_OBJECT_STORE__URL", lake_dir.display().to_string()),
+        ],
+        work_dir.path(),
+    );
+    let worker_dirs: Vec<_> = (0..2).map(|index| work_dir.path().join(format!("worker-{index}"))).collect();
+    let _workers: Vec<Child> = worker_dirs
+        .iter()
+        .map(|dir| {
+            std::fs::create_dir_all(dir).unwrap();
+            spawn_ballista(
+                "ballista-worker",
+                &[
+                    ("SLUICE_BALLISTA__SCHEDULER_URL", scheduler_url.clone()),
+                    ("SLUICE_BALLISTA__WORKER_PORT", free_port().to_string()),
+                    ("SLUICE_BALLISTA__WORKER_GRPC_PORT", free_port().to_string()),
+                    ("SLUICE_BALLISTA__WORKER_TASK_SLOTS", "2".to_string()),
+                    ("SLUICE_BALLISTA__WORKER_WORK_DIR", dir.display().to_string()),
+                    ("SLUICE_OBJECT_STORE__URL", lake_dir.display().to_string()),
+                    ("SLUICE_SCHEMAS__DIRECTORY", repo_root().join("schemas").display().to_string()),
+                ],
+                work_dir.path(),
+            )
+        })
+        .collect();
+
+    let mut config = executor_config(&broker, &prefix, &lake_dir);
+    config.ballista.scheduler_url = scheduler_url.clone();
+    config.executor.default_timeout_ms = 60_000;
+    let executor = ExecutorService::start(config);
+
+    let first_hour = lake
+        .live_files("telemetry")
+        .await
+        .unwrap()
+        .iter()
+        .map(|file| file.min_event_time_micros)
+        .min()
+        .unwrap()
+        .div_euclid(HOUR)
+        * HOUR;
+    // Grouping by device needs a shuffle: the plan has more than one stage.
+    let sql = "SELECT device_id, count(*) AS readings, avg(temperature) AS avg_temperature, max(seq) AS last_seq\n\
+               FROM telemetry WHERE ts >= $window_start AND ts < $window_end\n\
+               GROUP BY device_id ORDER BY device_id\n";
+    for (name, engine) in [("devices_ballista", "ballista"), ("devices_local", "local")] {
+        let job = format!(
+            "-- name: {name}\n-- window: 1h\n-- engine: {engine}\n-- start: {}\n{sql}",
+            sluice_executor::job::format_micros(first_hour)
+        );
+        submit_job(&broker.bootstrap_servers(), &prefix, name, Some(&job)).await.unwrap();
+    }
+
+    let windows: Vec<i64> =
+        (0..).map(|index| first_hour + index * HOUR).take_while(|start| start + HOUR <= watermark).collect();
+    assert!(windows.len() >= 2, "the readings span complete hours");
+    let all_ran = wait_until(Duration::from_secs(180), || {
+        let lake = lake.clone();
+        let windows = windows.clone();
+        async move {
+            let mut done = true;
+            for job in ["devices_ballista", "devices_local"] {
+                let states = load_windows(&lake, job).await.unwrap();
+                done &= windows.iter().all(|start| {
+                    states.get(start).and_then(|state| state.outcome_opt.as_ref()).is_some_and(|outcome| {
+                        assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{job}: {outcome:?}");
+                        true
+                    })
+                });
+            }
+            done
+        }
+    })
+    .await;
+    assert!(all_ran, "every window of both jobs succeeded");
+
+    for start in &windows {
+        let mut expected: BTreeMap<String, (i64, f64, i64)> = BTreeMap::new();
+        for reading in readings
+            .iter()
+            .filter(|reading| (*start..start + HOUR).contains(&reading["ts"].as_i64().unwrap()))
+        {
+            let entry = expected.entry(reading["device_id"].as_str().unwrap().to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += reading["temperature"].as_f64().unwrap();
+            entry.2 = entry.2.max(reading["seq"].as_i64().unwrap());
+        }
+        let distributed = per_device(&read_result(&lake_dir, "devices_ballista", *start));
+        let local = per_device(&read_result(&lake_dir, "devices_local", *start));
+        assert_eq!(distributed.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+        for (device, (count, sum, last)) in &expected {
+            let (actual_count, actual_average, actual_last) = distributed[device];
+            assert_eq!((actual_count, actual_last), (*count, *last), "{device}");
+            assert!((actual_average - sum / *count as f64).abs() < 1e-9, "{device}");
+            let (local_count, local_average, local_last) = local[device];
+            assert_eq!((local_count, local_last), (actual_count, actual_last), "{device}");
+            assert!((local_average - actual_average).abs() < 1e-9, "{device}");
+        }
+    }
+
+    // The workers wrote the stages' output: the executor service did not run the plan itself.
+    let shuffle_files: usize = worker_dirs.iter().map(|dir| files_under(dir)).sum();
+    assert!(shuffle_files > 0, "the Ballista workers ran the windows' stages");
+
+    // Run history: what the plan was given to read, by the committed records.
+    let events: Vec<JobRunEvent> = consume_topic_within(
+        &broker.bootstrap_servers(),
+        &format!("{prefix}.job-runs"),
+        2 * windows.len(),
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|record| JobRunEvent::decode(&record.payload).unwrap())
+    .collect();
+    let live = lake.live_files("telemetry").await.unwrap();
+    for start in &windows {
+        let partition =
+            sluice_lake::PartitionKey::for_event_time(*start, sluice_lake::PartitionGranularity::Hour);
+        let in_hour: Vec<_> = live.iter().filter(|file| file.partition == partition.to_string()).collect();
+        let event = events
+            .iter()
+            .find(|event| {
+                event.job == "devices_ballista"
+                    && event.window_start_micros == *start
+                    && event.status == RunStatus::Succeeded
+            })
+            .expect("a succeeded run event");
+        assert_eq!(event.files_read, in_hour.len() as i64, "pruned to {partition}");
+        assert_eq!(event.rows_read, in_hour.iter().map(|file| file.num_rows as i64).sum::<i64>());
+        assert_eq!(event.bytes_read, in_hour.iter().map(|file| file.size_bytes as i64).sum::<i64>());
+    }
+    executor.stop().await.unwrap();
+    compactor.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ballista_job_is_refused_where_no_cluster_is_configured() {
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let mut config = sluice_executor::ExecutorConfig::default();
+    config.schemas.directory = repo_root().join("schemas");
+    config.object_store.url = lake_dir.path().display().to_string();
+    let catalog = sluice_executor::open_catalog(&config).unwrap();
+    let job = "-- name: big\n-- window: 1d\n-- engine: ballista\nSELECT count(*) FROM telemetry";
+    let refusal = sluice_executor::validate_job(&catalog, job, None).await.unwrap_err();
+    assert!(refusal.contains("ballista.scheduler_url is not set"), "{refusal}");
+    let local = job.replace("ballista", "local");
+    assert!(sluice_executor::validate_job(&catalog, &local, None).await.is_ok());
+}
