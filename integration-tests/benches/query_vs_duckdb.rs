@@ -15,7 +15,8 @@
 //! `read_parquet(..., hive_partitioning = true)` with the window's `dt`/`hour` filter. Both use
 //! every core; each query runs 3 times per engine and the median counts.
 //!
-//! `cargo bench -p sluice-integration-tests --bench query_vs_duckdb -- [--rows N] [--devices N]`
+//! `cargo bench -p sluice-integration-tests --bench query_vs_duckdb -- [--rows N] [--devices N]
+//! [--only QUERY] [--set datafusion.KEY=VALUE] [--explain]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark harness")]
 
@@ -353,7 +354,26 @@ fn main() {
             format: sluice_executor::catalog::ReferenceFormat::Csv,
         }],
     );
-    let queries = queries();
+    // `--only NAME` runs one query; `--set KEY=VALUE` (repeatable) sets a DataFusion option in
+    // Sluice's sessions, to measure a setting against DuckDB before making it the default.
+    let args: Vec<String> = std::env::args().collect();
+    let flag_values = |flag: &str| -> Vec<String> {
+        args.windows(2).filter(|pair| pair[0] == flag).map(|pair| pair[1].clone()).collect()
+    };
+    let only = flag_values("--only");
+    // `--explain` prints each run's physical plan with its metrics.
+    let explain = args.iter().any(|arg| arg == "--explain");
+    let settings: Vec<(String, String)> = flag_values("--set")
+        .iter()
+        .map(|setting| {
+            let (key, value) = setting.split_once('=').expect("--set KEY=VALUE");
+            (key.to_string(), value.to_string())
+        })
+        .collect();
+    let queries: Vec<Query> = queries()
+        .into_iter()
+        .filter(|query| only.is_empty() || only.iter().any(|name| name == query.name))
+        .collect();
     let duckdb = duckdb_times(&dir, &queries);
 
     println!("query                     sluice (s)  duckdb (s)  sluice/duckdb  rows  files read");
@@ -367,12 +387,19 @@ fn main() {
                 let snapshot = catalog.snapshot().await.unwrap();
                 let scope = Scope::Window { start_micros: query.window_start, end_micros: query.window_end };
                 let ctx = catalog.session(&snapshot, scope, true).await.unwrap();
+                for (key, value) in &settings {
+                    ctx.state_ref().write().config_mut().options_mut().set(key, value).unwrap();
+                }
                 let frame = plan_query(&ctx, query.sluice_sql, Some((query.window_start, query.window_end)))
                     .await
                     .unwrap();
                 let task_ctx = Arc::new(frame.task_ctx());
                 let plan = frame.create_physical_plan().await.unwrap();
                 let batches = datafusion::physical_plan::collect(Arc::clone(&plan), task_ctx).await.unwrap();
+                if explain {
+                    let shown = datafusion::physical_plan::displayable(plan.as_ref()).indent(true);
+                    eprintln!("{}:\n{shown}", query.name);
+                }
                 (batches, sluice_executor::runs::scan_stats(&plan))
             });
             times.push(started.elapsed().as_secs_f64());
