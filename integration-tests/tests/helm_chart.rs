@@ -86,6 +86,12 @@ fn chart_lints_renders_validates_and_its_configs_load() {
                 assert!(rendered.contains(kind), "{kind} rendered with the CI values");
             }
             assert!(rendered.contains("eks.amazonaws.com/role-arn"));
+            for role in ["ballista-scheduler", "ballista-worker"] {
+                assert!(
+                    rendered.contains(&format!("\"/etc/sluice/executor.toml\", \"{role}\"]")),
+                    "{role} rendered"
+                );
+            }
         }
 
         let configs = extract_configs(&manifests, work.path());
@@ -104,6 +110,9 @@ fn chart_lints_renders_validates_and_its_configs_load() {
             );
             if values.is_some() {
                 assert!(printed.contains("otel-collector.observability"), "{service}: {printed}");
+                if service == "sluice-executor" {
+                    assert!(printed.contains("http://sluice-test-ballista-scheduler:50050"), "{printed}");
+                }
             }
         }
     }
