@@ -764,6 +764,40 @@ fn collect_parquet_files(directory: &Path, files: &mut Vec<PathBuf>) -> anyhow::
     Ok(())
 }
 
+/// A compactor (watermark every 200 ms, 1 s of allowed lateness) that has committed `readings`,
+/// produced here to `<prefix>.telemetry`, to the lake in `lake_dir` and published their
+/// watermark; returns it with the watermark.
+pub async fn compacted_readings(
+    broker: &Broker,
+    prefix: &str,
+    lake_dir: &Path,
+    readings: &[serde_json::Value],
+) -> (CompactorService, i64) {
+    let mut config = compactor_config(broker, prefix, lake_dir);
+    config.watermark.interval_ms = 200;
+    config.watermark.allowed_lateness_ms = 1_000;
+    let compactor = CompactorService::start(config).await.expect("compactor starts");
+    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), readings)
+        .await
+        .expect("readings produced");
+    wait_for_lake_rows(lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
+    let watermark = settled_watermark(&open_local_lake(lake_dir), "telemetry", 4, 1_000_000).await;
+    (compactor, watermark)
+}
+
+/// The result a job wrote for the window starting at `window_start_micros`.
+pub fn read_job_result(
+    lake_dir: &Path,
+    job: &str,
+    window_start_micros: i64,
+) -> Vec<arrow_array::RecordBatch> {
+    let path = lake_dir.join(sluice_executor::runs::result_path(job, window_start_micros));
+    let file = std::fs::File::open(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|builder| builder.build()?.collect::<Result<Vec<_>, _>>().map_err(Into::into))
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
 /// Waits until the compactor has published the watermark of everything committed to
 /// `stream` (over its `partitions`), and returns it: the point up to which windows are complete.
 pub async fn settled_watermark(

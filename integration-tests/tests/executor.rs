@@ -5,16 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_array::{Array, Float64Array, Int64Array, StringArray};
 use sluice_executor::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
-use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
+use sluice_executor::runs::{OutcomeStatus, load_windows};
 use sluice_integration_tests::{
-    Broker, CompactorService, ExecutorService, compactor_config, consume_topic_within, executor_config,
-    open_local_lake, produce_readings, settled_watermark, submit_job, telemetry_readings, unique_suffix,
-    wait_for_lake_rows, wait_until,
+    Broker, ExecutorService, compacted_readings, consume_topic_within, executor_config, open_local_lake,
+    produce_readings, read_job_result, submit_job, telemetry_readings, unique_suffix, wait_until,
 };
 use sluice_lake::Lake;
 
@@ -22,16 +20,6 @@ const HOUR: i64 = 3_600_000_000;
 
 fn rfc3339(micros: i64) -> String {
     sluice_executor::job::format_micros(micros)
-}
-
-fn read_result(lake_dir: &Path, job: &str, window_start: i64) -> Vec<RecordBatch> {
-    let file = std::fs::File::open(lake_dir.join(result_path(job, window_start))).unwrap();
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 /// Event time of a reading in microseconds.
@@ -103,14 +91,8 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
     let lake = open_local_lake(lake_dir.path());
     // Three hours of readings from 20 devices, ending an hour ago, some late and out of order.
     let readings = telemetry_readings(6_000, 20, 3 * HOUR);
-    let mut compactor = compactor_config(&broker, &prefix, lake_dir.path());
-    compactor.watermark.interval_ms = 200;
-    compactor.watermark.allowed_lateness_ms = 1_000;
-    let compactor = CompactorService::start(compactor).await.unwrap();
+    let (compactor, watermark) = compacted_readings(&broker, &prefix, lake_dir.path(), &readings).await;
     let executor = ExecutorService::start(executor_config(&broker, &prefix, lake_dir.path()));
-    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
-    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
-    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
 
     let first_hour = readings.iter().map(ts).min().unwrap().div_euclid(HOUR) * HOUR;
     let hourly = format!(
@@ -184,7 +166,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
             entry.1 += reading["temperature"].as_f64().unwrap();
         }
         let mut actual: BTreeMap<String, (i64, f64)> = BTreeMap::new();
-        for batch in read_result(lake_dir.path(), "hourly_device_stats", *start) {
+        for batch in read_job_result(lake_dir.path(), "hourly_device_stats", *start) {
             let devices = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
             let counts = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
             let averages = batch.column(2).as_any().downcast_ref::<Float64Array>().unwrap();
@@ -207,7 +189,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
     for start in &half_hour_windows {
         let in_window: Vec<_> =
             readings.iter().filter(|reading| (*start..start + HOUR / 2).contains(&ts(reading))).collect();
-        let batches = read_result(lake_dir.path(), "half_hour_totals", *start);
+        let batches = read_job_result(lake_dir.path(), "half_hour_totals", *start);
         let counts = batches[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(counts.value(0), in_window.len() as i64, "{}", rfc3339(*start));
         assert!(!counts.is_null(0));
@@ -380,14 +362,8 @@ async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_
     std::fs::create_dir_all(lake_dir.join("reference")).unwrap();
     std::fs::write(lake_dir.join("reference/devices.csv"), registry).unwrap();
 
-    let mut compactor = compactor_config(&broker, &prefix, &lake_dir);
-    compactor.watermark.interval_ms = 200;
-    compactor.watermark.allowed_lateness_ms = 1_000;
-    let compactor = CompactorService::start(compactor).await.unwrap();
+    let (compactor, watermark) = compacted_readings(&broker, &prefix, &lake_dir, &readings).await;
     let topic = format!("{prefix}.telemetry");
-    produce_readings(&broker.bootstrap_servers(), &topic, &readings).await.unwrap();
-    wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
-    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
 
     let mut config = executor_config(&broker, &prefix, &lake_dir);
     config.executor.restate_check_interval_ms = 300;
@@ -428,7 +404,7 @@ async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_
     };
     let result_counts = |start: i64| {
         let mut counts = BTreeMap::new();
-        for batch in read_result(&lake_dir, "regional_counts", start) {
+        for batch in read_job_result(&lake_dir, "regional_counts", start) {
             let regions = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
             let values = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
             for row in 0..batch.num_rows() {
@@ -491,7 +467,7 @@ async fn late_rows_restate_a_window_backfills_run_old_ones_and_reference_tables_
         .unwrap();
     assert!(backfill.status.success(), "{}", String::from_utf8_lossy(&backfill.stderr));
     for start in &windows {
-        let batches = read_result(&lake_dir, "hourly_totals", *start);
+        let batches = read_job_result(&lake_dir, "hourly_totals", *start);
         let counts = batches[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         let expected = all.iter().filter(|reading| (*start..start + HOUR).contains(&ts(reading))).count();
         assert_eq!(counts.value(0), expected as i64, "{}", rfc3339(*start));

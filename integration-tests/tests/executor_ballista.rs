@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use sluice_executor::events::{JobRunEvent, RunStatus};
-use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
+use sluice_executor::runs::{OutcomeStatus, load_windows};
 use sluice_integration_tests::{
-    Broker, CompactorService, ExecutorService, compactor_config, consume_topic_within, executor_config,
-    free_port, open_local_lake, produce_readings, repo_root, settled_watermark, submit_job,
-    telemetry_readings, unique_suffix, wait_for_lake_rows, wait_until, workspace_binary,
+    Broker, ExecutorService, compacted_readings, consume_topic_within, executor_config, free_port,
+    open_local_lake, read_job_result, repo_root, submit_job, telemetry_readings, unique_suffix, wait_until,
+    workspace_binary,
 };
 use tokio::process::{Child, Command};
 
@@ -32,16 +32,6 @@ fn spawn_ballista(role: &str, env: &[(&str, String)], log_dir: &Path) -> Child {
         command.env(key, value);
     }
     command.spawn().unwrap()
-}
-
-fn read_result(lake_dir: &Path, job: &str, window_start: i64) -> Vec<RecordBatch> {
-    let file = std::fs::File::open(lake_dir.join(result_path(job, window_start))).unwrap();
-    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
 }
 
 /// Per device: readings, mean temperature, highest sequence number.
@@ -82,13 +72,7 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
     let lake_dir = work_dir.path().join("lake");
     let lake = open_local_lake(&lake_dir);
     let readings = telemetry_readings(6_000, 20, 3 * HOUR);
-    let mut compactor = compactor_config(&broker, &prefix, &lake_dir);
-    compactor.watermark.interval_ms = 200;
-    compactor.watermark.allowed_lateness_ms = 1_000;
-    let compactor = CompactorService::start(compactor).await.unwrap();
-    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
-    wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
-    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
+    let (compactor, watermark) = compacted_readings(&broker, &prefix, &lake_dir, &readings).await;
 
     let scheduler_url = format!("http://127.0.0.1:{}", free_port());
     let _scheduler = spawn_ballista(
@@ -181,8 +165,8 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
             entry.1 += reading["temperature"].as_f64().unwrap();
             entry.2 = entry.2.max(reading["seq"].as_i64().unwrap());
         }
-        let distributed = per_device(&read_result(&lake_dir, "devices_ballista", *start));
-        let local = per_device(&read_result(&lake_dir, "devices_local", *start));
+        let distributed = per_device(&read_job_result(&lake_dir, "devices_ballista", *start));
+        let local = per_device(&read_job_result(&lake_dir, "devices_local", *start));
         assert_eq!(distributed.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
         for (device, (count, sum, last)) in &expected {
             let (actual_count, actual_average, actual_last) = distributed[device];

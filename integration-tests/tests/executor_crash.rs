@@ -14,9 +14,8 @@ use rand::Rng;
 use sluice_executor::events::{JobRunEvent, RunStatus};
 use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
 use sluice_integration_tests::{
-    Broker, CompactorService, compactor_config, consume_topic_within, executor_config, open_local_lake,
-    produce_readings, settled_watermark, submit_job, telemetry_readings, unique_suffix, wait_for_lake_rows,
-    wait_until, workspace_binary,
+    Broker, compacted_readings, consume_topic_within, executor_config, open_local_lake, submit_job,
+    telemetry_readings, unique_suffix, wait_until, workspace_binary,
 };
 use tokio::process::{Child, Command};
 
@@ -46,14 +45,8 @@ async fn killed_executors_leave_every_window_run_exactly_once() {
     let work_dir = tempfile::TempDir::new().unwrap();
     let lake_dir = work_dir.path().join("lake");
     let readings = telemetry_readings(9_000, 30, 3 * HOUR);
-    let mut compactor = compactor_config(&broker, &prefix, &lake_dir);
-    compactor.watermark.interval_ms = 200;
-    compactor.watermark.allowed_lateness_ms = 1_000;
-    let compactor = CompactorService::start(compactor).await.unwrap();
-    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
-    wait_for_lake_rows(&lake_dir, "telemetry", readings.len(), Duration::from_secs(60)).await;
+    let (compactor, watermark) = compacted_readings(&broker, &prefix, &lake_dir, &readings).await;
     let lake = open_local_lake(&lake_dir);
-    let watermark = settled_watermark(&lake, "telemetry", 4, 1_000_000).await;
 
     let mut config = executor_config(&broker, &prefix, &lake_dir);
     config.executor.max_concurrent_runs = 1;
