@@ -53,6 +53,21 @@ fn per_device(batches: &[RecordBatch]) -> BTreeMap<String, (i64, f64, i64)> {
     rows
 }
 
+/// The scheduler's and workers' stderr, for a failure message.
+fn process_logs(directory: &Path) -> String {
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(directory).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|extension| extension == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            logs.push_str(&format!("--- {}\n", path.display()));
+            logs.extend(tail.into_iter().rev().map(|line| format!("{line}\n")));
+        }
+    }
+    logs
+}
+
 fn files_under(directory: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(directory) else { return 0 };
     entries
@@ -152,7 +167,11 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
         }
     })
     .await;
-    assert!(all_ran, "every window of both jobs succeeded");
+    assert!(
+        all_ran,
+        "every window of both jobs succeeded; Ballista's logs:\n{}",
+        process_logs(work_dir.path())
+    );
 
     for start in &windows {
         let mut expected: BTreeMap<String, (i64, f64, i64)> = BTreeMap::new();

@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
-use datafusion::datasource::MemTable;
+use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::{MemTable, TableType};
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::{Expr, col, lit};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{
     CsvReadOptions, DataFrame, ParquetReadOptions, SQLOptions, SessionConfig, SessionContext,
 };
@@ -343,21 +345,52 @@ pub fn register_worker_stores(runtime: &RuntimeEnv, store: Arc<dyn ObjectStore>)
     runtime.register_object_store(&url(STORE_URL), store);
 }
 
-/// A CSV file carries no row count, so the planner cannot tell a registry of a few thousand
-/// devices from the day of readings it is joined with, and builds its hash table from the
-/// readings. Loaded, the table has exact statistics and becomes the small side of the join
-/// (the daily percentile job ran 1.6-1.8x faster). Reference tables too big for memory belong
-/// in Parquet, whose footers carry the counts.
+/// Registers a CSV reference table that is read into memory when a query scans it, and only
+/// then: jobs that do not join it do not pay for it.
 async fn register_csv_in_memory(
     ctx: &SessionContext,
     name: &str,
     location: &str,
 ) -> Result<(), DataFusionError> {
-    let frame = ctx.read_csv(location, CsvReadOptions::new()).await?;
-    let schema = Arc::clone(frame.schema().inner());
-    let batches = frame.collect().await?;
-    ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![batches])?))?;
+    ctx.register_csv(name, location, CsvReadOptions::new()).await?;
+    let file = ctx
+        .deregister_table(name)?
+        .ok_or_else(|| DataFusionError::Internal(format!("reference table {name} vanished")))?;
+    ctx.register_table(name, Arc::new(LoadedOnScan { file }))?;
     Ok(())
+}
+
+/// A CSV file carries no row count, so the planner cannot tell a registry of a few thousand
+/// devices from the day of readings it is joined with, and builds its hash table from the
+/// readings. Loaded at scan, the table has exact statistics and becomes the small side of the
+/// join (the daily percentile job ran 1.6-1.8x faster). Reference tables too big for memory
+/// belong in Parquet, whose footers carry the counts.
+#[derive(Debug)]
+struct LoadedOnScan {
+    file: Arc<dyn TableProvider>,
+}
+
+#[async_trait]
+impl TableProvider for LoadedOnScan {
+    fn schema(&self) -> SchemaRef {
+        self.file.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        let whole = self.file.scan(state, None, &[], None).await?;
+        let batches = datafusion::physical_plan::collect(whole, state.task_ctx()).await?;
+        MemTable::try_new(self.schema(), vec![batches])?.scan(state, projection, filters, limit).await
+    }
 }
 
 fn url(text: &str) -> url::Url {

@@ -30,6 +30,11 @@ use object_store::ObjectStore;
 use crate::catalog::register_worker_stores;
 use crate::config::BallistaSection;
 
+/// With a timeout set, Ballista 55's worker retries the scheduler connection instead of failing
+/// at the first refusal. (Its deadline check measures an `Instant` just created, so in practice
+/// it retries until the scheduler answers; a worker waiting for its scheduler is what we want.)
+const SCHEDULER_CONNECT_RETRY_SECONDS: u16 = 300;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DistributedError {
     #[error("{key} '{value}' is not valid: {reason}")]
@@ -156,6 +161,9 @@ pub async fn run_worker(
         grpc_port: section.worker_grpc_port,
         scheduler_host,
         scheduler_port: scheduler.port().unwrap_or(50050),
+        // Workers often start before the scheduler listens (pods, or processes started
+        // together): keep trying to reach it rather than exit.
+        scheduler_connect_timeout_seconds: SCHEDULER_CONNECT_RETRY_SECONDS,
         vcores: section.worker_task_slots,
         work_dir,
         memory_pool_size: (memory_limit_bytes > 0).then_some(memory_limit_bytes as u64),
