@@ -385,8 +385,10 @@ fn main() {
             let started = Instant::now();
             let (batches, stats) = runtime.block_on(async {
                 let snapshot = catalog.snapshot().await.unwrap();
+                let snapshot_done = started.elapsed();
                 let scope = Scope::Window { start_micros: query.window_start, end_micros: query.window_end };
                 let ctx = catalog.session(&snapshot, scope, true).await.unwrap();
+                let session_done = started.elapsed();
                 for (key, value) in &settings {
                     ctx.state_ref().write().config_mut().options_mut().set(key, value).unwrap();
                 }
@@ -395,7 +397,15 @@ fn main() {
                     .unwrap();
                 let task_ctx = Arc::new(frame.task_ctx());
                 let plan = frame.create_physical_plan().await.unwrap();
+                let planned = started.elapsed();
                 let batches = datafusion::physical_plan::collect(Arc::clone(&plan), task_ctx).await.unwrap();
+                if explain {
+                    eprintln!(
+                        "{}: snapshot {snapshot_done:?}, session {session_done:?}, planned {planned:?}, done {:?}",
+                        query.name,
+                        started.elapsed()
+                    );
+                }
                 if explain {
                     let shown = datafusion::physical_plan::displayable(plan.as_ref()).indent(true);
                     eprintln!("{}:\n{shown}", query.name);

@@ -120,6 +120,46 @@ pub struct Lake {
     store: Arc<dyn ObjectStore>,
     root: Path,
     multipart_threshold_bytes: usize,
+    records: Arc<RecordCache>,
+}
+
+/// Commit and merge records never change once created (each is created once, at its commit
+/// point), so their bytes are kept after the first read: a snapshot then costs one listing and
+/// reads only the records created since the previous one. Keyed with the listed size and time
+/// too, so that a record an operator replaced by hand is read again. Bounded: a lake keeps its
+/// records for years, and past the bound the newer ones are simply read each time.
+#[derive(Default)]
+struct RecordCache {
+    entries: std::sync::Mutex<std::collections::HashMap<RecordKey, bytes::Bytes>>,
+}
+
+type RecordKey = (Path, u64, i64);
+
+const MAX_CACHED_RECORDS: usize = 200_000;
+
+impl RecordCache {
+    fn key(object: &object_store::ObjectMeta) -> RecordKey {
+        (object.location.clone(), object.size, object.last_modified.timestamp_micros())
+    }
+
+    fn get(&self, key: &RecordKey) -> Option<bytes::Bytes> {
+        self.entries.lock().ok()?.get(key).cloned()
+    }
+
+    fn insert(&self, key: RecordKey, bytes: bytes::Bytes) {
+        if let Ok(mut entries) = self.entries.lock()
+            && entries.len() < MAX_CACHED_RECORDS
+        {
+            entries.insert(key, bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for RecordCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = self.entries.lock().map(|entries| entries.len()).unwrap_or(0);
+        f.debug_struct("RecordCache").field("cached", &cached).finish()
+    }
 }
 
 /// Default size from which uploads are multipart, and of each part.
@@ -127,7 +167,12 @@ pub const DEFAULT_MULTIPART_THRESHOLD_BYTES: usize = 64 * 1024 * 1024;
 
 impl Lake {
     pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> Self {
-        Self { store, root, multipart_threshold_bytes: DEFAULT_MULTIPART_THRESHOLD_BYTES }
+        Self {
+            store,
+            root,
+            multipart_threshold_bytes: DEFAULT_MULTIPART_THRESHOLD_BYTES,
+            records: Arc::new(RecordCache::default()),
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -200,20 +245,30 @@ impl Lake {
 
     /// Every JSON record below `directory`, in path order.
     async fn read_records_under<T: serde::de::DeserializeOwned>(&self, directory: &Path) -> Result<Vec<T>> {
-        let mut paths: Vec<Path> = self
+        let mut objects: Vec<object_store::ObjectMeta> = self
             .store
             .list(Some(directory))
-            .map_ok(|object| object.location)
             .try_collect()
             .await
             .map_err(LakeError::store("list", directory))?;
-        paths.retain(|path| path.as_ref().ends_with(".json"));
-        paths.sort();
+        objects.retain(|object| object.location.as_ref().ends_with(".json"));
+        objects.sort_by(|a, b| a.location.cmp(&b.location));
         // Records are small: reading many at once hides the store's per-request latency.
         // Owned futures: borrowing `self` here would make the caller's future not `Send`.
-        let reads = paths.into_iter().map(|path| {
+        let reads = objects.into_iter().map(|object| {
             let lake = self.clone();
-            async move { lake.read_json::<T>(&path).await }
+            async move {
+                let key = RecordCache::key(&object);
+                let bytes = match lake.records.get(&key) {
+                    Some(bytes) => bytes,
+                    None => {
+                        let bytes = lake.read_bytes(&object.location).await?;
+                        lake.records.insert(key, bytes.clone());
+                        bytes
+                    }
+                };
+                parse_record::<T>(&object.location, &bytes)
+            }
         });
         futures::stream::iter(reads).buffered(16).try_collect().await
     }
@@ -328,10 +383,12 @@ impl Lake {
     }
 
     async fn read_json<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<T> {
+        parse_record(path, &self.read_bytes(path).await?)
+    }
+
+    async fn read_bytes(&self, path: &Path) -> Result<bytes::Bytes> {
         let result = self.store.get(path).await.map_err(LakeError::store("get", path))?;
-        let bytes = result.bytes().await.map_err(LakeError::store("read", path))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
+        result.bytes().await.map_err(LakeError::store("read", path))
     }
 
     /// Writes a record at `path` only if nothing is there: a commit point.
@@ -526,6 +583,11 @@ fn micros_ago(age: std::time::Duration) -> i64 {
     i64::try_from(now.saturating_sub(age).as_micros()).unwrap_or(i64::MAX)
 }
 
+fn parse_record<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
+}
+
 #[cfg(test)]
 mod tests {
     use object_store::memory::InMemory;
@@ -584,6 +646,26 @@ mod tests {
         assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap().unwrap().end_offset, 120);
         assert_eq!(lake.latest_commit("telemetry", 4).await.unwrap(), None);
         assert_eq!(lake.commits("telemetry").await.unwrap().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn records_read_again_see_new_and_replaced_ones_from_any_clone() {
+        let lake = lake();
+        lake.create_commit(&record(0, 0, 10, "a.parquet")).await.unwrap();
+        assert_eq!(lake.commits("telemetry").await.unwrap().len(), 1);
+        // A clone shares what was read, and still sees records created since.
+        let clone = lake.clone();
+        clone.create_commit(&record(1, 10, 20, "b.parquet")).await.unwrap();
+        let files: Vec<String> =
+            lake.live_files("telemetry").await.unwrap().into_iter().map(|file| file.path).collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+        // A record replaced by hand (not something Sluice does) is read again, not served stale.
+        let replaced = record(0, 0, 15, "a-replaced.parquet");
+        let path = lake.commit_path("telemetry", 3, 0);
+        lake.store.put(&path, PutPayload::from(serde_json::to_vec(&replaced).unwrap())).await.unwrap();
+        let commits = clone.commits("telemetry").await.unwrap();
+        assert_eq!(commits[0].end_offset, 15);
+        assert!(commits[0].files[0].path.ends_with("a-replaced.parquet"));
     }
 
     #[tokio::test]
