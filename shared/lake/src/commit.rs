@@ -135,7 +135,8 @@ struct RecordCache {
 
 type RecordKey = (Path, u64, i64);
 
-const MAX_CACHED_RECORDS: usize = 200_000;
+/// About 1 KB each: tens of MB at most.
+const MAX_CACHED_RECORDS: usize = 50_000;
 
 impl RecordCache {
     fn key(object: &object_store::ObjectMeta) -> RecordKey {
