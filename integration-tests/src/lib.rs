@@ -785,6 +785,55 @@ pub async fn compacted_readings(
     (compactor, watermark)
 }
 
+/// Waits until every window of `job` starting at one of `starts` has an outcome, and returns
+/// whether they all had one in time. An outcome other than success fails the test at once.
+pub async fn windows_succeeded(
+    lake: &sluice_lake::Lake,
+    job: &str,
+    starts: &[i64],
+    timeout: Duration,
+) -> bool {
+    use sluice_executor::runs::{OutcomeStatus, load_windows};
+    wait_until(timeout, || {
+        let lake = lake.clone();
+        async move {
+            let windows = load_windows(&lake, job).await.expect("window records readable");
+            starts.iter().all(|start| {
+                windows.get(start).and_then(|state| state.outcome_opt.as_ref()).is_some_and(|outcome| {
+                    assert_eq!(
+                        outcome.status,
+                        OutcomeStatus::Succeeded,
+                        "{job} {}: {outcome:?}",
+                        sluice_executor::job::format_micros(*start)
+                    );
+                    true
+                })
+            })
+        }
+    })
+    .await
+}
+
+/// At least `at_least` run events from `<prefix>.job-runs`, decoded.
+pub async fn job_run_events(
+    broker: &Broker,
+    prefix: &str,
+    at_least: usize,
+) -> Vec<sluice_executor::events::JobRunEvent> {
+    consume_topic_within(
+        &broker.bootstrap_servers(),
+        &format!("{prefix}.job-runs"),
+        at_least,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("job-runs topic readable")
+    .iter()
+    .map(|record| sluice_executor::events::JobRunEvent::decode(&record.payload).expect("run event decodes"))
+    .collect()
+}
+
 /// The result a job wrote for the window starting at `window_start_micros`.
 pub fn read_job_result(
     lake_dir: &Path,

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use arrow_array::{Array, Float64Array, Int64Array, StringArray};
-use sluice_executor::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
+use sluice_executor::events::{JobStatusEvent, JobStatusKind, RunStatus};
 use sluice_executor::runs::{OutcomeStatus, load_windows};
 use sluice_integration_tests::{
-    Broker, ExecutorService, compacted_readings, consume_topic_within, executor_config, open_local_lake,
-    produce_readings, read_job_result, submit_job, telemetry_readings, unique_suffix, wait_until,
+    Broker, ExecutorService, compacted_readings, consume_topic_within, executor_config, job_run_events,
+    open_local_lake, produce_readings, read_job_result, submit_job, telemetry_readings, unique_suffix,
+    wait_until, windows_succeeded,
 };
 use sluice_lake::Lake;
 
@@ -29,43 +30,9 @@ fn ts(reading: &serde_json::Value) -> i64 {
 
 /// Waits until every window in `starts` has a succeeded outcome.
 async fn wait_for_windows(lake: &Lake, job: &str, starts: &[i64], timeout: Duration) {
-    let done = wait_until(timeout, || {
-        let lake = lake.clone();
-        let job = job.to_string();
-        let starts = starts.to_vec();
-        async move {
-            let windows = load_windows(&lake, &job).await.unwrap();
-            starts.iter().all(|start| {
-                windows.get(start).and_then(|state| state.outcome_opt.as_ref()).is_some_and(|outcome| {
-                    assert_eq!(
-                        outcome.status,
-                        OutcomeStatus::Succeeded,
-                        "{job} {}: {outcome:?}",
-                        rfc3339(*start)
-                    );
-                    true
-                })
-            })
-        }
-    })
-    .await;
+    let done = windows_succeeded(lake, job, starts, timeout).await;
     let windows = load_windows(lake, job).await.unwrap();
     assert!(done, "{job}: windows {starts:?} all ran; recorded: {:?}", windows.keys().collect::<Vec<_>>());
-}
-
-async fn run_events(broker: &Broker, prefix: &str, at_least: usize) -> Vec<JobRunEvent> {
-    consume_topic_within(
-        &broker.bootstrap_servers(),
-        &format!("{prefix}.job-runs"),
-        at_least,
-        Duration::from_millis(500),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|record| JobRunEvent::decode(&record.payload).unwrap())
-    .collect()
 }
 
 async fn status_events(broker: &Broker, prefix: &str, at_least: usize) -> Vec<JobStatusEvent> {
@@ -197,7 +164,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
 
     // One success per window, and each run read only its hour's committed files.
     let expected_runs = hourly_windows.len() + half_hour_windows.len();
-    let events = run_events(&broker, &prefix, expected_runs).await;
+    let events = job_run_events(&broker, &prefix, expected_runs).await;
     let live = lake.live_files("telemetry").await.unwrap();
     for start in &hourly_windows {
         let successes: Vec<_> = events
@@ -249,7 +216,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
     let slow = load_windows(&lake, "too_slow").await.unwrap();
     let outcome = slow[&failed_window].outcome_opt.clone().unwrap();
     assert!(outcome.error_opt.as_deref().unwrap_or_default().contains("timeout"), "{outcome:?}");
-    let events = run_events(&broker, &prefix, expected_runs + 3).await;
+    let events = job_run_events(&broker, &prefix, expected_runs + 3).await;
     let failing_statuses: Vec<RunStatus> = events
         .iter()
         .filter(|event| event.job == "failing_cast" && event.window_start_micros == failed_window)

@@ -12,11 +12,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
-use sluice_executor::events::{JobRunEvent, RunStatus};
-use sluice_executor::runs::{OutcomeStatus, load_windows};
+use sluice_executor::events::RunStatus;
 use sluice_integration_tests::{
-    Broker, ExecutorService, compacted_readings, consume_topic_within, executor_config, free_port,
-    open_local_lake, read_job_result, repo_root, submit_job, telemetry_readings, unique_suffix, wait_until,
+    Broker, ExecutorService, compacted_readings, executor_config, free_port, job_run_events, open_local_lake,
+    read_job_result, repo_root, submit_job, telemetry_readings, unique_suffix, windows_succeeded,
     workspace_binary,
 };
 use tokio::process::{Child, Command};
@@ -149,24 +148,10 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
     let windows: Vec<i64> =
         (0..).map(|index| first_hour + index * HOUR).take_while(|start| start + HOUR <= watermark).collect();
     assert!(windows.len() >= 2, "the readings span complete hours");
-    let all_ran = wait_until(Duration::from_secs(180), || {
-        let lake = lake.clone();
-        let windows = windows.clone();
-        async move {
-            let mut done = true;
-            for job in ["devices_ballista", "devices_local"] {
-                let states = load_windows(&lake, job).await.unwrap();
-                done &= windows.iter().all(|start| {
-                    states.get(start).and_then(|state| state.outcome_opt.as_ref()).is_some_and(|outcome| {
-                        assert_eq!(outcome.status, OutcomeStatus::Succeeded, "{job}: {outcome:?}");
-                        true
-                    })
-                });
-            }
-            done
-        }
-    })
-    .await;
+    let mut all_ran = true;
+    for job in ["devices_ballista", "devices_local"] {
+        all_ran &= windows_succeeded(&lake, job, &windows, Duration::from_secs(180)).await;
+    }
     assert!(
         all_ran,
         "every window of both jobs succeeded; Ballista's logs:\n{}",
@@ -202,18 +187,7 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
     assert!(shuffle_files > 0, "the Ballista workers ran the windows' stages");
 
     // Run history: what the plan was given to read, by the committed records.
-    let events: Vec<JobRunEvent> = consume_topic_within(
-        &broker.bootstrap_servers(),
-        &format!("{prefix}.job-runs"),
-        2 * windows.len(),
-        Duration::from_millis(500),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|record| JobRunEvent::decode(&record.payload).unwrap())
-    .collect();
+    let events = job_run_events(&broker, &prefix, 2 * windows.len()).await;
     let live = lake.live_files("telemetry").await.unwrap();
     for start in &windows {
         let partition =

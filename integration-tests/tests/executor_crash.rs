@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use arrow_array::{Int64Array, StringArray};
 use rand::Rng;
-use sluice_executor::events::{JobRunEvent, RunStatus};
+use sluice_executor::events::RunStatus;
 use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
 use sluice_integration_tests::{
-    Broker, compacted_readings, consume_topic_within, executor_config, open_local_lake, submit_job,
+    Broker, compacted_readings, executor_config, job_run_events, open_local_lake, submit_job,
     telemetry_readings, unique_suffix, wait_until, workspace_binary,
 };
 use tokio::process::{Child, Command};
@@ -149,18 +149,7 @@ async fn killed_executors_leave_every_window_run_exactly_once() {
     }
 
     // No window reported success twice.
-    let events: Vec<JobRunEvent> = consume_topic_within(
-        &broker.bootstrap_servers(),
-        &format!("{prefix}.job-runs"),
-        windows.len() * JOBS.len(),
-        Duration::from_millis(500),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|record| JobRunEvent::decode(&record.payload).unwrap())
-    .collect();
+    let events = job_run_events(&broker, &prefix, windows.len() * JOBS.len()).await;
     let mut successes: BTreeMap<(String, i64), usize> = BTreeMap::new();
     for event in events.iter().filter(|event| event.status == RunStatus::Succeeded) {
         *successes.entry((event.job.clone(), event.window_start_micros)).or_default() += 1;

@@ -352,10 +352,7 @@ async fn register_csv_in_memory(
     name: &str,
     location: &str,
 ) -> Result<(), DataFusionError> {
-    ctx.register_csv(name, location, CsvReadOptions::new()).await?;
-    let file = ctx
-        .deregister_table(name)?
-        .ok_or_else(|| DataFusionError::Internal(format!("reference table {name} vanished")))?;
+    let file = ctx.read_csv(location, CsvReadOptions::new()).await?.into_view();
     ctx.register_table(name, Arc::new(LoadedOnScan { file }))?;
     Ok(())
 }
