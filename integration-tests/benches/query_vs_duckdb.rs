@@ -13,10 +13,13 @@
 //! Sluice runs each as the executor does (commit-record snapshot, window-scoped session, plan,
 //! collect); DuckDB (PyPI, deploy/local/duckdb.sh) runs the same query over
 //! `read_parquet(..., hive_partitioning = true)` with the window's `dt`/`hour` filter. Both use
-//! every core; each query runs 3 times per engine and the median counts.
+//! every core. The two engines' runs alternate, so that this machine's noise falls on both; each
+//! query runs once unmeasured per engine, then 5 to 25 times, and the medians count.
+//! The files are written with the compactor's writer settings; `--row-group-rows N` overrides
+//! its row group size.
 //!
 //! `cargo bench -p sluice-integration-tests --bench query_vs_duckdb -- [--rows N] [--devices N]
-//! [--only QUERY] [--set datafusion.KEY=VALUE] [--explain]`
+//! [--row-group-rows N] [--only QUERY] [--set datafusion.KEY=VALUE] [--explain]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark harness")]
 
@@ -28,8 +31,7 @@ use arrow_array::{
     ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use sluice_compactor::config::ParquetConfig;
 use sluice_executor::{Catalog, Scope, plan_query};
 use sluice_integration_tests::{bench_arg, repo_root};
 use sluice_lake::{CommitRecord, CommittedFile, Lake, PartitionGranularity, PartitionKey};
@@ -41,7 +43,12 @@ const HOUR: i64 = 3_600_000_000;
 const DAY: i64 = 24 * HOUR;
 /// 2026-11-16T00:00:00Z: a fixed week, so the data set is reused between runs.
 const WEEK_START: i64 = 1_795_305_600_000_000;
-const RUNS: usize = 3;
+/// Runs per query and engine, after one unmeasured run each (the first run of a query reads its
+/// files into the page cache): at least `MIN_RUNS`, more for short queries until `MIN_MEASURING`
+/// has passed or `MAX_RUNS` are done. The median counts.
+const MIN_RUNS: usize = 5;
+const MAX_RUNS: usize = 25;
+const MIN_MEASURING: std::time::Duration = std::time::Duration::from_secs(3);
 
 struct Query {
     name: &'static str,
@@ -91,9 +98,9 @@ fn queries() -> Vec<Query> {
                 / nullif(stddev_pop(temperature) OVER (PARTITION BY device_id), 0) AS z FROM telemetry) \
                 SELECT device_id, ts, temperature, z FROM scored ORDER BY abs(z) DESC LIMIT 20",
         },
-        // The same top 20 with the per-device statistics as an aggregate joined back to the rows:
-        // what examples/jobs/temperature_anomalies.sql does, since DataFusion sorts the day's rows
-        // by device for the window functions above.
+        // The same top 20 with the per-device statistics as an aggregate joined back to the rows,
+        // the other common way to write it (examples/jobs/temperature_anomalies.sql uses the
+        // window functions above): no sort of the day's rows, but a join.
         Query {
             name: "daily_anomalies_join",
             window_start: day,
@@ -185,7 +192,7 @@ fn telemetry_arrow_schema() -> arrow_schema::SchemaRef {
 }
 
 /// Writes the week once; later runs reuse it.
-async fn prepare(dir: &Path, rows: usize, devices: usize) -> Lake {
+async fn prepare(dir: &Path, rows: usize, devices: usize, row_group_rows: usize) -> Lake {
     let (store, root) = sluice_lake::open_store(&sluice_lake::ObjectStoreConfig {
         url: dir.display().to_string(),
         ..Default::default()
@@ -199,11 +206,13 @@ async fn prepare(dir: &Path, rows: usize, devices: usize) -> Lake {
     let started = Instant::now();
     let hours = 7 * 24;
     let per_device = rows.div_ceil(hours * devices);
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_max_row_group_row_count(Some(1 << 20))
-        .build();
+    let schema = telemetry_arrow_schema();
+    let properties = sluice_compactor::writer_properties(
+        &ParquetConfig { row_group_rows, ..ParquetConfig::default() },
+        schema.index_of(sluice_schema::KEY_FIELD).unwrap(),
+        schema.index_of(sluice_schema::EVENT_TIME_FIELD).unwrap(),
+    )
+    .unwrap();
     for hour in 0..hours {
         let hour_start = WEEK_START + hour as i64 * HOUR;
         let batch = hour_batch(hour_start, devices, per_device, (hour * per_device) as i64);
@@ -259,83 +268,166 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// Runs every query on DuckDB in one Python process; returns median seconds and row counts.
-fn duckdb_times(dir: &Path, queries: &[Query]) -> Vec<(f64, usize)> {
-    let pythonpath =
-        std::process::Command::new(repo_root().join("deploy/local/duckdb.sh")).arg("path").output().unwrap();
-    assert!(pythonpath.status.success(), "duckdb.sh: {}", String::from_utf8_lossy(&pythonpath.stderr));
-    let pythonpath = String::from_utf8(pythonpath.stdout).unwrap().trim().to_string();
-    let jobs: Vec<serde_json::Value> = queries
-        .iter()
-        .map(|query| {
-            let hours: Vec<String> = (0..(query.window_end - query.window_start) / HOUR)
-                .map(|index| {
-                    let key = PartitionKey::for_event_time(query.window_start + index * HOUR, PartitionGranularity::Hour);
-                    let hour = key.hour_opt.unwrap_or(0);
-                    format!("(dt = '{}' AND hour = {hour})", key.date_string())
-                })
-                .collect();
-            serde_json::json!({
-                "sql": query.duckdb_sql
-                    .replace("$window_start", &format!("TIMESTAMPTZ '{}'", sluice_executor::job::format_micros(query.window_start)))
-                    .replace("$window_end", &format!("TIMESTAMPTZ '{}'", sluice_executor::job::format_micros(query.window_end))),
-                "filter": format!(
-                    "({}) AND ts >= TIMESTAMPTZ '{}' AND ts < TIMESTAMPTZ '{}'",
-                    hours.join(" OR "),
-                    sluice_executor::job::format_micros(query.window_start),
-                    sluice_executor::job::format_micros(query.window_end)
-                ),
-            })
-        })
-        .collect();
-    let script = r#"
+/// DuckDB in one Python process that runs one query per request, so that its runs and Sluice's
+/// alternate: a noisy moment on this machine then slows both engines, not one.
+struct DuckDb {
+    child: std::process::Child,
+    requests: std::process::ChildStdin,
+    answers: std::io::BufReader<std::process::ChildStdout>,
+}
+
+const DUCKDB_SERVER: &str = r#"
 import json, sys, time, duckdb
-directory, runs, jobs = sys.argv[1], int(sys.argv[2]), json.loads(sys.stdin.read())
+directory = sys.argv[1]
 con = duckdb.connect()
 con.execute("SET TimeZone = 'UTC'")
 con.execute(f"CREATE VIEW devices AS SELECT * FROM read_csv('{directory}/reference/devices.csv', header = true)")
-out = []
-for job in jobs:
-    # The job's table is the window: the same partition and row filter the executor applies.
-    con.execute(f"CREATE OR REPLACE VIEW telemetry AS SELECT * FROM read_parquet('{directory}/telemetry/*/*/*.parquet', hive_partitioning = true) WHERE {job['filter']}")
-    times, rows = [], 0
-    for _ in range(runs):
+for line in sys.stdin:
+    request = json.loads(line)
+    if "filter" in request:
+        # The job's table is the window: the same partition and row filter the executor applies.
+        con.execute(f"CREATE OR REPLACE VIEW telemetry AS SELECT * FROM read_parquet('{directory}/telemetry/*/*/*.parquet', hive_partitioning = true) WHERE {request['filter']}")
+        print("{}", flush=True)
+    else:
         started = time.perf_counter()
-        rows = len(con.execute(job["sql"]).fetchall())
-        times.append(time.perf_counter() - started)
-    out.append({"times": times, "rows": rows})
-print(json.dumps(out))
+        rows = len(con.execute(request["sql"]).fetchall())
+        print(json.dumps({"seconds": time.perf_counter() - started, "rows": rows}), flush=True)
 "#;
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(dir)
-        .arg(RUNS.to_string())
-        .env("PYTHONPATH", pythonpath)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child.stdin.take().unwrap().write_all(serde_json::to_string(&jobs).unwrap().as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "duckdb run failed");
-    let results: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
-    results
-        .iter()
-        .map(|result| {
-            let times =
-                result["times"].as_array().unwrap().iter().map(|time| time.as_f64().unwrap()).collect();
-            (median(times), result["rows"].as_u64().unwrap() as usize)
-        })
-        .collect()
+
+impl DuckDb {
+    fn start(dir: &Path) -> Self {
+        let pythonpath = std::process::Command::new(repo_root().join("deploy/local/duckdb.sh"))
+            .arg("path")
+            .output()
+            .unwrap();
+        assert!(pythonpath.status.success(), "duckdb.sh: {}", String::from_utf8_lossy(&pythonpath.stderr));
+        let pythonpath = String::from_utf8(pythonpath.stdout).unwrap().trim().to_string();
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", DUCKDB_SERVER])
+            .arg(dir)
+            .env("PYTHONPATH", pythonpath)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let requests = child.stdin.take().unwrap();
+        let answers = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self { child, requests, answers }
+    }
+
+    fn request(&mut self, request: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.requests, "{request}").unwrap();
+        self.requests.flush().unwrap();
+        let mut answer = String::new();
+        self.answers.read_line(&mut answer).unwrap();
+        assert!(!answer.is_empty(), "the DuckDB process ended: {:?}", self.child.try_wait());
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// Makes `telemetry` the query's window, as the executor's session does.
+    fn use_window(&mut self, query: &Query) {
+        let hours: Vec<String> = (0..(query.window_end - query.window_start) / HOUR)
+            .map(|index| {
+                let key = PartitionKey::for_event_time(
+                    query.window_start + index * HOUR,
+                    PartitionGranularity::Hour,
+                );
+                let hour = key.hour_opt.unwrap_or(0);
+                format!("(dt = '{}' AND hour = {hour})", key.date_string())
+            })
+            .collect();
+        self.request(serde_json::json!({
+            "filter": format!(
+                "({}) AND ts >= TIMESTAMPTZ '{}' AND ts < TIMESTAMPTZ '{}'",
+                hours.join(" OR "),
+                sluice_executor::job::format_micros(query.window_start),
+                sluice_executor::job::format_micros(query.window_end)
+            ),
+        }));
+    }
+
+    /// Seconds and result rows of one run.
+    fn run(&mut self, query: &Query) -> (f64, usize) {
+        let sql = query
+            .duckdb_sql
+            .replace(
+                "$window_start",
+                &format!("TIMESTAMPTZ '{}'", sluice_executor::job::format_micros(query.window_start)),
+            )
+            .replace(
+                "$window_end",
+                &format!("TIMESTAMPTZ '{}'", sluice_executor::job::format_micros(query.window_end)),
+            );
+        let answer = self.request(serde_json::json!({ "sql": sql }));
+        (answer["seconds"].as_f64().unwrap(), answer["rows"].as_u64().unwrap() as usize)
+    }
+}
+
+impl Drop for DuckDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How Sluice's runs are set up, as the executor does it.
+struct Sluice {
+    runtime: tokio::runtime::Runtime,
+    catalog: Catalog,
+    /// DataFusion options from `--set KEY=VALUE`.
+    settings: Vec<(String, String)>,
+    /// `--explain`: phase times, and each run's physical plan with its metrics.
+    explain: bool,
+}
+
+impl Sluice {
+    /// Seconds, result rows and files read of one run: snapshot, window session, plan, collect.
+    fn run(&self, query: &Query) -> (f64, usize, u64) {
+        let started = Instant::now();
+        let (batches, stats) = self.runtime.block_on(async {
+            let snapshot = self.catalog.snapshot().await.unwrap();
+            let snapshot_done = started.elapsed();
+            let scope = Scope::Window { start_micros: query.window_start, end_micros: query.window_end };
+            let ctx = self.catalog.session(&snapshot, scope, true).await.unwrap();
+            let session_done = started.elapsed();
+            for (key, value) in &self.settings {
+                ctx.state_ref().write().config_mut().options_mut().set(key, value).unwrap();
+            }
+            let frame = plan_query(&ctx, query.sluice_sql, Some((query.window_start, query.window_end)))
+                .await
+                .unwrap();
+            let logical_done = started.elapsed();
+            let task_ctx = Arc::new(frame.task_ctx());
+            let plan = frame.create_physical_plan().await.unwrap();
+            let planned = started.elapsed();
+            let batches = datafusion::physical_plan::collect(Arc::clone(&plan), task_ctx).await.unwrap();
+            if self.explain {
+                let shown =
+                    datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
+                        .indent(true);
+                eprintln!(
+                    "{}: snapshot {snapshot_done:?}, session {session_done:?}, logical plan {logical_done:?}, \
+                     physical plan {planned:?}, done {:?}\n{shown}",
+                    query.name,
+                    started.elapsed()
+                );
+            }
+            (batches, sluice_executor::runs::scan_stats(&plan))
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        (seconds, batches.iter().map(RecordBatch::num_rows).sum(), stats.files_read)
+    }
 }
 
 fn main() {
     let rows = bench_arg("--rows", 50_000_000);
     let devices = bench_arg("--devices", 10_000);
-    let dir: PathBuf = std::env::temp_dir().join(format!("sluice-query-bench-{rows}-{devices}-v2"));
+    let row_group_rows = bench_arg("--row-group-rows", ParquetConfig::default().row_group_rows);
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("sluice-query-bench-{rows}-{devices}-{row_group_rows}-v3"));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(prepare(&dir, rows, devices));
+    runtime.block_on(prepare(&dir, rows, devices, row_group_rows));
 
     let (store, root) = sluice_lake::open_store(&sluice_lake::ObjectStoreConfig {
         url: dir.display().to_string(),
@@ -361,8 +453,6 @@ fn main() {
         args.windows(2).filter(|pair| pair[0] == flag).map(|pair| pair[1].clone()).collect()
     };
     let only = flag_values("--only");
-    // `--explain` prints each run's physical plan with its metrics.
-    let explain = args.iter().any(|arg| arg == "--explain");
     let settings: Vec<(String, String)> = flag_values("--set")
         .iter()
         .map(|setting| {
@@ -370,61 +460,41 @@ fn main() {
             (key.to_string(), value.to_string())
         })
         .collect();
+    let explain = args.iter().any(|arg| arg == "--explain");
+    let sluice = Sluice { runtime, catalog, settings, explain };
     let queries: Vec<Query> = queries()
         .into_iter()
         .filter(|query| only.is_empty() || only.iter().any(|name| name == query.name))
         .collect();
-    let duckdb = duckdb_times(&dir, &queries);
+    let mut duckdb = DuckDb::start(&dir);
 
-    println!("query                     sluice (s)  duckdb (s)  sluice/duckdb  rows  files read");
-    for (query, (duckdb_seconds, duckdb_rows)) in queries.iter().zip(duckdb) {
-        let mut times = Vec::new();
-        let mut rows_out = 0;
-        let mut files = 0;
-        for _ in 0..RUNS {
-            let started = Instant::now();
-            let (batches, stats) = runtime.block_on(async {
-                let snapshot = catalog.snapshot().await.unwrap();
-                let snapshot_done = started.elapsed();
-                let scope = Scope::Window { start_micros: query.window_start, end_micros: query.window_end };
-                let ctx = catalog.session(&snapshot, scope, true).await.unwrap();
-                let session_done = started.elapsed();
-                for (key, value) in &settings {
-                    ctx.state_ref().write().config_mut().options_mut().set(key, value).unwrap();
-                }
-                let frame = plan_query(&ctx, query.sluice_sql, Some((query.window_start, query.window_end)))
-                    .await
-                    .unwrap();
-                let task_ctx = Arc::new(frame.task_ctx());
-                let plan = frame.create_physical_plan().await.unwrap();
-                let planned = started.elapsed();
-                let batches = datafusion::physical_plan::collect(Arc::clone(&plan), task_ctx).await.unwrap();
-                if explain {
-                    eprintln!(
-                        "{}: snapshot {snapshot_done:?}, session {session_done:?}, planned {planned:?}, done {:?}",
-                        query.name,
-                        started.elapsed()
-                    );
-                }
-                if explain {
-                    let shown = datafusion::physical_plan::displayable(plan.as_ref()).indent(true);
-                    eprintln!("{}:\n{shown}", query.name);
-                }
-                (batches, sluice_executor::runs::scan_stats(&plan))
-            });
-            times.push(started.elapsed().as_secs_f64());
-            rows_out = batches.iter().map(RecordBatch::num_rows).sum::<usize>();
-            files = stats.files_read;
+    println!("query                     sluice (s)  duckdb (s)  sluice/duckdb  runs  rows  files read");
+    for query in &queries {
+        duckdb.use_window(query);
+        duckdb.run(query);
+        sluice.run(query);
+        let (mut sluice_times, mut duckdb_times) = (Vec::new(), Vec::new());
+        let (mut sluice_rows, mut duckdb_rows, mut files) = (0, 0, 0);
+        let measuring = Instant::now();
+        while sluice_times.len() < MIN_RUNS
+            || (sluice_times.len() < MAX_RUNS && measuring.elapsed() < MIN_MEASURING)
+        {
+            let (seconds, rows) = duckdb.run(query);
+            duckdb_times.push(seconds);
+            duckdb_rows = rows;
+            let (seconds, rows, files_read) = sluice.run(query);
+            sluice_times.push(seconds);
+            (sluice_rows, files) = (rows, files_read);
         }
-        assert_eq!(rows_out, duckdb_rows, "{}: both engines return the same number of rows", query.name);
-        let sluice_seconds = median(times);
+        assert_eq!(sluice_rows, duckdb_rows, "{}: both engines return the same number of rows", query.name);
+        let runs = sluice_times.len();
+        let (sluice_seconds, duckdb_seconds) = (median(sluice_times), median(duckdb_times));
         println!(
-            "{:<25} {:>10.3}  {:>10.3}  {:>13.2}  {:>4}  {files}",
+            "{:<25} {:>10.3}  {:>10.3}  {:>13.2}  {runs:>4}  {sluice_rows:>4}  {files}",
             query.name,
             sluice_seconds,
             duckdb_seconds,
             sluice_seconds / duckdb_seconds,
-            rows_out
         );
     }
 }

@@ -94,6 +94,8 @@ pub struct ParquetConfig {
     pub compression: ParquetCompression,
     /// zstd level, 1-22.
     pub compression_level: i32,
+    /// A row group is the unit one core reads: an hour of a large fleet is a few hundred
+    /// thousand rows, and in one row group the executor scans it on a single core.
     pub row_group_rows: usize,
     /// A bloom filter on device_id, for point lookups of one device.
     pub device_bloom_filter: bool,
@@ -104,7 +106,7 @@ impl Default for ParquetConfig {
         Self {
             compression: ParquetCompression::Zstd,
             compression_level: 3,
-            row_group_rows: 1_048_576,
+            row_group_rows: 131_072,
             device_bloom_filter: false,
         }
     }

@@ -22,7 +22,7 @@ pub use crate::config::CompactorConfig;
 use crate::consumer::{CompactorLoop, RebalanceContext, StreamInfo};
 pub use crate::consumer::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, LoopError};
 pub use crate::merge::MergeError;
-pub use crate::parquet_file::EncodeError;
+pub use crate::parquet_file::{EncodeError, writer_properties};
 
 const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 

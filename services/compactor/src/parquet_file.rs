@@ -37,7 +37,8 @@ pub(crate) struct EncodedFile {
     pub(crate) max_event_time_micros: i64,
 }
 
-pub(crate) fn writer_properties(
+/// How the compactor and its merges write Parquet: also what the query benchmark writes.
+pub fn writer_properties(
     config: &ParquetConfig,
     key_column: usize,
     event_time_column: usize,

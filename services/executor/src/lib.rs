@@ -8,6 +8,7 @@ pub mod cron;
 pub mod distributed;
 pub mod events;
 pub mod job;
+mod join_order;
 pub mod runs;
 pub mod scheduler;
 
