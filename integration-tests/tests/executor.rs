@@ -28,6 +28,55 @@ fn ts(reading: &serde_json::Value) -> i64 {
     reading["ts"].as_i64().unwrap()
 }
 
+/// A job's own `ts >= $window_start AND ts < $window_end` is implied by the window: its plan
+/// neither filters nor reads `ts`, and counts the same rows. A CTE that takes the stream's name
+/// and shifts `ts` keeps its filter (no shifted row falls in the window).
+async fn check_window_bounds_are_dropped_only_where_implied(
+    lake_dir: &std::path::Path,
+    start: i64,
+    rows_in_window: usize,
+) {
+    let (store, root) = sluice_lake::open_store(&sluice_lake::ObjectStoreConfig {
+        url: lake_dir.display().to_string(),
+        ..Default::default()
+    })
+    .unwrap();
+    let registry = std::sync::Arc::new(
+        sluice_schema::SchemaRegistry::load_directory(&sluice_integration_tests::repo_root().join("schemas"))
+            .unwrap(),
+    );
+    let catalog = sluice_executor::Catalog::new(store, root, registry, Vec::new());
+    let snapshot = catalog.snapshot().await.unwrap();
+    let scope = sluice_executor::Scope::Window { start_micros: start, end_micros: start + HOUR };
+    let ctx = catalog.session(&snapshot, scope, true).await.unwrap();
+    let window = Some((start, start + HOUR));
+    let count = |sql: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let frame = sluice_executor::plan_query(&ctx, sql, window).await.unwrap();
+            let plan = frame.create_physical_plan().await.unwrap();
+            let shown = datafusion::physical_plan::displayable(plan.as_ref()).indent(true).to_string();
+            let batches = datafusion::physical_plan::collect(plan, ctx.task_ctx()).await.unwrap();
+            let counts = batches[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            (counts.value(0), shown)
+        }
+    };
+    let (rows, plan) = count(
+        "SELECT count(*) AS readings, max(temperature) AS hottest FROM telemetry \
+         WHERE ts >= $window_start AND ts < $window_end",
+    )
+    .await;
+    assert_eq!(rows, rows_in_window as i64);
+    assert!(!plan.contains("FilterExec") && !plan.contains("ts@"), "{plan}");
+    let (shifted, plan) = count(
+        "WITH telemetry AS (SELECT device_id, ts + INTERVAL '1 hour' AS ts FROM telemetry) \
+         SELECT count(*) AS readings FROM telemetry WHERE ts >= $window_start AND ts < $window_end",
+    )
+    .await;
+    assert_eq!(shifted, 0, "{plan}");
+    assert!(plan.contains("FilterExec"), "{plan}");
+}
+
 /// Waits until every window in `starts` has a succeeded outcome.
 async fn wait_for_windows(lake: &Lake, job: &str, starts: &[i64], timeout: Duration) {
     let done = windows_succeeded(lake, job, starts, timeout).await;
@@ -185,6 +234,10 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
             .collect();
         assert_eq!(successes[0].rows_written, devices.len() as i64);
     }
+    let first_window = hourly_windows[0];
+    let rows_in_first =
+        readings.iter().filter(|reading| (first_window..first_window + HOUR).contains(&ts(reading))).count();
+    check_window_bounds_are_dropped_only_where_implied(lake_dir.path(), first_window, rows_in_first).await;
     let statuses = status_events(&broker, &prefix, 2).await;
     for job in ["hourly_device_stats", "half_hour_totals"] {
         assert!(

@@ -11,6 +11,7 @@ pub mod job;
 mod join_order;
 pub mod runs;
 pub mod scheduler;
+mod window_bounds;
 
 use std::sync::Arc;
 use std::time::Duration;
