@@ -92,6 +92,12 @@ impl WindowScope {
     }
 }
 
+fn is_window_view(plan: &LogicalPlan) -> bool {
+    let LogicalPlan::Filter(filter) = plan else { return false };
+    let LogicalPlan::TableScan(scan) = filter.input.as_ref() else { return false };
+    source_as_provider(&scan.source).is_ok_and(|provider| provider.downcast_ref::<ListingTable>().is_some())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
@@ -137,10 +143,4 @@ mod tests {
             assert!(!scope.implies(&kept), "{kept}");
         }
     }
-}
-
-fn is_window_view(plan: &LogicalPlan) -> bool {
-    let LogicalPlan::Filter(filter) = plan else { return false };
-    let LogicalPlan::TableScan(scan) = filter.input.as_ref() else { return false };
-    source_as_provider(&scan.source).is_ok_and(|provider| provider.downcast_ref::<ListingTable>().is_some())
 }
