@@ -8,7 +8,8 @@
 //!   4,096 values as the compactor decodes them) against bare arrow-avro and apache-avro's generic
 //!   reader on the same values, single thread.
 //!
-//! `cargo bench -p sluice-integration-tests --bench compactor_throughput -- [--records N]`
+//! `cargo bench -p sluice-integration-tests --bench compactor_throughput -- [--records N]
+//! [--row-group-rows N]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark harness")]
 
@@ -143,6 +144,8 @@ async fn main() {
     config.flush.target_file_bytes = 16 * 1024 * 1024;
     config.flush.max_age_ms = 1_000;
     config.flush.max_buffered_bytes = 256 * 1024 * 1024;
+    // `--row-group-rows N`: the row group size's cost in encoding time and bytes.
+    config.parquet.row_group_rows = bench_arg("--row-group-rows", config.parquet.row_group_rows);
     // Tansu makes a first group join wait about half the session timeout: keep it short here.
     config.kafka.client.0.insert("session.timeout.ms".into(), "3000".into());
     config.kafka.client.0.insert("heartbeat.interval.ms".into(), "300".into());

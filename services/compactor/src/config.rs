@@ -94,8 +94,9 @@ pub struct ParquetConfig {
     pub compression: ParquetCompression,
     /// zstd level, 1-22.
     pub compression_level: i32,
-    /// A row group is the unit one core reads: an hour of a large fleet is a few hundred
-    /// thousand rows, and in one row group the executor scans it on a single core.
+    /// A row group is the unit one core reads. Smaller groups spread an hour's file over more
+    /// cores but compress worse: 131,072 rows wrote 10% more bytes than this default, for query
+    /// times within noise (docs/benchmarks.md).
     pub row_group_rows: usize,
     /// A bloom filter on device_id, for point lookups of one device.
     pub device_bloom_filter: bool,
@@ -106,7 +107,7 @@ impl Default for ParquetConfig {
         Self {
             compression: ParquetCompression::Zstd,
             compression_level: 3,
-            row_group_rows: 131_072,
+            row_group_rows: 1_048_576,
             device_bloom_filter: false,
         }
     }
