@@ -28,9 +28,9 @@ use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
 /// Swaps an inner hash join whose right side is a grouped aggregate, read through operators
 /// that never add rows, when the left side has at least as many rows as that aggregate's input.
 /// An aggregate emits at most one row per input row, so the right side is then never the
-/// larger one, and usually far smaller. Runs right after DataFusion's own join selection (which
-/// keeps the written order when its estimates are equal, and may prefer the aggregate's side
-/// the other way round on its byte estimate), before repartitioning is planned.
+/// larger one, and usually far smaller. Runs right after DataFusion's own join selection, which
+/// keeps the written order when its row estimates are equal (placed before it, the swap did not
+/// survive into the benchmark's plan), and before repartitioning is planned.
 #[derive(Debug, Default)]
 pub(crate) struct BuildFromGroupedSide;
 
