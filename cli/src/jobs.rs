@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::util::pretty::pretty_format_batches;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_executor::events::{JobRunEvent, JobStatusEvent};
+
+use crate::output::{self, escape_controls, escape_controls_keep_lines};
 use sluice_executor::job::{format_micros, parse_timestamp_micros};
 use sluice_executor::runs::{BackfillRequest, load_windows, request_backfill, satisfies};
 use sluice_executor::{
@@ -53,6 +54,9 @@ pub(crate) enum JobsCommand {
         /// How many of the newest windows to show.
         #[arg(long, default_value_t = 3)]
         windows: usize,
+        /// Print at most this many rows of each window (all when not given).
+        #[arg(long)]
+        limit: Option<usize>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
@@ -93,11 +97,13 @@ pub(crate) fn run(config: &ExecutorConfig, command: JobsCommand) -> anyhow::Resu
         JobsCommand::Show { name } => show(config, &name),
         JobsCommand::Delete { name } => {
             produce(config, &name, None)?;
-            println!("deleted {name} (a tombstone in {})", config.kafka.topic_names().jobs());
+            outln!("deleted {name} (a tombstone in {})", config.kafka.topic_names().jobs());
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Runs { name, limit } => runs(config, &name, limit),
-        JobsCommand::Results { name, windows, format } => results(config, &name, windows, format),
+        JobsCommand::Results { name, windows, limit, format } => {
+            results(config, &name, windows, limit.unwrap_or(usize::MAX), format)
+        }
         JobsCommand::Backfill { name, from, to, timeout, no_wait } => {
             backfill(config, &name, &from, &to, Duration::from_secs(timeout), no_wait)
         }
@@ -117,7 +123,7 @@ fn submit(config: &ExecutorConfig, file: &PathBuf, wait_secs: u64) -> anyhow::Re
     };
     let name = job.definition.name.clone();
     let (partition, offset) = produce(config, &name, Some(text.as_bytes()))?;
-    println!(
+    outln!(
         "submitted {name} to {} (partition {partition}, offset {offset})",
         config.kafka.topic_names().jobs()
     );
@@ -128,9 +134,9 @@ fn submit(config: &ExecutorConfig, file: &PathBuf, wait_secs: u64) -> anyhow::Re
     while Instant::now() < deadline {
         let statuses = read_statuses(config)?;
         if let Some(status) = statuses.get(&name).filter(|status| status.definition_offset >= offset) {
-            println!("{name}: {:?} by {}", status.status, status.executor);
+            outln!("{name}: {:?} by {}", status.status, status.executor);
             if !status.reason.is_empty() {
-                println!("  {}", status.reason);
+                outln!("  {}", escape_controls(&status.reason));
             }
             let refused = status.status == sluice_executor::events::JobStatusKind::Rejected;
             return Ok(if refused { ExitCode::from(REFUSED) } else { ExitCode::SUCCESS });
@@ -234,10 +240,10 @@ fn list(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
     let definitions = read_definitions(config)?;
     let statuses = read_statuses(config)?;
     if definitions.is_empty() {
-        println!("no jobs in {}", config.kafka.topic_names().jobs());
+        outln!("no jobs in {}", config.kafka.topic_names().jobs());
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<32} {:<10} {:<10} {:<16} STATUS", "NAME", "WINDOW", "LATENESS", "SCHEDULE");
+    outln!("{:<32} {:<10} {:<10} {:<16} STATUS", "NAME", "WINDOW", "LATENESS", "SCHEDULE");
     for (name, text) in &definitions {
         let status = statuses.get(name).map_or_else(
             || "unknown".to_string(),
@@ -248,14 +254,21 @@ fn list(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
                 kind.unwrap_or_default()
             },
         );
+        let shown_name = escape_controls(name);
         match JobDefinition::parse(text, Some(name)) {
-            Ok(job) => println!(
-                "{name:<32} {:<10} {:<10} {:<16} {status}",
+            Ok(job) => outln!(
+                "{shown_name:<32} {:<10} {:<10} {:<16} {status}",
                 human(job.window_micros),
                 human(job.lateness_micros),
                 job.schedule_opt.as_ref().map_or("when complete", |schedule| schedule.expression.as_str()),
             ),
-            Err(error) => println!("{name:<32} {:<10} {:<10} {:<16} invalid: {error}", "-", "-", "-"),
+            Err(error) => outln!(
+                "{shown_name:<32} {:<10} {:<10} {:<16} invalid: {}",
+                "-",
+                "-",
+                "-",
+                escape_controls(&error.to_string())
+            ),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -274,12 +287,12 @@ fn human(micros: i64) -> String {
 fn show(config: &ExecutorConfig, name: &str) -> anyhow::Result<ExitCode> {
     let definitions = read_definitions(config)?;
     let Some(text) = definitions.get(name) else { bail!("no job named '{name}' in the jobs topic") };
-    println!("{}", text.trim_end());
-    println!();
+    outln!("{}", escape_controls_keep_lines(text.trim_end()));
+    outln!();
     if let Some(status) = read_statuses(config)?.get(name) {
-        println!("status: {:?} at {} by {}", status.status, status.at, status.executor);
+        outln!("status: {:?} at {} by {}", status.status, status.at, status.executor);
         if !status.reason.is_empty() {
-            println!("  {}", status.reason);
+            outln!("  {}", escape_controls(&status.reason));
         }
     }
     let catalog = open_catalog(config)?;
@@ -297,11 +310,11 @@ fn show(config: &ExecutorConfig, name: &str) -> anyhow::Result<ExitCode> {
         .values()
         .filter(|state| state.outcome_opt.as_ref().is_some_and(|outcome| outcome.error_opt.is_some()))
         .count();
-    println!("windows: {} recorded, {succeeded} succeeded, {failed} failed", windows.len());
+    outln!("windows: {} recorded, {succeeded} succeeded, {failed} failed", windows.len());
     if let Some((start, state)) = windows.iter().next_back() {
-        println!("newest window: {} (revision {})", format_micros(*start), state.revision);
+        outln!("newest window: {} (revision {})", format_micros(*start), state.revision);
         if let Some(path) = state.outcome_opt.as_ref().and_then(|outcome| outcome.result_path_opt.as_ref()) {
-            println!("newest result: {path} under {}", config.object_store.url);
+            outln!("newest result: {path} under {}", config.object_store.url);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -314,17 +327,24 @@ fn runs(config: &ExecutorConfig, name: &str, limit: usize) -> anyhow::Result<Exi
         .filter_map(|record| record.payload_opt.and_then(|payload| JobRunEvent::decode(&payload).ok()))
         .collect();
     if events.is_empty() {
-        println!("no runs of {name} yet");
+        outln!("no runs of {name} yet");
         return Ok(ExitCode::SUCCESS);
     }
     events.sort_by_key(|event| (event.finished_at_micros, event.window_start_micros));
     let skip = events.len().saturating_sub(limit);
-    println!(
+    outln!(
         "{:<22} {:>3} {:>3} {:<10} {:>9} {:>10} {:>8} {:>6}  ERROR",
-        "WINDOW START", "REV", "TRY", "STATUS", "ROWS IN", "BYTES IN", "ROWS OUT", "MS"
+        "WINDOW START",
+        "REV",
+        "TRY",
+        "STATUS",
+        "ROWS IN",
+        "BYTES IN",
+        "ROWS OUT",
+        "MS"
     );
     for event in events.iter().skip(skip) {
-        println!(
+        outln!(
             "{:<22} {:>3} {:>3} {:<10} {:>9} {:>10} {:>8} {:>6}  {}",
             format_micros(event.window_start_micros),
             event.revision,
@@ -334,7 +354,7 @@ fn runs(config: &ExecutorConfig, name: &str, limit: usize) -> anyhow::Result<Exi
             event.bytes_read,
             event.rows_written,
             event.duration_ms,
-            event.error_opt.as_deref().unwrap_or(""),
+            escape_controls(event.error_opt.as_deref().unwrap_or("")),
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -344,6 +364,7 @@ fn results(
     config: &ExecutorConfig,
     name: &str,
     windows: usize,
+    limit: usize,
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
     let catalog = open_catalog(config)?;
@@ -352,7 +373,7 @@ fn results(
     let mut paths = runtime.block_on(lake.list_under(&format!("results/{name}")))?;
     paths.retain(|path| path.ends_with(".parquet"));
     if paths.is_empty() {
-        println!("no results of {name} yet under {}", config.object_store.url);
+        outln!("no results of {name} yet under {}", config.object_store.url);
         return Ok(ExitCode::SUCCESS);
     }
     // Paths sort by window start: the newest are last.
@@ -363,11 +384,18 @@ fn results(
                 .build()?
                 .collect::<Result<_, _>>()?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let shown = output::first_rows(&batches, limit);
         if format == OutputFormat::Table {
             let window = path.split('/').find_map(|part| part.strip_prefix("window_start=")).unwrap_or(path);
-            println!("{name}, window starting {window} ({rows} rows, {path})");
+            let num_shown: usize = shown.iter().map(RecordBatch::num_rows).sum();
+            let counted = if num_shown < rows {
+                format!("first {num_shown} of {rows} rows")
+            } else {
+                format!("{rows} rows")
+            };
+            outln!("{name}, window starting {window} ({counted}, {path})");
         }
-        print_batches(&batches, format)?;
+        output::print_batches(&shown, format)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -401,7 +429,7 @@ fn backfill(
         requested_at_micros: chrono::Utc::now().timestamp_micros(),
     };
     runtime.block_on(request_backfill(catalog.lake(), &request))?;
-    println!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));
+    outln!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));
     if no_wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -441,25 +469,29 @@ pub(crate) fn tables(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
         let files = snapshot.files(&stream);
         let rows: u64 = files.iter().map(|file| file.num_rows).sum();
         let bytes: u64 = files.iter().map(|file| file.size_bytes).sum();
-        println!(
+        outln!(
             "{stream} (stream, {} files, {rows} rows, {bytes} bytes, partitioned by {:?})",
             files.len(),
             snapshot.granularity(&stream)
         );
-        print_columns(&runtime, &ctx, &stream);
+        print_columns(&runtime, &ctx, &stream)?;
     }
     for reference in catalog.reference_tables() {
-        println!("{} (reference, {:?} at {})", reference.name, reference.format, reference.path);
-        print_columns(&runtime, &ctx, &reference.name);
+        outln!("{} (reference, {:?} at {})", reference.name, reference.format, reference.path);
+        print_columns(&runtime, &ctx, &reference.name)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_columns(runtime: &tokio::runtime::Runtime, ctx: &datafusion::prelude::SessionContext, table: &str) {
+fn print_columns(
+    runtime: &tokio::runtime::Runtime,
+    ctx: &datafusion::prelude::SessionContext,
+    table: &str,
+) -> anyhow::Result<()> {
     match runtime.block_on(ctx.table_provider(table)) {
         Ok(provider) => {
             for field in provider.schema().fields() {
-                println!(
+                outln!(
                     "  {:<20} {}{}",
                     field.name(),
                     field.data_type(),
@@ -467,8 +499,9 @@ fn print_columns(runtime: &tokio::runtime::Runtime, ctx: &datafusion::prelude::S
                 );
             }
         }
-        Err(error) => println!("  (cannot be read: {})", sluice_executor::catalog::describe(&error)),
+        Err(error) => outln!("  (cannot be read: {})", sluice_executor::catalog::describe(&error)),
     }
+    Ok(())
 }
 
 pub(crate) fn query(config: &ExecutorConfig, sql: &str, format: OutputFormat) -> anyhow::Result<ExitCode> {
@@ -480,27 +513,6 @@ pub(crate) fn query(config: &ExecutorConfig, sql: &str, format: OutputFormat) ->
         let frame = plan_query(&ctx, sql, None).await.map_err(anyhow::Error::msg)?;
         frame.collect().await.map_err(|error| anyhow::anyhow!(sluice_executor::catalog::describe(&error)))
     })?;
-    print_batches(&batches, format)?;
+    output::print_batches(&batches, format)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_batches(batches: &[RecordBatch], format: OutputFormat) -> anyhow::Result<()> {
-    let stdout = std::io::stdout();
-    match format {
-        OutputFormat::Table => println!("{}", pretty_format_batches(batches)?),
-        OutputFormat::Csv => {
-            let mut writer = datafusion::arrow::csv::Writer::new(stdout.lock());
-            for batch in batches {
-                writer.write(batch)?;
-            }
-        }
-        OutputFormat::Json => {
-            let mut writer = datafusion::arrow::json::LineDelimitedWriter::new(stdout.lock());
-            for batch in batches {
-                writer.write(batch)?;
-            }
-            writer.finish()?;
-        }
-    }
-    Ok(())
 }

@@ -1,6 +1,5 @@
 //! `sluice`: the command line for people operating a Sluice pipeline.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -15,7 +14,17 @@ use serde_json::{Map, Value};
 use sluice_executor::ExecutorConfig;
 use sluice_schema::{SchemaRegistry, split_single_object};
 
+/// `println!` that returns an error instead of panicking when stdout is closed, so that a reader
+/// who stops early (`| head`, `grep -q`, quitting `less`) ends the command quietly (see `main`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(crate::output::Stdout, $($arg)*)?
+    }};
+}
+
 mod jobs;
+mod output;
 mod simulate;
 
 #[derive(Debug, Parser)]
@@ -92,6 +101,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,
+        // The reader has all it wanted; like `head`'s writer, stop without a word and without
+        // failing a `set -o pipefail` script.
+        Err(error) if output::is_closed_stdout(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sluice: {error:#}");
             ExitCode::FAILURE
@@ -197,10 +209,7 @@ fn tail(
                 decode(registry, payload).unwrap_or_else(|error| format!("undecodable: {error:#}").into()),
             );
         }
-        // A reader that stops early (`| head`) ends the tail, not the process with a panic.
-        if writeln!(std::io::stdout().lock(), "{}", Value::Object(line)).is_err() {
-            break;
-        }
+        outln!("{}", output::json_line(&Value::Object(line)));
         num_printed += 1;
     }
     eprintln!("{num_printed} record(s) from {topic}");

@@ -377,8 +377,8 @@ impl Report {
         (self.http_sent + self.mqtt_published) as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn print_text(&self, args: &SimulateArgs, num_mqtt_devices: usize) {
-        println!(
+    fn print_text(&self, args: &SimulateArgs, num_mqtt_devices: usize) -> anyhow::Result<()> {
+        outln!(
             "sent {} readings from {} devices at {} sites ({} over MQTT) in {:.1} s, {:.0} readings/s",
             self.http_sent + self.mqtt_published,
             args.devices,
@@ -387,15 +387,19 @@ impl Report {
             self.elapsed.as_secs_f64(),
             self.readings_per_second()
         );
-        println!(
+        outln!(
             "  HTTP: {} sent, {} accepted, {} rejected ({} requests, {} retried)",
-            self.http_sent, self.http_accepted, self.http_rejected, self.http_requests, self.http_retries
+            self.http_sent,
+            self.http_accepted,
+            self.http_rejected,
+            self.http_requests,
+            self.http_retries
         );
         for (reason, count) in &self.rejected_by_reason {
-            println!("    rejected {count}: {reason}");
+            outln!("    rejected {count}: {reason}");
         }
         if self.mqtt_published > 0 {
-            println!(
+            outln!(
                 "  MQTT: {} published and acknowledged by the MQTT broker (invalid ones go to the dead-letter topic)",
                 self.mqtt_published
             );
@@ -403,15 +407,16 @@ impl Report {
         if !self.faults.is_empty() {
             let faults: Vec<String> =
                 self.faults.iter().map(|(fault, count)| format!("{fault} {count}")).collect();
-            println!("  faults: {}", faults.join(", "));
+            outln!("  faults: {}", faults.join(", "));
         }
         if let (Some(first), Some(last)) = (self.first_event_time_opt, self.last_event_time_opt) {
-            println!(
+            outln!(
                 "  event times {} to {}",
                 sluice_executor::job::format_micros(first),
                 sluice_executor::job::format_micros(last)
             );
         }
+        Ok(())
     }
 }
 
@@ -488,8 +493,8 @@ async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let mut report = sender.finish().await?;
     report.elapsed = started.elapsed();
     match args.report {
-        ReportFormat::Json => println!("{}", report.to_json(args, num_mqtt_devices)),
-        ReportFormat::Text => report.print_text(args, num_mqtt_devices),
+        ReportFormat::Json => outln!("{}", report.to_json(args, num_mqtt_devices)),
+        ReportFormat::Text => report.print_text(args, num_mqtt_devices)?,
     }
     Ok(())
 }

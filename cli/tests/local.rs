@@ -65,3 +65,44 @@ fn query_over_an_empty_lake_answers_and_refuses_writes() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8(output.stderr).unwrap().contains("not DROP TABLE"));
 }
+
+#[test]
+fn a_closed_stdout_ends_every_format_quietly() {
+    let lake = tempfile::TempDir::new().unwrap();
+    for format in ["table", "csv", "json"] {
+        // Far more than a pipe holds, so the writes meet the closed pipe whenever they happen.
+        let mut child = sluice(lake.path())
+            .args([
+                "query",
+                "--format",
+                format,
+                "SELECT n, repeat('x', 64) AS s FROM unnest(range(0, 20000)) AS t(n)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{format}: {stderr}");
+        assert!(stderr.is_empty(), "{format}: {stderr}");
+    }
+}
+
+#[test]
+fn device_strings_cannot_drive_the_terminal_and_csv_stays_data() {
+    let lake = tempfile::TempDir::new().unwrap();
+    let sql = "SELECT chr(27) || ']0;owned' || chr(7) || chr(155) || '2J' AS device_id, 'a,\"b\"' || chr(10) || 'c' AS note";
+    let output = sluice(lake.path()).args(["query", sql]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(!table.chars().any(|character| character.is_control() && character != '\n'), "{table:?}");
+    assert!(table.contains(r"\u{1b}]0;owned\u{7}\u{9b}2J"), "{table}");
+    assert!(table.contains(r#"a,"b"\nc"#), "{table}");
+
+    let output = sluice(lake.path()).args(["query", "--format", "csv", sql]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(csv, "device_id,note\n\u{1b}]0;owned\u{7}\u{9b}2J,\"a,\"\"b\"\"\nc\"\n");
+}

@@ -180,7 +180,7 @@ echo "  records in the dead-letter topic sluice.telemetry.dlq (invalid MQTT read
 for job in device_minute_stats hourly_device_stats temperature_anomalies daily_site_percentiles; do
   echo
   echo "--- $job: first rows of its newest result (data/results/$job/)"
-  sluice jobs results "$job" --windows 1 | head -n 14
+  sluice jobs results "$job" --windows 1 --limit 10
 done
 echo
 sluice jobs runs device_minute_stats --limit 3

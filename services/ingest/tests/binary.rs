@@ -53,3 +53,18 @@ fn missing_config_file_is_an_error() {
     assert!(!output.status.success());
     assert!(String::from_utf8(output.stderr).unwrap().contains("does not exist"));
 }
+
+#[test]
+fn logs_to_a_file_or_pipe_carry_no_colour_codes() {
+    // A schema directory that does not exist fails start-up at once, after telemetry is up, so
+    // the failure is logged through the same subscriber as every other line.
+    let output = ingest()
+        .args(["--config", "deploy/config/ingest.toml"])
+        .env("SLUICE_SCHEMAS__DIRECTORY", "does/not/exist")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let logged = String::from_utf8(output.stdout).unwrap();
+    assert!(logged.contains("ingest failed"), "{logged}");
+    assert!(!logged.contains('\u{1b}'), "{logged:?}");
+}

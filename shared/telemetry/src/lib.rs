@@ -3,6 +3,7 @@
 //! metrics are also exported over OTLP (gRPC or HTTP) with the resource attributes
 //! `service.name`, `service.version` and `service.instance.id`.
 
+use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -184,11 +185,14 @@ pub fn init(
         .as_ref()
         .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name)));
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer_opt);
+    // Colour codes are for people at a terminal; in a log file or a collector they are noise that
+    // breaks grep and log parsers.
+    let ansi = std::io::stdout().is_terminal();
     match config.log_format {
-        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer()).try_init()?,
-        LogFormat::Json => {
-            registry.with(tracing_subscriber::fmt::layer().json().flatten_event(true)).try_init()?
-        }
+        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).try_init()?,
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().with_ansi(false).flatten_event(true))
+            .try_init()?,
     }
     Ok(TelemetryGuard { tracer_provider_opt, meter_provider_opt })
 }
