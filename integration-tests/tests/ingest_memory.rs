@@ -87,10 +87,11 @@ async fn gzip_bombs_of_tiny_values_stay_within_the_in_flight_limit() {
     );
     assert!(statuses.iter().all(|status| *status == 413 || *status == 503), "{statuses:?}");
     assert!(statuses.contains(&413), "at least one was parsed to its refusal: {statuses:?}");
-    // The limit plus what a request holds outside the charged buffers (one reading at a time,
-    // the allocator's slack); a JSON tree per body would be hundreds of MiB each.
+    // The limit plus what is not charged: one reading at a time per request, connection buffers,
+    // the allocator's per-thread caches of freed blocks (measured: 78 to 97 MiB in all). A JSON
+    // tree per body was hundreds of MiB each (823 MiB for these eight before the parser was bounded).
     assert!(
-        growth < (in_flight_limit + 48 * MIB) as u64,
+        growth < (in_flight_limit + 64 * MIB) as u64,
         "peak resident memory grew by {} MiB",
         growth / MIB as u64
     );

@@ -220,71 +220,77 @@ pub(crate) fn body_encoding(encoding_opt: Option<&str>) -> Result<BodyEncoding, 
 /// expand a thousandfold). Every gzip member and zstd frame is read, and bytes after the last
 /// one that do not form another are refused: concatenated members (`cat a.gz b.gz`) are one
 /// body, and trailing garbage means the body is not what the client meant. The output buffer is
-/// charged to `budget` as it grows (an identity body is returned as it is, and a compressed one
-/// stays charged to the caller, which can let it go once this returns).
+/// charged to `budget` before it is allocated (an identity body is returned as it is; a
+/// compressed one stays charged to the caller, which can let it go once this returns).
 pub(crate) fn decompress(
     body: Vec<u8>,
     encoding: BodyEncoding,
     max_bytes: usize,
     budget: &mut dyn MemoryBudget,
 ) -> Result<Vec<u8>, BodyError> {
-    match encoding {
-        BodyEncoding::Identity => Ok(body),
-        BodyEncoding::Gzip => {
-            read_within(flate2::read::MultiGzDecoder::new(&body[..]), "gzip", max_bytes, budget)
+    let name = match encoding {
+        BodyEncoding::Identity => return Ok(body),
+        BodyEncoding::Gzip => "gzip",
+        BodyEncoding::Zstd => "zstd",
+    };
+    let malformed =
+        |error: std::io::Error| BodyError::Malformed(format!("body is not valid {name}: {error}"));
+    let decoder = || -> Result<Box<dyn Read + '_>, BodyError> {
+        Ok(match encoding {
+            BodyEncoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+            _ => Box::new(zstd::stream::read::Decoder::new(&body[..]).map_err(malformed)?),
+        })
+    };
+    // Decoded twice: once to learn the size (and that it is within the limit and valid) without
+    // keeping anything, then into one buffer of exactly that size. A bomb costs time, never
+    // memory, and the charge is what is allocated: a growing buffer would leave its smaller
+    // copies with the allocator.
+    let decoded_len = decoded_len_within(decoder()?, max_bytes).map_err(|error| match error {
+        DecodeError::TooLarge => {
+            BodyError::TooLarge(format!("decompressed body exceeds {max_bytes} bytes (http.max_body_bytes)"))
         }
-        BodyEncoding::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(&body[..])
-                .map_err(|error| BodyError::Malformed(format!("body is not valid zstd: {error}")))?;
-            read_within(decoder, "zstd", max_bytes, budget)
+        DecodeError::Io(error) => malformed(error),
+    })?;
+    if !budget.grow(decoded_len) {
+        return Err(BodyError::OverBudget);
+    }
+    let mut decoded = Vec::with_capacity(decoded_len);
+    let limit = u64::try_from(decoded_len).unwrap_or(u64::MAX);
+    let decoded_again =
+        decoder().and_then(|reader| reader.take(limit).read_to_end(&mut decoded).map_err(malformed));
+    match decoded_again {
+        Ok(num_read) if num_read == decoded_len => Ok(decoded),
+        Ok(_) => {
+            budget.shrink(decoded_len);
+            Err(BodyError::Malformed(format!("body is not valid {name}: it decoded differently twice")))
+        }
+        Err(error) => {
+            budget.shrink(decoded_len);
+            Err(error)
         }
     }
 }
 
-/// Reads `reader` to its end into a buffer of at most `max_bytes`, charging each growth of the
-/// buffer to `budget` first. On error the charge is given back.
-fn read_within(
-    mut reader: impl Read,
-    name: &str,
-    max_bytes: usize,
-    budget: &mut dyn MemoryBudget,
-) -> Result<Vec<u8>, BodyError> {
-    let mut decoded: Vec<u8> = Vec::new();
-    let mut charged = 0;
-    let result = (|| {
-        let mut chunk = vec![0; DECODE_CHUNK_BYTES];
-        loop {
-            let num_read = match reader.read(&mut chunk) {
-                Ok(0) => return Ok(()),
-                Ok(num_read) => num_read,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    return Err(BodyError::Malformed(format!("body is not valid {name}: {error}")));
+enum DecodeError {
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// Reads `reader` to its end, keeping nothing, and returns how many bytes it gave.
+fn decoded_len_within(mut reader: impl Read, max_bytes: usize) -> Result<usize, DecodeError> {
+    let mut chunk = vec![0; DECODE_CHUNK_BYTES];
+    let mut total: usize = 0;
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => return Ok(total),
+            Ok(num_read) => {
+                total = total.saturating_add(num_read);
+                if total > max_bytes {
+                    return Err(DecodeError::TooLarge);
                 }
-            };
-            let needed = decoded.len() + num_read;
-            if needed > max_bytes {
-                return Err(BodyError::TooLarge(format!(
-                    "decompressed body exceeds {max_bytes} bytes (http.max_body_bytes)"
-                )));
             }
-            if needed > charged {
-                // Doubling keeps copies linear; the cap keeps the buffer within the body limit.
-                let new_capacity = (charged * 2).max(needed).max(DECODE_CHUNK_BYTES).min(max_bytes);
-                if !budget.grow(new_capacity - charged) {
-                    return Err(BodyError::OverBudget);
-                }
-                charged = new_capacity;
-                decoded.reserve_exact(new_capacity - decoded.len());
-            }
-            decoded.extend_from_slice(&chunk[..num_read]);
-        }
-    })();
-    match result {
-        Ok(()) => Ok(decoded),
-        Err(error) => {
-            budget.shrink(charged);
-            Err(error)
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(DecodeError::Io(error)),
         }
     }
 }
@@ -956,7 +962,7 @@ mod tests {
     }
 
     #[test]
-    fn decompression_bomb_is_too_large_and_charged_only_as_it_grows() {
+    fn decompression_bomb_is_too_large_and_charged_exactly() {
         let zeros = vec![b' '; 1_000_000];
         let compressed = zstd::encode_all(&zeros[..], 3).unwrap();
         assert!(compressed.len() < 1_000);
@@ -965,8 +971,11 @@ mod tests {
             decompress(compressed.clone(), BodyEncoding::Zstd, 10_000, &mut budget),
             Err(BodyError::TooLarge(_))
         ));
-        assert_eq!(budget.held, 0, "given back on error");
-        assert!(budget.peak <= 64 * 1024, "charged {}", budget.peak);
+        assert_eq!(budget.peak, 0, "a bomb is refused before anything is allocated");
+        let decoded = decompress(compressed.clone(), BodyEncoding::Zstd, 1_000_000, &mut budget).unwrap();
+        assert_eq!(decoded, zeros);
+        assert_eq!((budget.held, decoded.capacity()), (1_000_000, 1_000_000), "charged what is allocated");
+        budget.shrink(budget.held);
         // A budget too small for the output refuses it, however small the input.
         let mut budget = Recording::with_limit(100_000);
         assert_eq!(
