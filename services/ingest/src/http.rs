@@ -314,7 +314,7 @@ async fn accept_records(
         return Err(refuse(Refusal::new(
             StatusCode::NOT_FOUND,
             RejectReason::UnknownStream,
-            format!("stream '{stream}' does not exist; known streams: {}", known.join(", ")),
+            format!("stream '{}' does not exist; known streams: {}", cut(stream), known.join(", ")),
         )));
     };
     if let AuthDecision::Forbidden { token_name } = decision {
@@ -398,6 +398,15 @@ fn body_refusal(in_flight: &InFlight<'_>, error: BodyError) -> Refusal {
     match error {
         BodyError::OverBudget => in_flight.refusal(),
         other => Refusal::from_body_error(other),
+    }
+}
+
+/// A name from the request, cut for an answer: a URL can be hundreds of kilobytes long.
+fn cut(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}...", &text[..end]),
     }
 }
 
