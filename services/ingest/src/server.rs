@@ -157,8 +157,8 @@ impl Connection {
         match tls_opt {
             None => self.serve(TokioIo::new(stream), activity).await,
             Some(acceptor) => {
-                let deadline = Instant::now() + self.limits.header_read_timeout;
-                match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                // `timeout` saturates a deadline past what an Instant can hold; `+` would panic.
+                match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => self.serve(TokioIo::new(tls_stream), activity).await,
                     Ok(Err(error)) => {
                         tracing::debug!(%error, "TLS handshake failed");
@@ -277,7 +277,8 @@ impl Activity {
     }
 
     /// When the connection must have begun its next request, or, once it is closing, when it is
-    /// dropped; `None` while a request is in progress (the request's own limits bound it).
+    /// dropped; `None` while a request is in progress (the request's own limits bound it) or when
+    /// the deadline is past what an `Instant` can hold.
     fn quiet_deadline(
         &self,
         limits: &ConnectionLimits,
@@ -288,10 +289,10 @@ impl Activity {
             return None;
         }
         if let Some(closing_since) = closing_since_opt {
-            return Some(closing_since.max(state.quiet_since) + CLOSE_GRACE);
+            return closing_since.max(state.quiet_since).checked_add(CLOSE_GRACE);
         }
         let allowed = if state.num_served == 0 { limits.header_read_timeout } else { limits.idle_timeout };
-        Some(state.quiet_since + allowed)
+        state.quiet_since.checked_add(allowed)
     }
 
     fn num_served(&self) -> u64 {
@@ -313,5 +314,59 @@ impl Drop for Busy {
             state.quiet_since = Instant::now();
         }
         self.activity.changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_connection_is_quiet_until_a_request_begins_and_after_it_ends() {
+        let activity = Arc::new(Activity::new());
+        let accepted = activity.lock().quiet_since;
+        assert_eq!(activity.quiet_deadline(&limits(), None), Some(accepted + Duration::from_secs(10)));
+        let busy = Arc::clone(&activity).begin();
+        let second = Arc::clone(&activity).begin();
+        assert_eq!(activity.quiet_deadline(&limits(), None), None, "no deadline while requests run");
+        drop(busy);
+        assert_eq!(activity.quiet_deadline(&limits(), None), None, "one is still running");
+        drop(second);
+        let quiet_since = activity.lock().quiet_since;
+        assert_eq!(activity.num_served(), 2);
+        assert_eq!(activity.quiet_deadline(&limits(), None), Some(quiet_since + Duration::from_secs(60)));
+        let closing_since = quiet_since + Duration::from_secs(5);
+        assert_eq!(
+            activity.quiet_deadline(&limits(), Some(closing_since)),
+            Some(closing_since + CLOSE_GRACE)
+        );
+    }
+
+    #[test]
+    fn timeouts_past_what_an_instant_holds_do_not_panic() {
+        let activity = Activity::new();
+        // The largest configurable timeout fits an Instant; a larger one is no deadline, not a panic.
+        let largest = ConnectionLimits { header_read_timeout: Duration::from_millis(u64::MAX), ..limits() };
+        assert!(activity.quiet_deadline(&largest, None).is_some());
+        let endless = ConnectionLimits { header_read_timeout: Duration::MAX, ..limits() };
+        assert_eq!(activity.quiet_deadline(&endless, None), None);
+    }
+
+    #[test]
+    fn the_refusal_is_a_complete_http_answer() {
+        let answer = String::from_utf8(refusal_response(8)).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("8 connections open"), "{body}");
     }
 }
