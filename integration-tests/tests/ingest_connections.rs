@@ -245,3 +245,28 @@ async fn silent_tls_clients_are_closed_after_the_header_read_timeout() {
     assert_eq!(response.status(), StatusCode::OK);
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_refused() {
+    let broker = Broker::start().await.unwrap();
+    let ingest = IngestService::start(ingest_config(&broker)).await.unwrap();
+    let address = address(&ingest);
+    let tick = Duration::from_millis(100);
+    let at_most =
+        format!("GET /healthz HTTP/1.1\r\nhost: ingest\r\nx-pad: {}\r\n\r\n", "a".repeat(60 * 1024));
+    let answered = slow_client(connect(address).await, at_most, b"", tick, Duration::from_secs(1)).await;
+    assert!(
+        answered.answer.starts_with("HTTP/1.1 200"),
+        "{:?}",
+        &answered.answer[..answered.answer.len().min(200)]
+    );
+    let over = format!("GET /healthz HTTP/1.1\r\nhost: ingest\r\nx-pad: {}\r\n\r\n", "a".repeat(70 * 1024));
+    let refused = slow_client(connect(address).await, over, b"", tick, Duration::from_secs(5)).await;
+    assert!(
+        refused.answer.starts_with("HTTP/1.1 431"),
+        "{:?}",
+        &refused.answer[..refused.answer.len().min(200)]
+    );
+    assert!(refused.after < Duration::from_secs(2), "{:?}", refused.after);
+    ingest.stop().await.unwrap();
+}

@@ -32,6 +32,8 @@ use crate::metrics::{ConnectionCloseReason, IngestMetrics};
 /// How long a connection that is being closed (for idleness or shutdown) may take to say goodbye
 /// (an HTTP/2 GOAWAY, the rest of a response) before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Read buffer of an HTTP/1 connection: the most its request head may take (431 past it).
+const MAX_READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Pause after a failed accept (for example out of file descriptors) so that the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -189,7 +191,10 @@ impl Connection {
                 response
             }
         });
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Ingest's request headers are small; hyper's default 400 KiB read buffer per connection
+        // would let every connection slot hold that much with a header that never ends.
+        builder.http1().max_buf_size(MAX_READ_BUFFER_BYTES);
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
         let mut closing_since_opt: Option<Instant> = None;
