@@ -102,11 +102,26 @@ async fn connections_without_a_complete_request_are_closed_after_their_timeout()
         give_up,
     ));
 
+    // An HTTP/2 client that sends the connection preface and no request.
+    let h2_silent = tokio::spawn(slow_client(
+        connect(address).await,
+        "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_string(),
+        b"",
+        tick,
+        give_up,
+    ));
+
     let silent = silent.await.unwrap();
     assert!(silent.answer.is_empty(), "{silent:?}");
     assert!(
         silent.after >= Duration::from_millis(900) && silent.after < Duration::from_secs(3),
         "{silent:?}"
+    );
+
+    let h2_silent = h2_silent.await.unwrap();
+    assert!(
+        h2_silent.after >= Duration::from_millis(900) && h2_silent.after < Duration::from_secs(3),
+        "{h2_silent:?}"
     );
 
     let dripping_headers = dripping_headers.await.unwrap();
