@@ -84,14 +84,19 @@ url = {{ .Values.objectStore.url | quote }}
 {{- range $section, $keys := . }}
 
 [{{ $section }}]
-{{- range $key, $value := $keys }}
+{{- include "sluice.tomlKeys" $keys }}
+{{- end }}
+{{- end -}}
+
+{{/* The keys of one table: strings, booleans and whole numbers. */}}
+{{- define "sluice.tomlKeys" -}}
+{{- range $key, $value := . }}
 {{- if kindIs "float64" $value }}
 {{ $key }} = {{ $value | int64 }}
 {{- else if kindIs "bool" $value }}
 {{ $key }} = {{ $value }}
 {{- else }}
 {{ $key }} = {{ $value | toString | quote }}
-{{- end }}
 {{- end }}
 {{- end }}
 {{- end -}}

@@ -36,6 +36,15 @@ pub struct HttpConfig {
     /// PEM certificate chain and key; both set turns on TLS.
     pub tls_cert_path: Option<PathBuf>,
     pub tls_key_path: Option<PathBuf>,
+    /// Open connections at most; past it a new connection is answered 503 and closed at once, so
+    /// that clients holding connections cannot use up the process's file descriptors.
+    pub max_connections: usize,
+    /// Time a new connection has to complete its TLS handshake and its first request's headers.
+    pub header_read_timeout_ms: u64,
+    /// Time a kept-alive connection may wait for its next request's headers.
+    pub idle_timeout_ms: u64,
+    /// Time a request has to deliver its whole body once its headers arrived (408 past it).
+    pub request_body_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -47,6 +56,10 @@ impl Default for HttpConfig {
             max_in_flight_bytes: 256 * 1024 * 1024,
             tls_cert_path: None,
             tls_key_path: None,
+            max_connections: 1_024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            request_body_timeout_ms: 30_000,
         }
     }
 }
@@ -82,11 +95,38 @@ pub struct TokenConfig {
 pub struct ValidationConfig {
     /// How far in the future (device clock ahead of ours) an event time may be.
     pub max_future_skew_ms: u64,
+    /// The earliest event time accepted, RFC 3339. Readings before it are refused (400 over HTTP,
+    /// dead-lettered over MQTT): a clock that was never set reads 1970, and times near the ends
+    /// of i64 cannot be partitioned or windowed.
+    pub earliest_event_time: String,
 }
 
 impl Default for ValidationConfig {
     fn default() -> Self {
-        Self { max_future_skew_ms: 300_000 }
+        Self { max_future_skew_ms: 300_000, earliest_event_time: "2000-01-01T00:00:00Z".to_string() }
+    }
+}
+
+impl ValidationConfig {
+    /// `earliest_event_time` in epoch microseconds, or why it is not a usable time.
+    pub fn earliest_event_micros(&self) -> Result<i64, String> {
+        let parsed = time::OffsetDateTime::parse(
+            &self.earliest_event_time,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|error| {
+            format!(
+                "'{}' is not an RFC 3339 time such as 2000-01-01T00:00:00Z ({error})",
+                self.earliest_event_time
+            )
+        })?;
+        i64::try_from(parsed.unix_timestamp_nanos() / 1_000)
+            .map_err(|_| format!("'{}' is out of range", self.earliest_event_time))
+    }
+
+    /// `max_future_skew_ms` in microseconds, saturated rather than overflowed.
+    pub fn max_future_skew_micros(&self) -> i64 {
+        i64::try_from(self.max_future_skew_ms).unwrap_or(i64::MAX).saturating_mul(1_000)
     }
 }
 
@@ -178,14 +218,30 @@ impl Validate for IngestConfig {
         if http.max_records_per_request == 0 {
             issues.push(ConfigIssue::new("http.max_records_per_request", "must be greater than 0"));
         }
-        if http.max_in_flight_bytes < http.max_body_bytes {
+        if http.max_in_flight_bytes < http.max_body_bytes.saturating_mul(2) {
             issues.push(ConfigIssue::new(
                 "http.max_in_flight_bytes",
                 format!(
-                    "must be at least http.max_body_bytes ({}) or no large request could pass",
+                    "must be at least twice http.max_body_bytes ({}): a compressed body and its decoded \
+                     form, or a body and its encoded records, are held together",
                     http.max_body_bytes
                 ),
             ));
+        }
+        if http.max_connections == 0 {
+            issues.push(ConfigIssue::new("http.max_connections", "must be greater than 0"));
+        }
+        for (key, value) in [
+            ("http.header_read_timeout_ms", http.header_read_timeout_ms),
+            ("http.idle_timeout_ms", http.idle_timeout_ms),
+            ("http.request_body_timeout_ms", http.request_body_timeout_ms),
+        ] {
+            if value == 0 {
+                issues.push(ConfigIssue::new(key, "must be greater than 0"));
+            }
+        }
+        if let Err(reason) = self.validation.earliest_event_micros() {
+            issues.push(ConfigIssue::new("validation.earliest_event_time", reason));
         }
         if http.tls_cert_path.is_some() != http.tls_key_path.is_some() {
             issues.push(ConfigIssue::new(
@@ -287,6 +343,27 @@ mod tests {
         let mut config = IngestConfig::default();
         config.shutdown.grace_period_ms = 5_000;
         assert_eq!(config.validate()[0].key, "shutdown.grace_period_ms");
+    }
+
+    #[test]
+    fn earliest_event_time_must_be_rfc3339() {
+        let mut config = IngestConfig::default();
+        assert_eq!(config.validation.earliest_event_micros(), Ok(946_684_800_000_000));
+        config.validation.earliest_event_time = "2000-01-01".into();
+        assert_eq!(config.validate().len(), 1);
+        assert_eq!(config.validate()[0].key, "validation.earliest_event_time");
+        config.validation.max_future_skew_ms = u64::MAX;
+        assert_eq!(config.validation.max_future_skew_micros(), i64::MAX);
+    }
+
+    #[test]
+    fn http_limits_must_be_positive_and_in_flight_hold_two_bodies() {
+        let mut config = IngestConfig::default();
+        config.http.max_connections = 0;
+        config.http.idle_timeout_ms = 0;
+        config.http.max_in_flight_bytes = config.http.max_body_bytes;
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["http.max_in_flight_bytes", "http.max_connections", "http.idle_timeout_ms"]);
     }
 
     #[test]

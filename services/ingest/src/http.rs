@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use serde_json::json;
 use sluice_kafka::TopicNames;
 use sluice_schema::SchemaRegistry;
@@ -20,7 +21,7 @@ use crate::auth::{AuthDecision, Authorizer};
 use crate::config::HttpConfig;
 use crate::metrics::{IngestMetrics, RejectReason};
 use crate::producer::{OutgoingRecord, ProduceError, RecordProducer, now_micros};
-use crate::records::{self, BodyError, MAX_LISTED_REJECTIONS};
+use crate::records::{self, BatchError, BodyEncoding, BodyError, MemoryBudget, RecordRules};
 
 const TRANSPORT: &str = "http";
 /// Seconds a client should wait before retrying after a 503.
@@ -28,7 +29,7 @@ const RETRY_AFTER_SECS: &str = "1";
 
 pub(crate) struct HttpState {
     pub(crate) http: HttpConfig,
-    pub(crate) max_future_skew_micros: i64,
+    pub(crate) record_rules: RecordRules,
     pub(crate) schemas: SchemaRegistry,
     pub(crate) topics: TopicNames,
     pub(crate) authorizer: Authorizer,
@@ -85,6 +86,9 @@ impl Refusal {
             BodyError::UnsupportedMediaType(message) => {
                 Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, RejectReason::UnsupportedMediaType, message)
             }
+            BodyError::OverBudget => Self::unavailable(
+                "ingest is at its in-flight byte limit (http.max_in_flight_bytes); nothing was written, retry shortly",
+            ),
         }
     }
 
@@ -102,6 +106,10 @@ impl Refusal {
             }
             StatusCode::UNAUTHORIZED => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The body was not read to its end: the connection cannot carry another request.
+            StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE => {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -147,30 +155,138 @@ async fn ingest_records(
     response
 }
 
-/// Holds in-flight byte permits and keeps the gauge right however the request ends.
+/// The in-flight bytes a request holds: charged as its buffers grow, given back when they are let
+/// go, and all of it when the request ends however it ends. The gauge follows.
 struct InFlight<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
-    metrics: &'a IngestMetrics,
-    bytes: i64,
+    state: &'a HttpState,
+    held_bytes: usize,
+    /// The last charge that did not fit.
+    refused_bytes: usize,
 }
 
 impl<'a> InFlight<'a> {
-    fn try_acquire(state: &'a HttpState, bytes: usize) -> Result<Self, Refusal> {
-        let permits = u32::try_from(bytes.max(1)).unwrap_or(u32::MAX);
-        let permit = state.in_flight_bytes.try_acquire_many(permits).map_err(|_| {
-            Refusal::unavailable(
-                "ingest is at its in-flight byte limit (http.max_in_flight_bytes); retry shortly",
-            )
-        })?;
-        let bytes = i64::from(permits);
-        state.metrics.add_in_flight_bytes(bytes);
-        Ok(Self { _permit: permit, metrics: &state.metrics, bytes })
+    fn new(state: &'a HttpState) -> Self {
+        Self { state, held_bytes: 0, refused_bytes: 0 }
+    }
+
+    /// The refusal for a charge that did not fit: 413 when this request alone needs more than
+    /// the whole limit (a retry could never pass), 503 when others hold the rest.
+    fn refusal(&self) -> Refusal {
+        let limit = self.state.http.max_in_flight_bytes;
+        let needed = self.held_bytes.saturating_add(self.refused_bytes);
+        if needed > limit {
+            return Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                RejectReason::TooLarge,
+                format!(
+                    "the request needs {needed} bytes while handled, more than the in-flight limit of {limit} \
+                     bytes (http.max_in_flight_bytes); send smaller requests"
+                ),
+            );
+        }
+        Refusal::from_body_error(BodyError::OverBudget)
+    }
+}
+
+impl MemoryBudget for InFlight<'_> {
+    fn grow(&mut self, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        self.refused_bytes = bytes;
+        let Ok(permits) = u32::try_from(bytes) else { return false };
+        let Ok(permit) = self.state.in_flight_bytes.try_acquire_many(permits) else { return false };
+        permit.forget();
+        self.refused_bytes = 0;
+        self.held_bytes += bytes;
+        self.state.metrics.add_in_flight_bytes(i64::from(permits));
+        true
+    }
+
+    fn shrink(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.held_bytes);
+        self.held_bytes -= bytes;
+        self.state.in_flight_bytes.add_permits(bytes);
+        self.state.metrics.add_in_flight_bytes(-i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.metrics.add_in_flight_bytes(-self.bytes);
+        self.shrink(self.held_bytes);
+    }
+}
+
+/// Reads the body within `http.max_body_bytes` and `http.request_body_timeout_ms`, charging its
+/// buffer to `in_flight` before it grows (a declared length is charged, and refused, up front).
+async fn read_body(
+    state: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+    in_flight: &mut InFlight<'_>,
+) -> Result<Vec<u8>, Refusal> {
+    let max_body_bytes = state.http.max_body_bytes;
+    let too_large = || {
+        Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            RejectReason::TooLarge,
+            format!("body exceeds {max_body_bytes} bytes (http.max_body_bytes)"),
+        )
+    };
+    let declared_opt =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|value| value.parse::<usize>().ok());
+    let mut raw = Vec::new();
+    if let Some(declared) = declared_opt {
+        if declared > max_body_bytes {
+            return Err(too_large());
+        }
+        if !in_flight.grow(declared) {
+            return Err(in_flight.refusal());
+        }
+        raw.reserve_exact(declared);
+    }
+    let mut charged = declared_opt.unwrap_or(0);
+    let timeout = Duration::from_millis(state.http.request_body_timeout_ms);
+    let reading = async {
+        let mut frames = body.into_data_stream();
+        while let Some(frame) = frames.next().await {
+            let chunk = frame.map_err(|error| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    RejectReason::Malformed,
+                    format!("failed to read the body: {}", error_chain(&error)),
+                )
+            })?;
+            let needed = raw.len() + chunk.len();
+            if needed > max_body_bytes {
+                return Err(too_large());
+            }
+            if needed > charged {
+                // Doubling keeps copies linear; the cap keeps the buffer within the body limit.
+                let new_capacity = (charged * 2).max(needed).max(64 * 1024).min(max_body_bytes);
+                if !in_flight.grow(new_capacity - charged) {
+                    return Err(in_flight.refusal());
+                }
+                charged = new_capacity;
+                raw.reserve_exact(new_capacity - raw.len());
+            }
+            raw.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, reading).await {
+        Ok(Ok(())) => Ok(raw),
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => Err(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            RejectReason::Timeout,
+            format!(
+                "the body did not arrive within {} ms (http.request_body_timeout_ms); {} bytes were received, \
+                 nothing was written",
+                timeout.as_millis(),
+                raw.len()
+            ),
+        )),
     }
 }
 
@@ -198,7 +314,7 @@ async fn accept_records(
         return Err(refuse(Refusal::new(
             StatusCode::NOT_FOUND,
             RejectReason::UnknownStream,
-            format!("stream '{stream}' does not exist; known streams: {}", known.join(", ")),
+            format!("stream '{}' does not exist; known streams: {}", cut(stream), known.join(", ")),
         )));
     };
     if let AuthDecision::Forbidden { token_name } = decision {
@@ -210,51 +326,48 @@ async fn accept_records(
     }
     let format = records::body_format(header_str(headers, header::CONTENT_TYPE))
         .map_err(|error| refuse(Refusal::from_body_error(error)))?;
+    let encoding = records::body_encoding(header_str(headers, header::CONTENT_ENCODING))
+        .map_err(|error| refuse(Refusal::from_body_error(error)))?;
     if !state.producer.is_broker_reachable() {
         return Err(refuse(Refusal::unavailable(
             "the Kafka broker is unreachable; nothing was written, retry later",
         )));
     }
-    let max_body_bytes = state.http.max_body_bytes;
-    let raw = axum::body::to_bytes(body, max_body_bytes).await.map_err(|_| {
-        refuse(Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            RejectReason::TooLarge,
-            format!("body exceeds {max_body_bytes} bytes (http.max_body_bytes)"),
-        ))
-    })?;
-    let _raw_in_flight = InFlight::try_acquire(state, raw.len()).map_err(refuse)?;
-    let decoded =
-        records::decompress(raw.to_vec(), header_str(headers, header::CONTENT_ENCODING), max_body_bytes)
-            .map_err(|error| refuse(Refusal::from_body_error(error)))?;
-    let _decoded_in_flight = InFlight::try_acquire(state, decoded.len()).map_err(refuse)?;
-    let readings = records::parse_readings(&decoded, format, state.http.max_records_per_request)
-        .map_err(|error| refuse(Refusal::from_body_error(error)))?;
-    let num_records = readings.len();
-    let batch = match records::encode_batch(schema, &readings, now_micros(), state.max_future_skew_micros) {
+    let mut in_flight = InFlight::new(state);
+    let raw = read_body(state, headers, body, &mut in_flight).await.map_err(refuse)?;
+    let raw_charge = in_flight.held_bytes;
+    let decoded = records::decompress(raw, encoding, state.http.max_body_bytes, &mut in_flight)
+        .map_err(|error| refuse(body_refusal(&in_flight, error)))?;
+    if encoding != BodyEncoding::Identity {
+        // The compressed body is gone: only the decoded one is held now.
+        in_flight.shrink(raw_charge);
+    }
+    let decoded_charge = in_flight.held_bytes;
+    let encoded =
+        records::encode_body(schema, &decoded, format, &state.record_rules, now_micros(), &mut in_flight);
+    drop(decoded);
+    in_flight.shrink(decoded_charge);
+    let batch = match encoded {
         Ok(batch) => batch,
-        Err(rejected) => {
-            let num_rejected_records = {
-                let mut indexes: Vec<usize> = rejected.iter().map(|rejection| rejection.index).collect();
-                indexes.dedup();
-                indexes.len()
-            };
-            let truncated = rejected.len() > MAX_LISTED_REJECTIONS;
-            let listed = &rejected[..rejected.len().min(MAX_LISTED_REJECTIONS)];
+        Err(BatchError::Body(error)) => return Err(refuse(body_refusal(&in_flight, error))),
+        Err(BatchError::Rejected { rejections, num_records }) => {
             let refusal = Refusal {
                 status: StatusCode::BAD_REQUEST,
                 reason: RejectReason::Invalid,
                 body: json!({
-                    "error": format!("{num_rejected_records} of {num_records} records are invalid; nothing was written"),
-                    "rejected": listed,
-                    "num_rejected_records": num_rejected_records,
-                    "rejections_truncated": truncated,
+                    "error": format!(
+                        "{} of {num_records} records are invalid; nothing was written",
+                        rejections.num_rejected_records
+                    ),
+                    "rejected": rejections.listed,
+                    "num_rejected_records": rejections.num_rejected_records,
+                    "rejections_truncated": rejections.truncated(),
                 }),
             };
             return Err((refusal, num_records));
         }
     };
-    drop(readings);
+    let num_records = batch.records.len();
     let topic = state.topics.stream(stream);
     let outgoing = batch.records.iter().map(|record| OutgoingRecord {
         key: &record.key,
@@ -277,6 +390,23 @@ async fn accept_records(
             };
             Err((Refusal::unavailable(message), num_records))
         }
+    }
+}
+
+/// A body error as an answer; over the in-flight budget it depends on what the request holds.
+fn body_refusal(in_flight: &InFlight<'_>, error: BodyError) -> Refusal {
+    match error {
+        BodyError::OverBudget => in_flight.refusal(),
+        other => Refusal::from_body_error(other),
+    }
+}
+
+/// A name from the request, cut for an answer: a URL can be hundreds of kilobytes long.
+fn cut(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}...", &text[..end]),
     }
 }
 

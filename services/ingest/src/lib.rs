@@ -9,6 +9,7 @@ mod metrics;
 mod mqtt;
 mod producer;
 mod records;
+mod server;
 mod tls;
 
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ pub use crate::producer::ProduceError;
 pub use crate::producer::{
     DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
 };
+pub use crate::records::RECORD_OVERHEAD_BYTES;
 pub use crate::tls::TlsError;
 
 const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -86,6 +88,39 @@ impl RunningIngest {
     }
 }
 
+/// The producer's effective `message.max.bytes` (librdkafka's default unless `kafka.client` sets
+/// it): the bound every record is checked against before anything of a request is produced.
+fn producer_max_message_bytes(kafka: &sluice_kafka::KafkaConfig) -> usize {
+    const LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+    kafka
+        .producer_config()
+        .get("message.max.bytes")
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES)
+}
+
+/// Warns when the soft open-file limit is below what `http.max_connections` needs: past it,
+/// accepting fails with "Too many open files" before the connection limit is reached.
+fn warn_if_file_descriptors_short(max_connections: usize) {
+    // Kafka connections, the listener, logs and the runtime need some beyond the connections.
+    const OTHER_DESCRIPTORS: usize = 128;
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else { return };
+    let soft_limit_opt = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|value| value.parse::<usize>().ok());
+    if let Some(soft_limit) = soft_limit_opt
+        && soft_limit < max_connections.saturating_add(OTHER_DESCRIPTORS)
+    {
+        tracing::warn!(
+            soft_limit,
+            max_connections,
+            "the open-file limit (ulimit -n) is below http.max_connections plus {OTHER_DESCRIPTORS}: raise it or lower http.max_connections"
+        );
+    }
+}
+
 /// Runs the service until `shutdown` is cancelled and shutdown completed.
 pub async fn run(config: IngestConfig, shutdown: CancellationToken) -> Result<()> {
     start(config, shutdown).await?.wait().await
@@ -109,16 +144,20 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
 
     let tracker = TaskTracker::new();
     producer.spawn_health_probe(health_interval, &tracker, shutdown.clone());
-    let max_future_skew_micros =
-        i64::try_from(config.validation.max_future_skew_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
+    let record_rules = records::RecordRules {
+        max_records: config.http.max_records_per_request,
+        // Checked by `validate`; a config that skipped it gets no lower bound rather than a panic.
+        earliest_event_micros: config.validation.earliest_event_micros().unwrap_or(i64::MIN),
+        max_future_skew_micros: config.validation.max_future_skew_micros(),
+        max_message_bytes: producer_max_message_bytes(&config.kafka),
+    };
     let topics = config.kafka.topic_names();
 
     if config.mqtt.enabled {
         let bridge = mqtt::MqttBridge {
             config: config.mqtt.clone(),
             max_payload_bytes: config.http.max_body_bytes,
-            max_records_per_message: config.http.max_records_per_request,
-            max_future_skew_micros,
+            record_rules,
             schemas: schemas.clone(),
             topics: topics.clone(),
             producer: producer.clone(),
@@ -129,12 +168,12 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
 
     let state = Arc::new(http::HttpState {
         http: config.http.clone(),
-        max_future_skew_micros,
+        record_rules,
         schemas,
         topics,
         authorizer: auth::Authorizer::new(&config.auth),
         producer: producer.clone(),
-        metrics,
+        metrics: Arc::clone(&metrics),
         in_flight_bytes: Semaphore::new(config.http.max_in_flight_bytes.min(Semaphore::MAX_PERMITS)),
         shutting_down: Default::default(),
     });
@@ -143,27 +182,27 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
     let listener =
         TcpListener::bind(address).await.map_err(|source| IngestError::Bind { address, source })?;
     let local_addr = listener.local_addr().map_err(|source| IngestError::Bind { address, source })?;
-    let graceful = {
+    let tls_opt = match (&config.http.tls_cert_path, &config.http.tls_key_path) {
+        (Some(cert_path), Some(key_path)) => {
+            Some(tokio_rustls::TlsAcceptor::from(tls::load_server_config(cert_path, key_path)?))
+        }
+        _ => None,
+    };
+    let limits = server::ConnectionLimits::from_config(&config.http);
+    warn_if_file_descriptors_short(limits.max_connections);
+    let server = {
         let shutdown = shutdown.clone();
         let state = Arc::clone(&state);
-        async move {
-            shutdown.cancelled().await;
-            state.shutting_down.store(true, Ordering::Relaxed);
-            tracing::info!("HTTP listener closing; draining requests in flight");
-        }
-    };
-    let server = match (&config.http.tls_cert_path, &config.http.tls_key_path) {
-        (Some(cert_path), Some(key_path)) => {
-            let server_config = tls::load_server_config(cert_path, key_path)?;
-            let tls_listener = tls::TlsListener::new(listener, server_config, &tracker, shutdown.clone())
-                .map_err(|source| IngestError::Bind { address, source })?;
-            tokio::spawn(
-                async move { axum::serve(tls_listener, router).with_graceful_shutdown(graceful).await },
-            )
-        }
-        _ => {
-            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(graceful).await })
-        }
+        tokio::spawn(async move {
+            let closing = async {
+                shutdown.cancelled().await;
+                state.shutting_down.store(true, Ordering::Relaxed);
+                tracing::info!("HTTP listener closing; draining requests in flight");
+            };
+            let serving = server::serve(listener, tls_opt, router, limits, metrics, shutdown.clone());
+            let (_, served) = tokio::join!(closing, serving);
+            served
+        })
     };
     tracing::info!(%local_addr, tls = config.http.tls_cert_path.is_some(), mqtt = config.mqtt.enabled, "ingest ready");
     Ok(RunningIngest {

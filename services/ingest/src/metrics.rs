@@ -13,6 +13,8 @@ pub(crate) struct IngestMetrics {
     request_duration: Histogram<f64>,
     produce_duration: Histogram<f64>,
     in_flight_bytes: UpDownCounter<i64>,
+    http_connections: UpDownCounter<i64>,
+    http_connections_closed: Counter<u64>,
 }
 
 /// Why records were refused, as a metric label.
@@ -26,6 +28,7 @@ pub(crate) enum RejectReason {
     Forbidden,
     UnknownStream,
     Unavailable,
+    Timeout,
 }
 
 impl RejectReason {
@@ -39,6 +42,7 @@ impl RejectReason {
             Self::Forbidden => "forbidden",
             Self::UnknownStream => "unknown_stream",
             Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
         }
     }
 }
@@ -75,6 +79,16 @@ impl IngestMetrics {
                 .i64_up_down_counter("sluice_ingest_in_flight_bytes")
                 .with_unit("By")
                 .with_description("Request bytes being validated or produced")
+                .build(),
+            http_connections: meter
+                .i64_up_down_counter("sluice_ingest_http_connections")
+                .with_unit("{connection}")
+                .with_description("Open HTTP connections (at most http.max_connections)")
+                .build(),
+            http_connections_closed: meter
+                .u64_counter("sluice_ingest_http_connections_closed")
+                .with_unit("{connection}")
+                .with_description("HTTP connections ingest closed or refused, by reason")
                 .build(),
         }
     }
@@ -122,5 +136,37 @@ impl IngestMetrics {
 
     pub(crate) fn add_in_flight_bytes(&self, bytes: i64) {
         self.in_flight_bytes.add(bytes, &[]);
+    }
+
+    pub(crate) fn add_http_connections(&self, num_connections: i64) {
+        self.http_connections.add(num_connections, &[]);
+    }
+
+    pub(crate) fn record_connection_closed(&self, reason: ConnectionCloseReason) {
+        self.http_connections_closed.add(1, &[KeyValue::new("reason", reason.as_label())]);
+    }
+}
+
+/// Why ingest closed or refused an HTTP connection, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectionCloseReason {
+    /// Refused at once: `http.max_connections` were open.
+    ConnectionLimit,
+    /// No complete request (TLS handshake and headers) within `http.header_read_timeout_ms`.
+    HeaderTimeout,
+    /// No next request within `http.idle_timeout_ms`.
+    IdleTimeout,
+    /// The TLS handshake failed.
+    TlsHandshake,
+}
+
+impl ConnectionCloseReason {
+    pub(crate) fn as_label(self) -> &'static str {
+        match self {
+            Self::ConnectionLimit => "connection_limit",
+            Self::HeaderTimeout => "header_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::TlsHandshake => "tls_handshake",
+        }
     }
 }

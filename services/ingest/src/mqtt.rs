@@ -28,8 +28,7 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) struct MqttBridge {
     pub(crate) config: MqttConfig,
     pub(crate) max_payload_bytes: usize,
-    pub(crate) max_records_per_message: usize,
-    pub(crate) max_future_skew_micros: i64,
+    pub(crate) record_rules: records::RecordRules,
     pub(crate) schemas: SchemaRegistry,
     pub(crate) topics: TopicNames,
     pub(crate) producer: RecordProducer,
@@ -218,7 +217,7 @@ impl MqttBridge {
             Ok(Outcome::DeadLettered { stream: stream.to_string(), reason, num_records })
         };
         let mut readings =
-            match records::parse_readings(&publish.payload, BodyFormat::Json, self.max_records_per_message) {
+            match records::parse_readings(&publish.payload, BodyFormat::Json, &self.record_rules) {
                 Ok(readings) => readings,
                 Err(error) => return dead_letter(RejectReason::Malformed, error.to_string(), 1).await,
             };
@@ -239,8 +238,7 @@ impl MqttBridge {
             }
         }
         let num_records = readings.len();
-        let batch = match records::encode_batch(schema, &readings, now_micros(), self.max_future_skew_micros)
-        {
+        let batch = match records::encode_batch(schema, &readings, now_micros(), &self.record_rules) {
             Ok(batch) if rejected.is_empty() => batch,
             Ok(_) => return dead_letter(RejectReason::Invalid, rejection_text(&rejected), num_records).await,
             Err(more) => {

@@ -1,20 +1,11 @@
-//! TLS on the HTTP listener (rustls). Handshakes run in their own tasks so that a slow or
-//! silent client cannot hold up accepting others.
+//! TLS on the HTTP listener (rustls). Handshakes run in each connection's task (server.rs), under
+//! the connection's header-read timeout, so that a slow or silent client cannot hold up others.
 
 use std::io::BufReader;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sluice_shutdown::{CancellationToken, TaskTracker};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
-use tokio_rustls::server::TlsStream;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -54,69 +45,4 @@ pub(crate) fn load_server_config(cert_path: &Path, key_path: &Path) -> Result<Ar
         .map_err(TlsError::Config)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// A listener that yields connections whose TLS handshake completed.
-#[derive(Debug)]
-pub(crate) struct TlsListener {
-    connection_rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local_addr: SocketAddr,
-}
-
-impl TlsListener {
-    pub(crate) fn new(
-        listener: TcpListener,
-        server_config: Arc<ServerConfig>,
-        tracker: &TaskTracker,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        let acceptor = TlsAcceptor::from(server_config);
-        let (connection_tx, connection_rx) = mpsc::channel(64);
-        let handshakes = tracker.clone();
-        tracker.spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(error) => {
-                            tracing::warn!(%error, "failed to accept a connection");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let acceptor = acceptor.clone();
-                let connection_tx = connection_tx.clone();
-                handshakes.spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let _ = connection_tx.send((tls_stream, peer)).await;
-                        }
-                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self { connection_rx, local_addr })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.connection_rx.recv().await {
-            Some(connection) => connection,
-            // The accept loop ended at shutdown; axum's graceful shutdown stops calling us.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local_addr)
-    }
 }

@@ -27,6 +27,59 @@ impl FieldError {
     }
 }
 
+/// Event times a reading may carry: from `earliest_micros` to `max_future_skew_micros` past
+/// `now_micros`. Bounding both ends keeps every later time computation (partition keys, windows,
+/// Kafka timestamps) within the years every consumer can represent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTimeLimits {
+    pub now_micros: i64,
+    pub max_future_skew_micros: i64,
+    /// The earliest accepted event time, epoch microseconds; `i64::MIN` for no lower bound.
+    pub earliest_micros: i64,
+}
+
+impl EventTimeLimits {
+    /// Why `event_time_micros` is refused, or `None` when it is within the limits.
+    pub fn check(&self, event_time_micros: i64) -> Option<String> {
+        if event_time_micros < self.earliest_micros {
+            return Some(format!(
+                "{} is before {}, the earliest event time accepted",
+                describe_micros(event_time_micros),
+                describe_micros(self.earliest_micros)
+            ));
+        }
+        let future_micros = event_time_micros.saturating_sub(self.now_micros);
+        if future_micros > self.max_future_skew_micros {
+            return Some(format!(
+                "is {:.1} s in the future; at most {:.1} s of clock skew is accepted",
+                future_micros as f64 / 1e6,
+                self.max_future_skew_micros as f64 / 1e6
+            ));
+        }
+        None
+    }
+}
+
+/// Epoch microseconds as RFC 3339 when the year has four digits, else as the number itself.
+pub fn describe_micros(micros: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .ok()
+        .and_then(|time| time.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("epoch microsecond {micros}"))
+}
+
+/// Longest piece of a given value quoted back in a reason: a reason is listed for up to 100
+/// records per answer, and a megabyte string must not make the answer a hundred megabytes.
+const MAX_QUOTED_CHARS: usize = 64;
+
+/// `text` for a reason, cut at [`MAX_QUOTED_CHARS`] characters.
+fn quoted(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// What the producer needs besides the encoded value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMeta {
@@ -35,13 +88,14 @@ pub struct RecordMeta {
 }
 
 /// Parses an event time: an RFC 3339 string, or an integer of epoch milliseconds or microseconds.
+/// Any input gives a time or a reason, never a panic; the range is checked by [`EventTimeLimits`].
 pub fn parse_event_time(value: &Value) -> Result<i64, String> {
     match value {
         Value::String(text) => {
             let parsed = OffsetDateTime::parse(text, &Rfc3339)
-                .map_err(|error| format!("'{text}' is not an RFC 3339 timestamp ({error})"))?;
+                .map_err(|error| format!("'{}' is not an RFC 3339 timestamp ({error})", quoted(text)))?;
             i64::try_from(parsed.unix_timestamp_nanos() / 1_000)
-                .map_err(|_| format!("'{text}' is out of range"))
+                .map_err(|_| format!("'{}' is out of range", quoted(text)))
         }
         Value::Number(number) => {
             let Some(integer) = number.as_i64() else {
@@ -49,7 +103,8 @@ pub fn parse_event_time(value: &Value) -> Result<i64, String> {
                     "{number} is not an integer epoch timestamp; use milliseconds, microseconds or RFC 3339"
                 ));
             };
-            if integer.abs() < EPOCH_MICROS_THRESHOLD {
+            // `abs` of i64::MIN overflows; the unsigned magnitude cannot.
+            if integer.unsigned_abs() < EPOCH_MICROS_THRESHOLD.unsigned_abs() {
                 integer.checked_mul(1_000).ok_or_else(|| format!("{integer} is out of range"))
             } else {
                 Ok(integer)
@@ -74,13 +129,26 @@ fn json_type(value: &Value) -> &'static str {
 }
 
 impl StreamSchema {
-    /// Validates one JSON reading and appends its single-object encoding to `out`. On error `out`
-    /// is left as it was and every problem found is returned.
+    /// [`StreamSchema::encode_json_within`] with no lower bound on the event time: for tools and
+    /// tests that write records as they are; ingest bounds both ends.
     pub fn encode_json(
         &self,
         reading: &Value,
         now_micros: i64,
         max_future_skew_micros: i64,
+        out: &mut Vec<u8>,
+    ) -> Result<RecordMeta, Vec<FieldError>> {
+        let event_times = EventTimeLimits { now_micros, max_future_skew_micros, earliest_micros: i64::MIN };
+        self.encode_json_within(reading, &event_times, out)
+    }
+
+    /// Validates one JSON reading, its event time within `event_times`, and appends its
+    /// single-object encoding to `out`. On error `out` is left as it was and every problem found
+    /// is returned.
+    pub fn encode_json_within(
+        &self,
+        reading: &Value,
+        event_times: &EventTimeLimits,
         out: &mut Vec<u8>,
     ) -> Result<RecordMeta, Vec<FieldError>> {
         let Value::Object(object) = reading else {
@@ -90,7 +158,7 @@ impl StreamSchema {
             }]);
         };
         let start = out.len();
-        match self.encode_object(object, now_micros, max_future_skew_micros, out) {
+        match self.encode_object(object, event_times, out) {
             Ok(meta) => Ok(meta),
             Err(errors) => {
                 out.truncate(start);
@@ -102,8 +170,7 @@ impl StreamSchema {
     fn encode_object(
         &self,
         object: &Map<String, Value>,
-        now_micros: i64,
-        max_future_skew_micros: i64,
+        event_times: &EventTimeLimits,
         out: &mut Vec<u8>,
     ) -> Result<RecordMeta, Vec<FieldError>> {
         let mut errors = Vec::new();
@@ -125,19 +192,11 @@ impl StreamSchema {
                             micros
                         };
                         write_long(stored, out);
+                        if let Some(reason) = event_times.check(micros) {
+                            errors.push(FieldError::field(&field.name, reason));
+                        }
                     }
                     Err(reason) => errors.push(FieldError::field(&field.name, reason)),
-                }
-                let future_micros = event_time_micros.saturating_sub(now_micros);
-                if future_micros > max_future_skew_micros {
-                    errors.push(FieldError::field(
-                        &field.name,
-                        format!(
-                            "is {:.1} s in the future; at most {:.1} s of clock skew is accepted",
-                            future_micros as f64 / 1e6,
-                            max_future_skew_micros as f64 / 1e6
-                        ),
-                    ));
                 }
                 continue;
             }
@@ -217,7 +276,7 @@ fn encode_value(kind: &FieldKind, value: &Value, out: &mut Vec<u8>) -> Result<()
             let index = symbols
                 .iter()
                 .position(|symbol| symbol == text)
-                .ok_or_else(|| format!("'{text}' is not {}", kind.describe()))?;
+                .ok_or_else(|| format!("'{}' is not {}", quoted(text), kind.describe()))?;
             write_long(index as i64, out);
         }
         FieldKind::TimestampMicros => write_long(parse_event_time(value)?, out),
@@ -336,6 +395,85 @@ mod tests {
                 )
                 .is_ok()
         );
+    }
+
+    /// Every extreme an event time can be written as gives a time or a reason, never a panic,
+    /// and only times within the limits are accepted.
+    #[test]
+    fn extreme_event_times_are_refused_with_reasons() {
+        let schema = schema();
+        let earliest = 946_684_800_000_000; // 2000-01-01T00:00:00Z
+        let limits =
+            EventTimeLimits { now_micros: NOW, max_future_skew_micros: SKEW, earliest_micros: earliest };
+        let refused = [
+            json!(i64::MIN),
+            json!(i64::MIN + 1),
+            json!(i64::MAX),
+            json!(u64::MAX),
+            json!(-1),
+            json!(0),
+            json!(-EPOCH_MICROS_THRESHOLD),
+            json!(EPOCH_MICROS_THRESHOLD - 1),
+            json!(earliest - 1),
+            json!(1e300),
+            json!(-1e300),
+            json!(f64::MIN_POSITIVE),
+            json!("0000-01-01T00:00:00Z"),
+            json!("9999-12-31T23:59:59.999999Z"),
+            json!("+10000-01-01T00:00:00Z"),
+            json!("-0001-01-01T00:00:00Z"),
+            json!("1999-12-31T23:59:59.999999Z"),
+            json!("2000-01-01T00:00:00+00:01"),
+            json!(true),
+            json!(null),
+        ];
+        for ts in refused {
+            let reading = json!({"device_id": "d", "ts": ts, "seq": 1});
+            let mut out = vec![7];
+            let errors = schema.encode_json_within(&reading, &limits, &mut out).unwrap_err();
+            assert_eq!(errors.len(), 1, "{ts}: {errors:?}");
+            assert_eq!(errors[0].field.as_deref(), Some("ts"), "{ts}");
+            assert_eq!(out, vec![7], "{ts}: output untouched");
+        }
+        let reason = |ts: Value| {
+            schema
+                .encode_json_within(&json!({"device_id": "d", "ts": ts, "seq": 1}), &limits, &mut Vec::new())
+                .unwrap_err()[0]
+                .reason
+                .clone()
+        };
+        assert_eq!(
+            reason(json!(-1)),
+            "1969-12-31T23:59:59.999Z is before 2000-01-01T00:00:00Z, the earliest event time accepted"
+        );
+        assert!(reason(json!(i64::MIN)).starts_with("epoch microsecond -9223372036854775808 is before"));
+        assert!(reason(json!(i64::MAX)).contains("in the future"), "{}", reason(json!(i64::MAX)));
+        assert!(reason(json!("+10000-01-01T00:00:00Z")).contains("not an RFC 3339 timestamp"));
+        let accepted =
+            [json!(earliest), json!("2000-01-01T00:00:00Z"), json!(earliest / 1_000), json!(NOW + SKEW)];
+        for ts in accepted {
+            let reading = json!({"device_id": "d", "ts": ts, "seq": 1});
+            assert!(schema.encode_json_within(&reading, &limits, &mut Vec::new()).is_ok(), "{ts}");
+        }
+    }
+
+    #[test]
+    fn parse_event_time_never_panics_on_extremes() {
+        for integer in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX - 1, i64::MAX] {
+            let _ = parse_event_time(&json!(integer));
+        }
+        assert_eq!(parse_event_time(&json!(i64::MIN)), Ok(i64::MIN));
+        assert_eq!(parse_event_time(&json!(-1)), Ok(-1_000));
+        assert!(parse_event_time(&json!(u64::MAX)).is_err());
+        assert_eq!(describe_micros(i64::MAX), "epoch microsecond 9223372036854775807");
+    }
+
+    #[test]
+    fn long_values_are_quoted_short_in_reasons() {
+        let long = "x".repeat(1_000_000);
+        let reason = parse_event_time(&json!(long)).unwrap_err();
+        assert!(reason.len() < 300, "{} bytes", reason.len());
+        assert!(reason.contains("(1000000 bytes)"), "{reason}");
     }
 
     #[test]

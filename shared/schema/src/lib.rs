@@ -17,7 +17,7 @@ use apache_avro::Schema as AvroSchema;
 
 pub use crate::arrow::to_arrow_schema;
 pub use crate::decode::{Decoded, DecoderSetupError, StreamDecoder, event_times_micros};
-pub use crate::json::{FieldError, RecordMeta, parse_event_time};
+pub use crate::json::{EventTimeLimits, FieldError, RecordMeta, describe_micros, parse_event_time};
 pub use crate::wire::{
     SINGLE_OBJECT_MARKER, WireError, single_object_header, split_single_object, write_single_object_header,
 };
