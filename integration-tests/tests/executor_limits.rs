@@ -238,31 +238,19 @@ async fn timeouts_have_a_ceiling_and_a_trivial_job_runs_on_time_beside_two_runaw
     executor.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_run_stops_using_the_cpu_promptly() {
-    let broker = Broker::start().await.unwrap();
-    let prefix = format!("test-{}", unique_suffix());
-    let lake_dir = tempfile::TempDir::new().unwrap();
-    let lake = open_local_lake(lake_dir.path());
-    let mut config = executor_config(&broker, &prefix, lake_dir.path());
-    config.query.target_partitions = 2;
-    let executor = ExecutorService::start(config);
-
-    // Two partitions' worth of endless work (a repartitioned aggregation spawns tasks of its
-    // own), stopped after 2 s.
+/// Runs `sql` with a 2 s timeout and returns how long after the deadline the timeout was
+/// recorded and the CPU went idle, and what CPU the process used in the 2 s after that.
+async fn time_out(broker: &Broker, prefix: &str, lake: &Lake, name: &str, sql: &str) -> (Duration, Duration, Duration) {
     let start = hour_start(1);
-    let sql = "SELECT value % 1000 AS k, count(*) AS n FROM generate_series(1, 1000000000000) GROUP BY 1";
-    let text = job("endless", "-- timeout: 2s\n-- retries: 0\n", start, sql);
-    submit_job(&broker.bootstrap_servers(), &prefix, "endless", Some(&text)).await.unwrap();
-    let failed = outcome(&lake, "endless", start, Duration::from_secs(60)).await;
+    let text = job(name, "-- timeout: 2s\n-- retries: 0\n", start, sql);
+    submit_job(&broker.bootstrap_servers(), prefix, name, Some(&text)).await.unwrap();
+    let failed = outcome(lake, name, start, Duration::from_secs(60)).await;
     assert_eq!(failed.status, OutcomeStatus::Failed);
     assert!(failed.error_opt.as_deref().unwrap_or_default().contains("timeout"), "{failed:?}");
     let deadline_micros = failed.started_at_micros + 2_000_000;
     let recorded_late = Duration::from_micros((failed.finished_at_micros - deadline_micros).max(0) as u64);
-    println!("the timeout was recorded {recorded_late:?} after the deadline");
-    assert!(recorded_late < Duration::from_secs(1), "recorded {recorded_late:?} late");
 
-    // From the deadline on, sample this process's CPU time until it stops growing.
+    // From the outcome on, sample this process's CPU time until it stops growing.
     let mut previous = process_cpu_time();
     let mut idle_at_opt = None;
     for _ in 0..40 {
@@ -275,17 +263,48 @@ async fn a_timed_out_run_stops_using_the_cpu_promptly() {
         }
         previous = now;
     }
-    let idle_at = idle_at_opt.expect("the CPU went idle after the timeout");
-    let to_idle = Duration::from_micros((idle_at - deadline_micros).max(0) as u64);
-    println!("CPU idle {to_idle:?} after the deadline");
-    assert!(to_idle < Duration::from_secs(2), "CPU still busy {to_idle:?} after the deadline");
+    let to_idle = idle_at_opt.map_or(Duration::MAX, |idle_at| {
+        Duration::from_micros((idle_at - deadline_micros).max(0) as u64)
+    });
     // And it stays idle: nothing left running in the background.
     let before = process_cpu_time();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let used = process_cpu_time().saturating_sub(before);
-    println!("CPU used in the 2 s after going idle: {used:?}");
-    assert!(used < Duration::from_millis(300), "{used:?} of CPU in 2 s after the run was failed");
-    let events = job_run_events(&broker, &prefix, 1).await;
-    assert!(events.iter().any(|event| event.job == "endless" && event.duration_ms < 3_000), "{events:?}");
+    let used_after = process_cpu_time().saturating_sub(before);
+    println!("{name}: timeout recorded {recorded_late:?} after the deadline, CPU idle {to_idle:?} after it, {used_after:?} of CPU in the next 2 s");
+    (recorded_late, to_idle, used_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_run_stops_using_the_cpu_promptly() {
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let lake = open_local_lake(lake_dir.path());
+    let mut config = executor_config(&broker, &prefix, lake_dir.path());
+    config.query.target_partitions = 2;
+    let executor = ExecutorService::start(config);
+
+    let cases = [
+        // Two partitions of endless work: a repartitioned aggregation spawns tasks of its own.
+        (
+            "endless_aggregation",
+            "SELECT value % 1000 AS k, count(*) AS n FROM generate_series(1, 1000000000000) GROUP BY 1",
+        ),
+        // Ten billion rows made from two small inputs: no scan or exchange in the loop, so
+        // DataFusion's own yield points never come.
+        (
+            "endless_cross_join",
+            "SELECT sum(a * b % 7) AS s FROM (SELECT unnest(range(1, 100000)) AS a) x \
+             CROSS JOIN (SELECT unnest(range(1, 100000)) AS b) y",
+        ),
+    ];
+    for (name, sql) in cases {
+        let (recorded_late, to_idle, used_after) = time_out(&broker, &prefix, &lake, name, sql).await;
+        assert!(recorded_late < Duration::from_secs(1), "{name}: recorded {recorded_late:?} late");
+        assert!(to_idle < Duration::from_secs(2), "{name}: CPU still busy {to_idle:?} after the deadline");
+        assert!(used_after < Duration::from_millis(300), "{name}: {used_after:?} of CPU in 2 s after the run failed");
+    }
+    let events = job_run_events(&broker, &prefix, 2).await;
+    assert!(events.iter().all(|event| event.duration_ms < 3_000), "{events:?}");
     executor.stop().await.unwrap();
 }

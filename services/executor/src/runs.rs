@@ -19,6 +19,8 @@ use arrow_schema::SchemaRef;
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::DataFusionError;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
 use futures::StreamExt as _;
 use object_store::path::Path;
@@ -259,11 +261,14 @@ impl WindowRun {
         .await?;
         let task_ctx = frame.task_ctx();
         let session_config = task_ctx.session_config().clone();
-        let plan = frame
+        let mut plan = frame
             .create_physical_plan()
             .instrument(tracing::info_span!("physical_plan"))
             .await
             .map_err(|error| RunError::from_datafusion(&error))?;
+        if self.job.engine == Engine::Local {
+            plan = yield_between_batches(plan).map_err(|error| RunError::from_datafusion(&error))?;
+        }
         let execute_span = tracing::info_span!(
             "execute",
             partitions = plan.properties().output_partitioning().partition_count()
@@ -334,6 +339,24 @@ impl Drop for RunRuntime {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Makes every operator of a local plan yield to the runtime every so many batches.
+/// DataFusion's own yield points are at scans and exchanges only, so an operator that makes many
+/// batches from one input batch (a cross join, `unnest`, a join fanning out) can run without
+/// ever returning to the runtime: its timeout could not stop it, and an aborted run would keep
+/// its thread busy until the query ended by itself. Each batch costs one unit of the task's
+/// cooperative budget; the cost of a yield every 128 units is not measurable next to a batch.
+pub fn yield_between_batches(
+    plan: Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+    plan.transform_up(|node| {
+        if node.children().is_empty() || node.downcast_ref::<CooperativeExec>().is_some() {
+            return Ok(Transformed::no(node));
+        }
+        Ok(Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>))
+    })
+    .map(|transformed| transformed.data)
 }
 
 fn panic_message(error: tokio::task::JoinError) -> String {
