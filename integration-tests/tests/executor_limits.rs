@@ -111,7 +111,9 @@ async fn values_and_results_past_their_limits_fail_with_reasons_and_memory_stays
         ),
     ];
     for (name, sql, _) in &cases {
-        submit_job(&broker.bootstrap_servers(), &prefix, name, Some(&job(name, "", start, sql))).await.unwrap();
+        submit_job(&broker.bootstrap_servers(), &prefix, name, Some(&job(name, "", start, sql)))
+            .await
+            .unwrap();
     }
     // Neighbours that succeed: a result of exactly the row limit, a value of exactly the
     // value limit.
@@ -120,7 +122,9 @@ async fn values_and_results_past_their_limits_fail_with_reasons_and_memory_stays
         ("value_at_limit", "SELECT length(repeat('x', 1048576)) AS n"),
     ];
     for (name, sql) in &at_limit {
-        submit_job(&broker.bootstrap_servers(), &prefix, name, Some(&job(name, "", start, sql))).await.unwrap();
+        submit_job(&broker.bootstrap_servers(), &prefix, name, Some(&job(name, "", start, sql)))
+            .await
+            .unwrap();
     }
 
     for (name, _, reason) in &cases {
@@ -166,7 +170,10 @@ async fn values_and_results_past_their_limits_fail_with_reasons_and_memory_stays
     )
     .await
     .unwrap();
-    assert_eq!(outcome(&lake, "after", later, Duration::from_secs(60)).await.status, OutcomeStatus::Succeeded);
+    assert_eq!(
+        outcome(&lake, "after", later, Duration::from_secs(60)).await.status,
+        OutcomeStatus::Succeeded
+    );
     executor.stop().await.unwrap();
 }
 
@@ -201,7 +208,10 @@ async fn timeouts_have_a_ceiling_and_a_trivial_job_runs_on_time_beside_two_runaw
     for name in ["ten_years", "just_over"] {
         let event = statuses.iter().find(|event| event.job == name).unwrap();
         assert_eq!(event.status, JobStatusKind::Rejected, "{event:?}");
-        assert!(event.reason.contains("at most 3s") && event.reason.contains("executor.max_timeout_ms"), "{event:?}");
+        assert!(
+            event.reason.contains("at most 3s") && event.reason.contains("executor.max_timeout_ms"),
+            "{event:?}"
+        );
     }
     // Both slots taken by the runaway jobs before the trivial job arrives.
     let both_running = wait_until(Duration::from_secs(30), || {
@@ -240,7 +250,13 @@ async fn timeouts_have_a_ceiling_and_a_trivial_job_runs_on_time_beside_two_runaw
 
 /// Runs `sql` with a 2 s timeout and returns how long after the deadline the timeout was
 /// recorded and the CPU went idle, and what CPU the process used in the 2 s after that.
-async fn time_out(broker: &Broker, prefix: &str, lake: &Lake, name: &str, sql: &str) -> (Duration, Duration, Duration) {
+async fn time_out(
+    broker: &Broker,
+    prefix: &str,
+    lake: &Lake,
+    name: &str,
+    sql: &str,
+) -> (Duration, Duration, Duration) {
     let start = hour_start(1);
     let text = job(name, "-- timeout: 2s\n-- retries: 0\n", start, sql);
     submit_job(&broker.bootstrap_servers(), prefix, name, Some(&text)).await.unwrap();
@@ -263,14 +279,15 @@ async fn time_out(broker: &Broker, prefix: &str, lake: &Lake, name: &str, sql: &
         }
         previous = now;
     }
-    let to_idle = idle_at_opt.map_or(Duration::MAX, |idle_at| {
-        Duration::from_micros((idle_at - deadline_micros).max(0) as u64)
-    });
+    let to_idle = idle_at_opt
+        .map_or(Duration::MAX, |idle_at| Duration::from_micros((idle_at - deadline_micros).max(0) as u64));
     // And it stays idle: nothing left running in the background.
     let before = process_cpu_time();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used_after = process_cpu_time().saturating_sub(before);
-    println!("{name}: timeout recorded {recorded_late:?} after the deadline, CPU idle {to_idle:?} after it, {used_after:?} of CPU in the next 2 s");
+    println!(
+        "{name}: timeout recorded {recorded_late:?} after the deadline, CPU idle {to_idle:?} after it, {used_after:?} of CPU in the next 2 s"
+    );
     (recorded_late, to_idle, used_after)
 }
 
@@ -302,7 +319,10 @@ async fn a_timed_out_run_stops_using_the_cpu_promptly() {
         let (recorded_late, to_idle, used_after) = time_out(&broker, &prefix, &lake, name, sql).await;
         assert!(recorded_late < Duration::from_secs(1), "{name}: recorded {recorded_late:?} late");
         assert!(to_idle < Duration::from_secs(2), "{name}: CPU still busy {to_idle:?} after the deadline");
-        assert!(used_after < Duration::from_millis(300), "{name}: {used_after:?} of CPU in 2 s after the run failed");
+        assert!(
+            used_after < Duration::from_millis(300),
+            "{name}: {used_after:?} of CPU in 2 s after the run failed"
+        );
     }
     let events = job_run_events(&broker, &prefix, 2).await;
     assert!(events.iter().all(|event| event.duration_ms < 3_000), "{events:?}");

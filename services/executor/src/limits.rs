@@ -103,11 +103,11 @@ fn describe_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
     if duration == Duration::MAX {
         "unlimited".to_string()
-    } else if millis % 3_600_000 == 0 && millis > 0 {
+    } else if millis.is_multiple_of(3_600_000) && millis > 0 {
         format!("{}h", millis / 3_600_000)
-    } else if millis % 60_000 == 0 && millis > 0 {
+    } else if millis.is_multiple_of(60_000) && millis > 0 {
         format!("{}m", millis / 60_000)
-    } else if millis % 1000 == 0 {
+    } else if millis.is_multiple_of(1000) {
         format!("{}s", millis / 1000)
     } else {
         format!("{millis}ms")
@@ -264,7 +264,12 @@ impl BoundedFunction {
             ColumnarValue::Scalar(value) => {
                 let bytes = scalar_value_bytes(value);
                 if self.max_value_bytes > 0 && bytes > self.max_value_bytes as u128 {
-                    return Err(self.too_large("a value", bytes, self.max_value_bytes, "query.max_value_bytes"));
+                    return Err(self.too_large(
+                        "a value",
+                        bytes,
+                        self.max_value_bytes,
+                        "query.max_value_bytes",
+                    ));
                 }
                 Ok(())
             }
@@ -273,7 +278,12 @@ impl BoundedFunction {
                     && let Some(largest) = largest_value_bytes(array.as_ref())?
                     && largest > self.max_value_bytes as u128
                 {
-                    return Err(self.too_large("a value", largest, self.max_value_bytes, "query.max_value_bytes"));
+                    return Err(self.too_large(
+                        "a value",
+                        largest,
+                        self.max_value_bytes,
+                        "query.max_value_bytes",
+                    ));
                 }
                 let total = array.get_buffer_memory_size() as u128;
                 if self.max_output_bytes > 0 && total > self.max_output_bytes as u128 {
@@ -293,9 +303,9 @@ impl BoundedFunction {
 /// The bytes of a scalar's value, without the scalar's own struct.
 fn scalar_value_bytes(value: &ScalarValue) -> u128 {
     match value {
-        ScalarValue::Utf8(Some(text)) | ScalarValue::LargeUtf8(Some(text)) | ScalarValue::Utf8View(Some(text)) => {
-            text.len() as u128
-        }
+        ScalarValue::Utf8(Some(text))
+        | ScalarValue::LargeUtf8(Some(text))
+        | ScalarValue::Utf8View(Some(text)) => text.len() as u128,
         ScalarValue::Binary(Some(bytes))
         | ScalarValue::LargeBinary(Some(bytes))
         | ScalarValue::BinaryView(Some(bytes)) => bytes.len() as u128,
@@ -383,13 +393,19 @@ fn step_of(value: Option<&ColumnarValue>, row: usize, times: bool) -> Result<Opt
         return Ok(Some(micros));
     }
     if let ColumnarValue::Scalar(ScalarValue::IntervalDayTime(Some(interval))) = value {
-        return Ok(Some(i128::from(interval.days) * 86_400_000_000 + i128::from(interval.milliseconds) * 1000));
+        return Ok(Some(
+            i128::from(interval.days) * 86_400_000_000 + i128::from(interval.milliseconds) * 1000,
+        ));
     }
     Ok(integers(value)?.and_then(|values| values.get(row)).map(i128::from))
 }
 
 /// Per-row bytes the function would build, or none when the arguments do not tell.
-fn estimate_sizes(estimate: Estimate, args: &[ColumnarValue], number_rows: usize) -> Result<Option<Vec<u128>>> {
+fn estimate_sizes(
+    estimate: Estimate,
+    args: &[ColumnarValue],
+    number_rows: usize,
+) -> Result<Option<Vec<u128>>> {
     let all_scalar = args.iter().all(|arg| matches!(arg, ColumnarValue::Scalar(_)));
     let rows = if all_scalar { 1 } else { number_rows };
     let clamp = |value: Option<i64>| u128::try_from(value.unwrap_or(0).max(0)).unwrap_or(0);
@@ -494,7 +510,10 @@ impl ScalarUDFImpl for BoundedFunction {
         self.inner.return_type(arg_types)
     }
 
-    fn return_field_from_args(&self, args: ReturnFieldArgs<'_>) -> Result<datafusion::arrow::datatypes::FieldRef> {
+    fn return_field_from_args(
+        &self,
+        args: ReturnFieldArgs<'_>,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
         self.inner.return_field_from_args(args)
     }
 
@@ -604,7 +623,6 @@ impl ScalarUDFImpl for BoundedFunction {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
@@ -617,8 +635,11 @@ mod tests {
 
     fn bounded_context() -> SessionContext {
         let ctx = SessionContext::new();
-        let limits =
-            RunLimits { max_value_bytes: LIMIT, max_function_output_bytes: 8 * LIMIT, ..RunLimits::default() };
+        let limits = RunLimits {
+            max_value_bytes: LIMIT,
+            max_function_output_bytes: 8 * LIMIT,
+            ..RunLimits::default()
+        };
         bound_value_building_functions(&ctx, &limits);
         ctx
     }
@@ -664,10 +685,13 @@ mod tests {
             assert!(error.contains("query.max_value_bytes"), "{sql}: {error}");
         }
         // Column inputs are estimated per row, and all rows of a batch together.
-        let error = run(&ctx, "SELECT length(repeat(CAST(value % 2 AS VARCHAR), 2000)) FROM generate_series(1, 8192)")
-            .await
-            .unwrap_err()
-            .to_string();
+        let error = run(
+            &ctx,
+            "SELECT length(repeat(CAST(value % 2 AS VARCHAR), 2000)) FROM generate_series(1, 8192)",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("query.max_function_output_bytes"), "{error}");
         assert_eq!(
             first_i64(&ctx, "SELECT max(length(repeat('x', value))) FROM generate_series(1, 1000)").await,
@@ -680,7 +704,8 @@ mod tests {
         let ctx = bounded_context();
         let half = LIMIT / 2;
         assert_eq!(
-            first_i64(&ctx, &format!("SELECT length(concat(repeat('x', {half}), repeat('y', {half})))")).await,
+            first_i64(&ctx, &format!("SELECT length(concat(repeat('x', {half}), repeat('y', {half})))"))
+                .await,
             LIMIT as i64
         );
         let mut sql = format!("repeat(CAST(value AS VARCHAR), {half})");
