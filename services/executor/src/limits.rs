@@ -719,6 +719,22 @@ mod tests {
         assert!(error.contains("concat() would build a value"), "{error}");
     }
 
+    /// Aggregates that build one value from many rows are not wrapped: they account what they
+    /// hold to the memory pool, whose limit stops them.
+    #[tokio::test]
+    async fn aggregated_values_are_bounded_by_the_memory_pool() {
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(64 * 1024 * 1024, 1.0)
+            .build_arc()
+            .unwrap();
+        let ctx = SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
+        for aggregate in ["string_agg(repeat('x', 1000), ',')", "array_agg(repeat('x', 1000))"] {
+            let sql = format!("SELECT length(CAST({aggregate} AS VARCHAR)) FROM generate_series(1, 200000)");
+            let error = run(&ctx, &sql).await.expect_err(&sql).to_string();
+            assert!(error.contains("Resources exhausted"), "{sql}: {error}");
+        }
+    }
+
     #[test]
     fn timeouts_past_the_maximum_are_refused_with_the_maximum() {
         let limits = RunLimits { max_timeout: Duration::from_secs(4 * 3600), ..RunLimits::default() };
