@@ -279,6 +279,7 @@ mod tests {
     fn bad_values_are_named() {
         let mut config = ExecutorConfig::default();
         config.executor.max_concurrent_runs = 0;
+        config.executor.default_timeout_ms = config.executor.max_timeout_ms + 1;
         config.ballista.scheduler_url = "no host".into();
         config.tables.reference.push(ReferenceTable {
             name: "bad name".into(),
@@ -287,6 +288,7 @@ mod tests {
         });
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert!(keys.contains(&"executor.max_concurrent_runs".to_string()), "{keys:?}");
+        assert!(keys.contains(&"executor.default_timeout_ms".to_string()), "{keys:?}");
         assert!(keys.contains(&"tables.reference[0].name".to_string()), "{keys:?}");
         assert!(keys.contains(&"tables.reference[0].path".to_string()), "{keys:?}");
         assert!(keys.contains(&"ballista.scheduler_url".to_string()), "{keys:?}");
