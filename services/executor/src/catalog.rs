@@ -46,6 +46,7 @@ use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaRegistry, to_arrow_schema
 use crate::distributed::BallistaClient;
 use crate::job::{WINDOW_END_PLACEHOLDER, WINDOW_START_PLACEHOLDER};
 use crate::join_order::BuildFromGroupedSide;
+use crate::limits::{RunLimits, bound_value_building_functions};
 use crate::window_bounds::WindowScope;
 
 /// DataFusion reaches the lake through these two URLs: stream tables through the committed-files
@@ -163,6 +164,7 @@ pub struct Catalog {
     reference_tables: Vec<ReferenceTable>,
     target_partitions: usize,
     memory_limit_bytes: usize,
+    run_limits: RunLimits,
     ballista_opt: Option<BallistaClient>,
     file_caches: FileCaches,
 }
@@ -218,6 +220,7 @@ impl Catalog {
             reference_tables,
             target_partitions: std::thread::available_parallelism().map_or(2, usize::from),
             memory_limit_bytes: 0,
+            run_limits: RunLimits::default(),
             ballista_opt: None,
             file_caches: FileCaches::new(),
         }
@@ -235,6 +238,17 @@ impl Catalog {
     pub fn with_memory_limit(mut self, bytes: usize) -> Self {
         self.memory_limit_bytes = bytes;
         self
+    }
+
+    /// Bounds on what the pool does not see: every session's value-building functions, the
+    /// timeouts jobs may ask for, the size of results.
+    pub fn with_run_limits(mut self, run_limits: RunLimits) -> Self {
+        self.run_limits = run_limits;
+        self
+    }
+
+    pub fn run_limits(&self) -> &RunLimits {
+        &self.run_limits
     }
 
     /// The cluster that runs jobs with `engine: ballista`.
@@ -314,6 +328,7 @@ impl Catalog {
             ))
             .build();
         let ctx = SessionContext::new_with_state(state);
+        bound_value_building_functions(&ctx, &self.run_limits);
 
         let committed = CommittedFilesStore::new(Arc::clone(&self.store), &self.root, snapshot);
         ctx.register_object_store(&url(COMMITTED_URL), Arc::new(committed));

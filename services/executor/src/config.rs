@@ -64,6 +64,9 @@ pub struct ExecutorSection {
     pub tick_interval_ms: u64,
     /// Limit on one attempt unless the job sets `timeout`.
     pub default_timeout_ms: u64,
+    /// The longest `timeout` a job may ask for; a job asking more is refused at submission, so
+    /// that no job holds a run slot for longer than this.
+    pub max_timeout_ms: u64,
     /// Attempts per window unless the job sets `retries`.
     pub default_max_attempts: u32,
     /// Wait before the second attempt; doubled for each further one.
@@ -83,6 +86,7 @@ impl Default for ExecutorSection {
             max_concurrent_runs: 2,
             tick_interval_ms: 5_000,
             default_timeout_ms: 600_000,
+            max_timeout_ms: 14_400_000,
             default_max_attempts: 3,
             retry_backoff_ms: 10_000,
             lease_grace_ms: 30_000,
@@ -99,11 +103,41 @@ pub struct QueryConfig {
     pub target_partitions: usize,
     /// Memory one run may hold; sorts and aggregations spill to disk beyond it. 0 means no limit.
     pub memory_limit_bytes: usize,
+    /// Rows of one window's result; a run that produces more fails with the reason. 0: no limit.
+    pub max_result_rows: u64,
+    /// Bytes of one window's result file (Parquet, as written); past it the run fails. 0: no limit.
+    pub max_result_bytes: u64,
+    /// The largest value (string, binary, list) a function such as `repeat`, `lpad`, `concat` or
+    /// `range` may build; DataFusion's memory pool does not see these. 0: no limit.
+    pub max_value_bytes: usize,
+    /// What one such function call may build for one batch of rows, all values together.
+    /// 0: no limit.
+    pub max_function_output_bytes: usize,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
-        Self { target_partitions: 0, memory_limit_bytes: 1024 * 1024 * 1024 }
+        Self {
+            target_partitions: 0,
+            memory_limit_bytes: 1024 * 1024 * 1024,
+            max_result_rows: 1_000_000,
+            max_result_bytes: 256 * 1024 * 1024,
+            max_value_bytes: 1024 * 1024,
+            max_function_output_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl QueryConfig {
+    /// The limits a run is held to, besides the memory pool's.
+    pub fn run_limits(&self, max_timeout_ms: u64) -> crate::limits::RunLimits {
+        crate::limits::RunLimits {
+            max_timeout: std::time::Duration::from_millis(max_timeout_ms),
+            max_result_rows: self.max_result_rows,
+            max_result_bytes: self.max_result_bytes,
+            max_value_bytes: self.max_value_bytes,
+            max_function_output_bytes: self.max_function_output_bytes,
+        }
     }
 }
 
@@ -182,12 +216,19 @@ impl Validate for ExecutorConfig {
             ("executor.max_concurrent_runs", section.max_concurrent_runs as u64),
             ("executor.tick_interval_ms", section.tick_interval_ms),
             ("executor.default_timeout_ms", section.default_timeout_ms),
+            ("executor.max_timeout_ms", section.max_timeout_ms),
             ("executor.default_max_attempts", u64::from(section.default_max_attempts)),
             ("executor.restate_check_interval_ms", section.restate_check_interval_ms),
         ] {
             if value == 0 {
                 issues.push(ConfigIssue::new(key, "must be greater than 0"));
             }
+        }
+        if section.default_timeout_ms > section.max_timeout_ms {
+            issues.push(ConfigIssue::new(
+                "executor.default_timeout_ms",
+                format!("must not be more than executor.max_timeout_ms ({})", section.max_timeout_ms),
+            ));
         }
         if !self.ballista.scheduler_url.is_empty() {
             match url::Url::parse(&self.ballista.scheduler_url) {
@@ -238,6 +279,7 @@ mod tests {
     fn bad_values_are_named() {
         let mut config = ExecutorConfig::default();
         config.executor.max_concurrent_runs = 0;
+        config.executor.default_timeout_ms = config.executor.max_timeout_ms + 1;
         config.ballista.scheduler_url = "no host".into();
         config.tables.reference.push(ReferenceTable {
             name: "bad name".into(),
@@ -246,6 +288,7 @@ mod tests {
         });
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert!(keys.contains(&"executor.max_concurrent_runs".to_string()), "{keys:?}");
+        assert!(keys.contains(&"executor.default_timeout_ms".to_string()), "{keys:?}");
         assert!(keys.contains(&"tables.reference[0].name".to_string()), "{keys:?}");
         assert!(keys.contains(&"tables.reference[0].path".to_string()), "{keys:?}");
         assert!(keys.contains(&"ballista.scheduler_url".to_string()), "{keys:?}");

@@ -19,10 +19,9 @@ use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_
 use ballista_scheduler::SessionBuilder;
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
-use datafusion::arrow::array::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use datafusion::prelude::SessionConfig;
 use datafusion_proto::protobuf::PhysicalPlanNode;
 use object_store::ObjectStore;
@@ -60,15 +59,16 @@ impl BallistaClient {
         &self.scheduler_url
     }
 
-    /// Runs `plan` on the cluster and gathers its output. `session_config` is the one the plan
-    /// was made with: its DataFusion settings travel with the job to the workers.
-    pub async fn collect(
+    /// Runs `plan` on the cluster; its output streams back as the workers produce it.
+    /// `session_config` is the one the plan was made with: its DataFusion settings travel with
+    /// the job to the workers.
+    pub async fn execute_stream(
         &self,
         plan: Arc<dyn ExecutionPlan>,
         session_config: &SessionConfig,
-    ) -> Result<Vec<RecordBatch>, DataFusionError> {
+    ) -> Result<SendableRecordBatchStream, DataFusionError> {
         let config = session_config.clone().upgrade_for_ballista();
-        let stream = execute_physical_plan::<PhysicalPlanNode>(
+        execute_physical_plan::<PhysicalPlanNode>(
             self.scheduler_url.clone(),
             &config.ballista_config(),
             plan,
@@ -76,8 +76,7 @@ impl BallistaClient {
             uuid::Uuid::new_v4().to_string(),
             config,
         )
-        .await?;
-        datafusion::physical_plan::common::collect(stream).await
+        .await
     }
 }
 

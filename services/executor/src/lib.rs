@@ -9,6 +9,7 @@ pub mod distributed;
 pub mod events;
 pub mod job;
 mod join_order;
+pub mod limits;
 pub mod runs;
 pub mod scheduler;
 mod window_bounds;
@@ -50,6 +51,7 @@ pub fn open_catalog(config: &ExecutorConfig) -> Result<Catalog, ExecutorError> {
     Ok(Catalog::new(store, root, registry, config.tables.reference.clone())
         .with_target_partitions(config.query.target_partitions)
         .with_memory_limit(config.query.memory_limit_bytes)
+        .with_run_limits(config.query.run_limits(config.executor.max_timeout_ms))
         .with_ballista(distributed::BallistaClient::from_config(&config.ballista)))
 }
 

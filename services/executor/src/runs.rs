@@ -13,15 +13,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow_schema::SchemaRef;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::physical_plan::FileScanConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::DataFusionError;
-use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
+use futures::StreamExt as _;
 use object_store::path::Path;
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
@@ -151,22 +154,40 @@ pub async fn load_windows(lake: &Lake, job: &str) -> Result<BTreeMap<i64, Window
 pub enum RunError {
     #[error("{0}")]
     Query(String),
+    /// Past a bound of the run's (result size, value size, memory): running again gives the
+    /// same answer, so the window fails without retrying.
+    #[error("{0}")]
+    Limit(String),
     #[error("the run exceeded its timeout of {0:?}")]
     Timeout(Duration),
     #[error("failed to read or write the lake: {0}")]
     Lake(String),
 }
 
+impl RunError {
+    /// Whether another attempt may end differently: a file merged away under a running query,
+    /// a store that failed, a timeout on a busy replica may all pass.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Limit(_))
+    }
+
+    fn from_datafusion(error: &DataFusionError) -> Self {
+        match error.find_root() {
+            DataFusionError::ResourcesExhausted(_) => Self::Limit(describe(error)),
+            _ => Self::Query(describe(error)),
+        }
+    }
+}
+
 /// One attempt's work: plan over the window's partitions, run, write the result.
-#[derive(Debug)]
-pub struct WindowRun<'a> {
-    pub catalog: &'a Catalog,
-    pub job: &'a JobDefinition,
+#[derive(Debug, Clone)]
+pub struct WindowRun {
+    pub catalog: Catalog,
+    pub job: JobDefinition,
     /// The streams the job reads: their rows in the window are recorded for restatement.
-    pub streams: &'a [String],
+    pub streams: Vec<String>,
     pub window_start_micros: i64,
     pub window_end_micros: i64,
-    pub timeout: Duration,
 }
 
 /// What a successful attempt produced.
@@ -177,14 +198,44 @@ pub struct RunResult {
     pub result_path: String,
 }
 
-impl WindowRun<'_> {
-    /// Each DataFusion phase runs in its own span (children of `job_run`), so that a trace shows
-    /// where a slow window spent its time: listing committed files, planning, optimizing and
-    /// physical planning, executing, or writing the result.
-    pub async fn execute(&self) -> Result<RunResult, RunError> {
+/// A result's row group is written out once it holds this much: what the writer keeps in
+/// memory stays bounded however many rows the result has.
+const RESULT_ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+impl WindowRun {
+    /// Runs the whole attempt (snapshot, planning, execution, writing) on `runtime`, and stops
+    /// it at `timeout`. The deadline is kept on the caller's runtime, which plans that never
+    /// yield cannot starve; aborting the task drops the plan's streams, which aborts the tasks
+    /// DataFusion spawned for it, at their next yield (DataFusion's scans and exchanges yield
+    /// every few batches).
+    pub async fn execute_within(
+        self,
+        runtime: &tokio::runtime::Handle,
+        timeout: Duration,
+    ) -> Result<RunResult, RunError> {
         use tracing::Instrument as _;
 
-        let started = Instant::now();
+        let mut task = runtime.spawn(self.execute().instrument(tracing::Span::current()));
+        match tokio::time::timeout(timeout, &mut task).await {
+            Ok(Ok(result)) => result,
+            // A panic in a function or operator fails this run, not the replica.
+            Ok(Err(error)) if error.is_panic() => {
+                Err(RunError::Query(format!("the run failed unexpectedly (panic): {}", panic_message(error))))
+            }
+            Ok(Err(error)) => Err(RunError::Query(format!("the run was stopped: {error}"))),
+            Err(_) => {
+                task.abort();
+                Err(RunError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Each DataFusion phase runs in its own span (children of `job_run`), so that a trace shows
+    /// where a slow window spent its time: listing committed files, planning, optimizing and
+    /// physical planning, executing and writing the result.
+    pub async fn execute(self) -> Result<RunResult, RunError> {
+        use tracing::Instrument as _;
+
         let lake_error = |error: &dyn std::fmt::Display| RunError::Lake(error.to_string());
         let snapshot = self
             .catalog
@@ -193,7 +244,7 @@ impl WindowRun<'_> {
             .await
             .map_err(|error| lake_error(&format!("{error:#}")))?;
         let input_rows =
-            snapshot.rows_overlapping(self.streams, self.window_start_micros, self.window_end_micros);
+            snapshot.rows_overlapping(&self.streams, self.window_start_micros, self.window_end_micros);
         let scope =
             Scope::Window { start_micros: self.window_start_micros, end_micros: self.window_end_micros };
         let frame = async {
@@ -210,50 +261,35 @@ impl WindowRun<'_> {
         .await?;
         let task_ctx = frame.task_ctx();
         let session_config = task_ctx.session_config().clone();
-        let plan = frame
+        let mut plan = frame
             .create_physical_plan()
             .instrument(tracing::info_span!("physical_plan"))
             .await
-            .map_err(|error| RunError::Query(describe(&error)))?;
-        let remaining = self.timeout.saturating_sub(started.elapsed());
+            .map_err(|error| RunError::from_datafusion(&error))?;
+        if self.job.engine == Engine::Local {
+            plan = yield_between_batches(plan).map_err(|error| RunError::from_datafusion(&error))?;
+        }
         let execute_span = tracing::info_span!(
             "execute",
             partitions = plan.properties().output_partitioning().partition_count()
         );
-        let running = async {
-            match (self.job.engine, self.catalog.ballista()) {
+        let path = result_path(&self.job.name, self.window_start_micros);
+        let (rows_written, bytes_written) = async {
+            let stream = match (self.job.engine, self.catalog.ballista()) {
                 (Engine::Ballista, Some(cluster)) => {
-                    cluster.collect(Arc::clone(&plan), &session_config).await
+                    cluster.execute_stream(Arc::clone(&plan), &session_config).await
                 }
                 // Refused at submission; a replica whose config lost the cluster since then
                 // says so instead of running a window meant for many machines on one.
                 (Engine::Ballista, None) => Err(DataFusionError::Configuration(
                     "engine 'ballista' needs ballista.scheduler_url, which this executor lacks".into(),
                 )),
-                (Engine::Local, _) => collect(Arc::clone(&plan), Arc::new(task_ctx)).await,
+                (Engine::Local, _) => execute_stream(Arc::clone(&plan), Arc::new(task_ctx)),
             }
-        };
-        let batches = tokio::time::timeout(remaining, running)
-            .instrument(execute_span)
-            .await
-            .map_err(|_| RunError::Timeout(self.timeout))?
-            .map_err(|error| RunError::Query(describe(&error)))?;
-        // A plan that never yields can finish inside its first poll, past the deadline the timer
-        // could not enforce; its claim's lease may have run out meanwhile, so it does not count.
-        if started.elapsed() > self.timeout {
-            return Err(RunError::Timeout(self.timeout));
+            .map_err(|error| RunError::from_datafusion(&error))?;
+            write_result(&self.catalog, &path, plan.schema(), stream).await
         }
-
-        let schema: SchemaRef = plan.schema();
-        let rows_written: u64 = batches.iter().map(|batch| batch.num_rows() as u64).sum();
-        let path = result_path(&self.job.name, self.window_start_micros);
-        let bytes_written = async {
-            let bytes = encode_parquet(schema, &batches).map_err(RunError::Query)?;
-            let bytes_written = bytes.len() as u64;
-            self.catalog.lake().put(&path, bytes).await.map_err(|error| lake_error(&error))?;
-            Ok::<_, RunError>(bytes_written)
-        }
-        .instrument(tracing::info_span!("write_result", rows = rows_written))
+        .instrument(execute_span)
         .await?;
 
         let mut stats = scan_stats(&plan);
@@ -270,20 +306,108 @@ impl WindowRun<'_> {
     }
 }
 
-/// Results are small next to their inputs; zstd keeps them small in the store too.
-fn encode_parquet(
-    schema: SchemaRef,
-    batches: &[datafusion::arrow::array::RecordBatch],
-) -> Result<Vec<u8>, String> {
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|error| error.to_string())?))
-        .build();
-    let mut writer = ArrowWriter::try_new(Vec::new(), schema, Some(properties))
-        .map_err(|error| format!("cannot write the result as Parquet: {error}"))?;
-    for batch in batches {
-        writer.write(batch).map_err(|error| format!("cannot write the result as Parquet: {error}"))?;
+/// The threads window runs execute on, apart from the runtime that schedules them, publishes
+/// events and keeps deadlines: a plan that keeps every one of its threads busy cannot delay its
+/// own timeout, nor the other jobs' scheduling.
+#[derive(Debug)]
+pub struct RunRuntime {
+    runtime_opt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl RunRuntime {
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("sluice-run")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        Ok(Self { runtime_opt: Some(runtime), handle })
     }
-    writer.into_inner().map_err(|error| format!("cannot write the result as Parquet: {error}"))
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for RunRuntime {
+    /// Dropped inside the service's runtime, where a blocking shutdown would panic: runs still
+    /// going were given the grace period already, and their claims' leases cover them.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime_opt.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Makes every operator of a local plan yield to the runtime every so many batches.
+/// DataFusion's own yield points are at scans and exchanges only, so an operator that makes many
+/// batches from one input batch (a cross join, `unnest`, a join fanning out) can run without
+/// ever returning to the runtime: its timeout could not stop it, and an aborted run would keep
+/// its thread busy until the query ended by itself. Each batch costs one unit of the task's
+/// cooperative budget; the cost of a yield every 128 units is not measurable next to a batch.
+pub fn yield_between_batches(
+    plan: Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+    plan.transform_up(|node| {
+        if node.children().is_empty() || node.downcast_ref::<CooperativeExec>().is_some() {
+            return Ok(Transformed::no(node));
+        }
+        Ok(Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>))
+    })
+    .map(|transformed| transformed.data)
+}
+
+fn panic_message(error: tokio::task::JoinError) -> String {
+    let payload = error.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|message| (*message).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
+}
+
+/// Streams the plan's output into the result file as it comes, never holding the whole result:
+/// a row group at a time, refused past the result limits. The file appears only when complete
+/// (one put, or a multipart upload completed at the end); a refused or failed result leaves
+/// the previous revision's file as it was. Results are small next to their inputs; zstd keeps
+/// them small in the store too.
+async fn write_result(
+    catalog: &Catalog,
+    path: &str,
+    schema: SchemaRef,
+    mut stream: SendableRecordBatchStream,
+) -> Result<(u64, u64), RunError> {
+    let parquet_error = |error: parquet::errors::ParquetError| {
+        RunError::Lake(format!("cannot write the result as Parquet: {error}"))
+    };
+    let limits = catalog.run_limits();
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).map_err(|error| RunError::Query(error.to_string()))?,
+        ))
+        .build();
+    let lake = catalog.lake();
+    let object = object_store::buffered::BufWriter::new(Arc::clone(lake.store()), lake.absolute(path));
+    let mut writer = AsyncArrowWriter::try_new(object, schema, Some(properties)).map_err(parquet_error)?;
+    let mut rows_written: u64 = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|error| RunError::from_datafusion(&error))?;
+        rows_written = rows_written.saturating_add(batch.num_rows() as u64);
+        limits.check_result(rows_written, writer.bytes_written() as u64).map_err(RunError::Limit)?;
+        writer.write(&batch).await.map_err(parquet_error)?;
+        if writer.in_progress_size() >= RESULT_ROW_GROUP_BYTES {
+            writer.flush().await.map_err(parquet_error)?;
+        }
+        limits
+            .check_result(rows_written, (writer.bytes_written() + writer.in_progress_size()) as u64)
+            .map_err(RunError::Limit)?;
+    }
+    // Completes the upload: the file is visible from here on. Only the footer was added since
+    // the last check.
+    writer.finish().await.map_err(parquet_error)?;
+    Ok((rows_written, writer.bytes_written() as u64))
 }
 
 /// Rows, bytes and files the plan's scans read, from their metrics after a local run.

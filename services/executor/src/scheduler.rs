@@ -1,7 +1,7 @@
 //! The executor service: reads job definitions from the jobs topic (its consumer group splits
 //! them between replicas by partition), validates them, and runs each complete window once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use crate::config::ExecutorConfig;
 use crate::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
 use crate::job::{Engine, JobDefinition, format_micros};
 use crate::runs::{
-    AttemptRecord, BackfillRequest, OutcomeRecord, OutcomeStatus, WindowRun, WindowState, claim,
+    AttemptRecord, BackfillRequest, OutcomeRecord, OutcomeStatus, RunRuntime, WindowRun, WindowState, claim,
     load_backfills, load_windows, record_outcome, satisfies,
 };
 
@@ -42,6 +42,7 @@ pub async fn validate_job(
     key_opt: Option<&str>,
 ) -> Result<ValidatedJob, String> {
     let definition = JobDefinition::parse(text, key_opt).map_err(|error| error.0)?;
+    catalog.run_limits().check_definition(&definition)?;
     if definition.engine == Engine::Ballista && catalog.ballista().is_none() {
         return Err("engine 'ballista' needs a Ballista cluster, and this executor has none \
                     (ballista.scheduler_url is not set); use engine 'local' or configure one"
@@ -77,6 +78,8 @@ pub enum SchedulerError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    #[error("failed to start the threads that run windows")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// A job this replica schedules.
@@ -91,6 +94,9 @@ struct ScheduledJob {
     /// Windows running on this replica, and windows waiting out a retry backoff.
     running: BTreeSet<i64>,
     retry_at: HashMap<i64, Instant>,
+    /// When this replica last started one of the job's windows: slots go to the job that waited
+    /// longest among those with as few runs going.
+    last_started_opt: Option<Instant>,
 }
 
 /// What a finished run task reports back to the loop.
@@ -143,6 +149,8 @@ impl ExecutorMetrics {
 struct Shared {
     config: ExecutorConfig,
     catalog: Catalog,
+    /// Where window runs execute, apart from this loop's runtime.
+    run_runtime: RunRuntime,
     producer: FutureProducer,
     instance_id: String,
     incarnation: String,
@@ -223,9 +231,15 @@ pub async fn run(
         .subscribe(&[&jobs_topic])
         .map_err(|source| SchedulerError::Client { role: "consumer", source })?;
 
+    let threads = match config.query.target_partitions {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        configured => configured,
+    };
+    let run_runtime = RunRuntime::new(threads).map_err(SchedulerError::Runtime)?;
     let shared = Arc::new(Shared {
         config,
         catalog,
+        run_runtime,
         producer,
         instance_id,
         incarnation: uuid::Uuid::new_v4().to_string(),
@@ -343,6 +357,7 @@ async fn handle_definition(
                     backfills: Vec::new(),
                     running: BTreeSet::new(),
                     retry_at: HashMap::new(),
+                    last_started_opt: None,
                 },
             );
             shared
@@ -480,12 +495,31 @@ async fn schedule(
                 .record((now - newest) / 1_000_000, &[KeyValue::new("job_name", name.clone())]);
         }
     }
-    // Oldest windows first across all jobs: catching up keeps order.
+    // Oldest windows first within a job. Between jobs the slots are shared fairly: the next
+    // slot goes to the job with the fewest runs going, and among those to the one that started
+    // a run least recently. A job with a long backlog, or whose windows run to their timeout,
+    // then cannot keep every slot while other jobs' windows wait: each slot it frees goes to a
+    // waiting job first.
     due.sort_by_key(|item| item.window_start_micros);
+    let mut queues: BTreeMap<String, VecDeque<Due>> = BTreeMap::new();
     for item in due {
+        queues.entry(item.job.clone()).or_default().push_back(item);
+    }
+    loop {
+        let next_opt = queues
+            .iter()
+            .filter_map(|(name, queue)| {
+                let scheduled = jobs.get(name)?;
+                let oldest = queue.front()?.window_start_micros;
+                Some((scheduled.running.len(), scheduled.last_started_opt, oldest, name.clone()))
+            })
+            .min();
+        let Some((_, _, _, name)) = next_opt else { break };
+        let Some(item) = queues.get_mut(&name).and_then(VecDeque::pop_front) else { break };
         let Ok(permit) = Arc::clone(semaphore).try_acquire_owned() else { break };
         let Some(scheduled) = jobs.get_mut(&item.job) else { continue };
         scheduled.running.insert(item.window_start_micros);
+        scheduled.last_started_opt = Some(Instant::now());
         let job = Arc::clone(&scheduled.job);
         let offset = scheduled.offset;
         let shared = Arc::clone(shared);
@@ -557,9 +591,12 @@ async fn run_attempt(
     };
     let section = &shared.config.executor;
     let max_attempts = definition.max_attempts_opt.unwrap_or(section.default_max_attempts).max(1);
+    let millis_to_micros = |millis: u64| i64::try_from(millis).unwrap_or(i64::MAX).saturating_mul(1000);
+    // A job accepted before `max_timeout_ms` was lowered still gets no more than it says now.
     let timeout_micros = definition
         .timeout_micros_opt
-        .unwrap_or(i64::try_from(section.default_timeout_ms).unwrap_or(i64::MAX / 2) * 1000);
+        .unwrap_or(millis_to_micros(section.default_timeout_ms))
+        .min(millis_to_micros(section.max_timeout_ms));
     let started_at_micros = now_micros();
     let mut claim_record = AttemptRecord {
         job: definition.name.clone(),
@@ -621,20 +658,24 @@ async fn run_attempt(
     }
     let span = tracing::info_span!("job_run", job = %definition.name, window_start = %format_micros(window_start_micros), revision, attempt);
     let run = WindowRun {
-        catalog: &shared.catalog,
-        job: definition,
-        streams: &job.streams,
+        catalog: shared.catalog.clone(),
+        job: definition.clone(),
+        streams: job.streams.clone(),
         window_start_micros,
         window_end_micros,
-        timeout: Duration::from_micros(u64::try_from(timeout_micros).unwrap_or(u64::MAX)),
     };
-    let result = tracing::Instrument::instrument(run.execute(), span.clone()).await;
+    let timeout = Duration::from_micros(u64::try_from(timeout_micros).unwrap_or(u64::MAX));
+    let result = tracing::Instrument::instrument(
+        run.execute_within(shared.run_runtime.handle(), timeout),
+        span.clone(),
+    )
+    .await;
     let finished_at_micros = now_micros();
     let duration_ms = (finished_at_micros - started_at_micros) / 1000;
     let (status, stats, error_opt, result_path_opt) = match &result {
         Ok(done) => (RunStatus::Succeeded, done.stats, None, Some(done.result_path.clone())),
         // Query errors retry too: a file merged away under a running query is one.
-        Err(error) if attempt < max_attempts => {
+        Err(error) if attempt < max_attempts && error.is_retryable() => {
             (RunStatus::Retrying, Default::default(), Some(error.to_string()), None)
         }
         Err(error) => (RunStatus::Failed, Default::default(), Some(error.to_string()), None),
