@@ -9,6 +9,7 @@ mod metrics;
 mod mqtt;
 mod producer;
 mod records;
+mod tasks;
 mod tls;
 
 use std::net::SocketAddr;
@@ -25,7 +26,8 @@ use tokio::sync::Semaphore;
 pub use crate::config::IngestConfig;
 pub use crate::producer::ProduceError;
 pub use crate::producer::{
-    DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
+    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_RESERVED_BYTES,
+    DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
 };
 pub use crate::tls::TlsError;
 
@@ -49,6 +51,8 @@ pub enum IngestError {
     Tls(#[from] TlsError),
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
+    #[error("the background task {task} failed: {cause}")]
+    TaskFailed { task: &'static str, cause: String },
 }
 
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
@@ -57,8 +61,8 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub struct RunningIngest {
     local_addr: SocketAddr,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
     tracker: TaskTracker,
+    supervisor: tasks::Supervisor,
     producer: producer::RecordProducer,
     grace_period: Duration,
 }
@@ -69,9 +73,9 @@ impl RunningIngest {
         self.local_addr
     }
 
-    /// Waits until shutdown completed: requests drained, MQTT stopped, producer flushed.
+    /// Waits until shutdown completed: requests drained, MQTT stopped, producer flushed. A
+    /// background task that failed (and so started the shutdown) makes this an error.
     pub async fn wait(self) -> Result<()> {
-        let served = self.server.await.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)));
         self.tracker.close();
         self.tracker.wait().await;
         let producer = self.producer.clone();
@@ -82,7 +86,10 @@ impl RunningIngest {
             Ok(Err(error)) => tracing::warn!(%error, "producer flush incomplete at shutdown"),
             Err(error) => tracing::warn!(%error, "producer flush task failed"),
         }
-        served.map_err(IngestError::Serve)
+        match self.supervisor.failure() {
+            Some(failure) => Err(IngestError::TaskFailed { task: failure.task, cause: failure.cause }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -105,10 +112,16 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
         .collect();
     ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
     let health_interval = Duration::from_millis(config.producer.health_check_interval_ms);
-    producer.probe_broker(health_interval.max(Duration::from_secs(1))).await;
+    let topic_setup = producer::TopicSetup {
+        kafka: config.kafka.clone(),
+        specs: topic_specs,
+        timeout: TOPIC_SETUP_TIMEOUT,
+    };
+    producer.probe_broker(health_interval.max(Duration::from_secs(1)), &topic_setup).await;
 
     let tracker = TaskTracker::new();
-    producer.spawn_health_probe(health_interval, &tracker, shutdown.clone());
+    let supervisor = tasks::Supervisor::new(tracker.clone(), shutdown.clone(), Arc::clone(&metrics));
+    producer.spawn_health_probe(health_interval, topic_setup, &supervisor, shutdown.clone());
     let max_future_skew_micros =
         i64::try_from(config.validation.max_future_skew_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
     let topics = config.kafka.topic_names();
@@ -116,7 +129,6 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
     if config.mqtt.enabled {
         let bridge = mqtt::MqttBridge {
             config: config.mqtt.clone(),
-            max_payload_bytes: config.http.max_body_bytes,
             max_records_per_message: config.http.max_records_per_request,
             max_future_skew_micros,
             schemas: schemas.clone(),
@@ -124,7 +136,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
             producer: producer.clone(),
             metrics: Arc::clone(&metrics),
         };
-        tracker.spawn(bridge.run(shutdown.clone()));
+        supervisor.spawn("mqtt_bridge", bridge.run(shutdown.clone()));
     }
 
     let state = Arc::new(http::HttpState {
@@ -135,6 +147,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
         authorizer: auth::Authorizer::new(&config.auth),
         producer: producer.clone(),
         metrics,
+        supervisor: supervisor.clone(),
         in_flight_bytes: Semaphore::new(config.http.max_in_flight_bytes.min(Semaphore::MAX_PERMITS)),
         shutting_down: Default::default(),
     });
@@ -152,24 +165,27 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
             tracing::info!("HTTP listener closing; draining requests in flight");
         }
     };
-    let server = match (&config.http.tls_cert_path, &config.http.tls_key_path) {
+    let serve = |result: std::io::Result<()>| result.map_err(IngestError::Serve);
+    match (&config.http.tls_cert_path, &config.http.tls_key_path) {
         (Some(cert_path), Some(key_path)) => {
             let server_config = tls::load_server_config(cert_path, key_path)?;
             let tls_listener = tls::TlsListener::new(listener, server_config, &tracker, shutdown.clone())
                 .map_err(|source| IngestError::Bind { address, source })?;
-            tokio::spawn(
-                async move { axum::serve(tls_listener, router).with_graceful_shutdown(graceful).await },
-            )
+            supervisor.spawn("http_server", async move {
+                serve(axum::serve(tls_listener, router).with_graceful_shutdown(graceful).await)
+            });
         }
         _ => {
-            tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(graceful).await })
+            supervisor.spawn("http_server", async move {
+                serve(axum::serve(listener, router).with_graceful_shutdown(graceful).await)
+            });
         }
-    };
+    }
     tracing::info!(%local_addr, tls = config.http.tls_cert_path.is_some(), mqtt = config.mqtt.enabled, "ingest ready");
     Ok(RunningIngest {
         local_addr,
-        server,
         tracker,
+        supervisor,
         producer,
         grace_period: Duration::from_millis(config.shutdown.grace_period_ms),
     })

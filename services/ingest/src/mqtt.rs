@@ -6,9 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
+    SubscribeReasonCode,
+};
 use serde_json::Value;
 use sluice_kafka::TopicNames;
 use sluice_schema::{KEY_FIELD, SchemaRegistry};
@@ -18,16 +22,36 @@ use tokio::sync::mpsc;
 use crate::config::MqttConfig;
 use crate::http::error_chain;
 use crate::metrics::{IngestMetrics, RejectReason};
-use crate::producer::{OutgoingRecord, ProduceError, RecordProducer, now_micros};
+use crate::producer::{
+    DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
+};
 use crate::records::{self, BodyFormat, RejectedRecord};
 
 const TRANSPORT: &str = "mqtt";
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The largest packet MQTT allows (its remaining length is at most 268,435,455 bytes). The client
+/// reads whatever the broker delivers: a packet over the client's limit cannot be skipped (the
+/// client drops the connection, and the broker delivers the same message again on reconnect,
+/// for ever), so the payload limit is applied after reading, by dead-lettering.
+const MQTT_MAX_PACKET_BYTES: usize = 268_435_455;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MqttError {
+    #[error(
+        "the MQTT broker at {host}:{port} refused the connection ({code:?}); check mqtt.username, mqtt.password and mqtt.client_id"
+    )]
+    ConnectionRefused { host: String, port: u16, code: ConnectReturnCode },
+    #[error(
+        "the MQTT broker refused a subscription (one of {filters:?}); check its access rules for mqtt.username"
+    )]
+    SubscriptionRefused { filters: Vec<String> },
+    #[error("the MQTT bridge's worker stopped while the bridge was running")]
+    WorkerStopped,
+}
 
 #[derive(Debug)]
 pub(crate) struct MqttBridge {
     pub(crate) config: MqttConfig,
-    pub(crate) max_payload_bytes: usize,
     pub(crate) max_records_per_message: usize,
     pub(crate) max_future_skew_micros: i64,
     pub(crate) schemas: SchemaRegistry,
@@ -36,18 +60,28 @@ pub(crate) struct MqttBridge {
     pub(crate) metrics: Arc<IngestMetrics>,
 }
 
+/// A message as received; the payload of an oversized one is already cut to what a dead letter
+/// can carry.
+#[derive(Debug)]
+struct Incoming {
+    publish: Publish,
+    original_size: usize,
+}
+
 /// What became of one MQTT message.
 enum Outcome {
     /// Produced to the stream topic.
     Accepted { stream: String, num_records: usize },
     /// Produced to the stream's dead-letter topic.
     DeadLettered { stream: String, reason: RejectReason, num_records: usize },
+    /// Refused, and Kafka refused even its dead letter: acknowledged, counted and logged.
+    Dropped { stream: String, reason: RejectReason, num_records: usize },
     /// Not on a stream topic of ours; logged and counted.
     Ignored,
 }
 
 impl MqttBridge {
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), MqttError> {
         let bridge = Arc::new(self);
         let config = &bridge.config;
         let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
@@ -55,13 +89,13 @@ impl MqttBridge {
             .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(bridge.max_payload_bytes + 1024, 64 * 1024);
+            .set_max_packet_size(MQTT_MAX_PACKET_BYTES, 64 * 1024);
         if !config.username.is_empty() {
             options.set_credentials(&config.username, config.password.expose());
         }
         // Acks go through the client's request channel; it holds one per message in flight.
         let (client, mut event_loop) = AsyncClient::new(options, config.max_in_flight_messages + 16);
-        let (work_tx, work_rx) = mpsc::channel::<Publish>(config.max_in_flight_messages);
+        let (work_tx, work_rx) = mpsc::channel::<Incoming>(config.max_in_flight_messages);
         let mut worker =
             tokio::spawn(Arc::clone(&bridge).process_messages(work_rx, client.clone(), shutdown.clone()));
         let share_prefix = if config.shared_subscription_group.is_empty() {
@@ -83,7 +117,13 @@ impl MqttBridge {
                     // Stop taking readings; keep polling so that acks of in-flight ones go out.
                     work_tx_opt = None;
                 }
-                _ = &mut worker, if work_tx_opt.is_none() => break,
+                worker_result = &mut worker => match worker_result {
+                    Ok(()) if work_tx_opt.is_none() => break,
+                    Ok(()) => return Err(MqttError::WorkerStopped),
+                    // The worker's panic is the bridge's: the supervisor reports it.
+                    Err(join_error) if join_error.is_panic() => std::panic::resume_unwind(join_error.into_panic()),
+                    Err(_) => return Err(MqttError::WorkerStopped),
+                },
                 event = event_loop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                         tracing::info!(session_present = connack.session_present, "connected to MQTT broker");
@@ -96,16 +136,27 @@ impl MqttBridge {
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                        if suback.return_codes.contains(&SubscribeReasonCode::Failure) {
+                            return Err(MqttError::SubscriptionRefused { filters });
+                        }
                         // Readings published before this point had no subscriber: say when it is.
                         tracing::info!(return_codes = ?suback.return_codes, "subscribed to MQTT topics");
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         if let Some(work_tx) = &work_tx_opt {
+                            let incoming = bridge.receive(publish);
                             // Not acknowledged if dropped: the broker delivers it again.
-                            let _ = work_tx.send(publish).await;
+                            let _ = work_tx.send(incoming).await;
                         }
                     }
                     Ok(_) => {}
+                    Err(ConnectionError::ConnectionRefused(code)) if refusal_is_final(code) => {
+                        return Err(MqttError::ConnectionRefused {
+                            host: config.host.clone(),
+                            port: config.port,
+                            code,
+                        });
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "MQTT connection failed; reconnecting");
                         tokio::select! {
@@ -122,11 +173,23 @@ impl MqttBridge {
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), drain_until_disconnected(&mut event_loop)).await;
         tracing::info!("MQTT bridge stopped");
+        Ok(())
+    }
+
+    /// Cuts an oversized payload to what its dead letter will carry before it waits for its
+    /// turn, so that in-flight messages hold at most that much each.
+    fn receive(&self, mut publish: Publish) -> Incoming {
+        let original_size = publish.payload.len();
+        if original_size > self.config.max_payload_bytes {
+            let kept = original_size.min(self.producer.dead_letter_payload_limit());
+            publish.payload = Bytes::copy_from_slice(&publish.payload[..kept]);
+        }
+        Incoming { publish, original_size }
     }
 
     async fn process_messages(
         self: Arc<Self>,
-        mut work_rx: mpsc::Receiver<Publish>,
+        mut work_rx: mpsc::Receiver<Incoming>,
         client: AsyncClient,
         shutdown: CancellationToken,
     ) {
@@ -135,7 +198,7 @@ impl MqttBridge {
         while open || !pending.is_empty() {
             tokio::select! {
                 received = work_rx.recv(), if open => match received {
-                    Some(publish) => pending.push_back(Arc::clone(&self).handle_with_retries(publish, shutdown.clone())),
+                    Some(incoming) => pending.push_back(Arc::clone(&self).handle_with_retries(incoming, shutdown.clone())),
                     None => open = false,
                 },
                 Some(done) = pending.next(), if !pending.is_empty() => {
@@ -150,23 +213,25 @@ impl MqttBridge {
         }
     }
 
-    /// Processes one message until Kafka acknowledged it; returns it for acknowledgement, or
-    /// `None` when shutdown interrupted the retries (the broker will deliver it again).
+    /// Processes one message until Kafka acknowledged it (the readings, or their dead letter);
+    /// returns it for acknowledgement, or `None` when shutdown interrupted the retries (the
+    /// broker will deliver it again). Only errors that another attempt may cure are retried: a
+    /// message Kafka refuses as such is dead-lettered or, failing that, dropped and counted.
     async fn handle_with_retries(
         self: Arc<Self>,
-        publish: Publish,
+        incoming: Incoming,
         shutdown: CancellationToken,
     ) -> Option<Publish> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.handle(&publish).await {
+            match self.handle(&incoming).await {
                 Ok(outcome) => {
                     self.record(outcome, started);
-                    return Some(publish);
+                    return Some(incoming.publish);
                 }
                 Err(error) => {
-                    tracing::warn!(topic = %publish.topic, error = %error_chain(&error), "failed to produce MQTT reading; retrying");
+                    tracing::warn!(topic = %incoming.publish.topic, error = %error_chain(&error), "failed to produce MQTT reading; retrying");
                     if shutdown.is_cancelled() {
                         return None;
                     }
@@ -188,6 +253,10 @@ impl MqttBridge {
             Outcome::DeadLettered { stream, reason, num_records } => {
                 self.metrics.record_rejected(&stream, TRANSPORT, reason, num_records)
             }
+            Outcome::Dropped { stream, reason, num_records } => {
+                self.metrics.record_rejected(&stream, TRANSPORT, reason, num_records);
+                self.metrics.record_mqtt_dropped(&stream, reason);
+            }
             Outcome::Ignored => {
                 self.metrics.record_rejected("unknown", TRANSPORT, RejectReason::UnknownStream, 1)
             }
@@ -195,7 +264,8 @@ impl MqttBridge {
         self.metrics.record_request(TRANSPORT, 0, started.elapsed());
     }
 
-    async fn handle(&self, publish: &Publish) -> Result<Outcome, ProduceError> {
+    async fn handle(&self, incoming: &Incoming) -> Result<Outcome, ProduceError> {
+        let publish = &incoming.publish;
         let Some((stream, device_id)) = self.parse_topic(&publish.topic) else {
             tracing::warn!(topic = %publish.topic, "MQTT message outside <prefix>/<stream>/<device_id>; acknowledged and not stored");
             return Ok(Outcome::Ignored);
@@ -206,17 +276,44 @@ impl MqttBridge {
         };
         let dead_letter = |reason: RejectReason, detail: String, num_records: usize| async move {
             let topic = self.topics.dead_letter(stream);
-            self.producer
-                .produce_dead_letter(
-                    &topic,
-                    device_id,
-                    &publish.payload,
-                    &detail,
-                    &format!("mqtt:{}", publish.topic),
-                )
-                .await?;
+            let source = format!("mqtt:{}", publish.topic);
+            let letter = DeadLetter {
+                key: device_id,
+                payload: &publish.payload,
+                original_size_opt: Some(incoming.original_size),
+                reason: &detail,
+                source: &source,
+            };
+            match self.producer.produce_dead_letter(&topic, letter).await {
+                Ok(DeadLetterWritten::Whole) => {}
+                Ok(DeadLetterWritten::Truncated) => tracing::warn!(
+                    topic = %publish.topic,
+                    original_size = incoming.original_size,
+                    limit = self.producer.dead_letter_payload_limit(),
+                    "MQTT payload dead-lettered with its first bytes only: it exceeds the dead-letter limit"
+                ),
+                Err(error) if error.is_permanent() => {
+                    tracing::error!(
+                        topic = %publish.topic,
+                        original_size = incoming.original_size,
+                        reason = %detail,
+                        error = %error_chain(&error),
+                        "Kafka refused even the dead letter of an MQTT message; acknowledged and dropped"
+                    );
+                    return Ok(Outcome::Dropped { stream: stream.to_string(), reason, num_records });
+                }
+                Err(error) => return Err(error),
+            }
             Ok(Outcome::DeadLettered { stream: stream.to_string(), reason, num_records })
         };
+        let max_payload_bytes = self.config.max_payload_bytes;
+        if incoming.original_size > max_payload_bytes {
+            let detail = format!(
+                "payload of {} bytes exceeds the limit of {max_payload_bytes} bytes (mqtt.max_payload_bytes); nothing of it was stored",
+                incoming.original_size
+            );
+            return dead_letter(RejectReason::TooLarge, detail, 1).await;
+        }
         let mut readings =
             match records::parse_readings(&publish.payload, BodyFormat::Json, self.max_records_per_message) {
                 Ok(readings) => readings,
@@ -249,13 +346,40 @@ impl MqttBridge {
                 return dead_letter(RejectReason::Invalid, rejection_text(&rejected), num_records).await;
             }
         };
+        drop(readings);
+        // A record over the producer's limit would fail after the records before it were
+        // written; checked first, so the message is stored whole or dead-lettered whole.
+        let max_record_bytes = self.producer.max_record_bytes();
+        if let Some((index, size)) = batch
+            .records
+            .iter()
+            .map(|record| record.key.len() + record.value_range.len())
+            .enumerate()
+            .find(|(_, size)| *size > max_record_bytes)
+        {
+            let detail = format!(
+                "reading {index} encodes to {size} bytes, over the {max_record_bytes} bytes a Kafka record may hold (kafka.client.\"message.max.bytes\" = {} less headers); nothing of this message was stored",
+                self.producer.max_message_bytes()
+            );
+            return dead_letter(RejectReason::TooLarge, detail, num_records).await;
+        }
         let outgoing = batch.records.iter().map(|record| OutgoingRecord {
             key: &record.key,
             event_time_micros: record.event_time_micros,
             value: batch.value(record),
         });
-        self.producer.produce_batch(&self.topics.stream(stream), &schema.fingerprint_hex(), outgoing).await?;
-        Ok(Outcome::Accepted { stream: stream.to_string(), num_records })
+        match self
+            .producer
+            .produce_batch(&self.topics.stream(stream), &schema.fingerprint_hex(), outgoing)
+            .await
+        {
+            Ok(()) => Ok(Outcome::Accepted { stream: stream.to_string(), num_records }),
+            Err(error) if error.is_permanent() => {
+                let detail = format!("Kafka refused the readings: {}", error_chain(&error));
+                dead_letter(RejectReason::TooLarge, detail, num_records).await
+            }
+            Err(error) => Err(error),
+        }
     }
 
     fn parse_topic<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
@@ -269,6 +393,17 @@ impl MqttBridge {
 /// The rejections as JSON, the same shape as the HTTP 400 answer's `rejected` list.
 fn rejection_text(rejected: &[RejectedRecord]) -> String {
     serde_json::to_string(rejected).unwrap_or_else(|_| "invalid reading".to_string())
+}
+
+/// Refusals that another attempt with the same settings cannot cure.
+fn refusal_is_final(code: ConnectReturnCode) -> bool {
+    matches!(
+        code,
+        ConnectReturnCode::RefusedProtocolVersion
+            | ConnectReturnCode::BadClientId
+            | ConnectReturnCode::BadUserNamePassword
+            | ConnectReturnCode::NotAuthorized
+    )
 }
 
 async fn drain_until_disconnected(event_loop: &mut EventLoop) {
