@@ -216,3 +216,35 @@ async fn wait_for_key(broker: &Broker, topic: &str, key: &str) -> bool {
     })
     .await
 }
+
+/// `ts` at the ends of i64 crashed the bridge's worker (an overflow panic in debug builds): the
+/// message must be dead-lettered whatever refuses it (validation, or the bridge's guard around a
+/// message whose handling panicked), and the bridge must go on without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_event_times_are_dead_lettered_and_the_bridge_keeps_going() {
+    let broker = Broker::start().await.unwrap();
+    let mosquitto = Mosquitto::start().await.unwrap();
+    let ingest = IngestService::start(mqtt_ingest_config(&broker, &mosquitto)).await.unwrap();
+    wait_for_mqtt_bridge(&mosquitto, &broker, &ingest.stream_topic("telemetry")).await.unwrap();
+    let mut device = MqttDevice::connect(mosquitto.port).await;
+    device.publish("sluice/telemetry/ts-min", json!({"ts": i64::MIN, "seq": 1})).await.unwrap();
+    device.publish("sluice/telemetry/ts-max", json!({"ts": i64::MAX, "seq": 1})).await.unwrap();
+    publish_valid(&mut device).await;
+
+    assert_eq!(landed_valid_seqs(&broker, &ingest).await, (0..NUM_VALID).collect::<Vec<_>>());
+    let dead_letters = consume_topic_within(
+        &broker.bootstrap_servers(),
+        &ingest.dead_letter_topic("telemetry"),
+        2,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let mut keys: Vec<&str> = dead_letters.iter().filter_map(|record| record.key.as_deref()).collect();
+    keys.sort();
+    assert_eq!(keys, ["ts-max", "ts-min"]);
+    let ready = reqwest::get(format!("{}/readyz", ingest.base_url)).await.unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK, "ingest stopped over one message");
+    ingest.stop().await.unwrap();
+}

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeReasonCode,
@@ -26,6 +26,7 @@ use crate::producer::{
     DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
 };
 use crate::records::{self, BodyFormat, RejectedRecord};
+use crate::tasks::panic_message;
 
 const TRANSPORT: &str = "mqtt";
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -225,7 +226,17 @@ impl MqttBridge {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.handle(&incoming).await {
+            let handled = std::panic::AssertUnwindSafe(self.handle(&incoming)).catch_unwind().await;
+            let result = match handled {
+                Ok(result) => result,
+                Err(panic) => {
+                    let message = panic_message(panic.as_ref());
+                    tracing::error!(topic = %incoming.publish.topic, panic = %message, "ingest panicked on an MQTT message; dead-lettering it");
+                    self.metrics.record_task_failure("mqtt_message");
+                    self.handle_panicked(&incoming, &message).await
+                }
+            };
+            match result {
                 Ok(outcome) => {
                     self.record(outcome, started);
                     return Some(incoming.publish);
@@ -274,37 +285,8 @@ impl MqttBridge {
             tracing::warn!(topic = %publish.topic, "MQTT message for an unknown stream; acknowledged and not stored");
             return Ok(Outcome::Ignored);
         };
-        let dead_letter = |reason: RejectReason, detail: String, num_records: usize| async move {
-            let topic = self.topics.dead_letter(stream);
-            let source = format!("mqtt:{}", publish.topic);
-            let letter = DeadLetter {
-                key: device_id,
-                payload: &publish.payload,
-                original_size_opt: Some(incoming.original_size),
-                reason: &detail,
-                source: &source,
-            };
-            match self.producer.produce_dead_letter(&topic, letter).await {
-                Ok(DeadLetterWritten::Whole) => {}
-                Ok(DeadLetterWritten::Truncated) => tracing::warn!(
-                    topic = %publish.topic,
-                    original_size = incoming.original_size,
-                    limit = self.producer.dead_letter_payload_limit(),
-                    "MQTT payload dead-lettered with its first bytes only: it exceeds the dead-letter limit"
-                ),
-                Err(error) if error.is_permanent() => {
-                    tracing::error!(
-                        topic = %publish.topic,
-                        original_size = incoming.original_size,
-                        reason = %detail,
-                        error = %error_chain(&error),
-                        "Kafka refused even the dead letter of an MQTT message; acknowledged and dropped"
-                    );
-                    return Ok(Outcome::Dropped { stream: stream.to_string(), reason, num_records });
-                }
-                Err(error) => return Err(error),
-            }
-            Ok(Outcome::DeadLettered { stream: stream.to_string(), reason, num_records })
+        let dead_letter = |reason: RejectReason, detail: String, num_records: usize| {
+            self.dead_letter(incoming, stream, device_id, reason, detail, num_records)
         };
         let max_payload_bytes = self.config.max_payload_bytes;
         if incoming.original_size > max_payload_bytes {
@@ -380,6 +362,68 @@ impl MqttBridge {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// Produces `incoming` to its stream's dead-letter topic. A dead letter Kafka refuses as such
+    /// (too large even cut) is dropped: acknowledged, logged and counted.
+    async fn dead_letter(
+        &self,
+        incoming: &Incoming,
+        stream: &str,
+        device_id: &str,
+        reason: RejectReason,
+        detail: String,
+        num_records: usize,
+    ) -> Result<Outcome, ProduceError> {
+        let publish = &incoming.publish;
+        let topic = self.topics.dead_letter(stream);
+        let source = format!("mqtt:{}", publish.topic);
+        let letter = DeadLetter {
+            key: device_id,
+            payload: &publish.payload,
+            original_size_opt: Some(incoming.original_size),
+            reason: &detail,
+            source: &source,
+        };
+        match self.producer.produce_dead_letter(&topic, letter).await {
+            Ok(DeadLetterWritten::Whole) => {}
+            Ok(DeadLetterWritten::Truncated) => tracing::warn!(
+                topic = %publish.topic,
+                original_size = incoming.original_size,
+                limit = self.producer.dead_letter_payload_limit(),
+                "MQTT payload dead-lettered with its first bytes only: it exceeds the dead-letter limit"
+            ),
+            Err(error) if error.is_permanent() => {
+                tracing::error!(
+                    topic = %publish.topic,
+                    original_size = incoming.original_size,
+                    reason = %detail,
+                    error = %error_chain(&error),
+                    "Kafka refused even the dead letter of an MQTT message; acknowledged and dropped"
+                );
+                return Ok(Outcome::Dropped { stream: stream.to_string(), reason, num_records });
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(Outcome::DeadLettered { stream: stream.to_string(), reason, num_records })
+    }
+
+    /// Handles a message whose handling panicked (a bug in ingest): dead-lettered with the panic
+    /// as reason rather than retried, because the broker would deliver it again after any crash
+    /// and it would stop every restart the same way.
+    async fn handle_panicked(
+        &self,
+        incoming: &Incoming,
+        panic_message: &str,
+    ) -> Result<Outcome, ProduceError> {
+        let Some((stream, device_id)) = self.parse_topic(&incoming.publish.topic) else {
+            return Ok(Outcome::Ignored);
+        };
+        if self.schemas.stream(stream).is_none() {
+            return Ok(Outcome::Ignored);
+        }
+        let detail = format!("ingest failed on this message (panicked: {panic_message}); please report it");
+        self.dead_letter(incoming, stream, device_id, RejectReason::Invalid, detail, 1).await
     }
 
     fn parse_topic<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {

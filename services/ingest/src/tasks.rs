@@ -51,13 +51,7 @@ impl Supervisor {
                 Ok(Err(error)) => this.fail(name, crate::http::error_chain(&error)),
                 Err(join_error) => {
                     let cause = if join_error.is_panic() {
-                        let panic = join_error.into_panic();
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|text| (*text).to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic without a message".to_string());
-                        format!("panicked: {message}")
+                        format!("panicked: {}", panic_message(join_error.into_panic().as_ref()))
                     } else {
                         "was cancelled".to_string()
                     };
@@ -80,6 +74,15 @@ impl Supervisor {
     pub(crate) fn failure(&self) -> Option<TaskFailure> {
         self.failure.lock().ok().and_then(|failure| failure.clone())
     }
+}
+
+/// The message a panic was raised with.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 #[cfg(test)]
