@@ -92,6 +92,17 @@ impl ProduceError {
 }
 
 impl ProduceError {
+    /// Whether records were not answered in time (the broker stalled or went away).
+    pub(crate) fn timed_out(&self) -> bool {
+        match self {
+            Self::Unanswered { .. } => true,
+            Self::Delivery { source_opt: Some(source), .. } => {
+                source.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the broker refused the producer itself: its id, epoch or sequence numbers are
     /// not (or no longer) the broker's. librdkafka keeps using them, so every later record fails
     /// the same way (`ProducerFenced` after a broker stalled past the delivery timeout and the
@@ -160,6 +171,10 @@ pub(crate) struct RecordProducer {
     /// One replacement at a time: the probe and failed requests may notice the same fatal error.
     replacing: Arc<tokio::sync::Mutex<()>>,
     broker_reachable: Arc<AtomicBool>,
+    /// Records timed out since the last probe that found the broker: the producer then bumps
+    /// its epoch, which a broker may refuse for every later record (Tansu answers
+    /// `ProducerFenced`), so it is replaced when the broker answers again.
+    records_timed_out: Arc<AtomicBool>,
     metrics: Arc<IngestMetrics>,
     /// librdkafka reports timed-out records on its own schedule (seconds late with the broker
     /// gone); this deadline keeps the answer time bounded regardless.
@@ -202,6 +217,7 @@ impl RecordProducer {
             client_config: Arc::new(client_config),
             replacing: Arc::new(tokio::sync::Mutex::new(())),
             broker_reachable: Arc::new(AtomicBool::new(false)),
+            records_timed_out: Arc::new(AtomicBool::new(false)),
             metrics,
             answer_deadline,
             max_message_bytes,
@@ -295,6 +311,17 @@ impl RecordProducer {
             if !missing.is_empty() {
                 reachable = self.restore_topics(generation, &missing, topics).await;
             }
+        }
+        if reachable && !self.is_broker_reachable() && self.records_timed_out.swap(false, Ordering::Relaxed) {
+            // Ready must mean able to produce: a new producer rather than the first requests
+            // finding out that the old one's epoch bump was refused.
+            self.replace(
+                generation,
+                RDKafkaErrorCode::MessageTimedOut,
+                "records timed out while the broker did not answer",
+            )
+            .await;
+            reachable = false;
         }
         let was_reachable = self.broker_reachable.swap(reachable, Ordering::Relaxed);
         if was_reachable != reachable {
@@ -394,6 +421,9 @@ impl RecordProducer {
         let (generation, producer) = self.producer();
         let result = self.send_and_wait_with(&producer, topic, num_records, records).await;
         if let Err(error) = &result {
+            if error.timed_out() {
+                self.records_timed_out.store(true, Ordering::Relaxed);
+            }
             // The records went to a producer that cannot deliver them: a fresh one for the next
             // request; this one is answered with the error (nothing of it was acknowledged).
             if let Some((code, reason)) = producer.fatal_error() {
@@ -578,6 +608,19 @@ mod tests {
         assert_eq!(delivery(RDKafkaErrorCode::MessageTimedOut).lost_producer_state_opt(), None);
         assert_eq!(delivery(RDKafkaErrorCode::MessageSizeTooLarge).lost_producer_state_opt(), None);
         assert_eq!(ProduceError::QueueFull.lost_producer_state_opt(), None);
+    }
+
+    #[test]
+    fn unanswered_and_timed_out_records_count_as_timed_out() {
+        assert!(ProduceError::Unanswered { num_records: 1, timeout_ms: 1 }.timed_out());
+        let delivery = |code| ProduceError::Delivery {
+            num_failed: 1,
+            num_records: 1,
+            source_opt: Some(KafkaError::MessageProduction(code)),
+        };
+        assert!(delivery(RDKafkaErrorCode::MessageTimedOut).timed_out());
+        assert!(!delivery(RDKafkaErrorCode::ProducerFenced).timed_out());
+        assert!(!ProduceError::BrokerUnreachable.timed_out());
     }
 
     #[test]
