@@ -1002,3 +1002,91 @@ async fn read_rows_of(
     }
     Ok(rows)
 }
+
+impl Broker {
+    /// Freezes the broker process (SIGSTOP): it keeps its state and its connections but answers
+    /// nothing until [`Broker::resume`], as a broker in a long GC pause or a stalled VM would.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a paused broker run again (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.child_opt.as_ref().and_then(Child::id).context("the broker is not running")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .context("failed to run kill")?;
+        if !status.success() {
+            bail!("kill -{name} {pid} failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Mosquitto {
+    /// A Mosquitto on a free port with `extra` lines appended to the test configuration (for
+    /// example `allow_anonymous false`, or a `max_packet_size`).
+    pub async fn start_with(extra: &str) -> anyhow::Result<Self> {
+        let port = free_port();
+        let directory = tempfile::TempDir::new().context("failed to create a temporary directory")?;
+        let config_path = directory.path().join("mosquitto.conf");
+        let mut config = format!("listener {port} 127.0.0.1\npersistence false\nmax_inflight_messages 20\n");
+        if !extra.contains("allow_anonymous") {
+            config.push_str("allow_anonymous true\n");
+        }
+        config.push_str(extra);
+        config.push('\n');
+        std::fs::write(&config_path, config)?;
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .context("mosquitto is not installed (apt-get install mosquitto)")?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("failed to start mosquitto")?;
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let ready = wait_until(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(address).await.is_ok()
+        })
+        .await;
+        if !ready {
+            bail!("mosquitto on port {port} did not accept connections within 10 s");
+        }
+        Ok(Self { port, _child: child, _directory: directory })
+    }
+}
+
+impl MqttDevice {
+    /// A device whose client may send packets up to `max_packet_bytes` (rumqttc's default is
+    /// 10 KiB), for oversized payloads.
+    pub async fn connect_with_max_packet(port: u16, max_packet_bytes: usize) -> Self {
+        let mut options = rumqttc::MqttOptions::new(format!("device-{}", unique_suffix()), "127.0.0.1", port);
+        options.set_max_packet_size(max_packet_bytes, max_packet_bytes);
+        let (client, mut event_loop) = rumqttc::AsyncClient::new(options, 16);
+        let (puback_tx, puback_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match event_loop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        let _ = puback_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Self { client, puback_rx }
+    }
+}

@@ -447,7 +447,7 @@ async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
         ("logical_plan", Some("job_run")),
         ("physical_plan", Some("job_run")),
         ("execute", Some("job_run")),
-        ("write_result", Some("job_run")),
+        ("write_result", Some("execute")),
     ];
     let complete = wait_until(Duration::from_secs(10), || {
         let names: BTreeSet<String> = spans.lock().unwrap().iter().map(|span| span.name.clone()).collect();

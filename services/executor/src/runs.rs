@@ -287,7 +287,10 @@ impl WindowRun {
                 (Engine::Local, _) => execute_stream(Arc::clone(&plan), Arc::new(task_ctx)),
             }
             .map_err(|error| RunError::from_datafusion(&error))?;
-            write_result(&self.catalog, &path, plan.schema(), stream).await
+            // Rows are written as the plan produces them, so writing is a part of executing.
+            write_result(&self.catalog, &path, plan.schema(), stream)
+                .instrument(tracing::info_span!("write_result", rows = tracing::field::Empty))
+                .await
         }
         .instrument(execute_span)
         .await?;
@@ -407,6 +410,7 @@ async fn write_result(
     // Completes the upload: the file is visible from here on. Only the footer was added since
     // the last check.
     writer.finish().await.map_err(parquet_error)?;
+    tracing::Span::current().record("rows", rows_written);
     Ok((rows_written, writer.bytes_written() as u64))
 }
 

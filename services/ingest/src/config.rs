@@ -174,6 +174,10 @@ pub struct MqttConfig {
     pub keep_alive_secs: u64,
     /// Readings being produced at once before the bridge stops reading from MQTT.
     pub max_in_flight_messages: usize,
+    /// Largest MQTT payload taken as readings; a larger one is dead-lettered with its first
+    /// bytes and its size. The MQTT broker's own packet limit (Mosquitto `max_packet_size`)
+    /// bounds what ingest has to read at all.
+    pub max_payload_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -189,6 +193,7 @@ impl Default for MqttConfig {
             shared_subscription_group: String::new(),
             keep_alive_secs: 30,
             max_in_flight_messages: 1_000,
+            max_payload_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -300,6 +305,9 @@ impl Validate for IngestConfig {
             }
             if self.mqtt.max_in_flight_messages == 0 {
                 issues.push(ConfigIssue::new("mqtt.max_in_flight_messages", "must be greater than 0"));
+            }
+            if self.mqtt.max_payload_bytes == 0 {
+                issues.push(ConfigIssue::new("mqtt.max_payload_bytes", "must be greater than 0"));
             }
         }
         if self.shutdown.grace_period_ms <= producer.delivery_timeout_ms {

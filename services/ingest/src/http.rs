@@ -35,6 +35,7 @@ pub(crate) struct HttpState {
     pub(crate) authorizer: Authorizer,
     pub(crate) producer: RecordProducer,
     pub(crate) metrics: Arc<IngestMetrics>,
+    pub(crate) supervisor: crate::tasks::Supervisor,
     pub(crate) in_flight_bytes: Semaphore,
     pub(crate) shutting_down: AtomicBool,
 }
@@ -54,6 +55,10 @@ pub(crate) fn router(state: Arc<HttpState>) -> Router {
 }
 
 async fn readiness(State(state): State<Arc<HttpState>>) -> Response {
+    if let Some(failure) = state.supervisor.failure() {
+        let message = format!("background task {} failed: {}", failure.task, failure.cause);
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, &message);
+    }
     if state.shutting_down.load(Ordering::Relaxed) {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }

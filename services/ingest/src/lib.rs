@@ -10,6 +10,7 @@ mod mqtt;
 mod producer;
 mod records;
 mod server;
+mod tasks;
 mod tls;
 
 use std::net::SocketAddr;
@@ -26,7 +27,8 @@ use tokio::sync::Semaphore;
 pub use crate::config::IngestConfig;
 pub use crate::producer::ProduceError;
 pub use crate::producer::{
-    DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
+    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_RESERVED_BYTES,
+    DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
 };
 pub use crate::records::RECORD_OVERHEAD_BYTES;
 pub use crate::tls::TlsError;
@@ -51,6 +53,8 @@ pub enum IngestError {
     Tls(#[from] TlsError),
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
+    #[error("the background task {task} failed: {cause}")]
+    TaskFailed { task: &'static str, cause: String },
 }
 
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
@@ -59,8 +63,8 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub struct RunningIngest {
     local_addr: SocketAddr,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
     tracker: TaskTracker,
+    supervisor: tasks::Supervisor,
     producer: producer::RecordProducer,
     grace_period: Duration,
 }
@@ -71,9 +75,9 @@ impl RunningIngest {
         self.local_addr
     }
 
-    /// Waits until shutdown completed: requests drained, MQTT stopped, producer flushed.
+    /// Waits until shutdown completed: requests drained, MQTT stopped, producer flushed. A
+    /// background task that failed (and so started the shutdown) makes this an error.
     pub async fn wait(self) -> Result<()> {
-        let served = self.server.await.unwrap_or_else(|join_error| Err(std::io::Error::other(join_error)));
         self.tracker.close();
         self.tracker.wait().await;
         let producer = self.producer.clone();
@@ -84,19 +88,11 @@ impl RunningIngest {
             Ok(Err(error)) => tracing::warn!(%error, "producer flush incomplete at shutdown"),
             Err(error) => tracing::warn!(%error, "producer flush task failed"),
         }
-        served.map_err(IngestError::Serve)
+        match self.supervisor.failure() {
+            Some(failure) => Err(IngestError::TaskFailed { task: failure.task, cause: failure.cause }),
+            None => Ok(()),
+        }
     }
-}
-
-/// The producer's effective `message.max.bytes` (librdkafka's default unless `kafka.client` sets
-/// it): the bound every record is checked against before anything of a request is produced.
-fn producer_max_message_bytes(kafka: &sluice_kafka::KafkaConfig) -> usize {
-    const LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
-    kafka
-        .producer_config()
-        .get("message.max.bytes")
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES)
 }
 
 /// Warns when the soft open-file limit is below what `http.max_connections` needs: past it,
@@ -140,30 +136,35 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
         .collect();
     ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
     let health_interval = Duration::from_millis(config.producer.health_check_interval_ms);
-    producer.probe_broker(health_interval.max(Duration::from_secs(1))).await;
+    let topic_setup = producer::TopicSetup {
+        kafka: config.kafka.clone(),
+        specs: topic_specs,
+        timeout: TOPIC_SETUP_TIMEOUT,
+    };
+    producer.probe_broker(health_interval.max(Duration::from_secs(1)), &topic_setup).await;
 
     let tracker = TaskTracker::new();
-    producer.spawn_health_probe(health_interval, &tracker, shutdown.clone());
+    let supervisor = tasks::Supervisor::new(tracker.clone(), shutdown.clone(), Arc::clone(&metrics));
+    producer.spawn_health_probe(health_interval, topic_setup, &supervisor, shutdown.clone());
     let record_rules = records::RecordRules {
         max_records: config.http.max_records_per_request,
         // Checked by `validate`; a config that skipped it gets no lower bound rather than a panic.
         earliest_event_micros: config.validation.earliest_event_micros().unwrap_or(i64::MIN),
         max_future_skew_micros: config.validation.max_future_skew_micros(),
-        max_message_bytes: producer_max_message_bytes(&config.kafka),
+        max_message_bytes: producer.max_message_bytes(),
     };
     let topics = config.kafka.topic_names();
 
     if config.mqtt.enabled {
         let bridge = mqtt::MqttBridge {
             config: config.mqtt.clone(),
-            max_payload_bytes: config.http.max_body_bytes,
             record_rules,
             schemas: schemas.clone(),
             topics: topics.clone(),
             producer: producer.clone(),
             metrics: Arc::clone(&metrics),
         };
-        tracker.spawn(bridge.run(shutdown.clone()));
+        supervisor.spawn("mqtt_bridge", bridge.run(shutdown.clone()));
     }
 
     let state = Arc::new(http::HttpState {
@@ -174,6 +175,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
         authorizer: auth::Authorizer::new(&config.auth),
         producer: producer.clone(),
         metrics: Arc::clone(&metrics),
+        supervisor: supervisor.clone(),
         in_flight_bytes: Semaphore::new(config.http.max_in_flight_bytes.min(Semaphore::MAX_PERMITS)),
         shutting_down: Default::default(),
     });
@@ -190,10 +192,10 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
     };
     let limits = server::ConnectionLimits::from_config(&config.http);
     warn_if_file_descriptors_short(limits.max_connections);
-    let server = {
+    {
         let shutdown = shutdown.clone();
         let state = Arc::clone(&state);
-        tokio::spawn(async move {
+        supervisor.spawn("http_server", async move {
             let closing = async {
                 shutdown.cancelled().await;
                 state.shutting_down.store(true, Ordering::Relaxed);
@@ -201,14 +203,14 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
             };
             let serving = server::serve(listener, tls_opt, router, limits, metrics, shutdown.clone());
             let (_, served) = tokio::join!(closing, serving);
-            served
-        })
-    };
+            served.map_err(IngestError::Serve)
+        });
+    }
     tracing::info!(%local_addr, tls = config.http.tls_cert_path.is_some(), mqtt = config.mqtt.enabled, "ingest ready");
     Ok(RunningIngest {
         local_addr,
-        server,
         tracker,
+        supervisor,
         producer,
         grace_period: Duration::from_millis(config.shutdown.grace_period_ms),
     })

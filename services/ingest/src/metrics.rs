@@ -15,6 +15,9 @@ pub(crate) struct IngestMetrics {
     in_flight_bytes: UpDownCounter<i64>,
     http_connections: UpDownCounter<i64>,
     http_connections_closed: Counter<u64>,
+    producer_replacements: Counter<u64>,
+    mqtt_messages_dropped: Counter<u64>,
+    task_failures: Counter<u64>,
 }
 
 /// Why records were refused, as a metric label.
@@ -90,6 +93,23 @@ impl IngestMetrics {
                 .with_unit("{connection}")
                 .with_description("HTTP connections ingest closed or refused, by reason")
                 .build(),
+            producer_replacements: meter
+                .u64_counter("sluice_ingest_producer_replacements")
+                .with_unit("{producer}")
+                .with_description("Kafka producers replaced after a fatal error, by librdkafka error code")
+                .build(),
+            mqtt_messages_dropped: meter
+                .u64_counter("sluice_ingest_mqtt_messages_dropped")
+                .with_unit("{message}")
+                .with_description(
+                    "MQTT messages acknowledged without being stored, not even as a dead letter, by reason",
+                )
+                .build(),
+            task_failures: meter
+                .u64_counter("sluice_ingest_task_failures")
+                .with_unit("{task}")
+                .with_description("Background tasks that failed or panicked (the service then stops)")
+                .build(),
         }
     }
 
@@ -132,6 +152,21 @@ impl IngestMetrics {
                 KeyValue::new("outcome", if succeeded { "ok" } else { "error" }),
             ],
         );
+    }
+
+    pub(crate) fn record_producer_replaced(&self, error_code: &str) {
+        self.producer_replacements.add(1, &[KeyValue::new("error", error_code.to_string())]);
+    }
+
+    pub(crate) fn record_mqtt_dropped(&self, stream: &str, reason: RejectReason) {
+        self.mqtt_messages_dropped.add(
+            1,
+            &[KeyValue::new("stream", stream.to_string()), KeyValue::new("reason", reason.as_label())],
+        );
+    }
+
+    pub(crate) fn record_task_failure(&self, task: &'static str) {
+        self.task_failures.add(1, &[KeyValue::new("task", task)]);
     }
 
     pub(crate) fn add_in_flight_bytes(&self, bytes: i64) {

@@ -6,9 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use bytes::Bytes;
 use futures::stream::FuturesOrdered;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use futures::{FutureExt, StreamExt};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
+    SubscribeReasonCode,
+};
 use serde_json::Value;
 use sluice_kafka::TopicNames;
 use sluice_schema::{KEY_FIELD, SchemaRegistry};
@@ -18,21 +22,50 @@ use tokio::sync::mpsc;
 use crate::config::MqttConfig;
 use crate::http::error_chain;
 use crate::metrics::{IngestMetrics, RejectReason};
-use crate::producer::{OutgoingRecord, ProduceError, RecordProducer, now_micros};
+use crate::producer::{
+    DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
+};
 use crate::records::{self, BodyFormat, RejectedRecord};
+use crate::tasks::panic_message;
 
 const TRANSPORT: &str = "mqtt";
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The largest packet MQTT allows (its remaining length is at most 268,435,455 bytes). The client
+/// reads whatever the broker delivers: a packet over the client's limit cannot be skipped (the
+/// client drops the connection, and the broker delivers the same message again on reconnect,
+/// for ever), so the payload limit is applied after reading, by dead-lettering.
+const MQTT_MAX_PACKET_BYTES: usize = 268_435_455;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MqttError {
+    #[error(
+        "the MQTT broker at {host}:{port} refused the connection ({code:?}); check mqtt.username, mqtt.password and mqtt.client_id"
+    )]
+    ConnectionRefused { host: String, port: u16, code: ConnectReturnCode },
+    #[error(
+        "the MQTT broker refused a subscription (one of {filters:?}); check its access rules for mqtt.username"
+    )]
+    SubscriptionRefused { filters: Vec<String> },
+    #[error("the MQTT bridge's worker stopped while the bridge was running")]
+    WorkerStopped,
+}
 
 #[derive(Debug)]
 pub(crate) struct MqttBridge {
     pub(crate) config: MqttConfig,
-    pub(crate) max_payload_bytes: usize,
     pub(crate) record_rules: records::RecordRules,
     pub(crate) schemas: SchemaRegistry,
     pub(crate) topics: TopicNames,
     pub(crate) producer: RecordProducer,
     pub(crate) metrics: Arc<IngestMetrics>,
+}
+
+/// A message as received; the payload of an oversized one is already cut to what a dead letter
+/// can carry.
+#[derive(Debug)]
+struct Incoming {
+    publish: Publish,
+    original_size: usize,
 }
 
 /// What became of one MQTT message.
@@ -41,12 +74,14 @@ enum Outcome {
     Accepted { stream: String, num_records: usize },
     /// Produced to the stream's dead-letter topic.
     DeadLettered { stream: String, reason: RejectReason, num_records: usize },
+    /// Refused, and Kafka refused even its dead letter: acknowledged, counted and logged.
+    Dropped { stream: String, reason: RejectReason, num_records: usize },
     /// Not on a stream topic of ours; logged and counted.
     Ignored,
 }
 
 impl MqttBridge {
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), MqttError> {
         let bridge = Arc::new(self);
         let config = &bridge.config;
         let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
@@ -54,13 +89,13 @@ impl MqttBridge {
             .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
             .set_clean_session(false)
             .set_manual_acks(true)
-            .set_max_packet_size(bridge.max_payload_bytes + 1024, 64 * 1024);
+            .set_max_packet_size(MQTT_MAX_PACKET_BYTES, 64 * 1024);
         if !config.username.is_empty() {
             options.set_credentials(&config.username, config.password.expose());
         }
         // Acks go through the client's request channel; it holds one per message in flight.
         let (client, mut event_loop) = AsyncClient::new(options, config.max_in_flight_messages + 16);
-        let (work_tx, work_rx) = mpsc::channel::<Publish>(config.max_in_flight_messages);
+        let (work_tx, work_rx) = mpsc::channel::<Incoming>(config.max_in_flight_messages);
         let mut worker =
             tokio::spawn(Arc::clone(&bridge).process_messages(work_rx, client.clone(), shutdown.clone()));
         let share_prefix = if config.shared_subscription_group.is_empty() {
@@ -82,7 +117,13 @@ impl MqttBridge {
                     // Stop taking readings; keep polling so that acks of in-flight ones go out.
                     work_tx_opt = None;
                 }
-                _ = &mut worker, if work_tx_opt.is_none() => break,
+                worker_result = &mut worker => match worker_result {
+                    Ok(()) if work_tx_opt.is_none() => break,
+                    Ok(()) => return Err(MqttError::WorkerStopped),
+                    // The worker's panic is the bridge's: the supervisor reports it.
+                    Err(join_error) if join_error.is_panic() => std::panic::resume_unwind(join_error.into_panic()),
+                    Err(_) => return Err(MqttError::WorkerStopped),
+                },
                 event = event_loop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                         tracing::info!(session_present = connack.session_present, "connected to MQTT broker");
@@ -95,16 +136,27 @@ impl MqttBridge {
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                        if suback.return_codes.contains(&SubscribeReasonCode::Failure) {
+                            return Err(MqttError::SubscriptionRefused { filters });
+                        }
                         // Readings published before this point had no subscriber: say when it is.
                         tracing::info!(return_codes = ?suback.return_codes, "subscribed to MQTT topics");
                     }
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
                         if let Some(work_tx) = &work_tx_opt {
+                            let incoming = bridge.receive(publish);
                             // Not acknowledged if dropped: the broker delivers it again.
-                            let _ = work_tx.send(publish).await;
+                            let _ = work_tx.send(incoming).await;
                         }
                     }
                     Ok(_) => {}
+                    Err(ConnectionError::ConnectionRefused(code)) if refusal_is_final(code) => {
+                        return Err(MqttError::ConnectionRefused {
+                            host: config.host.clone(),
+                            port: config.port,
+                            code,
+                        });
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "MQTT connection failed; reconnecting");
                         tokio::select! {
@@ -121,11 +173,23 @@ impl MqttBridge {
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), drain_until_disconnected(&mut event_loop)).await;
         tracing::info!("MQTT bridge stopped");
+        Ok(())
+    }
+
+    /// Cuts an oversized payload to what its dead letter will carry before it waits for its
+    /// turn, so that in-flight messages hold at most that much each.
+    fn receive(&self, mut publish: Publish) -> Incoming {
+        let original_size = publish.payload.len();
+        if original_size > self.config.max_payload_bytes {
+            let kept = original_size.min(self.producer.dead_letter_payload_limit());
+            publish.payload = Bytes::copy_from_slice(&publish.payload[..kept]);
+        }
+        Incoming { publish, original_size }
     }
 
     async fn process_messages(
         self: Arc<Self>,
-        mut work_rx: mpsc::Receiver<Publish>,
+        mut work_rx: mpsc::Receiver<Incoming>,
         client: AsyncClient,
         shutdown: CancellationToken,
     ) {
@@ -134,7 +198,7 @@ impl MqttBridge {
         while open || !pending.is_empty() {
             tokio::select! {
                 received = work_rx.recv(), if open => match received {
-                    Some(publish) => pending.push_back(Arc::clone(&self).handle_with_retries(publish, shutdown.clone())),
+                    Some(incoming) => pending.push_back(Arc::clone(&self).handle_with_retries(incoming, shutdown.clone())),
                     None => open = false,
                 },
                 Some(done) = pending.next(), if !pending.is_empty() => {
@@ -149,23 +213,35 @@ impl MqttBridge {
         }
     }
 
-    /// Processes one message until Kafka acknowledged it; returns it for acknowledgement, or
-    /// `None` when shutdown interrupted the retries (the broker will deliver it again).
+    /// Processes one message until Kafka acknowledged it (the readings, or their dead letter);
+    /// returns it for acknowledgement, or `None` when shutdown interrupted the retries (the
+    /// broker will deliver it again). Only errors that another attempt may cure are retried: a
+    /// message Kafka refuses as such is dead-lettered or, failing that, dropped and counted.
     async fn handle_with_retries(
         self: Arc<Self>,
-        publish: Publish,
+        incoming: Incoming,
         shutdown: CancellationToken,
     ) -> Option<Publish> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.handle(&publish).await {
+            let handled = std::panic::AssertUnwindSafe(self.handle(&incoming)).catch_unwind().await;
+            let result = match handled {
+                Ok(result) => result,
+                Err(panic) => {
+                    let message = panic_message(panic.as_ref());
+                    tracing::error!(topic = %incoming.publish.topic, panic = %message, "ingest panicked on an MQTT message; dead-lettering it");
+                    self.metrics.record_task_failure("mqtt_message");
+                    self.handle_panicked(&incoming, &message).await
+                }
+            };
+            match result {
                 Ok(outcome) => {
                     self.record(outcome, started);
-                    return Some(publish);
+                    return Some(incoming.publish);
                 }
                 Err(error) => {
-                    tracing::warn!(topic = %publish.topic, error = %error_chain(&error), "failed to produce MQTT reading; retrying");
+                    tracing::warn!(topic = %incoming.publish.topic, error = %error_chain(&error), "failed to produce MQTT reading; retrying");
                     if shutdown.is_cancelled() {
                         return None;
                     }
@@ -187,6 +263,10 @@ impl MqttBridge {
             Outcome::DeadLettered { stream, reason, num_records } => {
                 self.metrics.record_rejected(&stream, TRANSPORT, reason, num_records)
             }
+            Outcome::Dropped { stream, reason, num_records } => {
+                self.metrics.record_rejected(&stream, TRANSPORT, reason, num_records);
+                self.metrics.record_mqtt_dropped(&stream, reason);
+            }
             Outcome::Ignored => {
                 self.metrics.record_rejected("unknown", TRANSPORT, RejectReason::UnknownStream, 1)
             }
@@ -194,7 +274,8 @@ impl MqttBridge {
         self.metrics.record_request(TRANSPORT, 0, started.elapsed());
     }
 
-    async fn handle(&self, publish: &Publish) -> Result<Outcome, ProduceError> {
+    async fn handle(&self, incoming: &Incoming) -> Result<Outcome, ProduceError> {
+        let publish = &incoming.publish;
         let Some((stream, device_id)) = self.parse_topic(&publish.topic) else {
             tracing::warn!(topic = %publish.topic, "MQTT message outside <prefix>/<stream>/<device_id>; acknowledged and not stored");
             return Ok(Outcome::Ignored);
@@ -203,19 +284,17 @@ impl MqttBridge {
             tracing::warn!(topic = %publish.topic, "MQTT message for an unknown stream; acknowledged and not stored");
             return Ok(Outcome::Ignored);
         };
-        let dead_letter = |reason: RejectReason, detail: String, num_records: usize| async move {
-            let topic = self.topics.dead_letter(stream);
-            self.producer
-                .produce_dead_letter(
-                    &topic,
-                    device_id,
-                    &publish.payload,
-                    &detail,
-                    &format!("mqtt:{}", publish.topic),
-                )
-                .await?;
-            Ok(Outcome::DeadLettered { stream: stream.to_string(), reason, num_records })
+        let dead_letter = |reason: RejectReason, detail: String, num_records: usize| {
+            self.dead_letter(incoming, stream, device_id, reason, detail, num_records)
         };
+        let max_payload_bytes = self.config.max_payload_bytes;
+        if incoming.original_size > max_payload_bytes {
+            let detail = format!(
+                "payload of {} bytes exceeds the limit of {max_payload_bytes} bytes (mqtt.max_payload_bytes); nothing of it was stored",
+                incoming.original_size
+            );
+            return dead_letter(RejectReason::TooLarge, detail, 1).await;
+        }
         let mut readings =
             match records::parse_readings(&publish.payload, BodyFormat::Json, &self.record_rules) {
                 Ok(readings) => readings,
@@ -247,13 +326,86 @@ impl MqttBridge {
                 return dead_letter(RejectReason::Invalid, rejection_text(&rejected), num_records).await;
             }
         };
+        drop(readings);
         let outgoing = batch.records.iter().map(|record| OutgoingRecord {
             key: &record.key,
             event_time_micros: record.event_time_micros,
             value: batch.value(record),
         });
-        self.producer.produce_batch(&self.topics.stream(stream), &schema.fingerprint_hex(), outgoing).await?;
-        Ok(Outcome::Accepted { stream: stream.to_string(), num_records })
+        match self
+            .producer
+            .produce_batch(&self.topics.stream(stream), &schema.fingerprint_hex(), outgoing)
+            .await
+        {
+            Ok(()) => Ok(Outcome::Accepted { stream: stream.to_string(), num_records }),
+            Err(error) if error.is_permanent() => {
+                let detail = format!("Kafka refused the readings: {}", error_chain(&error));
+                dead_letter(RejectReason::TooLarge, detail, num_records).await
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Produces `incoming` to its stream's dead-letter topic. A dead letter Kafka refuses as such
+    /// (too large even cut) is dropped: acknowledged, logged and counted.
+    async fn dead_letter(
+        &self,
+        incoming: &Incoming,
+        stream: &str,
+        device_id: &str,
+        reason: RejectReason,
+        detail: String,
+        num_records: usize,
+    ) -> Result<Outcome, ProduceError> {
+        let publish = &incoming.publish;
+        let topic = self.topics.dead_letter(stream);
+        let source = format!("mqtt:{}", publish.topic);
+        let letter = DeadLetter {
+            key: device_id,
+            payload: &publish.payload,
+            original_size_opt: Some(incoming.original_size),
+            reason: &detail,
+            source: &source,
+        };
+        match self.producer.produce_dead_letter(&topic, letter).await {
+            Ok(DeadLetterWritten::Whole) => {}
+            Ok(DeadLetterWritten::Truncated) => tracing::warn!(
+                topic = %publish.topic,
+                original_size = incoming.original_size,
+                limit = self.producer.dead_letter_payload_limit(),
+                "MQTT payload dead-lettered with its first bytes only: it exceeds the dead-letter limit"
+            ),
+            Err(error) if error.is_permanent() => {
+                tracing::error!(
+                    topic = %publish.topic,
+                    original_size = incoming.original_size,
+                    reason = %detail,
+                    error = %error_chain(&error),
+                    "Kafka refused even the dead letter of an MQTT message; acknowledged and dropped"
+                );
+                return Ok(Outcome::Dropped { stream: stream.to_string(), reason, num_records });
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(Outcome::DeadLettered { stream: stream.to_string(), reason, num_records })
+    }
+
+    /// Handles a message whose handling panicked (a bug in ingest): dead-lettered with the panic
+    /// as reason rather than retried, because the broker would deliver it again after any crash
+    /// and it would stop every restart the same way.
+    async fn handle_panicked(
+        &self,
+        incoming: &Incoming,
+        panic_message: &str,
+    ) -> Result<Outcome, ProduceError> {
+        let Some((stream, device_id)) = self.parse_topic(&incoming.publish.topic) else {
+            return Ok(Outcome::Ignored);
+        };
+        if self.schemas.stream(stream).is_none() {
+            return Ok(Outcome::Ignored);
+        }
+        let detail = format!("ingest failed on this message (panicked: {panic_message}); please report it");
+        self.dead_letter(incoming, stream, device_id, RejectReason::Invalid, detail, 1).await
     }
 
     fn parse_topic<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
@@ -267,6 +419,17 @@ impl MqttBridge {
 /// The rejections as JSON, the same shape as the HTTP 400 answer's `rejected` list.
 fn rejection_text(rejected: &[RejectedRecord]) -> String {
     serde_json::to_string(rejected).unwrap_or_else(|_| "invalid reading".to_string())
+}
+
+/// Refusals that another attempt with the same settings cannot cure.
+fn refusal_is_final(code: ConnectReturnCode) -> bool {
+    matches!(
+        code,
+        ConnectReturnCode::RefusedProtocolVersion
+            | ConnectReturnCode::BadClientId
+            | ConnectReturnCode::BadUserNamePassword
+            | ConnectReturnCode::NotAuthorized
+    )
 }
 
 async fn drain_until_disconnected(event_loop: &mut EventLoop) {

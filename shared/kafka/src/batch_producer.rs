@@ -136,6 +136,24 @@ impl BatchProducer {
         Some(BatchOutcome { num_failed: batch.num_failed.load(Ordering::Acquire), first_error_opt })
     }
 
+    /// The fatal error this producer hit, if any. An idempotent producer that lost track of its
+    /// sequence numbers (a broker that stalled past the delivery timeout, or came back empty)
+    /// refuses every record from then on: the caller must replace it with a new one.
+    pub fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.producer.client().fatal_error()
+    }
+
+    /// The names of the topics the broker knows, or the metadata request's error.
+    pub fn fetch_topic_names(&self, timeout: Duration) -> KafkaResult<Vec<String>> {
+        let metadata = self.producer.client().fetch_metadata(None, timeout)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|topic| topic.error().is_none())
+            .map(|topic| topic.name().to_string())
+            .collect())
+    }
+
     pub fn fetch_metadata_ok(&self, timeout: Duration) -> bool {
         self.producer.client().fetch_metadata(None, timeout).is_ok()
     }
