@@ -71,10 +71,13 @@ async fn a_replaced_broker_is_detected_and_one_command_lets_new_readings_land() 
 
     // The running compactor rejoins the group on the new broker, finds its positions beyond the
     // partitions' ends, and says so.
+    let all_beyond = |compactor: &sluice_compactor::RunningCompactor| compactor.partitions_beyond_end().len() == 4;
     assert!(
-        wait_for_readyz(health, 503, Duration::from_secs(90)).await,
-        "the running compactor reports the positions beyond the broker's end"
+        wait_until(Duration::from_secs(90), || std::future::ready(all_beyond(&compactor))).await,
+        "the running compactor reports the positions beyond the broker's end: {:?}",
+        compactor.partitions_beyond_end()
     );
+    assert_eq!(readyz(health).await, 503);
     shutdown.cancel();
     compactor.wait().await.unwrap();
 
@@ -84,15 +87,9 @@ async fn a_replaced_broker_is_detected_and_one_command_lets_new_readings_land() 
     let _shutdown_guard = shutdown.clone().drop_guard();
     let compactor = sluice_compactor::start(config.clone(), shutdown.clone()).await.unwrap();
     let health = compactor.health_address().unwrap();
-    let reported = wait_until(Duration::from_secs(60), || {
-        let lake = open_local_lake(&lake_dir);
-        async move {
-            // Not ready, though assigned: the lake's positions did not move meanwhile.
-            readyz(health).await == 503 && lake.committed_partitions("telemetry").await.unwrap().len() == 4
-        }
-    })
-    .await;
-    assert!(reported);
+    let reported = wait_until(Duration::from_secs(90), || std::future::ready(all_beyond(&compactor))).await;
+    assert!(reported, "the restarted compactor reports them too: {:?}", compactor.partitions_beyond_end());
+    assert_eq!(readyz(health).await, 503);
     assert_eq!(
         read_lake_rows(&lake_dir, "telemetry").unwrap().len(),
         before.len(),
@@ -117,16 +114,36 @@ async fn a_replaced_broker_is_detected_and_one_command_lets_new_readings_land() 
     let rows = wait_for_lake_rows(&lake_dir, "telemetry", expected.len(), Duration::from_secs(60)).await;
     assert_exactly_once(&rows, &expected);
     assert!(wait_for_readyz(health, 200, Duration::from_secs(30)).await, "ready again");
-    // More readings keep landing.
-    let later = readings_from(600, 60, 2_000_000);
+    // Replaced once more while this compactor runs: it rejoins the group on the new broker,
+    // reports, and reads on after the command without a restart.
+    let mut broker = broker;
+    broker.kill().await;
+    let broker = Broker::start_on(broker.port).await.unwrap();
+    let later = readings_from(300, 60, 2_000_000);
     produce_readings(&broker.bootstrap_servers(), &topic, &later).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(90), || std::future::ready(all_beyond(&compactor))).await,
+        "the running compactor reports the second replacement: {:?}",
+        compactor.partitions_beyond_end()
+    );
+    assert_eq!(readyz(health).await, 503);
+    let output = tokio::process::Command::new(workspace_binary("sluice-compactor"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["reset-position", "--stream", "telemetry", "--to-offset", "0", "--reason", "second replacement"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let expected: Vec<serde_json::Value> = expected.into_iter().chain(later).collect();
     let rows = wait_for_lake_rows(&lake_dir, "telemetry", expected.len(), Duration::from_secs(60)).await;
+    assert!(wait_for_readyz(health, 200, Duration::from_secs(30)).await, "ready again");
     shutdown.cancel();
     compactor.wait().await.unwrap();
     assert_exactly_once(&rows, &expected);
     let lake = open_local_lake(&lake_dir);
     let resets: Vec<_> =
         lake.commits("telemetry").await.unwrap().into_iter().filter_map(|commit| commit.reset_opt).collect();
-    assert_eq!(resets.len(), 4);
+    assert_eq!(resets.len(), 8, "{resets:?}");
+    assert!(resets.iter().all(|reset| reset.previous_end_offset > 0));
 }

@@ -102,6 +102,12 @@ impl RunningCompactor {
     pub fn is_ready(&self) -> bool {
         self.health.is_ready()
     }
+
+    /// The (topic, partition)s paused because the lake's committed position is beyond the
+    /// broker's end (docs/operations.md, "Broker lost a partition's records").
+    pub fn partitions_beyond_end(&self) -> Vec<(String, i32)> {
+        self.health.partitions_beyond_end()
+    }
 }
 
 /// Computes each stream's watermark from the commit records and publishes it, every interval.

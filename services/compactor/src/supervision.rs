@@ -86,6 +86,10 @@ impl CompactorHealth {
     pub(crate) fn is_ready(&self) -> bool {
         self.readiness.is_ready()
     }
+
+    pub(crate) fn partitions_beyond_end(&self) -> Vec<(String, i32)> {
+        self.state.lock().map(|state| state.beyond_end.iter().cloned().collect()).unwrap_or_default()
+    }
 }
 
 /// Runs a task of the service and watches it: when it returns an error or panics, the service
