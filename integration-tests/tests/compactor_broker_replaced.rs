@@ -71,7 +71,8 @@ async fn a_replaced_broker_is_detected_and_one_command_lets_new_readings_land() 
 
     // The running compactor rejoins the group on the new broker, finds its positions beyond the
     // partitions' ends, and says so.
-    let all_beyond = |compactor: &sluice_compactor::RunningCompactor| compactor.partitions_beyond_end().len() == 4;
+    let all_beyond =
+        |compactor: &sluice_compactor::RunningCompactor| compactor.partitions_beyond_end().len() == 4;
     assert!(
         wait_until(Duration::from_secs(90), || std::future::ready(all_beyond(&compactor))).await,
         "the running compactor reports the positions beyond the broker's end: {:?}",
@@ -130,7 +131,15 @@ async fn a_replaced_broker_is_detected_and_one_command_lets_new_readings_land() 
     let output = tokio::process::Command::new(workspace_binary("sluice-compactor"))
         .arg("--config")
         .arg(&config_path)
-        .args(["reset-position", "--stream", "telemetry", "--to-offset", "0", "--reason", "second replacement"])
+        .args([
+            "reset-position",
+            "--stream",
+            "telemetry",
+            "--to-offset",
+            "0",
+            "--reason",
+            "second replacement",
+        ])
         .output()
         .await
         .unwrap();

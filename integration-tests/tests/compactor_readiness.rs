@@ -105,7 +105,8 @@ async fn after_a_member_stopped_during_its_first_join_the_next_is_ready_only_whe
         if readyz(health).await == 200 {
             let ready_after = Instant::now();
             let rows =
-                wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(15)).await;
+                wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(15))
+                    .await;
             assert_eq!(rows.len(), readings.len(), "said ready, but the readings did not land within 15 s");
             assert!(ready_after.elapsed() < Duration::from_secs(15));
             break;
