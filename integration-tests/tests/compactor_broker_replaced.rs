@@ -4,11 +4,12 @@
 //! running or restarted; one operator command records a new position, and then every new
 //! reading lands, exactly once.
 //!
-//! Known flake: about one run in three dies of SIGSEGV in librdkafka 2.12.1 (rdk:main,
-//! `rd_kafka_metadata_cache_find` called with a NULL topic name by `rd_kafka_metadata_update_op`,
-//! the leader-discovery tags of a fetch response) soon after a broker is replaced; Tansu's answers
-//! about a topic the empty broker does not know yet trigger it. It happens without the compactor's
-//! changes too, and takes any client in the process.
+//! Known flake: about one run in three dies of SIGSEGV in librdkafka 2.12.1 soon after a broker
+//! is replaced (thread rdk:main: `rd_kafka_metadata_update_op` -> `rd_kafka_metadata_cache_find`
+//! -> `strcmp(NULL)`). gdb shows the compactor's consumer handling the leader-discovery tags
+//! (KIP-951) of a fetch response in which Tansu named the topic by a zero topic id, so librdkafka
+//! has no name to look up. Kafka sends real topic ids. It happens without this area's changes too
+//! (seen while checking the test fails without them) and can take any consumer in the process.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
