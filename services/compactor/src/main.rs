@@ -21,7 +21,7 @@ Example: SLUICE_OBJECT_STORE__URL=s3://lake/telemetry sluice-compactor --config 
 )]
 struct Args {
     /// TOML configuration file.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     config: Option<PathBuf>,
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
@@ -47,7 +47,7 @@ See docs/operations.md, \"Broker lost a partition's records\".")]
         partitions: Vec<i32>,
         /// The offset to read from next: 0 (the start of a new, empty broker's log) reads every
         /// reading the broker holds now; the partition's end skips them.
-        #[arg(long, value_name = "OFFSET")]
+        #[arg(long, value_name = "OFFSET", allow_negative_numbers = true)]
         to_offset: i64,
         /// Kept in the commit record, for whoever reads it later.
         #[arg(long, default_value = "broker lost the partition's records")]
