@@ -245,6 +245,7 @@ async fn prepare(dir: &Path, rows: usize, devices: usize, row_group_rows: usize)
             max_event_time_micros_opt: Some(hour_start + HOUR - 1),
             writer_id: "query-benchmark".into(),
             created_at_micros: sluice_integration_tests::now_micros(),
+            reset_opt: None,
         };
         lake.create_commit(&record).await.unwrap();
     }

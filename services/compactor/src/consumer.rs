@@ -30,6 +30,7 @@ use tokio::runtime::Handle;
 use crate::config::FlushConfig;
 use crate::metrics::CompactorMetrics;
 use crate::parquet_file::encode_partitioned;
+use crate::supervision::CompactorHealth;
 
 /// Kafka header on dead letters: why the record could not be compacted.
 pub const DEAD_LETTER_REASON_HEADER: &str = "sluice.dlq.reason";
@@ -38,6 +39,8 @@ pub const DEAD_LETTER_SOURCE_HEADER: &str = "sluice.dlq.source";
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const TRIGGER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a partition waiting beyond the broker's end looks for a new position in the lake.
+const NEW_POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const STORE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const ASSIGN_LOAD_ATTEMPTS: u32 = 5;
 /// Values copied aside before they are decoded together: large enough that arrow-avro decodes
@@ -61,6 +64,18 @@ pub(crate) enum RebalanceEvent {
     Assigned(Vec<(String, i32, Option<CommitRecord>)>),
     Revoked(Vec<(String, i32)>),
     Failed(String),
+    /// From librdkafka's statistics: per partition, the high watermark of the last fetch
+    /// response and the fetch position at the same moment.
+    BrokerEnds(Vec<BrokerEnd>),
+}
+
+#[derive(Debug)]
+pub(crate) struct BrokerEnd {
+    topic: String,
+    partition: i32,
+    high_watermark: i64,
+    fetch_position: i64,
+    fetching: bool,
 }
 
 pub(crate) struct RebalanceContext {
@@ -73,14 +88,34 @@ pub(crate) struct RebalanceContext {
 
 impl ClientContext for RebalanceContext {
     /// librdkafka's periodic statistics carry each assigned partition's lag.
+    /// ... and the high watermark of the last fetch response, which says whether the lake's
+    /// committed position is beyond the broker's end (ListOffsets is not used for that: Tansu's
+    /// memory storage answers it wrongly, while its fetch responses carry the right value).
     fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut broker_ends = Vec::new();
         for (topic, topic_statistics) in &statistics.topics {
             for (partition, partition_statistics) in &topic_statistics.partitions {
                 // -1 marks partitions not assigned here, and the internal UA partition.
                 if *partition >= 0 && partition_statistics.consumer_lag >= 0 {
                     self.metrics.record_consumer_lag(topic, *partition, partition_statistics.consumer_lag);
                 }
+                // Negative values mean "no fetch response yet".
+                if *partition >= 0
+                    && partition_statistics.hi_offset >= 0
+                    && partition_statistics.next_offset >= 0
+                {
+                    broker_ends.push(BrokerEnd {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        high_watermark: partition_statistics.hi_offset,
+                        fetch_position: partition_statistics.next_offset,
+                        fetching: partition_statistics.fetch_state == "active",
+                    });
+                }
             }
+        }
+        if !broker_ends.is_empty() {
+            let _ = self.events_tx.send(RebalanceEvent::BrokerEnds(broker_ends));
         }
     }
 }
@@ -216,7 +251,11 @@ struct PartitionState {
     num_dead_lettered: u64,
     committed_max_event_time_opt: Option<i64>,
     buffered_max_event_time_opt: Option<i64>,
-    warned_behind_commit: bool,
+    /// The broker's end offset when the committed position was found beyond it: the partition
+    /// is paused until an operator records a new position (docs/operations.md).
+    beyond_end_opt: Option<i64>,
+    /// The previous statistics already showed the fetch position beyond the broker's end.
+    seen_beyond_end: bool,
 }
 
 impl PartitionState {
@@ -236,7 +275,8 @@ impl PartitionState {
             num_dead_lettered: 0,
             committed_max_event_time_opt: None,
             buffered_max_event_time_opt: None,
-            warned_behind_commit: false,
+            beyond_end_opt: None,
+            seen_beyond_end: false,
         };
         state.reset_to(latest);
         Ok(state)
@@ -288,6 +328,7 @@ pub(crate) struct CompactorLoop {
     pub(crate) flush: FlushConfig,
     pub(crate) dead_letters: BatchProducer,
     pub(crate) metrics: Arc<CompactorMetrics>,
+    pub(crate) health: CompactorHealth,
     pub(crate) writer_id: String,
     pub(crate) shutdown: CancellationToken,
 }
@@ -301,8 +342,10 @@ impl CompactorLoop {
             .subscribe(&topic_refs)
             .map_err(|source| LoopError::Subscribe { topics: topics.clone(), source })?;
         tracing::info!(?topics, writer_id = %self.writer_id, "compactor consuming");
+        self.health.set_consuming(true);
         let mut partitions: HashMap<(String, i32), PartitionState> = HashMap::new();
         let mut last_trigger_check = Instant::now();
+        let mut last_position_check = Instant::now();
         let result = loop {
             if self.shutdown.is_cancelled() {
                 break Ok(());
@@ -331,7 +374,12 @@ impl CompactorLoop {
                 last_trigger_check = Instant::now();
                 self.flush_due(&mut partitions);
             }
+            if last_position_check.elapsed() >= NEW_POSITION_CHECK_INTERVAL {
+                last_position_check = Instant::now();
+                self.check_for_new_positions(&mut partitions);
+            }
         };
+        self.health.set_consuming(false);
         // Flush what is buffered: the range is committed now rather than read again later.
         for (key, state) in partitions.iter_mut() {
             if state.has_uncommitted() {
@@ -366,12 +414,20 @@ impl CompactorLoop {
                         tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |record| record.end_offset), "partition assigned");
                         let state = PartitionState::new(Arc::clone(stream), latest.as_ref())
                             .map_err(|error| LoopError::Rebalance(error.to_string()))?;
+                        self.metrics.record_position_beyond_end(&stream.stream, partition, 0);
                         partitions.insert((topic, partition), state);
                     }
+                    // An empty assignment counts too: the group has more members than partitions,
+                    // and this one knows it has nothing to do.
+                    self.health.set_assigned(true);
                 }
+                RebalanceEvent::BrokerEnds(broker_ends) => self.apply_broker_ends(partitions, broker_ends),
                 RebalanceEvent::Revoked(revoked) => {
+                    self.health.set_assigned(false);
                     for key in revoked {
                         if let Some(state) = partitions.remove(&key) {
+                            // The gauge would otherwise keep its last value in this instance.
+                            self.metrics.record_position_beyond_end(&state.stream.stream, key.1, 0);
                             tracing::info!(topic = %key.0, partition = key.1, dropped_records = state.num_buffered_rows() + state.pending.records.len(), "partition revoked; uncommitted rows dropped");
                         }
                     }
@@ -387,20 +443,18 @@ impl CompactorLoop {
     /// interrupted a dead-letter write.
     fn buffer_message(&self, state: &mut PartitionState, message: &BorrowedMessage<'_>) -> bool {
         let offset = message.offset();
+        if state.beyond_end_opt.is_some() {
+            // Fetched before the pause took effect; read again from the position recorded next.
+            return true;
+        }
         if offset < state.next_offset {
-            // Kafka handed back a record the lake already has: a duplicate delivery after a seek,
-            // or, if it keeps happening, a topic that was recreated or a broker that lost data
-            // (its offsets restarted below what the commit records say).
-            if !state.warned_behind_commit {
-                state.warned_behind_commit = true;
-                tracing::warn!(
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset,
-                    committed_end = state.next_offset,
-                    "record below the committed offset skipped; if this repeats, the topic's offsets went backwards (recreated topic?) and docs/operations.md says what to do"
-                );
-            }
+            // Kafka does not hand out a record below the position the consumer was told to start
+            // from, unless the partition's offsets went backwards: after an offset-out-of-range
+            // reset the broker lost its records (replaced by an empty one, restored from
+            // nothing, topic recreated). Skipping them would lose the readings the new log holds,
+            // so the partition stops and waits for an operator. If the statistics show that the
+            // broker does hold the position after all, it goes on by itself.
+            self.stop_beyond_end(message.topic(), message.partition(), state, offset);
             return true;
         }
         state.range_start_opt.get_or_insert(offset);
@@ -426,9 +480,34 @@ impl CompactorLoop {
         let values: Vec<&[u8]> =
             pending.records.iter().map(|(_, _, value)| &pending.bytes[value.clone()]).collect();
         let decoded = state.decoder.decode(&values);
-        let mut batch = decoded.batch;
+        let batch = decoded.batch;
+        // Rows come in record order, one per record the decoder did not refuse.
+        let mut row_records = Vec::with_capacity(batch.num_rows());
+        let mut refused_by_decoder = decoded.rejected.iter().map(|(index, _)| *index).peekable();
+        for index in 0..values.len() {
+            if refused_by_decoder.next_if_eq(&index).is_none() {
+                row_records.push(index);
+            }
+        }
+        let event_times = event_times_micros(&batch).unwrap_or_default();
+        // A row whose event time no partition can hold (any i64 can be in Kafka: records of older
+        // ingest versions, or of other producers) is refused like one that does not decode.
+        let mut refused: Vec<(usize, String)> = decoded.rejected;
+        let mut row_refused = vec![false; batch.num_rows()];
+        debug_assert_eq!(row_records.len(), batch.num_rows(), "one row per record not refused");
+        for (row, &event_time) in event_times.iter().enumerate() {
+            if let Err(error) = PartitionKey::try_for_event_time(event_time, state.stream.granularity)
+                && let Some(&record) = row_records.get(row)
+            {
+                row_refused[row] = true;
+                refused.push((record, error.to_string()));
+            }
+        }
+        refused.sort_by_key(|(index, _)| *index);
         let mut completed = true;
-        for (position, (index, reason)) in decoded.rejected.iter().enumerate() {
+        // Records from this index on stay unread: a dead letter could not be written.
+        let mut cut = values.len();
+        for (index, reason) in &refused {
             let (offset, key, value) = &pending.records[*index];
             let source = format!("kafka:{topic}/{partition}@{offset}");
             if !self.dead_letter(
@@ -438,27 +517,37 @@ impl CompactorLoop {
                 reason,
                 &source,
             ) {
-                // Rows come in record order, one per record that was not refused.
-                batch = batch.slice(0, index - position);
+                cut = *index;
                 state.next_offset = *offset;
                 completed = false;
                 break;
             }
             state.num_dead_lettered += 1;
         }
-        if let Some(event_times) = event_times_micros(&batch) {
-            for &event_time in &event_times {
+        // The kept rows as zero-copy slices of the decoded batch, one per run of kept rows.
+        let is_read = |row: usize| row_records.get(row).is_some_and(|&record| record < cut);
+        let mut row = 0;
+        while row < batch.num_rows() && is_read(row) {
+            if row_refused[row] {
+                row += 1;
+                continue;
+            }
+            let run_start = row;
+            while row < batch.num_rows() && is_read(row) && !row_refused[row] {
+                row += 1;
+            }
+            let kept = batch.slice(run_start, row - run_start);
+            let kept_times = event_times.get(run_start..row).unwrap_or_default();
+            for &event_time in kept_times {
                 state
                     .open_partitions
                     .insert(PartitionKey::for_event_time(event_time, state.stream.granularity));
             }
-            if let Some(&max) = event_times.iter().max() {
+            if let Some(&max) = kept_times.iter().max() {
                 state.buffered_max_event_time_opt =
                     Some(state.buffered_max_event_time_opt.map_or(max, |buffered| buffered.max(max)));
             }
-        }
-        if batch.num_rows() > 0 {
-            state.batches.push(batch);
+            state.batches.push(kept);
         }
         state.pending.clear();
         completed
@@ -594,6 +683,7 @@ impl CompactorLoop {
             max_event_time_micros_opt,
             writer_id: self.writer_id.clone(),
             created_at_micros: now_micros(),
+            reset_opt: None,
         };
         let _commit_span = tracing::info_span!("commit", sequence = record.sequence).entered();
         let outcome = self.handle.block_on(self.lake.create_commit(&record));
@@ -647,6 +737,126 @@ impl CompactorLoop {
         if let Err(error) = self.consumer.seek(&key.0, key.1, offset, Duration::from_secs(10)) {
             tracing::error!(topic = %key.0, partition = key.1, %error, "failed to seek; stopping");
             self.shutdown.cancel();
+            return;
+        }
+        if state.beyond_end_opt.is_some() {
+            // The lake's position changed while the partition waited (a reset record won the
+            // race against this flush): try the new position.
+            self.resume_partition(key, state);
+        }
+    }
+
+    /// Stops reading a partition whose committed position is beyond the broker's end, and says
+    /// so loudly: error log, `sluice_compactor_position_beyond_end_records`, `/readyz` 503.
+    fn stop_beyond_end(&self, topic: &str, partition: i32, state: &mut PartitionState, broker_end: i64) {
+        if state.has_uncommitted() {
+            // Rows read before the broker lost its records exist nowhere else now.
+            self.flush_partition(&(topic.to_string(), partition), state);
+        }
+        state.beyond_end_opt = Some(broker_end);
+        let mut paused = TopicPartitionList::new();
+        paused.add_partition(topic, partition);
+        if let Err(error) = self.consumer.pause(&paused) {
+            tracing::warn!(topic, partition, %error, "failed to pause the partition");
+        }
+        let records_beyond = state.next_offset.saturating_sub(broker_end);
+        self.metrics.record_position_beyond_end(&state.stream.stream, partition, records_beyond);
+        self.health.set_beyond_end(topic, partition, true);
+        tracing::error!(
+            stream = %state.stream.stream,
+            topic,
+            partition,
+            committed_position = state.next_offset,
+            broker_end,
+            "the lake's committed position is beyond the end of the partition on the broker: the broker lost \
+             the partition's records (replaced by an empty broker, restored from nothing, or the topic was \
+             recreated). The partition is paused so that no new reading is skipped. To read what the broker \
+             holds now, record a new position: sluice-compactor reset-position --stream <stream> \
+             --partition <partition> --to-offset 0 (docs/operations.md, \"Broker lost a partition's records\")"
+        );
+    }
+
+    /// Reads a paused partition again from the state's position.
+    fn resume_partition(&self, key: &(String, i32), state: &mut PartitionState) {
+        state.beyond_end_opt = None;
+        state.seen_beyond_end = false;
+        let mut resumed = TopicPartitionList::new();
+        resumed.add_partition(&key.0, key.1);
+        if let Err(error) = self.consumer.resume(&resumed) {
+            tracing::warn!(topic = %key.0, partition = key.1, %error, "failed to resume the partition");
+        }
+        self.metrics.record_position_beyond_end(&state.stream.stream, key.1, 0);
+        self.health.set_beyond_end(&key.0, key.1, false);
+    }
+
+    /// Compares each partition's position with the broker's end from librdkafka's statistics.
+    fn apply_broker_ends(
+        &self,
+        partitions: &mut HashMap<(String, i32), PartitionState>,
+        broker_ends: Vec<BrokerEnd>,
+    ) {
+        for end in broker_ends {
+            let key = (end.topic, end.partition);
+            let Some(state) = partitions.get_mut(&key) else { continue };
+            match state.beyond_end_opt {
+                // A fetch position above the high watermark happens only when the log ends below
+                // where the consumer was told to read (Tansu's memory broker answers such fetches
+                // with nothing instead of an error). librdkafka keeps a partition's high
+                // watermark across assignments, so right after one it can be an old value: only
+                // a second report in a row counts.
+                None => {
+                    let beyond = end.fetching
+                        && end.fetch_position > end.high_watermark
+                        && end.high_watermark < state.next_offset;
+                    if beyond && state.seen_beyond_end {
+                        self.stop_beyond_end(&key.0, key.1, state, end.high_watermark);
+                    }
+                    state.seen_beyond_end = beyond;
+                }
+                Some(_) if end.high_watermark >= state.next_offset => {
+                    tracing::info!(topic = %key.0, partition = key.1, position = state.next_offset, broker_end = end.high_watermark, "the broker holds the committed position after all; reading on");
+                    if let Err(error) = self.consumer.seek(
+                        &key.0,
+                        key.1,
+                        Offset::Offset(state.next_offset),
+                        Duration::from_secs(10),
+                    ) {
+                        tracing::warn!(topic = %key.0, partition = key.1, %error, "failed to seek");
+                        continue;
+                    }
+                    self.resume_partition(&key, state);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A partition waiting beyond the broker's end goes on once its latest commit record
+    /// changed: `sluice-compactor reset-position` recorded a new position (or an operator moved
+    /// the records aside).
+    fn check_for_new_positions(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
+        for (key, state) in partitions.iter_mut().filter(|(_, state)| state.beyond_end_opt.is_some()) {
+            let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
+                Ok(latest) => latest,
+                Err(error) => {
+                    tracing::warn!(partition = key.1, %error, "failed to read the latest commit record");
+                    continue;
+                }
+            };
+            let next_sequence = latest.as_ref().map_or(0, |record| record.sequence.saturating_add(1));
+            if next_sequence == state.next_sequence {
+                continue;
+            }
+            tracing::info!(
+                topic = %key.0,
+                partition = key.1,
+                position = latest.as_ref().map_or(0, |record| record.end_offset),
+                "a new committed position was recorded; reading from it"
+            );
+            if state.has_uncommitted() {
+                tracing::info!(topic = %key.0, partition = key.1, dropped_records = state.num_buffered_rows(), "uncommitted rows dropped; they are read again if the new position is below them");
+            }
+            self.rewind(key, state);
         }
     }
 
@@ -678,6 +888,12 @@ impl CompactorLoop {
             tracing::debug!(%error, "advisory Kafka offset commit failed");
         }
     }
+}
+
+/// Milliseconds from the configuration as microseconds, saturating: a huge setting means "never",
+/// not an overflow.
+pub(crate) fn millis_to_micros(millis: u64) -> i64 {
+    i64::try_from(millis).unwrap_or(i64::MAX).saturating_mul(1_000)
 }
 
 pub(crate) fn now_micros() -> i64 {

@@ -6,8 +6,12 @@ mod consumer;
 mod merge;
 mod metrics;
 mod parquet_file;
+mod reset;
+mod supervision;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +27,8 @@ use crate::consumer::{CompactorLoop, RebalanceContext, StreamInfo};
 pub use crate::consumer::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, LoopError};
 pub use crate::merge::MergeError;
 pub use crate::parquet_file::{EncodeError, writer_properties};
+pub use crate::reset::{ResetError, ResetOutcome, reset_position};
+use crate::supervision::{CompactorHealth, spawn_supervised, supervise};
 
 const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -48,34 +54,59 @@ pub enum CompactorError {
     Parquet(#[from] EncodeError),
     #[error("the consumer loop failed")]
     Loop(#[from] LoopError),
-    #[error("the consumer loop panicked")]
-    Panicked,
+    #[error("the small-file merge failed")]
+    Merge(#[from] MergeError),
+    #[error("the {task} task panicked: {message}")]
+    TaskPanicked { task: &'static str, message: String },
     #[error("failed to serve /healthz and /readyz")]
     Health(#[source] std::io::Error),
 }
 
 pub type Result<T, E = CompactorError> = std::result::Result<T, E>;
 
+/// The compactor's tasks, as `sluice_compactor_task_failures` labels them.
+pub(crate) const TASK_NAMES: [&str; 4] = ["consumer", "merge", "watermark", "janitor"];
+
 /// A started compactor.
 #[derive(Debug)]
 pub struct RunningCompactor {
-    worker: tokio::task::JoinHandle<Result<()>>,
-    janitor: tokio::task::JoinHandle<()>,
-    watermark_publisher: tokio::task::JoinHandle<()>,
-    merger_opt: Option<tokio::task::JoinHandle<()>>,
+    /// Supervised tasks, the consumer loop first.
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    health: CompactorHealth,
+    health_address_opt: Option<SocketAddr>,
 }
 
 impl RunningCompactor {
-    /// Waits until the loop stopped and flushed (after `shutdown` was cancelled, or on failure).
+    /// Waits until every task stopped and the loop flushed (after `shutdown` was cancelled, or
+    /// after a task failed, which cancels it); returns the first failure.
     pub async fn wait(self) -> Result<()> {
-        let result = self.worker.await.unwrap_or(Err(CompactorError::Panicked));
-        // The loop cancels the token when it fails, so the janitor ends either way.
-        let _ = self.janitor.await;
-        let _ = self.watermark_publisher.await;
-        if let Some(merger) = self.merger_opt {
-            let _ = merger.await;
+        let mut first_error_opt = None;
+        for task in self.tasks {
+            let outcome = task.await.unwrap_or_else(|join_error| {
+                Err(CompactorError::TaskPanicked { task: "supervisor", message: join_error.to_string() })
+            });
+            if let Err(error) = outcome {
+                first_error_opt.get_or_insert(error);
+            }
         }
-        result
+        first_error_opt.map_or(Ok(()), Err)
+    }
+
+    /// Where `/healthz` and `/readyz` are served (`health.listen_address`, resolved), if on.
+    pub fn health_address(&self) -> Option<SocketAddr> {
+        self.health_address_opt
+    }
+
+    /// What `/readyz` answers: the instance owns its share of the partitions, each can make
+    /// progress, and no task failed.
+    pub fn is_ready(&self) -> bool {
+        self.health.is_ready()
+    }
+
+    /// The (topic, partition)s paused because the lake's committed position is beyond the
+    /// broker's end (docs/operations.md, "Broker lost a partition's records").
+    pub fn partitions_beyond_end(&self) -> Vec<(String, i32)> {
+        self.health.partitions_beyond_end()
     }
 }
 
@@ -86,12 +117,11 @@ async fn run_watermark_publisher(
     config: config::WatermarkConfig,
     metrics: Arc<metrics::CompactorMetrics>,
     shutdown: CancellationToken,
-) {
-    let allowed_lateness_micros =
-        i64::try_from(config.allowed_lateness_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
+) -> Result<()> {
+    let allowed_lateness_micros = consumer::millis_to_micros(config.allowed_lateness_ms);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
         }
         for (stream, num_partitions) in &partitions_by_stream {
@@ -125,11 +155,11 @@ async fn run_janitor(
     streams: Vec<String>,
     config: config::JanitorConfig,
     shutdown: CancellationToken,
-) {
+) -> Result<()> {
     let min_age = Duration::from_millis(config.min_age_ms);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
         }
         for stream in &streams {
@@ -199,7 +229,8 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         streams.insert(info.topic.clone(), Arc::new(info));
     }
     let readiness = sluice_health::Readiness::default();
-    sluice_health::serve(&config.health, readiness.clone(), shutdown.clone())
+    let health = CompactorHealth::new(readiness.clone());
+    let health_address_opt = sluice_health::serve(&config.health, readiness, shutdown.clone())
         .await
         .map_err(CompactorError::Health)?;
     let topic_statuses = ensure_topics(&config.kafka, &topic_specs, TOPIC_SETUP_TIMEOUT).await?;
@@ -248,27 +279,34 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     } else {
         config.compactor.instance_id.clone()
     };
-    let merger_opt = config.merge.enabled.then(|| {
-        tokio::spawn(merge::run_merger(
+    let supervised =
+        |task: &'static str, future: std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>| {
+            spawn_supervised(task, future, health.clone(), Arc::clone(&metrics), shutdown.clone())
+        };
+    let mut background = Vec::new();
+    if config.merge.enabled {
+        let merger = merge::run_merger(
             lake.clone(),
             merge_targets,
             config.merge.clone(),
             writer_id.clone(),
             shutdown.clone(),
-        ))
-    });
-    let watermark_publisher = tokio::spawn(run_watermark_publisher(
-        lake.clone(),
-        partitions_by_stream,
-        config.watermark.clone(),
-        Arc::clone(&metrics),
-        shutdown.clone(),
+        );
+        background.push(supervised("merge", Box::pin(async move { Ok(merger.await?) })));
+    }
+    background.push(supervised(
+        "watermark",
+        Box::pin(run_watermark_publisher(
+            lake.clone(),
+            partitions_by_stream,
+            config.watermark.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        )),
     ));
-    let janitor = tokio::spawn(run_janitor(
-        lake.clone(),
-        stream_names.clone(),
-        config.janitor.clone(),
-        shutdown.clone(),
+    background.push(supervised(
+        "janitor",
+        Box::pin(run_janitor(lake.clone(), stream_names.clone(), config.janitor.clone(), shutdown.clone())),
     ));
     let compactor_loop = CompactorLoop {
         consumer,
@@ -279,19 +317,14 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         flush: config.flush.clone(),
         dead_letters,
         metrics: Arc::clone(&metrics),
+        health: health.clone(),
         writer_id,
         shutdown: shutdown.clone(),
     };
     // The loop blocks on Kafka and calls the store through the runtime handle: it lives on a
-    // blocking thread. A failed loop cancels the shutdown token so the whole service stops.
-    readiness.set(true);
-    let worker = tokio::task::spawn_blocking(move || {
-        let result = compactor_loop.run().map_err(CompactorError::from);
-        readiness.set(false);
-        if result.is_err() {
-            shutdown.cancel();
-        }
-        result
-    });
-    Ok(RunningCompactor { worker, janitor, watermark_publisher, merger_opt })
+    // blocking thread. It reports readiness itself once the group assigned it partitions.
+    let worker = tokio::task::spawn_blocking(move || compactor_loop.run().map_err(CompactorError::from));
+    let mut tasks = vec![supervise("consumer", worker, health.clone(), Arc::clone(&metrics), shutdown)];
+    tasks.extend(background);
+    Ok(RunningCompactor { tasks, health, health_address_opt })
 }

@@ -15,7 +15,7 @@ use sluice_lake::{
 use sluice_shutdown::CancellationToken;
 
 use crate::config::MergeConfig;
-use crate::consumer::now_micros;
+use crate::consumer::{millis_to_micros, now_micros};
 use crate::parquet_file::{EncodeError, encode_partitioned};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,16 +55,18 @@ pub(crate) async fn run_merger(
     config: MergeConfig,
     writer_id: String,
     shutdown: CancellationToken,
-) {
+) -> Result<(), MergeError> {
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
         }
         for target in &targets {
             match merge_stream(&lake, target, &config, &writer_id, &shutdown).await {
                 Ok(0) => {}
                 Ok(num_merges) => tracing::info!(stream = %target.stream, num_merges, "merged small files"),
+                // A panic is a defect, not a passing store error: trying again would hide it.
+                Err(error @ MergeError::Panicked) => return Err(error),
                 Err(error) => {
                     tracing::warn!(stream = %target.stream, %error, "small-file merge failed; trying again later")
                 }
@@ -87,11 +89,17 @@ pub(crate) async fn merge_stream(
         lake.apply_merge(latest).await?;
     }
     let mut next_sequence = merges.last().map_or(0, |merge| merge.sequence + 1);
-    let closed_before =
-        now_micros() - i64::try_from(config.min_partition_age_ms).unwrap_or(i64::MAX / 1_000) * 1_000;
+    let closed_before = now_micros().saturating_sub(millis_to_micros(config.min_partition_age_ms));
     let mut small_by_partition: BTreeMap<String, Vec<CommittedFile>> = BTreeMap::new();
     for file in lake.live_files(&target.stream).await? {
-        let key = PartitionKey::for_event_time(file.min_event_time_micros, target.granularity);
+        // Files that older versions filed under a partition that cannot hold their rows (event
+        // times outside years 0000-9999) stay as they are: rewriting them could not place them.
+        let (Ok(key), Ok(_)) = (
+            PartitionKey::try_for_event_time(file.min_event_time_micros, target.granularity),
+            PartitionKey::try_for_event_time(file.max_event_time_micros, target.granularity),
+        ) else {
+            continue;
+        };
         if key.end_micros() <= closed_before && (file.size_bytes as usize) < config.small_file_bytes {
             small_by_partition.entry(file.partition.clone()).or_default().push(file);
         }

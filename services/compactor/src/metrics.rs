@@ -18,6 +18,8 @@ pub(crate) struct CompactorMetrics {
     committed_event_time: Gauge<i64>,
     consumer_lag: Gauge<i64>,
     watermark: Gauge<i64>,
+    position_beyond_end: Gauge<i64>,
+    task_failures: Counter<u64>,
 }
 
 impl CompactorMetrics {
@@ -64,6 +66,19 @@ impl CompactorMetrics {
                 .with_unit("s")
                 .with_description("Completeness watermark of the stream, epoch seconds")
                 .build(),
+            position_beyond_end: meter
+                .i64_gauge("sluice_compactor_position_beyond_end_records")
+                .with_unit("{record}")
+                .with_description(
+                    "How far the lake's committed position of a partition is beyond the broker's end \
+                     (0 normally): the broker lost the partition's records, docs/operations.md",
+                )
+                .build(),
+            task_failures: meter
+                .u64_counter("sluice_compactor_task_failures")
+                .with_unit("{task}")
+                .with_description("Tasks of the compactor that failed or panicked; each stops the process")
+                .build(),
         }
     }
 
@@ -77,6 +92,9 @@ impl CompactorMetrics {
             self.files_written.add(0, &labels);
             self.dead_lettered.add(0, &labels);
             self.commit_conflicts.add(0, &labels);
+        }
+        for task in crate::TASK_NAMES {
+            self.task_failures.add(0, &[KeyValue::new("task", task)]);
         }
     }
 
@@ -125,6 +143,18 @@ impl CompactorMetrics {
 
     pub(crate) fn record_dead_letter(&self, stream: &str) {
         self.dead_lettered.add(1, &[KeyValue::new("stream", stream.to_string())]);
+    }
+
+    /// `records_beyond` is 0 when the partition's committed position is within the broker's log.
+    pub(crate) fn record_position_beyond_end(&self, stream: &str, partition: i32, records_beyond: i64) {
+        self.position_beyond_end.record(
+            records_beyond,
+            &[KeyValue::new("stream", stream.to_string()), KeyValue::new("partition", i64::from(partition))],
+        );
+    }
+
+    pub(crate) fn record_task_failure(&self, task: &'static str) {
+        self.task_failures.add(1, &[KeyValue::new("task", task)]);
     }
 
     pub(crate) fn record_commit_conflict(&self, stream: &str) {

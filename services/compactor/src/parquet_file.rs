@@ -12,7 +12,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
-use sluice_lake::{PartitionGranularity, PartitionKey};
+use sluice_lake::{EventTimeOutOfRange, PartitionGranularity, PartitionKey};
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SEQUENCE_FIELD, event_times_micros};
 
 use crate::config::{ParquetCompression, ParquetConfig};
@@ -25,6 +25,8 @@ pub enum EncodeError {
     Parquet(#[from] ParquetError),
     #[error("the batch has no '{0}' column")]
     MissingColumn(&'static str),
+    #[error("a row cannot be partitioned")]
+    EventTime(#[from] EventTimeOutOfRange),
 }
 
 /// One Parquet file for one event-time partition.
@@ -113,8 +115,12 @@ pub(crate) fn encode_partitioned(
                 .values(),
         );
     }
-    let partitions: Vec<PartitionKey> =
-        event_times.iter().map(|&event_time| PartitionKey::for_event_time(event_time, granularity)).collect();
+    // The consumer dead-letters such rows before they are buffered; a file is never written to
+    // a partition that does not hold its rows.
+    let partitions: Vec<PartitionKey> = event_times
+        .iter()
+        .map(|&event_time| PartitionKey::try_for_event_time(event_time, granularity))
+        .collect::<Result<_, _>>()?;
     let mut order: Vec<u32> = (0..event_times.len() as u32).collect();
     order.sort_unstable_by(|&left, &right| {
         let (left, right) = (left as usize, right as usize);

@@ -74,11 +74,48 @@ pub struct CommitRecord {
     /// Which compactor instance wrote it, for operators.
     pub writer_id: String,
     pub created_at_micros: i64,
+    /// Set on a record an operator created with `sluice-compactor reset-position`: it commits no
+    /// rows and moves the partition's position from the previous record's end to `end_offset`
+    /// (`start_offset` equals it), so the chain of ranges has a gap or overlap here on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_opt: Option<PositionReset>,
+}
+
+/// Why and from where a partition's committed position was moved by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PositionReset {
+    /// End offset of the record before the reset.
+    pub previous_end_offset: i64,
+    pub reason: String,
 }
 
 impl CommitRecord {
     pub fn num_rows(&self) -> u64 {
         self.files.iter().map(|file| file.num_rows).sum()
+    }
+
+    /// The record that moves this partition's committed position to `to_offset`: the next in
+    /// the chain, with no files, keeping the committed event time so that the watermark does not
+    /// move back.
+    pub fn position_reset(&self, to_offset: i64, reason: &str, writer_id: &str, now_micros: i64) -> Self {
+        Self {
+            stream: self.stream.clone(),
+            topic: self.topic.clone(),
+            kafka_partition: self.kafka_partition,
+            sequence: self.sequence.saturating_add(1),
+            start_offset: to_offset,
+            end_offset: to_offset,
+            files: Vec::new(),
+            num_dead_lettered: 0,
+            num_duplicates_dropped: 0,
+            max_event_time_micros_opt: self.max_event_time_micros_opt,
+            writer_id: writer_id.to_string(),
+            created_at_micros: now_micros,
+            reset_opt: Some(PositionReset {
+                previous_end_offset: self.end_offset,
+                reason: reason.to_string(),
+            }),
+        }
     }
 }
 
@@ -374,6 +411,23 @@ impl Lake {
         self.read_json(&newest).await.map(Some)
     }
 
+    /// The Kafka partitions of a stream that have commit records, in order.
+    pub async fn committed_partitions(&self, stream: &str) -> Result<Vec<i32>> {
+        let commits_dir = self.absolute(&format!("{METADATA_DIR}/commits/{stream}"));
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&commits_dir))
+            .await
+            .map_err(LakeError::store("list", &commits_dir))?;
+        let mut partitions: Vec<i32> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|directory| directory.filename()?.strip_prefix("partition=")?.parse().ok())
+            .collect();
+        partitions.sort_unstable();
+        Ok(partitions)
+    }
+
     /// Every commit record of a stream, in (partition, sequence) order.
     pub async fn commits(&self, stream: &str) -> Result<Vec<CommitRecord>> {
         let directory = self.absolute(&format!("{METADATA_DIR}/commits/{stream}"));
@@ -621,6 +675,7 @@ mod tests {
             max_event_time_micros_opt: None,
             writer_id: "test".into(),
             created_at_micros: 0,
+            reset_opt: None,
         }
     }
 
@@ -647,6 +702,37 @@ mod tests {
         assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap().unwrap().end_offset, 120);
         assert_eq!(lake.latest_commit("telemetry", 4).await.unwrap(), None);
         assert_eq!(lake.commits("telemetry").await.unwrap().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn a_position_reset_is_the_next_record_created_once_and_read_back() {
+        let lake = lake();
+        assert_eq!(lake.committed_partitions("telemetry").await.unwrap(), Vec::<i32>::new());
+        let mut first = record(0, 0, 500, "a.parquet");
+        first.max_event_time_micros_opt = Some(7_000);
+        lake.create_commit(&first).await.unwrap();
+        let mut other = record(0, 0, 10, "b.parquet");
+        other.kafka_partition = 10;
+        lake.create_commit(&other).await.unwrap();
+        assert_eq!(lake.committed_partitions("telemetry").await.unwrap(), [3, 10], "numeric order");
+
+        let reset = first.position_reset(0, "broker replaced", "operator", 42);
+        assert_eq!((reset.sequence, reset.start_offset, reset.end_offset), (1, 0, 0));
+        assert_eq!(reset.max_event_time_micros_opt, Some(7_000), "the watermark does not move back");
+        assert_eq!(lake.create_commit(&reset).await.unwrap(), CommitOutcome::Created);
+        assert_eq!(lake.create_commit(&reset).await.unwrap(), CommitOutcome::Conflict, "created once");
+        let latest = lake.latest_commit("telemetry", 3).await.unwrap().unwrap();
+        assert_eq!(latest, reset);
+        assert_eq!(
+            latest.reset_opt,
+            Some(PositionReset { previous_end_offset: 500, reason: "broker replaced".into() })
+        );
+        // Records of older versions, without the field, still read.
+        let mut old_json = serde_json::to_value(&first).unwrap();
+        old_json.as_object_mut().unwrap().remove("reset_opt");
+        let parsed: CommitRecord = serde_json::from_value(old_json).unwrap();
+        assert_eq!(parsed.reset_opt, None);
+        assert!(!serde_json::to_string(&first).unwrap().contains("reset_opt"), "absent unless set");
     }
 
     #[tokio::test]

@@ -20,7 +20,9 @@ mod store;
 
 pub use crate::commit::{
     CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
-    METADATA_DIR, MergeRecord, PublishedWatermark,
+    METADATA_DIR, MergeRecord, PositionReset, PublishedWatermark,
 };
-pub use crate::partition::{PartitionGranularity, PartitionKey};
+pub use crate::partition::{
+    EventTimeOutOfRange, MAX_EVENT_TIME_MICROS, MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,
+};
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};
