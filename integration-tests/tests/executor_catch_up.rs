@@ -143,7 +143,8 @@ async fn a_backlog_since_1970_let_through_is_run_in_pages_from_its_first_window(
     // catch-up goes on page after page. (Which job's windows take the run slots is the slots'
     // fair share, not paging: oldest first would leave `other` waiting behind 1970.)
     let today = now_micros().div_euclid(DAY) * DAY;
-    let other = format!("-- name: other\n-- window: 1d\n-- start: {}\nSELECT 2 AS two\n", format_micros(today - DAY));
+    let other =
+        format!("-- name: other\n-- window: 1d\n-- start: {}\nSELECT 2 AS two\n", format_micros(today - DAY));
     let submitted_at = Instant::now();
     submit_job(&broker.bootstrap_servers(), &prefix, "other", Some(&other)).await.unwrap();
     status_of(&broker, &prefix, "other", JobStatusKind::Accepted).await;

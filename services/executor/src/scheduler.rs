@@ -237,7 +237,7 @@ impl Shared {
             let producer = self.producer();
             let record = FutureRecord::to(topic).key(key).payload(payload);
             let Err((error, _)) = producer.send(record, EVENT_DELIVERY_TIMEOUT).await else { return };
-            match producer.client().fatal_error() {
+            match broken_for_good(&producer, &error) {
                 Some((code, reason)) if try_number == 1 => self.replace_producer(&producer, code, &reason),
                 _ => {
                     tracing::warn!(%topic, %key, %error, "failed to publish an executor event");
@@ -302,6 +302,30 @@ impl Shared {
             executor: self.instance_id.clone(),
         }
     }
+}
+
+/// Whether the producer will fail every later send: a fatal error, or a fencing of its producer
+/// id, which librdkafka reports per message without marking the client fatal (seen on Tansu after
+/// a 20 s stall made events time out in flight: every later event got `ProducerFenced`).
+fn broken_for_good(
+    producer: &FutureProducer,
+    error: &rdkafka::error::KafkaError,
+) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
+    use rdkafka::types::RDKafkaErrorCode;
+
+    if let Some(fatal) = producer.client().fatal_error() {
+        return Some(fatal);
+    }
+    let code = error.rdkafka_error_code()?;
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::Fatal
+    )
+    .then(|| (code, error.to_string()))
 }
 
 pub fn now_micros() -> i64 {
