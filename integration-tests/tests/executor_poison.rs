@@ -1,8 +1,8 @@
 //! A definition the executor dies on while validating it stays in `sluice.jobs`, so every
-//! restart used to validate it again and die again. A `sluice-executor` process is killed with
+//! restart used to validate it again and die again. `sluice-executor` processes are killed with
 //! SIGKILL while a definition is being validated (its reference table is a FIFO nobody writes,
-//! so reading it never returns); after the restart that definition is rejected with the reason
-//! on `sluice.job-status` instead of validated again, and good jobs run.
+//! so reading it never returns), twice; after the next restart that definition is rejected with
+//! the reason on `sluice.job-status` instead of validated again, and good jobs run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -85,25 +85,32 @@ async fn a_definition_the_executor_died_validating_is_rejected_after_the_restart
         format!("-- name: {name}\n-- window: 1d\n-- start: {}\n{sql}\n", format_micros(yesterday))
     };
     let stuck_text = job("stuck", "SELECT count(*) AS devices FROM devices");
-    let mut executor = spawn_executor(&config_path, &work_dir.path().join("executor-1.log"));
     submit_job(&broker.bootstrap_servers(), &prefix, "stuck", Some(&stuck_text)).await.unwrap();
     let marker = work_dir.path().join("state/poison-test/validating/stuck.sql");
-    let validating = wait_until(Duration::from_secs(60), || {
-        let marker = marker.clone();
-        async move { marker.exists() }
-    })
-    .await;
-    assert!(validating, "the executor started validating the definition");
-    executor.kill().await.unwrap();
+    // Two processes die validating it: the first death is forgiven (it may have been a kill
+    // for another reason), the second is not.
+    for (number, deaths) in [(1, "deaths: 1\n"), (2, "deaths: 2\n")] {
+        let mut executor =
+            spawn_executor(&config_path, &work_dir.path().join(format!("executor-{number}.log")));
+        let validating = wait_until(Duration::from_secs(60), || {
+            let marker = marker.clone();
+            async move { std::fs::read_to_string(&marker).is_ok_and(|content| content.starts_with(deaths)) }
+        })
+        .await;
+        assert!(validating, "executor {number} started validating the definition");
+        executor.kill().await.unwrap();
+    }
 
     // The reference table is readable now: what killed the first process is gone, yet the
     // definition it died on is not validated again.
     std::fs::remove_file(&reference).unwrap();
     std::fs::write(&reference, "device_id\nd-1\nd-2\n").unwrap();
-    let mut executor = spawn_executor(&config_path, &work_dir.path().join("executor-2.log"));
+    let mut executor = spawn_executor(&config_path, &work_dir.path().join("executor-3.log"));
     let rejected = status_of(&broker, &prefix, "stuck", JobStatusKind::Rejected).await;
     assert!(
-        rejected.reason.contains("stopped (crashed or was killed) while validating this exact definition"),
+        rejected
+            .reason
+            .contains("stopped (crashed or was killed) while validating this exact definition, 2 times"),
         "{}",
         rejected.reason
     );

@@ -78,9 +78,9 @@ pub struct ExecutorSection {
     pub max_backlog_windows: u64,
     /// Due windows one job queues per tick; catch-up goes on in pages of this many.
     pub max_windows_per_job_per_tick: usize,
-    /// Local directory for markers of definitions being validated: a definition that was being
-    /// validated when the process died is refused after the restart. Empty: a directory under
-    /// the system's temporary directory, named for the group.
+    /// Local directory for markers of definitions being validated: a definition that two
+    /// processes died validating is refused after the restart. Empty: a directory under the
+    /// system's temporary directory, named for the group.
     pub state_dir: String,
 }
 
