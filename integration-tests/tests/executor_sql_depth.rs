@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arrow_array::{Array, Int64Array};
 use sluice_executor::events::{JobStatusEvent, JobStatusKind};
-use sluice_executor::sql_depth::{MAX_QUERY_NESTING, nesting_bound};
+use sluice_executor::sql_depth::{MAX_QUERY_NESTING, MAX_SUBQUERY_NESTING, nesting_bound};
 use sluice_integration_tests::{
     Broker, ExecutorService, consume_topic_within, executor_config, open_local_lake, read_job_result,
     repo_root, submit_job, unique_suffix, windows_succeeded, workspace_binary,
@@ -90,8 +90,10 @@ async fn deep_queries_are_refused_with_a_reason_and_the_executor_runs_good_jobs_
         ("parentheses", nested(20_000, "(", ")")),
         ("case_in_case", nested(5_000, "CASE WHEN true THEN ", " END")),
         ("subqueries", nested(5_000, "(SELECT ", ")")),
+        // One over the subquery limit (the outer query is a level too): planning time doubles
+        // with each level.
+        ("subqueries_one_over", nested(MAX_SUBQUERY_NESTING, "(SELECT ", ")")),
         // Under the token limit, over the parser's recursion limit: refused by the parser.
-        ("subqueries_30", nested(30, "(SELECT ", ")")),
         ("parentheses_60", nested(60, "(", ")")),
         ("cte_chain", {
             let ctes: Vec<String> = (1..3_000)
@@ -113,8 +115,17 @@ async fn deep_queries_are_refused_with_a_reason_and_the_executor_runs_good_jobs_
     )
     .await
     .unwrap();
+    let subqueries_at_limit = nested(MAX_SUBQUERY_NESTING - 1, "(SELECT ", ")");
+    submit_job(
+        &broker.bootstrap_servers(),
+        &prefix,
+        "subqueries_at_limit",
+        Some(&job_text("subqueries_at_limit", first_window, &subqueries_at_limit)),
+    )
+    .await
+    .unwrap();
 
-    let events = statuses(&broker, &prefix, refused.len() + 1).await;
+    let events = statuses(&broker, &prefix, refused.len() + 2).await;
     for (name, _) in &refused {
         let event =
             events.iter().find(|event| event.job == *name).unwrap_or_else(|| panic!("{name}: {events:?}"));
@@ -129,8 +140,15 @@ async fn deep_queries_are_refused_with_a_reason_and_the_executor_runs_good_jobs_
     }
     let sum_reason = &events.iter().find(|event| event.job == "sum_100k").unwrap().reason;
     assert!(sum_reason.contains(&format!("at most {MAX_QUERY_NESTING}")), "{sum_reason}");
-    let accepted = events.iter().find(|event| event.job == "at_the_limit").unwrap();
-    assert_eq!(accepted.status, JobStatusKind::Accepted, "{accepted:?}");
+    let subquery_reason = &events.iter().find(|event| event.job == "subqueries_one_over").unwrap().reason;
+    assert!(
+        subquery_reason.contains(&format!("subqueries {} levels deep", MAX_SUBQUERY_NESTING + 1)),
+        "{subquery_reason}"
+    );
+    for name in ["at_the_limit", "subqueries_at_limit"] {
+        let accepted = events.iter().find(|event| event.job == name).unwrap();
+        assert_eq!(accepted.status, JobStatusKind::Accepted, "{accepted:?}");
+    }
 
     // Right at the limit: planned, run and written, on the executor's own threads.
     let starts = [first_window, first_window + HOUR];
@@ -138,6 +156,7 @@ async fn deep_queries_are_refused_with_a_reason_and_the_executor_runs_good_jobs_
     let batches = read_job_result(lake_dir.path(), "at_the_limit", first_window);
     let sums = batches[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap();
     assert_eq!((sums.len(), sums.value(0)), (1, num_terms_at_limit as i64 - 1));
+    assert!(windows_succeeded(&lake, "subqueries_at_limit", &starts, Duration::from_secs(60)).await);
 
     // The executor is still up and takes a good job after all of them.
     submit_job(
