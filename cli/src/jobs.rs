@@ -418,6 +418,16 @@ fn backfill(
     let job = JobDefinition::parse(text, Some(name))
         .map_err(|error| anyhow::anyhow!("the job is invalid: {error}"))?;
     let first = job.window_containing(from_micros);
+    let request_check =
+        BackfillRequest { job: name.to_string(), from_micros, to_micros, requested_at_micros: 0 };
+    // The executor refuses such a request too; refusing here spares listing its windows.
+    if let Some(reason) = sluice_executor::catch_up::backfill_refusal(
+        &request_check,
+        job.window_micros,
+        config.executor.max_backlog_windows,
+    ) {
+        bail!("{reason}");
+    }
     let windows: Vec<i64> =
         (0..).map(|index| first + index * job.window_micros).take_while(|start| *start < to_micros).collect();
     let catalog = open_catalog(config)?;

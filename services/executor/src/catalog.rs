@@ -32,6 +32,7 @@ use datafusion::prelude::{
 use datafusion::scalar::ScalarValue;
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::parser::ParserError;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::path::Path;
@@ -572,7 +573,21 @@ pub async fn plan_query(
 
 /// Refuses anything but one SELECT (or WITH ... SELECT, VALUES, UNION) before planning.
 pub fn check_read_only(sql: &str) -> Result<(), QueryError> {
-    let statements = DFParser::parse_sql(sql).map_err(|error| QueryError(describe(&error)))?;
+    // First, before any tree is built: a tree too deep would abort the process, not fail.
+    crate::sql_depth::check_nesting(sql, crate::sql_depth::MAX_QUERY_NESTING)
+        .map_err(|error| QueryError(error.to_string()))?;
+    let statements = DFParser::parse_sql(sql).map_err(|error| match &error {
+        DataFusionError::SQL(parser_error, _)
+            if matches!(parser_error.as_ref(), ParserError::RecursionLimitExceeded) =>
+        {
+            QueryError(
+                "the query nests parentheses, subqueries or CASE expressions too deeply: the parser's \
+                 recursion limit is 50 (a subquery takes two or more); flatten it with CTEs or joins"
+                    .to_string(),
+            )
+        }
+        _ => QueryError(describe(&error)),
+    })?;
     if statements.len() != 1 {
         return Err(QueryError(format!(
             "a job holds exactly one query; found {} statements",

@@ -76,6 +76,15 @@ pub struct ExecutorSection {
     pub lease_grace_ms: u64,
     /// How often restating jobs compare their windows' inputs with what they ran on.
     pub restate_check_interval_ms: u64,
+    /// Windows a job may have left to run before now when it is accepted (from its `start`), and
+    /// windows one backfill request may cover; past it the job or request is refused.
+    pub max_backlog_windows: u64,
+    /// Due windows one job queues per tick; catch-up goes on in pages of this many.
+    pub max_windows_per_job_per_tick: usize,
+    /// Local directory for markers of definitions being validated: a definition that two
+    /// processes died validating is refused after the restart. Empty: a directory under the
+    /// system's temporary directory, named for the group.
+    pub state_dir: String,
 }
 
 impl Default for ExecutorSection {
@@ -91,6 +100,9 @@ impl Default for ExecutorSection {
             retry_backoff_ms: 10_000,
             lease_grace_ms: 30_000,
             restate_check_interval_ms: 60_000,
+            max_backlog_windows: 100_000,
+            max_windows_per_job_per_tick: 64,
+            state_dir: String::new(),
         }
     }
 }
@@ -219,6 +231,8 @@ impl Validate for ExecutorConfig {
             ("executor.max_timeout_ms", section.max_timeout_ms),
             ("executor.default_max_attempts", u64::from(section.default_max_attempts)),
             ("executor.restate_check_interval_ms", section.restate_check_interval_ms),
+            ("executor.max_backlog_windows", section.max_backlog_windows),
+            ("executor.max_windows_per_job_per_tick", section.max_windows_per_job_per_tick as u64),
         ] {
             if value == 0 {
                 issues.push(ConfigIssue::new(key, "must be greater than 0"));

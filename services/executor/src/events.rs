@@ -26,6 +26,8 @@ pub enum JobStatusKind {
     Deleted,
     /// A window failed every attempt; it is not retried unless backfilled.
     WindowFailed,
+    /// A backfill request was refused (the reason says why); the job itself runs on.
+    BackfillRefused,
 }
 
 /// A status event, keyed by job name.

@@ -14,6 +14,12 @@ const MICROS_PER_SECOND: i64 = 1_000_000;
 /// A window shorter than this would schedule more runs than one executor can keep up with.
 const MIN_WINDOW_MICROS: i64 = MICROS_PER_SECOND;
 const MAX_NAME_LEN: usize = 100;
+/// Ten years: longer windows or lateness are typos, and with starts in years 1970-9999 every sum
+/// of a window start, a window and a lateness stays far inside an i64.
+const MAX_WINDOW_MICROS: i64 = 3_660 * 86_400 * MICROS_PER_SECOND;
+/// 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z: starts outside are typos or overflows.
+const MIN_START_MICROS: i64 = 0;
+const MAX_START_MICROS: i64 = 253_402_300_799 * MICROS_PER_SECOND;
 
 /// A parsed job: its settings and the SQL body.
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +196,17 @@ impl JobDefinition {
         if window_micros < MIN_WINDOW_MICROS {
             return fail("window must be at least 1s".to_string());
         }
+        if window_micros > MAX_WINDOW_MICROS {
+            return fail("window must be at most 3660d (ten years)".to_string());
+        }
+        if lateness_micros > MAX_WINDOW_MICROS {
+            return fail("lateness must be at most 3660d (ten years)".to_string());
+        }
+        if let Some(start) = start_micros_opt
+            && !(MIN_START_MICROS..=MAX_START_MICROS).contains(&start)
+        {
+            return fail("start must be between 1970-01-01 and 9999-12-31".to_string());
+        }
         let schedule_opt = schedule_opt
             .map(|expression| Schedule::parse(&expression, &time_zone))
             .transpose()
@@ -216,7 +233,8 @@ impl JobDefinition {
 
     /// The window that contains `micros`.
     pub fn window_containing(&self, micros: i64) -> i64 {
-        micros.div_euclid(self.window_micros) * self.window_micros
+        // Saturating: a window at the very bottom of the i64 range is not one that runs.
+        micros.div_euclid(self.window_micros).saturating_mul(self.window_micros)
     }
 }
 
@@ -366,5 +384,25 @@ mod tests {
         let t = parse_timestamp_micros("2026-11-26T08:59:59Z").unwrap();
         assert_eq!(format_micros(job.window_containing(t)), "2026-11-26T08:00:00Z");
         assert_eq!(format_micros(parse_timestamp_micros("2026-11-26").unwrap()), "2026-11-26T00:00:00Z");
+    }
+
+    #[test]
+    fn windows_lateness_and_starts_are_bounded_so_their_sums_cannot_overflow() {
+        let parse = |headers: &str| JobDefinition::parse(&format!("-- name: a\n{headers}\nSELECT 1"), None);
+        assert!(parse("-- window: 3660d").is_ok());
+        assert!(parse("-- window: 3661d").unwrap_err().0.contains("at most 3660d"));
+        assert!(parse("-- window: 1h\n-- lateness: 3660d").is_ok());
+        assert!(
+            parse("-- window: 1h\n-- lateness: 3661d").unwrap_err().0.contains("lateness must be at most")
+        );
+        assert!(parse("-- window: 1s\n-- start: 1970-01-01").is_ok());
+        assert!(parse("-- window: 3660d\n-- start: 9999-12-31T23:59:59Z").is_ok());
+        for start in ["1969-12-31T23:59:59Z", "0000-01-01"] {
+            let error = parse(&format!("-- window: 1h\n-- start: {start}")).unwrap_err();
+            assert!(error.0.contains("between 1970-01-01 and 9999-12-31"), "{start}: {error}");
+        }
+        let job = parse("-- window: 3660d").unwrap();
+        assert!(job.window_containing(i64::MIN) <= i64::MIN / 2);
+        assert!(job.window_containing(i64::MAX) > 0);
     }
 }

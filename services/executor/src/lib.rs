@@ -3,6 +3,7 @@
 //! docs/jobs.md is the user's guide; docs/ARCHITECTURE.md says how replicas share the work.
 
 pub mod catalog;
+pub mod catch_up;
 pub mod config;
 pub mod cron;
 pub mod distributed;
@@ -12,6 +13,8 @@ mod join_order;
 pub mod limits;
 pub mod runs;
 pub mod scheduler;
+pub mod sql_depth;
+pub mod validation_markers;
 mod window_bounds;
 
 use std::sync::Arc;

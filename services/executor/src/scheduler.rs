@@ -10,13 +10,14 @@ use datafusion::logical_expr::LogicalPlan;
 use opentelemetry::KeyValue;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sluice_lake::Lake;
 use sluice_shutdown::CancellationToken;
 use sluice_telemetry::{Counter, Gauge, Histogram};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::catalog::{Catalog, Scope, plan_query};
+use crate::catch_up;
 use crate::config::ExecutorConfig;
 use crate::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
 use crate::job::{Engine, JobDefinition, format_micros};
@@ -24,6 +25,7 @@ use crate::runs::{
     AttemptRecord, BackfillRequest, OutcomeRecord, OutcomeStatus, RunRuntime, WindowRun, WindowState, claim,
     load_backfills, load_windows, record_outcome, satisfies,
 };
+use crate::validation_markers::ValidationMarkers;
 
 const EVENT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -80,6 +82,26 @@ pub enum SchedulerError {
     },
     #[error("failed to start the threads that run windows")]
     Runtime(#[source] std::io::Error),
+    #[error("the Kafka {role} failed for good: {reason}")]
+    Fatal { role: &'static str, reason: String },
+    #[error("failed to prepare the state directory {path} (executor.state_dir)")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `executor.state_dir`, or a directory of the group under the temporary directory; a
+/// configured instance id gets its own, so replicas on one machine never read each other's.
+pub fn state_dir(config: &ExecutorConfig) -> std::path::PathBuf {
+    let section = &config.executor;
+    let base = if section.state_dir.is_empty() {
+        std::env::temp_dir().join("sluice-executor").join(&section.group_id)
+    } else {
+        std::path::PathBuf::from(&section.state_dir)
+    };
+    if section.instance_id.is_empty() { base } else { base.join(&section.instance_id) }
 }
 
 /// A job this replica schedules.
@@ -97,6 +119,38 @@ struct ScheduledJob {
     /// When this replica last started one of the job's windows: slots go to the job that waited
     /// longest among those with as few runs going.
     last_started_opt: Option<Instant>,
+    /// Backfill requests refused (and said so on the status topic) by this process.
+    refused_backfills: BTreeSet<(i64, i64, i64)>,
+}
+
+fn backfill_id(request: &BackfillRequest) -> (i64, i64, i64) {
+    (request.from_micros, request.to_micros, request.requested_at_micros)
+}
+
+/// Backfill requests with more windows than a backlog may hold are left alone, and the refusal
+/// is published once per process.
+async fn refuse_oversized_backfills(shared: &Shared, name: &str, scheduled: &mut ScheduledJob) {
+    let window_micros = scheduled.job.definition.window_micros;
+    let max_backlog_windows = shared.config.executor.max_backlog_windows;
+    for request in &scheduled.backfills {
+        let id = backfill_id(request);
+        if scheduled.refused_backfills.contains(&id) {
+            continue;
+        }
+        if let Some(reason) = catch_up::backfill_refusal(request, window_micros, max_backlog_windows) {
+            tracing::warn!(job = %name, %reason, "backfill refused");
+            scheduled.refused_backfills.insert(id);
+            shared
+                .publish_status(shared.status(
+                    name,
+                    JobStatusKind::BackfillRefused,
+                    reason,
+                    scheduled.partition,
+                    scheduled.offset,
+                ))
+                .await;
+        }
+    }
 }
 
 /// What a finished run task reports back to the loop.
@@ -117,6 +171,8 @@ struct ExecutorMetrics {
     rows_written: Counter<u64>,
     freshness: Gauge<i64>,
     jobs: Gauge<u64>,
+    due_windows: Gauge<u64>,
+    producer_replacements: Counter<u64>,
 }
 
 impl ExecutorMetrics {
@@ -141,6 +197,16 @@ impl ExecutorMetrics {
                 .with_description("Now minus the end of the newest window the job completed")
                 .build(),
             jobs: meter.u64_gauge("sluice_executor_jobs").with_unit("{job}").build(),
+            due_windows: meter
+                .u64_gauge("sluice_executor_due_windows")
+                .with_unit("{window}")
+                .with_description("Windows the last tick found due, across jobs (each job at most max_windows_per_job_per_tick)")
+                .build(),
+            producer_replacements: meter
+                .u64_counter("sluice_executor_producer_replacements")
+                .with_unit("{producer}")
+                .with_description("Event producers replaced after a fatal Kafka error")
+                .build(),
         }
     }
 }
@@ -151,7 +217,11 @@ struct Shared {
     catalog: Catalog,
     /// Where window runs execute, apart from this loop's runtime.
     run_runtime: RunRuntime,
-    producer: FutureProducer,
+    markers: ValidationMarkers,
+    /// Status and run events. Replaced when librdkafka reports a fatal error (an idempotent
+    /// producer fenced after a broker stall fails every later send): the executor would run on
+    /// and say nothing more.
+    producer: std::sync::RwLock<FutureProducer>,
     instance_id: String,
     incarnation: String,
     metrics: ExecutorMetrics,
@@ -162,10 +232,52 @@ impl Shared {
         self.catalog.lake()
     }
 
+    fn producer(&self) -> FutureProducer {
+        match self.producer.read() {
+            Ok(producer) => producer.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     async fn publish(&self, topic: &str, key: &str, payload: &[u8]) {
-        let record = FutureRecord::to(topic).key(key).payload(payload);
-        if let Err((error, _)) = self.producer.send(record, EVENT_DELIVERY_TIMEOUT).await {
-            tracing::warn!(%topic, %key, %error, "failed to publish an executor event");
+        // One more try after a replacement: the event that met the fatal error is not lost.
+        for try_number in 1..=2 {
+            let producer = self.producer();
+            let record = FutureRecord::to(topic).key(key).payload(payload);
+            let Err((error, _)) = producer.send(record, EVENT_DELIVERY_TIMEOUT).await else { return };
+            match broken_for_good(&producer, &error) {
+                Some((code, reason)) if try_number == 1 => self.replace_producer(&producer, code, &reason),
+                _ => {
+                    tracing::warn!(%topic, %key, %error, "failed to publish an executor event");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Swaps in a new producer for `failed`, unless a concurrent sender already did.
+    fn replace_producer(
+        &self,
+        failed: &FutureProducer,
+        code: rdkafka::types::RDKafkaErrorCode,
+        reason: &str,
+    ) {
+        let mut current = match self.producer.write() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.client().native_ptr() != failed.client().native_ptr() {
+            return;
+        }
+        match self.config.kafka.producer_config().create::<FutureProducer>() {
+            Ok(producer) => {
+                tracing::error!(?code, %reason, "the event producer failed for good; replaced it with a new one");
+                *current = producer;
+                self.metrics.producer_replacements.add(1, &[]);
+            }
+            Err(error) => {
+                tracing::error!(?code, %reason, %error, "the event producer failed for good and no new one could be created");
+            }
         }
     }
 
@@ -198,6 +310,30 @@ impl Shared {
             executor: self.instance_id.clone(),
         }
     }
+}
+
+/// Whether the producer will fail every later send: a fatal error, or a fencing of its producer
+/// id, which librdkafka reports per message without marking the client fatal (seen on Tansu after
+/// a 20 s stall made events time out in flight: every later event got `ProducerFenced`).
+fn broken_for_good(
+    producer: &FutureProducer,
+    error: &rdkafka::error::KafkaError,
+) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
+    use rdkafka::types::RDKafkaErrorCode;
+
+    if let Some(fatal) = producer.client().fatal_error() {
+        return Some(fatal);
+    }
+    let code = error.rdkafka_error_code()?;
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::Fatal
+    )
+    .then(|| (code, error.to_string()))
 }
 
 pub fn now_micros() -> i64 {
@@ -236,11 +372,15 @@ pub async fn run(
         configured => configured,
     };
     let run_runtime = RunRuntime::new(threads).map_err(SchedulerError::Runtime)?;
+    let state_dir = state_dir(&config);
+    let markers = ValidationMarkers::open(&state_dir)
+        .map_err(|source| SchedulerError::StateDir { path: state_dir.clone(), source })?;
     let shared = Arc::new(Shared {
         config,
         catalog,
         run_runtime,
-        producer,
+        markers,
+        producer: std::sync::RwLock::new(producer),
         instance_id,
         incarnation: uuid::Uuid::new_v4().to_string(),
         metrics: ExecutorMetrics::new(),
@@ -254,6 +394,7 @@ pub async fn run(
     let restate_every = Duration::from_millis(shared.config.executor.restate_check_interval_ms);
     let mut last_restate_check = Instant::now();
 
+    let mut shutdown_result = Ok(());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -265,6 +406,13 @@ pub async fn run(
                     handle_definition(&shared, &mut jobs, key, payload, message.partition(), message.offset(), timestamp_micros).await;
                 }
                 Err(error) => {
+                    // A consumer in a fatal state (fenced static membership) never reads again:
+                    // stop with an error so the process exits and is restarted, not idles.
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        tracing::error!(?code, %reason, "the jobs consumer failed for good");
+                        shutdown_result = Err(SchedulerError::Fatal { role: "consumer", reason: format!("{code:?}: {reason}") });
+                        break;
+                    }
                     tracing::warn!(%error, "jobs topic read failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -287,9 +435,9 @@ pub async fn run(
     if tokio::time::timeout(grace, semaphore.acquire_many(permits)).await.is_err() {
         tracing::warn!("runs still going at the end of the grace period; their leases will expire");
     }
-    let _ = rdkafka::producer::Producer::flush(&shared.producer, Duration::from_secs(5));
+    let _ = shared.producer().flush(Duration::from_secs(5));
     tracing::info!("executor stopped");
-    Ok(())
+    shutdown_result
 }
 
 async fn handle_definition(
@@ -306,6 +454,10 @@ async fn handle_definition(
         return;
     };
     let Some(text) = payload_opt else {
+        // A deleted job's marker would refuse the same text if it came back.
+        if let Err(error) = shared.markers.end(&key) {
+            tracing::warn!(job = %key, %error, "failed to remove a validation marker");
+        }
         if jobs.remove(&key).is_some() || crate::job::validate_name(&key).is_ok() {
             tracing::info!(job = %key, "job deleted");
             shared
@@ -314,7 +466,7 @@ async fn handle_definition(
         }
         return;
     };
-    match validate_job(&shared.catalog, &text, Some(&key)).await {
+    match validate_with_marker(shared, &key, &text).await {
         Err(reason) => {
             tracing::warn!(job = %key, %reason, "job rejected");
             // The newest definition is the job: a rejected one replaces a valid one too.
@@ -338,6 +490,29 @@ async fn handle_definition(
                 || definition.window_containing(submitted_at_micros),
                 |start| definition.window_containing(start),
             );
+            // Counted, never enumerated: windows before now that have no outcome yet.
+            let now = now_micros();
+            let num_settled = windows
+                .range(first_window_micros..now)
+                .filter(|(_, state)| state.outcome_opt.is_some())
+                .count() as u64;
+            let num_pending = catch_up::window_count(first_window_micros, now, definition.window_micros)
+                .saturating_sub(num_settled);
+            if let Some(reason) = catch_up::backlog_refusal(
+                definition,
+                first_window_micros,
+                num_pending,
+                now,
+                shared.config.executor.max_backlog_windows,
+            ) {
+                tracing::warn!(job = %key, %reason, "job rejected");
+                jobs.remove(&key);
+                shared
+                    .publish_status(shared.status(&key, JobStatusKind::Rejected, reason, partition, offset))
+                    .await;
+                shared.metrics.jobs.record(jobs.len() as u64, &[]);
+                return;
+            }
             tracing::info!(job = %key, streams = ?job.streams, first_window = %format_micros(first_window_micros), "job accepted");
             // Series at zero from the start: alert rules on `increase()` then see the first failure.
             for status in ["succeeded", "failed", "retrying"] {
@@ -358,6 +533,7 @@ async fn handle_definition(
                     running: BTreeSet::new(),
                     retry_at: HashMap::new(),
                     last_started_opt: None,
+                    refused_backfills: BTreeSet::new(),
                 },
             );
             shared
@@ -372,6 +548,22 @@ async fn handle_definition(
         }
     }
     shared.metrics.jobs.record(jobs.len() as u64, &[]);
+}
+
+/// Validates with a marker on disk meanwhile, so that a definition that kills the process
+/// (or is being validated when it is killed) is refused after the restart, not validated again.
+async fn validate_with_marker(shared: &Shared, key: &str, text: &str) -> Result<ValidatedJob, String> {
+    if let Some(died) = shared.markers.died_validating(key, text) {
+        return Err(died.reason());
+    }
+    if let Err(error) = shared.markers.begin(key, text) {
+        tracing::warn!(job = %key, %error, "failed to write a validation marker; validating without one");
+    }
+    let validated = validate_job(&shared.catalog, text, Some(key)).await;
+    if let Err(error) = shared.markers.end(key) {
+        tracing::warn!(job = %key, %error, "failed to remove a validation marker");
+    }
+    validated
 }
 
 /// Jobs of partitions this replica no longer owns stop being scheduled here (running attempts
@@ -424,6 +616,7 @@ async fn schedule(
         }
         let job = Arc::clone(&scheduled.job);
         let definition = &job.definition;
+        refuse_oversized_backfills(shared, name, scheduled).await;
         // Complete through: the lowest watermark of the streams read, or the clock for jobs
         // that read only reference tables.
         let mut complete_through = now;
@@ -444,57 +637,44 @@ async fn schedule(
             };
             complete_through = complete_through.min(watermark.unwrap_or(i64::MIN));
         }
-        let backfill_from = scheduled.backfills.iter().map(|request| request.from_micros).min();
-        let mut window_start = match backfill_from {
-            Some(from) => scheduled.first_window_micros.min(definition.window_containing(from)),
-            None => scheduled.first_window_micros,
+        let backfills: Vec<&BackfillRequest> = scheduled
+            .backfills
+            .iter()
+            .filter(|request| !scheduled.refused_backfills.contains(&backfill_id(request)))
+            .collect();
+        let ranges =
+            catch_up::ranges_to_scan(scheduled.first_window_micros, definition.window_micros, &backfills);
+        let backfills: Vec<BackfillRequest> = backfills.into_iter().cloned().collect();
+        let scan = catch_up::WindowScan {
+            window_micros: definition.window_micros,
+            lateness_micros: definition.lateness_micros,
+            complete_through_micros: complete_through,
+            now_micros: now,
+            max_due: shared.config.executor.max_windows_per_job_per_tick,
         };
-        let mut newest_complete_opt = None;
-        loop {
-            let window_end = window_start + definition.window_micros;
-            if window_end.saturating_add(definition.lateness_micros) > complete_through {
-                break;
-            }
-            if let Some(schedule) = &definition.schedule_opt {
-                match schedule.next_at_or_after(window_end + definition.lateness_micros) {
-                    Some(fires_at) if fires_at <= now => {}
-                    _ => break,
-                }
-            }
-            let in_range = window_start >= scheduled.first_window_micros
-                || scheduled
-                    .backfills
-                    .iter()
-                    .any(|request| request.from_micros < window_end && window_start < request.to_micros);
-            if in_range {
-                if let Some(next) =
-                    next_step(shared, scheduled, window_start, window_end, now, snapshot_opt.as_ref())
-                {
-                    due.push(Due {
-                        job: name.clone(),
-                        window_start_micros: window_start,
-                        revision: next.0,
-                        attempt: next.1,
-                    });
-                }
-                if scheduled.windows.get(&window_start).is_some_and(|state| {
-                    state
-                        .outcome_opt
-                        .as_ref()
-                        .is_some_and(|outcome| outcome.status == OutcomeStatus::Succeeded)
-                }) {
-                    newest_complete_opt = Some(window_end);
-                }
-            }
-            window_start = window_end;
+        let found =
+            scan.due_windows(&ranges, definition.schedule_opt.as_ref(), |window_start, window_end| {
+                next_step(shared, scheduled, &backfills, window_start, window_end, now, snapshot_opt.as_ref())
+            });
+        for (window_start_micros, (revision, attempt)) in found {
+            due.push(Due { job: name.clone(), window_start_micros, revision, attempt });
         }
+        let newest_complete_opt = scheduled
+            .windows
+            .range(scheduled.first_window_micros..)
+            .rev()
+            .find(|(_, state)| {
+                state.outcome_opt.as_ref().is_some_and(|outcome| outcome.status == OutcomeStatus::Succeeded)
+            })
+            .map(|(start, _)| start.saturating_add(definition.window_micros));
         if let Some(newest) = newest_complete_opt {
             shared
                 .metrics
                 .freshness
-                .record((now - newest) / 1_000_000, &[KeyValue::new("job_name", name.clone())]);
+                .record(now.saturating_sub(newest) / 1_000_000, &[KeyValue::new("job_name", name.clone())]);
         }
     }
+    shared.metrics.due_windows.record(due.len() as u64, &[]);
     // Oldest windows first within a job. Between jobs the slots are shared fairly: the next
     // slot goes to the job with the fewest runs going, and among those to the one that started
     // a run least recently. A job with a long backlog, or whose windows run to their timeout,
@@ -538,6 +718,7 @@ async fn schedule(
 fn next_step(
     shared: &Shared,
     scheduled: &mut ScheduledJob,
+    backfills: &[BackfillRequest],
     window_start: i64,
     window_end: i64,
     now: i64,
@@ -554,7 +735,7 @@ fn next_step(
     }
     let Some(state) = scheduled.windows.get(&window_start) else { return Some((0, 1)) };
     if let Some(outcome) = &state.outcome_opt {
-        let backfilled = scheduled.backfills.iter().any(|request| {
+        let backfilled = backfills.iter().any(|request| {
             request.from_micros < window_end
                 && window_start < request.to_micros
                 && !satisfies(state, request.requested_at_micros)
@@ -581,7 +762,7 @@ async fn run_attempt(
     attempt: u32,
 ) -> RunReport {
     let definition = &job.definition;
-    let window_end_micros = window_start_micros + definition.window_micros;
+    let window_end_micros = window_start_micros.saturating_add(definition.window_micros);
     let mut report = RunReport {
         job: definition.name.clone(),
         offset,
