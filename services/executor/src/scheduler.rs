@@ -312,28 +312,18 @@ impl Shared {
     }
 }
 
-/// Whether the producer will fail every later send: a fatal error, or a fencing of its producer
-/// id, which librdkafka reports per message without marking the client fatal (seen on Tansu after
-/// a 20 s stall made events time out in flight: every later event got `ProducerFenced`).
+/// Whether the producer will fail every later send: a fatal error, or a refusal of its producer
+/// state (`sluice_kafka::is_producer_state_lost`; seen on Tansu after a 20 s stall made events
+/// time out in flight: every later event got `ProducerFenced`).
 fn broken_for_good(
     producer: &FutureProducer,
     error: &rdkafka::error::KafkaError,
 ) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
-    use rdkafka::types::RDKafkaErrorCode;
-
     if let Some(fatal) = producer.client().fatal_error() {
         return Some(fatal);
     }
     let code = error.rdkafka_error_code()?;
-    matches!(
-        code,
-        RDKafkaErrorCode::ProducerFenced
-            | RDKafkaErrorCode::InvalidProducerEpoch
-            | RDKafkaErrorCode::OutOfOrderSequenceNumber
-            | RDKafkaErrorCode::UnknownProducerId
-            | RDKafkaErrorCode::Fatal
-    )
-    .then(|| (code, error.to_string()))
+    sluice_kafka::is_producer_state_lost(code).then(|| (code, error.to_string()))
 }
 
 pub fn now_micros() -> i64 {

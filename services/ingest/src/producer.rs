@@ -111,17 +111,9 @@ impl ProduceError {
             Self::Delivery { source_opt, .. } => source_opt.as_ref(),
             _ => None,
         };
-        source_opt.and_then(KafkaError::rdkafka_error_code).filter(|code| {
-            matches!(
-                code,
-                RDKafkaErrorCode::Fatal
-                    | RDKafkaErrorCode::ProducerFenced
-                    | RDKafkaErrorCode::InvalidProducerEpoch
-                    | RDKafkaErrorCode::InvalidProducerIdMapping
-                    | RDKafkaErrorCode::UnknownProducerId
-                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
-            )
-        })
+        source_opt
+            .and_then(KafkaError::rdkafka_error_code)
+            .filter(|code| sluice_kafka::is_producer_state_lost(*code))
     }
 }
 

@@ -19,6 +19,23 @@ use sluice_config::{ConfigIssue, is_secret_property};
 
 pub use crate::batch_producer::{BatchDelivery, BatchOutcome, BatchProducer, BatchRecord, EnqueueError};
 
+/// Whether `code` says the broker refused an idempotent producer itself: its id, epoch or
+/// sequence numbers are not (or no longer) the broker's. librdkafka reports these per message
+/// without always marking the client fatal and keeps using the same state, so every later send
+/// fails the same way until the producer is replaced (seen on Tansu: `ProducerFenced` on every
+/// record after a 20 s stall; `UnknownProducerId` from a broker that came back empty).
+pub fn is_producer_state_lost(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fatal
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+    )
+}
+
 /// Producer settings that make an acknowledged write durable and retries free of duplicates.
 const ENFORCED_PRODUCER_SETTINGS: &[(&str, &str)] = &[("acks", "all"), ("enable.idempotence", "true")];
 /// Consumer settings that leave offset handling to Sluice, which commits progress with the data.
