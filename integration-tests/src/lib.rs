@@ -172,36 +172,7 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub async fn start() -> anyhow::Result<Self> {
-        let port = free_port();
-        let directory = tempfile::TempDir::new().context("failed to create a temporary directory")?;
-        let config_path = directory.path().join("mosquitto.conf");
-        std::fs::write(
-            &config_path,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 20\n"
-            ),
-        )?;
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|path| Path::new(path).exists())
-            .context("mosquitto is not installed (apt-get install mosquitto)")?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("failed to start mosquitto")?;
-        let address = SocketAddr::from(([127, 0, 0, 1], port));
-        let ready = wait_until(Duration::from_secs(10), || async move {
-            tokio::net::TcpStream::connect(address).await.is_ok()
-        })
-        .await;
-        if !ready {
-            bail!("mosquitto on port {port} did not accept connections within 10 s");
-        }
-        Ok(Self { port, _child: child, _directory: directory })
+        Self::start_with("").await
     }
 }
 
@@ -1088,5 +1059,39 @@ impl MqttDevice {
             }
         });
         Self { client, puback_rx }
+    }
+}
+
+/// The newest event of `kind` for `job` on the deployment's job-status topic, waiting up to a
+/// minute for one (panics past it: test helper).
+pub async fn job_status_event(
+    broker: &Broker,
+    prefix: &str,
+    job: &str,
+    kind: sluice_executor::events::JobStatusKind,
+) -> sluice_executor::events::JobStatusEvent {
+    let topic = format!("{prefix}.job-status");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = consume_topic_within(
+            &broker.bootstrap_servers(),
+            &topic,
+            1,
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_default();
+        let found_opt = records
+            .iter()
+            .map(|record| {
+                serde_json::from_slice::<sluice_executor::events::JobStatusEvent>(&record.payload)
+                    .expect("status events are JSON")
+            })
+            .rfind(|event| event.job == job && event.status == kind);
+        if let Some(found) = found_opt {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no {kind:?} status for {job}");
     }
 }

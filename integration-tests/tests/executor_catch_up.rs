@@ -7,40 +7,16 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_executor::events::{JobStatusEvent, JobStatusKind};
+use sluice_executor::events::JobStatusKind;
 use sluice_executor::job::format_micros;
 use sluice_executor::runs::{BackfillRequest, OutcomeStatus, load_windows, request_backfill};
 use sluice_integration_tests::{
-    Broker, ExecutorService, consume_topic_within, executor_config, now_micros, open_local_lake, submit_job,
+    Broker, ExecutorService, executor_config, job_status_event, now_micros, open_local_lake, submit_job,
     unique_suffix, windows_succeeded,
 };
 
 const SECOND: i64 = 1_000_000;
 const DAY: i64 = 86_400 * SECOND;
-
-async fn status_of(broker: &Broker, prefix: &str, job: &str, kind: JobStatusKind) -> JobStatusEvent {
-    let topic = format!("{prefix}.job-status");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let records = consume_topic_within(
-            &broker.bootstrap_servers(),
-            &topic,
-            1,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_or_default();
-        let found_opt = records
-            .iter()
-            .map(|record| serde_json::from_slice::<JobStatusEvent>(&record.payload).unwrap())
-            .find(|event| event.job == job && event.status == kind);
-        if let Some(found) = found_opt {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "no {kind:?} status for {job}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_backlogs_are_refused_and_an_accepted_catch_up_runs_every_window_in_order() {
@@ -60,7 +36,7 @@ async fn absurd_backlogs_are_refused_and_an_accepted_catch_up_runs_every_window_
     };
 
     submit_job(&bootstrap, &prefix, "since_1970", Some(&job("since_1970", "1s", 0))).await.unwrap();
-    let refused = status_of(&broker, &prefix, "since_1970", JobStatusKind::Rejected).await;
+    let refused = job_status_event(&broker, &prefix, "since_1970", JobStatusKind::Rejected).await;
     assert!(
         refused.reason.contains("start 1970-01-01T00:00:00Z with window 1s leaves"),
         "{}",
@@ -76,11 +52,11 @@ async fn absurd_backlogs_are_refused_and_an_accepted_catch_up_runs_every_window_
     // 31 windows before now (today's included) is one over; 30 is right at the limit.
     let one_over = today - 30 * DAY;
     submit_job(&bootstrap, &prefix, "one_over", Some(&job("one_over", "1d", one_over))).await.unwrap();
-    let refused = status_of(&broker, &prefix, "one_over", JobStatusKind::Rejected).await;
+    let refused = job_status_event(&broker, &prefix, "one_over", JobStatusKind::Rejected).await;
     assert!(refused.reason.contains("leaves 31 windows"), "{}", refused.reason);
     let first = today - 29 * DAY;
     submit_job(&bootstrap, &prefix, "catch_up", Some(&job("catch_up", "1d", first))).await.unwrap();
-    status_of(&broker, &prefix, "catch_up", JobStatusKind::Accepted).await;
+    job_status_event(&broker, &prefix, "catch_up", JobStatusKind::Accepted).await;
 
     // Every complete window runs, in pages of 4, oldest first.
     let starts: Vec<i64> = (0..29).map(|index| first + index * DAY).collect();
@@ -97,7 +73,7 @@ async fn absurd_backlogs_are_refused_and_an_accepted_catch_up_runs_every_window_
     let huge =
         BackfillRequest { job: "catch_up".into(), from_micros: 0, to_micros: today, requested_at_micros };
     request_backfill(&lake, &huge).await.unwrap();
-    let refused = status_of(&broker, &prefix, "catch_up", JobStatusKind::BackfillRefused).await;
+    let refused = job_status_event(&broker, &prefix, "catch_up", JobStatusKind::BackfillRefused).await;
     assert!(
         refused.reason.contains("covers 20") && refused.reason.contains("at most 30"),
         "{}",
@@ -147,7 +123,7 @@ async fn a_backlog_since_1970_let_through_is_run_in_pages_from_its_first_window(
         format!("-- name: other\n-- window: 1d\n-- start: {}\nSELECT 2 AS two\n", format_micros(today - DAY));
     let submitted_at = Instant::now();
     submit_job(&broker.bootstrap_servers(), &prefix, "other", Some(&other)).await.unwrap();
-    status_of(&broker, &prefix, "other", JobStatusKind::Accepted).await;
+    job_status_event(&broker, &prefix, "other", JobStatusKind::Accepted).await;
     assert!(submitted_at.elapsed() < Duration::from_secs(15), "took {:?}", submitted_at.elapsed());
     let later: Vec<i64> = (10..40).map(|index| index * SECOND).collect();
     assert!(windows_succeeded(&lake, "since_1970", &later, Duration::from_secs(60)).await);

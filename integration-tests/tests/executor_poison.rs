@@ -8,14 +8,14 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow_array::{Array, Int64Array};
 use sluice_executor::catalog::{ReferenceFormat, ReferenceTable};
-use sluice_executor::events::{JobStatusEvent, JobStatusKind};
+use sluice_executor::events::JobStatusKind;
 use sluice_executor::job::format_micros;
 use sluice_integration_tests::{
-    Broker, consume_topic_within, executor_config, now_micros, open_local_lake, read_job_result, submit_job,
+    Broker, executor_config, job_status_event, now_micros, open_local_lake, read_job_result, submit_job,
     unique_suffix, wait_until, windows_succeeded, workspace_binary,
 };
 use tokio::process::{Child, Command};
@@ -31,31 +31,6 @@ fn spawn_executor(config_path: &Path, log_path: &Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .unwrap()
-}
-
-/// The newest status event of `job` of that kind, waiting for one.
-async fn status_of(broker: &Broker, prefix: &str, job: &str, kind: JobStatusKind) -> JobStatusEvent {
-    let topic = format!("{prefix}.job-status");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let records = consume_topic_within(
-            &broker.bootstrap_servers(),
-            &topic,
-            1,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_or_default();
-        let found_opt = records
-            .iter()
-            .map(|record| serde_json::from_slice::<JobStatusEvent>(&record.payload).unwrap())
-            .rfind(|event| event.job == job && event.status == kind);
-        if let Some(found) = found_opt {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "no {kind:?} status for {job}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +81,7 @@ async fn a_definition_the_executor_died_validating_is_rejected_after_the_restart
     std::fs::remove_file(&reference).unwrap();
     std::fs::write(&reference, "device_id\nd-1\nd-2\n").unwrap();
     let mut executor = spawn_executor(&config_path, &work_dir.path().join("executor-3.log"));
-    let rejected = status_of(&broker, &prefix, "stuck", JobStatusKind::Rejected).await;
+    let rejected = job_status_event(&broker, &prefix, "stuck", JobStatusKind::Rejected).await;
     assert!(
         rejected
             .reason
