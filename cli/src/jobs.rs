@@ -370,14 +370,18 @@ fn results(
     let catalog = open_catalog(config)?;
     let runtime = runtime()?;
     let lake = catalog.lake();
-    let mut paths = runtime.block_on(lake.list_under(&format!("results/{name}")))?;
-    paths.retain(|path| path.ends_with(".parquet"));
-    if paths.is_empty() {
+    let table = sluice_executor::runs::results_table(name);
+    let Some((version, files)) = runtime.block_on(lake.table_files(&table))? else {
         outln!("no results of {name} yet under {}", config.object_store.url);
         return Ok(ExitCode::SUCCESS);
+    };
+    if format == OutputFormat::Table {
+        outln!("{table}: Delta table version {version}, {} windows", files.len());
     }
-    // Paths sort by window start: the newest are last.
+    // One file per window in the table's current version; paths sort by window start.
+    let paths: Vec<&str> = files.iter().map(|file| file.path.as_str()).collect();
     for path in &paths[paths.len().saturating_sub(windows)..] {
+        let path = *path;
         let bytes = runtime.block_on(lake.get(path))?;
         let batches: Vec<RecordBatch> =
             parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
@@ -479,8 +483,12 @@ pub(crate) fn tables(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
         let files = snapshot.files(&stream);
         let rows: u64 = files.iter().map(|file| file.num_rows).sum();
         let bytes: u64 = files.iter().map(|file| file.size_bytes).sum();
+        let version = snapshot
+            .versions()
+            .get(&stream)
+            .map_or_else(|| "no table yet".to_string(), |version| format!("Delta version {version}"));
         outln!(
-            "{stream} (stream, {} files, {rows} rows, {bytes} bytes, partitioned by {:?})",
+            "{stream} (stream, {version}, {} files, {rows} rows, {bytes} bytes, partitioned by {:?})",
             files.len(),
             snapshot.granularity(&stream)
         );

@@ -29,6 +29,8 @@ deploy/local/broker.sh install
 deploy/local/s3-server.sh install
 deploy/local/k8s-tools.sh install
 deploy/local/promtool.sh install
+# The outside Delta readers (deltalake, Polars, DuckDB) the tests check the lake with.
+deploy/local/delta-readers.sh install
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "prerequisites.sh: installing cargo-nextest" >&2

@@ -57,9 +57,9 @@ step "Installing prerequisites (only what is missing)"
 deploy/local/prerequisites.sh
 
 step "Starting the Kafka-protocol broker on 127.0.0.1:$broker_port"
-if ! deploy/local/broker.sh status --port "$broker_port" >/dev/null 2>&1 && [[ -d data/_sluice ]]; then
+if ! deploy/local/broker.sh status --port "$broker_port" >/dev/null 2>&1 && [[ -d data ]]; then
   # The local broker keeps topics in memory: a new one starts from offset 0, so a lake whose
-  # commit records point past that belongs to the old broker and is set aside.
+  # committed positions point past that belongs to the old broker and is set aside.
   previous="$PWD/.local/data-$(date +%Y%m%d-%H%M%S)"
   mv data "$previous"
   echo "a new broker starts empty: the previous lake moved to $previous"
@@ -141,8 +141,8 @@ step "Live readings: every device every 5 s, in the background (log: .local/simu
   --duration 2h --seed "$((now_s + 1))" --device-prefix "demo" > .local/simulator-live.log 2>&1 &
 simulator_pid=$!
 
-step "Parquet committed by the compactor (./data, Hive layout by event time)"
-data_files() { find data/telemetry -name '*.parquet' -newer .local/run-start 2>/dev/null | wc -l; }
+step "Parquet committed by the compactor (./data/telemetry: a Delta table, Hive layout by event time)"
+data_files() { find data/telemetry -path '*/_delta_log' -prune -o -name '*.parquet' -newer .local/run-start -print 2>/dev/null | wc -l; }
 for _ in $(seq 1 60); do
   [[ "$(data_files)" -gt 0 ]] && break
   sleep 1
@@ -154,8 +154,8 @@ if [[ "$(data_files)" -eq 0 ]]; then
 fi
 sleep 6
 echo "files written this run: $(data_files) in $(find data/telemetry -mindepth 2 -maxdepth 2 -type d -name 'hour=*' | wc -l) hourly partitions, for example:"
-find data/telemetry -name '*.parquet' -newer .local/run-start | sort | tail -n 3
-echo "commit records: $(find data/_sluice/commits -name '*.json' | wc -l)"
+find data/telemetry -path '*/_delta_log' -prune -o -name '*.parquet' -newer .local/run-start -print | sort | tail -n 3
+echo "Delta log of data/telemetry: $(find data/telemetry/_delta_log -name '*.json' | wc -l) commits, $(find data/telemetry/_delta_log -name '*.checkpoint.parquet' | wc -l) checkpoints"
 
 step "Waiting for the first live window of device_minute_stats (complete about a minute after submission)"
 for _ in $(seq 1 180); do
@@ -184,10 +184,20 @@ for job in device_minute_stats hourly_device_stats temperature_anomalies daily_s
 done
 echo
 sluice jobs runs device_minute_stats --limit 3
+echo
+echo "--- the same tables through Python deltalake (delta-rs), as any outside engine reads them (docs/querying.md)"
+PYTHONPATH="$(deploy/local/delta-readers.sh path)" python3 - <<'PY'
+from deltalake import DeltaTable
+for uri in ["data/telemetry", "data/results/hourly_device_stats"]:
+    table = DeltaTable(uri)
+    rows = table.to_pyarrow_dataset().count_rows()
+    print(f"  {uri}: Delta version {table.version()}, {len(table.file_uris())} files, {rows} rows, partitioned by {table.metadata().partition_columns}")
+PY
 
 step "Done"
 cat <<EOT
-Data: ./data/telemetry (Parquet by dt=/hour=), ./data/results/<job>/ (job results), ./data/_sluice (commit records, run records).
+Data: ./data/telemetry (a Delta table, partitioned by dt and hour), ./data/results/<job>/ (a Delta table
+per job), ./data/_sluice (run records). Read them with any Delta engine: docs/querying.md.
 The services and the live simulator stop with this script; the broker keeps running (memory
 storage, so topics and jobs survive until it stops): deploy/local/broker.sh status | stop
 Next, in another terminal:

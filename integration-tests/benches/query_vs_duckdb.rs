@@ -34,7 +34,7 @@ use parquet::arrow::ArrowWriter;
 use sluice_compactor::config::ParquetConfig;
 use sluice_executor::{Catalog, Scope, plan_query};
 use sluice_integration_tests::{bench_arg, repo_root};
-use sluice_lake::{CommitRecord, CommittedFile, Lake, PartitionGranularity, PartitionKey};
+use sluice_lake::{CommitRecord, CommittedFile, Lake, NewFile, PartitionGranularity, PartitionKey};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -207,6 +207,7 @@ async fn prepare(dir: &Path, rows: usize, devices: usize, row_group_rows: usize)
     let hours = 7 * 24;
     let per_device = rows.div_ceil(hours * devices);
     let schema = telemetry_arrow_schema();
+    lake.ensure_table("telemetry", &schema, &["dt", "hour"], sluice_lake::TableSettings::default()).await.unwrap();
     let properties = sluice_compactor::writer_properties(
         &ParquetConfig { row_group_rows, ..ParquetConfig::default() },
         schema.index_of(sluice_schema::KEY_FIELD).unwrap(),
@@ -224,30 +225,32 @@ async fn prepare(dir: &Path, rows: usize, devices: usize, row_group_rows: usize)
         let size = bytes.len() as u64;
         lake.put(&relative, bytes).await.unwrap();
         let num_rows = batch.num_rows() as u64;
+        let file = CommittedFile {
+            path: relative,
+            partition,
+            num_rows,
+            size_bytes: size,
+            min_event_time_micros: hour_start,
+            max_event_time_micros: hour_start + HOUR - 1,
+        };
         let record = CommitRecord {
             stream: "telemetry".into(),
             topic: "bench.telemetry".into(),
             kafka_partition: 0,
-            sequence: hour as u64,
+            previous_end_offset_opt: (hour > 0).then_some((hour as u64 * num_rows) as i64),
             start_offset: (hour as u64 * num_rows) as i64,
             end_offset: ((hour as u64 + 1) * num_rows) as i64,
-            files: vec![CommittedFile {
-                path: relative,
-                staging_path: String::new(),
-                partition,
-                num_rows,
-                size_bytes: size,
-                min_event_time_micros: hour_start,
-                max_event_time_micros: hour_start + HOUR - 1,
-            }],
+            files: vec![file.clone()],
             num_dead_lettered: 0,
             num_duplicates_dropped: 0,
             max_event_time_micros_opt: Some(hour_start + HOUR - 1),
             writer_id: "query-benchmark".into(),
             created_at_micros: sluice_integration_tests::now_micros(),
             reset_opt: None,
+            table_version_opt: None,
         };
-        lake.create_commit(&record).await.unwrap();
+        let new_file = NewFile { file, stats_json: sluice_lake::delta_stats(std::slice::from_ref(&batch)) };
+        lake.create_commit(&record, &[new_file]).await.unwrap();
     }
     let mut registry = String::from("device_id,region,model\n");
     for device in 0..devices {

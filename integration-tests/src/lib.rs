@@ -680,15 +680,16 @@ pub struct LakeRow {
     pub ts_micros: i64,
 }
 
-/// Every row in the committed Parquet files under `<lake_dir>/<stream>/`, with a check that each
-/// file sits in the Hive partition of its rows' event times.
+/// Every row of the stream table at `<lake_dir>/<stream>/` as its Delta log's latest version
+/// has it, with a check that each file sits in the Hive partition of its rows' event times.
+///
+/// The log is replayed here from its JSON commits (adds less removes), independently of
+/// delta-rs, the way any Delta reader must: files outside the log do not count.
 pub fn read_lake_rows(lake_dir: &Path, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
-    let mut files = Vec::new();
-    collect_parquet_files(&lake_dir.join(stream), &mut files)?;
+    let table_dir = lake_dir.join(stream);
     let mut rows = Vec::new();
-    for file in files {
-        let relative = file.strip_prefix(lake_dir.join(stream))?.to_string_lossy().into_owned();
-        for row in parquet_rows(bytes::Bytes::from(std::fs::read(&file)?))? {
+    for relative in delta_live_files(&table_dir)? {
+        for row in parquet_rows(bytes::Bytes::from(std::fs::read(table_dir.join(&relative))?))? {
             let partition = sluice_lake::PartitionKey::for_event_time(
                 row.ts_micros,
                 sluice_lake::PartitionGranularity::Hour,
@@ -700,6 +701,44 @@ pub fn read_lake_rows(lake_dir: &Path, stream: &str) -> anyhow::Result<Vec<LakeR
         }
     }
     Ok(rows)
+}
+
+/// The data files (relative to the table) of a local Delta table's latest version, from its
+/// JSON commits. Empty when the table has no log yet.
+pub fn delta_live_files(table_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let log_dir = table_dir.join("_delta_log");
+    let Ok(entries) = std::fs::read_dir(&log_dir) else { return Ok(Vec::new()) };
+    let mut commits: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let Some(version) = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(".json"))
+            .and_then(|version| version.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        commits.push((version, path));
+    }
+    commits.sort();
+    for (index, (version, _)) in commits.iter().enumerate() {
+        if *version != index as u64 {
+            bail!("the log of {} has no commit {index} (log cleanup is not expected in tests)", table_dir.display());
+        }
+    }
+    let mut live = std::collections::BTreeSet::new();
+    for (_, path) in commits {
+        for line in std::fs::read_to_string(&path)?.lines().filter(|line| !line.trim().is_empty()) {
+            let action: serde_json::Value = serde_json::from_str(line)?;
+            if let Some(path) = action["add"]["path"].as_str() {
+                live.insert(path.to_string());
+            } else if let Some(path) = action["remove"]["path"].as_str() {
+                live.remove(path);
+            }
+        }
+    }
+    Ok(live.into_iter().collect())
 }
 
 /// The (device_id, seq, ts) of every row of one Parquet file.
@@ -720,19 +759,6 @@ fn parquet_rows(bytes: bytes::Bytes) -> anyhow::Result<Vec<LakeRow>> {
         }));
     }
     Ok(rows)
-}
-
-fn collect_parquet_files(directory: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let Ok(entries) = std::fs::read_dir(directory) else { return Ok(()) };
-    for entry in entries {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_parquet_files(&path, files)?;
-        } else if path.extension().is_some_and(|extension| extension == "parquet") {
-            files.push(path);
-        }
-    }
-    Ok(())
 }
 
 /// A compactor (watermark every 200 ms, 1 s of allowed lateness) that has committed `readings`,
@@ -811,7 +837,15 @@ pub fn read_job_result(
     job: &str,
     window_start_micros: i64,
 ) -> Vec<arrow_array::RecordBatch> {
-    let path = lake_dir.join(sluice_executor::runs::result_path(job, window_start_micros));
+    let table_dir = lake_dir.join(sluice_executor::runs::results_table(job));
+    let partition = format!("{}/", sluice_executor::runs::result_partition(window_start_micros));
+    let files: Vec<String> = delta_live_files(&table_dir)
+        .unwrap_or_else(|error| panic!("{}: {error:#}", table_dir.display()))
+        .into_iter()
+        .filter(|path| path.starts_with(&partition))
+        .collect();
+    assert_eq!(files.len(), 1, "one result file per window in the table's latest version: {files:?}");
+    let path = table_dir.join(&files[0]);
     let file = std::fs::File::open(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|builder| builder.build()?.collect::<Result<Vec<_>, _>>().map_err(Into::into))
@@ -963,7 +997,7 @@ pub async fn read_live_rows(lake: &sluice_lake::Lake, stream: &str) -> anyhow::R
     read_rows_of(lake, &lake.live_files(stream).await?).await
 }
 
-async fn read_rows_of(
+pub async fn read_rows_of(
     lake: &sluice_lake::Lake,
     files: &[sluice_lake::CommittedFile],
 ) -> anyhow::Result<Vec<LakeRow>> {
@@ -1093,5 +1127,95 @@ pub async fn job_status_event(
             return found;
         }
         assert!(Instant::now() < deadline, "no {kind:?} status for {job}");
+    }
+}
+
+/// Paths (relative to `directory`, sorted) of the Parquet files under it, outside `_delta_log`.
+pub fn parquet_files_under(directory: &Path) -> Vec<String> {
+    fn walk(root: &Path, directory: &Path, files: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(directory) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, files);
+            } else if path.extension().is_some_and(|extension| extension == "parquet")
+                && let Ok(relative) = path.strip_prefix(root)
+                && !relative.starts_with("_delta_log")
+            {
+                files.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(directory, directory, &mut files);
+    files.sort();
+    files
+}
+
+/// The Delta readers outside Sluice that CI installs (deploy/local/delta-readers.sh).
+pub const OUTSIDE_READERS: [&str; 3] = ["deltalake", "polars", "duckdb"];
+
+/// Rows of a Delta table as an outside reader returns them (integration-tests/readers), one
+/// JSON object per row with `columns`. `table` is a local path or an `s3://` URL with
+/// `storage_options`; `filter_opt` is a SQL predicate on partition columns.
+pub fn outside_reader_rows(
+    reader: &str,
+    table: &str,
+    columns: &[&str],
+    filter_opt: Option<&str>,
+    storage_options: &[(String, String)],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    static PYTHONPATH: OnceLock<Result<String, String>> = OnceLock::new();
+    let python_path = PYTHONPATH
+        .get_or_init(|| {
+            let output = std::process::Command::new(repo_root().join("deploy/local/delta-readers.sh"))
+                .arg("path")
+                .output()
+                .map_err(|error| error.to_string())?;
+            if !output.status.success() {
+                return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+            }
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+        })
+        .clone()
+        .map_err(|message| anyhow::anyhow!("installing the outside Delta readers failed: {message}"))?;
+    let mut command = std::process::Command::new("python3");
+    command
+        .arg(repo_root().join("integration-tests/readers/read_delta.py"))
+        .args(["--reader", reader, "--table", table, "--columns", &columns.join(",")])
+        .env("PYTHONPATH", python_path);
+    if let Some(filter) = filter_opt {
+        command.args(["--filter", filter]);
+    }
+    for (key, value) in storage_options {
+        command.args(["--storage-option", &format!("{key}={value}")]);
+    }
+    let output = command.output().context("failed to run read_delta.py")?;
+    if !output.status.success() {
+        bail!("{reader} failed to read {table}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    String::from_utf8(output.stdout)?
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).context("a row is not JSON"))
+        .collect()
+}
+
+/// Asserts that every outside reader finds exactly `readings` in the local stream table at
+/// `table_dir`.
+pub fn assert_outside_readers_see(table_dir: &Path, readings: &[serde_json::Value]) {
+    for reader in OUTSIDE_READERS {
+        let rows = outside_reader_rows(reader, &table_dir.to_string_lossy(), &["device_id", "seq", "ts"], None, &[])
+            .unwrap_or_else(|error| panic!("{error:#}"));
+        let rows: Vec<LakeRow> = rows
+            .iter()
+            .map(|row| LakeRow {
+                device_id: row["device_id"].as_str().unwrap_or_default().to_string(),
+                seq: row["seq"].as_i64().unwrap_or(i64::MIN),
+                ts_micros: row["ts"].as_i64().unwrap_or(i64::MIN),
+            })
+            .collect();
+        assert_eq!(rows.len(), readings.len(), "{reader} read {} rows", rows.len());
+        assert_exactly_once(&rows, readings);
     }
 }

@@ -1,5 +1,6 @@
-//! The compactor against a real Tansu broker and a local-filesystem lake: every record lands in
-//! exactly one committed Parquet file, across restarts, rebalances and a stale writer.
+//! The compactor against a real Tansu broker and a local-filesystem Delta lake: every record lands
+//! in exactly one file of the table's latest version, across restarts, rebalances and a stale
+//! writer; the log is read back independently of delta-rs (`read_lake_rows` replays it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -57,17 +58,27 @@ async fn records_land_once_in_hourly_partitions_sorted_and_committed() {
     assert!(expected_watermark <= newest - 5_000_000);
     compactor.stop().await.unwrap();
 
-    // Every file is listed by exactly one commit record, and the records chain without gaps.
+    // Every flush is one commit, and each partition's flushes chain without gaps: each started
+    // from the position the one before it committed, in later table versions.
     let commits = lake.commits("telemetry").await.unwrap();
     let committed_rows: u64 = commits.iter().map(CommitRecord::num_rows).sum();
     assert_eq!(committed_rows, readings.len() as u64);
     for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
-        assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+        assert!(pair[1].table_version_opt > pair[0].table_version_opt);
+        assert_eq!(pair[1].previous_end_offset_opt, Some(pair[0].end_offset), "positions chain");
         assert_eq!(pair[1].start_offset, pair[0].end_offset, "ranges chain");
     }
-    let staging = lake_dir.path().join("_sluice/staging/telemetry");
-    let staged = std::fs::read_dir(&staging).map(|entries| entries.count()).unwrap_or(0);
-    assert_eq!(staged, 0, "published files leave nothing in staging");
+    // The log's txn of each partition is where its last flush ended.
+    for partition in 0..4 {
+        let position = lake.latest_commit("telemetry", partition).await.unwrap().unwrap();
+        let last = commits.iter().filter(|record| record.kafka_partition == partition).next_back().unwrap();
+        assert_eq!(position.end_offset, last.end_offset);
+    }
+    // A clean run leaves no file that the log does not add.
+    let mut on_disk = sluice_integration_tests::parquet_files_under(&lake_dir.path().join("telemetry"));
+    on_disk.sort();
+    assert_eq!(on_disk, sluice_integration_tests::delta_live_files(&lake_dir.path().join("telemetry")).unwrap());
+    sluice_integration_tests::assert_outside_readers_see(&lake_dir.path().join("telemetry"), &readings);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,38 +183,65 @@ async fn a_stale_writer_loses_its_commit_and_nothing_is_duplicated() {
     let prefix = format!("test-{}", unique_suffix());
     let topic = format!("{prefix}.telemetry");
     let lake_dir = tempfile::TempDir::new().unwrap();
+    let table_dir = lake_dir.path().join("telemetry");
     let readings = telemetry_readings(4_000, 16, HOUR);
-    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
-    // Long enough that the intruder below can commit between two flushes.
-    config.flush.max_age_ms = 2_000;
-    let compactor = CompactorService::start(config).await.unwrap();
+    let mut stale_config = compactor_config(&broker, &prefix, lake_dir.path());
+    stale_config.compactor.instance_id = "stale".into();
+    // Buffers long enough for another owner to commit the same records first.
+    stale_config.flush.max_age_ms = 12_000;
+    let stale = CompactorService::start(stale_config.clone()).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[..2_000]).await.unwrap();
     wait_for_lake_rows(lake_dir.path(), "telemetry", 2_000, Duration::from_secs(60)).await;
 
-    // Another writer (the new owner after a rebalance this instance did not notice yet) commits
-    // the next sequence of every partition: an empty range, as if it had just taken over.
+    // Every file that ever appears under the table, to tell the stale writer's uploads apart.
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let (table_dir, stop) = (table_dir.clone(), stop_watching.clone());
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.is_cancelled() {
+                seen.extend(sluice_integration_tests::parquet_files_under(&table_dir));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        })
+    };
+    // The stale writer buffers the next records; before its flush is due, a new owner (another
+    // consumer group, as after a rebalance the stale one did not notice) reads the same records
+    // from the lake's positions and commits them.
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[2_000..3_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut owner_config = stale_config.clone();
+    owner_config.compactor.instance_id = "new-owner".into();
+    owner_config.compactor.group_id = format!("owner-{}", unique_suffix());
+    owner_config.flush.max_age_ms = 200;
+    let owner = CompactorService::start(owner_config).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 3_000, Duration::from_secs(60)).await;
+    owner.stop().await.unwrap();
     let lake = lake(lake_dir.path());
-    for partition in 0..4 {
-        let Some(latest) = lake.latest_commit("telemetry", partition).await.unwrap() else { continue };
-        let intruder = CommitRecord {
-            sequence: latest.sequence + 1,
-            start_offset: latest.end_offset,
-            end_offset: latest.end_offset,
-            files: Vec::new(),
-            num_dead_lettered: 0,
-            num_duplicates_dropped: 0,
-            writer_id: "intruder".into(),
-            ..latest
-        };
-        assert_eq!(lake.create_commit(&intruder).await.unwrap(), sluice_lake::CommitOutcome::Created);
-    }
-    produce_readings(&broker.bootstrap_servers(), &topic, &readings[2_000..]).await.unwrap();
-    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    compactor.stop().await.unwrap();
+    let owner_committed: Vec<CommitRecord> =
+        lake.commits("telemetry").await.unwrap().into_iter().filter(|record| record.writer_id == "new-owner").collect();
+    assert!(owner_committed.iter().any(|record| record.num_rows() > 0), "the new owner committed the buffered records");
+
+    // The stale writer's flush comes due now: it must lose, delete its files and read on from
+    // the new owner's positions.
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[3_000..]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stale.stop().await.unwrap();
+    stop_watching.cancel();
+    let seen = watcher.await.unwrap();
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+
+    let live: std::collections::BTreeSet<String> =
+        sluice_integration_tests::delta_live_files(&table_dir).unwrap().into_iter().collect();
+    let discarded: Vec<&String> = seen.difference(&live).collect();
+    assert!(!discarded.is_empty(), "the stale writer uploaded a flush that lost");
+    let mut left: Vec<String> = sluice_integration_tests::parquet_files_under(&table_dir);
+    left.retain(|path| !live.contains(path));
+    assert!(left.is_empty(), "the stale writer deleted the files of its lost commit: {left:?}");
     let commits = lake.commits("telemetry").await.unwrap();
-    assert!(commits.iter().any(|commit| commit.writer_id == "intruder"));
+    assert!(commits.iter().any(|record| record.writer_id == "stale" && record.num_rows() > 0), "the stale writer went on");
     for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
         assert_eq!(pair[1].start_offset, pair[0].end_offset, "ranges chain across writers");
     }
@@ -370,13 +408,13 @@ async fn schema_v2_adds_a_field_and_old_records_read_with_its_default() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn janitor_removes_staged_files_of_flushes_that_never_committed() {
+async fn janitor_removes_files_no_table_version_adds() {
     let broker = Broker::start().await.unwrap();
     let prefix = format!("test-{}", unique_suffix());
     let lake_dir = tempfile::TempDir::new().unwrap();
-    let staging = lake_dir.path().join("_sluice/staging/telemetry");
-    std::fs::create_dir_all(&staging).unwrap();
-    let orphan = staging.join("p000-o00000000000000000000-crashed.parquet");
+    let partition_dir = lake_dir.path().join("telemetry/dt=2026-11-26/hour=08");
+    std::fs::create_dir_all(&partition_dir).unwrap();
+    let orphan = partition_dir.join("p000-o00000000000000000000-crashed.parquet");
     std::fs::write(&orphan, b"PAR1 left by a flush that died before its commit").unwrap();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
 
@@ -392,8 +430,10 @@ async fn janitor_removes_staged_files_of_flushes_that_never_committed() {
         async move { !orphan.exists() }
     })
     .await;
+    // Committed files grow older than the bound too, and stay: the log adds them.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     compactor.stop().await.unwrap();
-    assert!(removed, "orphaned staging file removed");
+    assert!(removed, "uncommitted file removed");
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
 }
 
@@ -409,45 +449,51 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
     config.merge.interval_ms = 400;
     config.merge.min_partition_age_ms = 0;
     config.merge.small_file_bytes = 1024 * 1024;
+    // VACUUM runs under the readers too: merged-away files go 2 s after their merge.
+    config.janitor.interval_ms = 300;
+    config.janitor.removed_retention_ms = 2_000;
     let compactor = CompactorService::start(config).await.unwrap();
 
-    // Readers run throughout: by directory (as DuckDB or Athena would) and by records.
+    // Readers run throughout, each reading rows of one table version: by replaying the log (as
+    // any Delta engine does) and through delta-rs. Neither may see a row twice or fail a read.
     let stop_readers = tokio_util::sync::CancellationToken::new();
-    let directory_reader = {
+    let log_reader = {
         let (lake_dir, stop) = (lake_dir.path().to_path_buf(), stop_readers.clone());
         tokio::spawn(async move {
             let mut num_reads = 0;
             while !stop.is_cancelled() {
-                // A file can vanish between listing and reading while a merge swaps it.
-                if let Ok(rows) = read_lake_rows(&lake_dir, "telemetry") {
-                    let mut keys: Vec<(String, i64)> =
-                        rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
-                    let num_rows = keys.len();
-                    keys.sort();
-                    keys.dedup();
-                    assert_eq!(keys.len(), num_rows, "a directory reader saw a row twice");
-                    num_reads += 1;
-                }
+                let rows = read_lake_rows(&lake_dir, "telemetry").unwrap();
+                let mut keys: Vec<(String, i64)> = rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
+                let num_rows = keys.len();
+                keys.sort();
+                keys.dedup();
+                assert_eq!(keys.len(), num_rows, "a log reader saw a row twice");
+                num_reads += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             num_reads
         })
     };
-    let record_reader = {
+    let version_reader = {
         let (lake, stop) = (lake(lake_dir.path()), stop_readers.clone());
         tokio::spawn(async move {
-            let mut num_reads = 0;
+            // (table version, rows it holds), per read.
+            let mut reads: Vec<(i64, usize)> = Vec::new();
             while !stop.is_cancelled() {
-                let files = lake.live_files("telemetry").await.unwrap();
-                let mut paths: Vec<&str> = files.iter().map(|file| file.path.as_str()).collect();
-                let num_files = paths.len();
-                paths.sort();
-                paths.dedup();
-                assert_eq!(paths.len(), num_files, "a file is live twice");
-                num_reads += 1;
+                let Some((version, files)) = lake.table_files("telemetry").await.unwrap() else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let rows = sluice_integration_tests::read_rows_of(&lake, &files).await.unwrap();
+                let mut keys: Vec<(String, i64)> = rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
+                let num_rows = keys.len();
+                keys.sort();
+                keys.dedup();
+                assert_eq!(keys.len(), num_rows, "version {version} holds a row twice");
+                reads.push((version, num_rows));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            num_reads
+            reads
         })
     };
 
@@ -465,12 +511,28 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // Long enough for VACUUM to delete merged-away files while the readers still run.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     stop_readers.cancel();
-    assert!(directory_reader.await.unwrap() > 10);
-    assert!(record_reader.await.unwrap() > 10);
+    assert!(log_reader.await.unwrap() > 10);
+    let reads = version_reader.await.unwrap();
     compactor.stop().await.unwrap();
     assert!(merged, "merges happened");
+
+    // Reads overlapped merges: some merge committed between two reads, and the reads on both
+    // sides of it saw the same rows.
+    let history = lake.history("telemetry").await.unwrap();
+    let merge_versions: Vec<i64> =
+        history.iter().filter(|commit| commit.merge_opt.is_some()).map(|commit| commit.version).collect();
+    let overlapped = merge_versions.iter().any(|&merge| {
+        reads.iter().any(|(version, _)| *version < merge) && reads.iter().any(|(version, _)| *version >= merge)
+    });
+    assert!(overlapped, "reads {reads:?} did not span a merge at {merge_versions:?}");
+    // A merge changes no data: a later version never holds fewer rows than an earlier one.
+    let mut by_version = reads.clone();
+    by_version.sort();
+    assert!(by_version.windows(2).all(|pair| pair[1].1 >= pair[0].1), "rows went missing: {by_version:?}");
+    assert!(reads.iter().all(|(_, rows)| *rows <= 6_000));
 
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
     assert_exactly_once(
@@ -481,4 +543,8 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
         lake.commits("telemetry").await.unwrap().iter().map(|commit| commit.files.len()).sum();
     let live_files = lake.live_files("telemetry").await.unwrap().len();
     assert!(live_files < committed_files, "{live_files} live files from {committed_files} committed");
+    // VACUUM deleted what merges removed, and nothing the table holds.
+    let on_disk = sluice_integration_tests::parquet_files_under(&lake_dir.path().join("telemetry"));
+    assert_eq!(on_disk.len(), live_files, "{on_disk:?}");
+    sluice_integration_tests::assert_outside_readers_see(&lake_dir.path().join("telemetry"), &readings);
 }

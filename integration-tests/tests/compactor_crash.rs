@@ -1,6 +1,7 @@
 //! Crash test: `sluice-compactor` processes are killed with SIGKILL at random moments while two
 //! of them share the partitions, and restarted. At the end every record produced is in exactly
-//! one committed Parquet file.
+//! one file of the Delta table's latest version, as Sluice's engine, a replay of the log and
+//! outside Delta readers all see it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -40,11 +41,15 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     let work_dir = tempfile::TempDir::new().unwrap();
     let lake_dir = work_dir.path().join("lake");
     let mut config = compactor_config(&broker, &prefix, &lake_dir);
-    // Flush often so that kills land during uploads, commits and publishes.
+    // Flush often so that kills land during uploads and commits.
     config.flush.max_age_ms = 150;
     let config_path = work_dir.path().join("compactor.toml");
     std::fs::write(&config_path, sluice_config::to_masked_toml(&config).unwrap()).unwrap();
 
+    // The topic has a known number of partitions, which both processes share.
+    sluice_kafka::ensure_topics(&config.kafka, &[config.kafka.stream_topic_spec("telemetry")], Duration::from_secs(30))
+        .await
+        .unwrap();
     // Many devices, six hours of event time, some readings late and out of order.
     let readings = telemetry_readings(NUM_RECORDS, 500, 6 * HOUR);
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[..NUM_RECORDS / 2]).await.unwrap();
@@ -75,34 +80,53 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
         std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     }
     for instance in &mut instances {
-        let _ = tokio::time::timeout(Duration::from_secs(30), instance.wait()).await;
+        let status = tokio::time::timeout(Duration::from_secs(30), instance.wait())
+            .await
+            .expect("a compactor stops within 30 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "a graceful stop exits 0: {status:?}");
     }
     assert_exactly_once(&read_lake_rows(&lake_dir, "telemetry").unwrap(), &readings);
 
-    // An independent engine over the Hive layout agrees: DataFusion, partition columns dt/hour.
-    let context = datafusion::prelude::SessionContext::new();
-    let options = datafusion::prelude::ParquetReadOptions::default().table_partition_cols(vec![
-        ("dt".to_string(), datafusion::arrow::datatypes::DataType::Utf8),
-        ("hour".to_string(), datafusion::arrow::datatypes::DataType::Utf8),
-    ]);
-    let table_path = format!("{}/", lake_dir.join("telemetry").display());
-    context.register_parquet("telemetry", &table_path, options).await.unwrap();
-    let counts = context
-        .sql("SELECT count(*) AS num_rows, count(DISTINCT concat(device_id, '/', CAST(seq AS VARCHAR))) AS num_keys, count(DISTINCT dt || hour) AS num_partitions FROM telemetry")
-        .await
-        .unwrap()
-        .collect()
-        .await
+    // Both processes committed, and each partition's flushes form one chain across them: every
+    // commit started from the position the one before it left, whichever process made it.
+    let lake = sluice_integration_tests::open_local_lake(&lake_dir);
+    let commits = lake.commits("telemetry").await.unwrap();
+    for instance in 0..2 {
+        let writer = format!("crash-test-{instance}");
+        assert!(commits.iter().any(|record| record.writer_id == writer && record.num_rows() > 0), "{writer} committed");
+    }
+    let partitions: std::collections::BTreeSet<i32> = commits.iter().map(|record| record.kafka_partition).collect();
+    assert_eq!(partitions.len(), config.kafka.topics.partitions as usize, "every partition of the topic committed");
+    for partition in &partitions {
+        let chain: Vec<_> = commits.iter().filter(|record| record.kafka_partition == *partition).collect();
+        assert_eq!(chain[0].previous_end_offset_opt, None);
+        for pair in chain.windows(2) {
+            assert_eq!(pair[1].previous_end_offset_opt, Some(pair[0].end_offset), "partition {partition}");
+            assert_eq!(pair[1].start_offset, pair[0].end_offset, "partition {partition}");
+        }
+        let position = lake.latest_commit("telemetry", *partition).await.unwrap().unwrap();
+        assert_eq!(position.end_offset, chain.last().unwrap().end_offset);
+    }
+
+    // Sluice's own engine (DataFusion over the table's latest version) and the outside Delta
+    // readers agree.
+    let output = std::process::Command::new(workspace_binary("sluice"))
+        .arg("--lake")
+        .arg(&lake_dir)
+        .args([
+            "query",
+            "--format",
+            "csv",
+            "SELECT count(*) AS num_rows, count(DISTINCT concat(device_id, '/', CAST(seq AS VARCHAR))) AS num_keys, count(DISTINCT dt || hour) AS num_partitions FROM telemetry",
+        ])
+        .output()
         .unwrap();
-    let column = |name: &str| {
-        use datafusion::arrow::array::AsArray;
-        counts[0]
-            .column_by_name(name)
-            .unwrap()
-            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-            .value(0)
-    };
-    assert_eq!(column("num_rows"), NUM_RECORDS as i64, "DataFusion count equals what was produced");
-    assert_eq!(column("num_keys"), NUM_RECORDS as i64, "every (device_id, seq) exactly once");
-    assert!(column("num_partitions") >= 6, "six hours of event time in hourly partitions");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let values: Vec<i64> = stdout.lines().nth(1).unwrap().split(',').map(|value| value.parse().unwrap()).collect();
+    assert_eq!(values[0], NUM_RECORDS as i64, "DataFusion count equals what was produced");
+    assert_eq!(values[1], NUM_RECORDS as i64, "every (device_id, seq) exactly once");
+    assert!(values[2] >= 6, "six hours of event time in hourly partitions");
+    sluice_integration_tests::assert_outside_readers_see(&lake_dir.join("telemetry"), &readings);
 }

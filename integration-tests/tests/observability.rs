@@ -440,7 +440,6 @@ async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
         ("encode_parquet", Some("flush")),
         ("upload", Some("flush")),
         ("commit", Some("flush")),
-        ("publish", Some("commit")),
         // executor: a run and its DataFusion phases
         ("job_run", None),
         ("snapshot", Some("job_run")),
@@ -448,6 +447,7 @@ async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
         ("physical_plan", Some("job_run")),
         ("execute", Some("job_run")),
         ("write_result", Some("execute")),
+        ("commit_result", Some("job_run")),
     ];
     let complete = wait_until(Duration::from_secs(10), || {
         let names: BTreeSet<String> = spans.lock().unwrap().iter().map(|span| span.name.clone()).collect();

@@ -18,6 +18,7 @@ pub struct CompactorConfig {
     pub flush: FlushConfig,
     pub parquet: ParquetConfig,
     pub janitor: JanitorConfig,
+    pub table: TableConfig,
     pub merge: MergeConfig,
     pub watermark: WatermarkConfig,
     pub schemas: SchemasConfig,
@@ -38,7 +39,7 @@ pub struct CompactorSection {
     /// Event-time partitioning per stream; streams not listed use `default_granularity`.
     pub granularity: BTreeMap<String, PartitionGranularity>,
     pub default_granularity: PartitionGranularity,
-    /// Names this instance in commit records; empty means a random id per process.
+    /// Names this instance in the commits it makes; empty means a random id per process.
     pub instance_id: String,
 }
 
@@ -116,15 +117,34 @@ impl Default for ParquetConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JanitorConfig {
-    /// How often staged files that no commit will publish are looked for.
+    /// How often files that no table version needs are looked for.
     pub interval_ms: u64,
-    /// Staged files younger than this are left alone (a flush may still be committing them).
+    /// Data files that no table version adds (a flush or merge that never committed) are
+    /// deleted once older than this; younger ones may belong to a commit in progress.
     pub min_age_ms: u64,
+    /// Files a merge removed from the table are deleted this long after the merge, so that a
+    /// query reading an older version still finds them (VACUUM's retention).
+    pub removed_retention_ms: u64,
 }
 
 impl Default for JanitorConfig {
     fn default() -> Self {
-        Self { interval_ms: 600_000, min_age_ms: 3_600_000 }
+        Self { interval_ms: 600_000, min_age_ms: 3_600_000, removed_retention_ms: 86_400_000 }
+    }
+}
+
+/// Settings of the Delta tables the compactor creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableConfig {
+    /// A checkpoint every this many commits (`delta.checkpointInterval`, set when a table is
+    /// created): loading a snapshot then reads one checkpoint and at most this many commits.
+    pub checkpoint_interval: u64,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self { checkpoint_interval: sluice_lake::TableSettings::default().checkpoint_interval }
     }
 }
 
@@ -160,7 +180,7 @@ impl Default for MergeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatermarkConfig {
-    /// How often each stream's watermark is computed from the commit records and published.
+    /// How often each stream's watermark is computed from its table's log and published.
     pub interval_ms: u64,
     /// Subtracted from the slowest partition's committed event time: how late (in event time,
     /// behind its partition) a record may arrive and still count as on time.
@@ -228,6 +248,9 @@ impl Validate for CompactorConfig {
         }
         if self.watermark.interval_ms == 0 {
             issues.push(ConfigIssue::new("watermark.interval_ms", "must be greater than 0"));
+        }
+        if self.table.checkpoint_interval == 0 {
+            issues.push(ConfigIssue::new("table.checkpoint_interval", "must be greater than 0"));
         }
         if self.merge.interval_ms == 0 {
             issues.push(ConfigIssue::new("merge.interval_ms", "must be greater than 0"));

@@ -1,11 +1,12 @@
 //! The consumer loop: reads the stream topics, buffers rows per Kafka partition, and flushes
-//! each buffer as one commit (files to staging, commit record created once, files published).
+//! each buffer as one Delta commit (files at their final paths, then one commit adding them and
+//! moving the partition's position).
 //!
 //! It runs on one blocking thread and calls the object store through the runtime handle. That
 //! keeps every state change in one place: rdkafka runs the rebalance callback inside `poll` on
 //! this thread, so a revoked partition's buffer is dropped before the loop can flush it, and an
-//! assigned partition starts at the end offset of its latest commit record, read from the store
-//! before the assignment takes effect. Kafka's own committed offsets are written afterwards for
+//! assigned partition starts at the position its table's latest version holds, read from the
+//! store before the assignment takes effect. Kafka's own committed offsets are written afterwards for
 //! lag dashboards only; they are never read back.
 
 use std::collections::{BTreeSet, HashMap};
@@ -22,7 +23,9 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_kafka::{BatchProducer, BatchRecord};
-use sluice_lake::{CommitOutcome, CommitRecord, CommittedFile, Lake, PartitionGranularity, PartitionKey};
+use sluice_lake::{
+    CommitRecord, CommittedFile, CommittedPosition, Lake, NewFile, PartitionGranularity, PartitionKey, TableCommit,
+};
 use sluice_schema::{DecoderSetupError, StreamDecoder, StreamSchema, event_times_micros};
 use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
@@ -61,7 +64,7 @@ pub(crate) struct StreamInfo {
 
 #[derive(Debug)]
 pub(crate) enum RebalanceEvent {
-    Assigned(Vec<(String, i32, Option<CommitRecord>)>),
+    Assigned(Vec<(String, i32, Option<CommittedPosition>)>),
     Revoked(Vec<(String, i32)>),
     Failed(String),
     /// From librdkafka's statistics: per partition, the high watermark of the last fetch
@@ -183,19 +186,19 @@ impl RebalanceContext {
     }
 
     /// Runs inside `poll` on the loop's blocking thread, so waiting on the store is allowed here.
-    fn load_latest_commit(&self, stream: &str, partition: i32) -> Result<Option<CommitRecord>, String> {
+    fn load_latest_commit(&self, stream: &str, partition: i32) -> Result<Option<CommittedPosition>, String> {
         let mut attempt = 0;
         loop {
             match self.handle.block_on(self.lake.latest_commit(stream, partition)) {
                 Ok(latest) => return Ok(latest),
                 Err(error) if attempt + 1 < ASSIGN_LOAD_ATTEMPTS => {
-                    tracing::warn!(stream, partition, %error, "failed to read the latest commit record; retrying");
+                    tracing::warn!(stream, partition, %error, "failed to read the committed position; retrying");
                     attempt += 1;
                     std::thread::sleep(STORE_RETRY_BACKOFF);
                 }
                 Err(error) => {
                     return Err(format!(
-                        "failed to read the latest commit record of {stream} partition {partition}: {error}"
+                        "failed to read the committed position of {stream} partition {partition}: {error}"
                     ));
                 }
             }
@@ -240,7 +243,9 @@ struct PartitionState {
     batches: Vec<RecordBatch>,
     /// Avro bytes consumed since the last commit (pending and decoded): a cheap proxy for memory.
     num_value_bytes: usize,
-    next_sequence: u64,
+    /// The partition's position in the table as this writer last saw it: a commit must find it
+    /// unchanged.
+    committed_opt: Option<i64>,
     /// Start of the range the next commit covers; `None` until the first record of a partition
     /// that has no commit yet.
     range_start_opt: Option<i64>,
@@ -259,7 +264,7 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    fn new(stream: Arc<StreamInfo>, latest: Option<&CommitRecord>) -> Result<Self, DecoderSetupError> {
+    fn new(stream: Arc<StreamInfo>, latest: Option<&CommittedPosition>) -> Result<Self, DecoderSetupError> {
         let decoder = stream.decoder()?;
         let mut state = Self {
             stream,
@@ -267,7 +272,7 @@ impl PartitionState {
             pending: PendingValues::default(),
             batches: Vec::new(),
             num_value_bytes: 0,
-            next_sequence: 0,
+            committed_opt: None,
             range_start_opt: None,
             next_offset: 0,
             open_partitions: BTreeSet::new(),
@@ -283,14 +288,14 @@ impl PartitionState {
     }
 
     /// Drops everything buffered and continues after `latest`.
-    fn reset_to(&mut self, latest: Option<&CommitRecord>) {
+    fn reset_to(&mut self, latest: Option<&CommittedPosition>) {
         self.pending.clear();
         self.batches.clear();
         self.num_value_bytes = 0;
-        self.next_sequence = latest.map_or(0, |record| record.sequence + 1);
-        self.range_start_opt = latest.map(|record| record.end_offset);
-        self.next_offset = latest.map_or(0, |record| record.end_offset);
-        self.committed_max_event_time_opt = latest.and_then(|record| record.max_event_time_micros_opt);
+        self.committed_opt = latest.map(|position| position.end_offset);
+        self.range_start_opt = latest.map(|position| position.end_offset);
+        self.next_offset = latest.map_or(0, |position| position.end_offset);
+        self.committed_max_event_time_opt = latest.and_then(|position| position.max_event_time_micros_opt);
         self.open_partitions.clear();
         self.first_buffered_at_opt = None;
         self.num_dead_lettered = 0;
@@ -400,10 +405,8 @@ impl CompactorLoop {
                 RebalanceEvent::Assigned(assigned) => {
                     for (topic, partition, latest) in assigned {
                         let Some(stream) = self.streams.get(&topic) else { continue };
-                        if let Some(record) = &latest {
-                            // A writer that crashed between commit and publish left this undone.
-                            self.publish_with_retries(record);
-                            if let Some(max_event_time) = record.max_event_time_micros_opt {
+                        if let Some(position) = &latest {
+                            if let Some(max_event_time) = position.max_event_time_micros_opt {
                                 self.metrics.record_committed_event_time(
                                     &stream.stream,
                                     partition,
@@ -411,7 +414,7 @@ impl CompactorLoop {
                                 );
                             }
                         }
-                        tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |record| record.end_offset), "partition assigned");
+                        tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |position| position.end_offset), "partition assigned");
                         let state = PartitionState::new(Arc::clone(stream), latest.as_ref())
                             .map_err(|error| LoopError::Rebalance(error.to_string()))?;
                         self.metrics.record_position_beyond_end(&stream.stream, partition, 0);
@@ -642,27 +645,28 @@ impl CompactorLoop {
             }
         };
         let upload_span = tracing::info_span!("upload", num_files = files.len()).entered();
-        let mut committed_files = Vec::with_capacity(files.len());
+        let mut new_files: Vec<NewFile> = Vec::with_capacity(files.len());
         for file in files {
             let file_name =
                 format!("p{:03}-o{range_start:020}-{}.parquet", key.1, uuid::Uuid::new_v4().simple());
             let partition = file.partition.to_string();
             let committed = CommittedFile {
                 path: Lake::data_file(&stream.stream, &partition, &file_name),
-                staging_path: Lake::staging_file(&stream.stream, &file_name),
                 partition,
                 num_rows: file.num_rows as u64,
                 size_bytes: file.bytes.len() as u64,
                 min_event_time_micros: file.min_event_time_micros,
                 max_event_time_micros: file.max_event_time_micros,
             };
-            if let Err(error) = self.handle.block_on(self.lake.put(&committed.staging_path, file.bytes)) {
+            // Written at its final path: no Delta reader sees it until the commit adds it.
+            if let Err(error) = self.handle.block_on(self.lake.put(&committed.path, file.bytes)) {
                 tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to upload; re-reading the range");
+                self.delete_written(&new_files);
                 std::thread::sleep(STORE_RETRY_BACKOFF);
                 self.rewind(key, state);
                 return;
             }
-            committed_files.push(committed);
+            new_files.push(NewFile { file: committed, stats_json: file.stats_json });
         }
         drop(upload_span);
         let max_event_time_micros_opt =
@@ -674,22 +678,22 @@ impl CompactorLoop {
             stream: stream.stream.clone(),
             topic: stream.topic.clone(),
             kafka_partition: key.1,
-            sequence: state.next_sequence,
+            previous_end_offset_opt: state.committed_opt,
             start_offset: range_start,
             end_offset: state.next_offset,
-            files: committed_files,
+            files: new_files.iter().map(|new_file| new_file.file.clone()).collect(),
             num_dead_lettered: state.num_dead_lettered,
             num_duplicates_dropped: num_duplicates_dropped as u64,
             max_event_time_micros_opt,
             writer_id: self.writer_id.clone(),
             created_at_micros: now_micros(),
             reset_opt: None,
+            table_version_opt: None,
         };
-        let _commit_span = tracing::info_span!("commit", sequence = record.sequence).entered();
-        let outcome = self.handle.block_on(self.lake.create_commit(&record));
+        let _commit_span = tracing::info_span!("commit", start_offset = record.start_offset).entered();
+        let outcome = self.handle.block_on(self.lake.create_commit(&record, &new_files));
         match outcome {
-            Ok(CommitOutcome::Created) => {
-                tracing::info_span!("publish").in_scope(|| self.publish_with_retries(&record));
+            Ok(TableCommit::Committed { version }) => {
                 let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
                 self.metrics.record_flush(
                     &stream.stream,
@@ -701,21 +705,26 @@ impl CompactorLoop {
                 if let Some(max_event_time) = record.max_event_time_micros_opt {
                     self.metrics.record_committed_event_time(&stream.stream, key.1, max_event_time);
                 }
-                tracing::debug!(stream = %stream.stream, partition = key.1, sequence = record.sequence, num_rows = record.num_rows(), num_files = record.files.len(), "committed");
-                state.reset_to(Some(&record));
+                tracing::debug!(stream = %stream.stream, partition = key.1, table_version = version, num_rows = record.num_rows(), num_files = record.files.len(), "committed");
+                state.reset_to(Some(&CommittedPosition {
+                    end_offset: record.end_offset,
+                    max_event_time_micros_opt: record.max_event_time_micros_opt,
+                    table_version: version,
+                }));
                 self.commit_kafka_offset(key, record.end_offset);
             }
-            Ok(CommitOutcome::Conflict) => {
+            Ok(TableCommit::Conflict) => {
                 // Another instance committed this partition: it owns it now, or owned it while we
-                // still thought we did. Its records win; ours are dropped.
+                // still thought we did. Its commits win; our files are deleted.
                 self.metrics.record_commit_conflict(&stream.stream);
-                tracing::warn!(stream = %stream.stream, partition = key.1, sequence = record.sequence, "commit conflict: another writer committed this partition; reloading");
-                self.delete_staged(&record);
+                tracing::warn!(stream = %stream.stream, partition = key.1, start_offset = record.start_offset, "commit conflict: another writer moved this partition's position; reloading");
+                self.delete_written(&new_files);
                 self.rewind(key, state);
             }
             Err(error) => {
-                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to create the commit record; re-reading the range");
-                self.delete_staged(&record);
+                // The commit may have landed before the error (a lost answer): the files then
+                // belong to the table, and the janitor only deletes files no version adds.
+                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to commit to the table; re-reading the range");
                 std::thread::sleep(STORE_RETRY_BACKOFF);
                 self.rewind(key, state);
             }
@@ -727,13 +736,13 @@ impl CompactorLoop {
         let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
             Ok(latest) => latest,
             Err(error) => {
-                tracing::error!(partition = key.1, %error, "failed to read the latest commit record; stopping");
+                tracing::error!(partition = key.1, %error, "failed to read the committed position; stopping");
                 self.shutdown.cancel();
                 return;
             }
         };
         state.reset_to(latest.as_ref());
-        let offset = latest.as_ref().map_or(Offset::Beginning, |record| Offset::Offset(record.end_offset));
+        let offset = latest.as_ref().map_or(Offset::Beginning, |position| Offset::Offset(position.end_offset));
         if let Err(error) = self.consumer.seek(&key.0, key.1, offset, Duration::from_secs(10)) {
             tracing::error!(topic = %key.0, partition = key.1, %error, "failed to seek; stopping");
             self.shutdown.cancel();
@@ -831,26 +840,24 @@ impl CompactorLoop {
         }
     }
 
-    /// A partition waiting beyond the broker's end goes on once its latest commit record
-    /// changed: `sluice-compactor reset-position` recorded a new position (or an operator moved
-    /// the records aside).
+    /// A partition waiting beyond the broker's end goes on once its committed position changed:
+    /// `sluice-compactor reset-position` recorded a new one.
     fn check_for_new_positions(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
         for (key, state) in partitions.iter_mut().filter(|(_, state)| state.beyond_end_opt.is_some()) {
             let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
                 Ok(latest) => latest,
                 Err(error) => {
-                    tracing::warn!(partition = key.1, %error, "failed to read the latest commit record");
+                    tracing::warn!(partition = key.1, %error, "failed to read the committed position");
                     continue;
                 }
             };
-            let next_sequence = latest.as_ref().map_or(0, |record| record.sequence.saturating_add(1));
-            if next_sequence == state.next_sequence {
+            if latest.map(|position| position.end_offset) == state.committed_opt {
                 continue;
             }
             tracing::info!(
                 topic = %key.0,
                 partition = key.1,
-                position = latest.as_ref().map_or(0, |record| record.end_offset),
+                position = latest.as_ref().map_or(0, |position| position.end_offset),
                 "a new committed position was recorded; reading from it"
             );
             if state.has_uncommitted() {
@@ -860,21 +867,11 @@ impl CompactorLoop {
         }
     }
 
-    fn publish_with_retries(&self, record: &CommitRecord) {
-        while let Err(error) = self.handle.block_on(self.lake.publish(record)) {
-            tracing::warn!(stream = %record.stream, partition = record.kafka_partition, sequence = record.sequence, %error, "failed to publish committed files; retrying");
-            if self.shutdown.is_cancelled() {
-                // The next owner of the partition publishes it when it is assigned.
-                return;
-            }
-            std::thread::sleep(STORE_RETRY_BACKOFF);
-        }
-    }
-
-    fn delete_staged(&self, record: &CommitRecord) {
-        for file in &record.files {
-            if let Err(error) = self.handle.block_on(self.lake.delete(&file.staging_path)) {
-                tracing::debug!(path = %file.staging_path, %error, "failed to delete a staged file; the janitor removes it");
+    /// Deletes files of a flush that did not commit; one left behind is the janitor's.
+    fn delete_written(&self, new_files: &[NewFile]) {
+        for new_file in new_files {
+            if let Err(error) = self.handle.block_on(self.lake.delete(&new_file.file.path)) {
+                tracing::debug!(path = %new_file.file.path, %error, "failed to delete an uncommitted file; the janitor removes it");
             }
         }
     }

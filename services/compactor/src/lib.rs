@@ -40,6 +40,12 @@ pub enum CompactorError {
     UnknownStream { stream: String },
     #[error("failed to open the object store")]
     Store(#[from] StoreError),
+    #[error("failed to set up the Delta table of stream '{stream}'")]
+    Table {
+        stream: String,
+        #[source]
+        source: sluice_lake::LakeError,
+    },
     #[error("failed to set up Kafka topics")]
     Topics(#[from] KafkaError),
     #[error("failed to create the Kafka {role}")]
@@ -110,7 +116,8 @@ impl RunningCompactor {
     }
 }
 
-/// Computes each stream's watermark from the commit records and publishes it, every interval.
+/// Computes each stream's watermark from its table's log and publishes it as a cache for the
+/// executor, every interval.
 async fn run_watermark_publisher(
     lake: Lake,
     partitions_by_stream: Vec<(String, i32)>,
@@ -149,7 +156,8 @@ async fn run_watermark_publisher(
     }
 }
 
-/// Removes staged files of flushes that never committed, every `interval`.
+/// Deletes, every `interval`, the data files no table version needs: those of flushes and merges
+/// that never committed, and those merges removed longer than the retention ago.
 async fn run_janitor(
     lake: Lake,
     streams: Vec<String>,
@@ -157,19 +165,18 @@ async fn run_janitor(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let min_age = Duration::from_millis(config.min_age_ms);
+    let removed_retention = Duration::from_millis(config.removed_retention_ms);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
         }
         for stream in &streams {
-            match lake.remove_orphaned_staging(stream, min_age).await {
+            match lake.vacuum(stream, min_age, removed_retention).await {
                 Ok(0) => {}
-                Ok(num_deleted) => tracing::info!(
-                    stream,
-                    num_deleted,
-                    "removed staged files of flushes that never committed"
-                ),
+                Ok(num_deleted) => {
+                    tracing::info!(stream, num_deleted, "deleted data files no table version needs")
+                }
                 Err(error) => tracing::warn!(stream, %error, "janitor failed; trying again later"),
             }
         }
@@ -219,6 +226,14 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         };
         // Every assigned partition builds its own decoder: find a schema arrow-avro cannot decode now.
         info.decoder()?;
+        let partition_columns: &[&str] = match info.granularity {
+            sluice_lake::PartitionGranularity::Hour => &["dt", "hour"],
+            sluice_lake::PartitionGranularity::Day => &["dt"],
+        };
+        let settings = sluice_lake::TableSettings { checkpoint_interval: config.table.checkpoint_interval };
+        lake.ensure_table(stream, &sluice_schema::to_arrow_schema(reader), partition_columns, settings)
+            .await
+            .map_err(|source| CompactorError::Table { stream: stream.clone(), source })?;
         merge_targets.push(merge::MergeTarget {
             stream: info.stream.clone(),
             granularity: info.granularity,

@@ -42,14 +42,14 @@ See docs/operations.md, \"Broker lost a partition's records\".")]
         /// Stream name (schemas/<stream>.avsc).
         #[arg(long)]
         stream: String,
-        /// Kafka partition; repeat for several. Default: every partition with commit records.
+        /// Kafka partition; repeat for several. Default: every partition with a flush in the log.
         #[arg(long = "partition", value_name = "N")]
         partitions: Vec<i32>,
         /// The offset to read from next: 0 (the start of a new, empty broker's log) reads every
         /// reading the broker holds now; the partition's end skips them.
         #[arg(long, value_name = "OFFSET", allow_negative_numbers = true)]
         to_offset: i64,
-        /// Kept in the commit record, for whoever reads it later.
+        /// Kept in the commit's commitInfo, for whoever reads the log later.
         #[arg(long, default_value = "broker lost the partition's records")]
         reason: String,
     },
@@ -123,18 +123,17 @@ async fn reset_position(
     for outcome in outcomes {
         match outcome {
             ResetOutcome::Recorded(record) => println!(
-                "{stream} partition {}: committed position {} -> {} (commit record {})",
+                "{stream} partition {}: committed position {} -> {}",
                 record.kafka_partition,
                 record.reset_opt.as_ref().map_or(record.end_offset, |reset| reset.previous_end_offset),
                 record.end_offset,
-                record.sequence
             ),
             ResetOutcome::NoCommits { partition } => println!(
-                "{stream} partition {partition}: no commit record; the compactor reads it from the beginning already"
+                "{stream} partition {partition}: no committed position; the compactor reads it from the beginning already"
             ),
-            ResetOutcome::Conflict { partition, sequence } => {
+            ResetOutcome::Conflict { partition, position } => {
                 eprintln!(
-                    "{stream} partition {partition}: a compactor committed record {sequence} meanwhile; nothing \
+                    "{stream} partition {partition}: a compactor moved the position from {position} meanwhile; nothing \
                      recorded. Check the partition again and rerun if it is still beyond the broker's end"
                 );
                 code = ExitCode::FAILURE;

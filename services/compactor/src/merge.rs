@@ -1,7 +1,8 @@
 //! Small-file merge: committed files of a closed event-time partition (its hour ended long
-//! enough ago) that are smaller than `small_file_bytes` are rewritten as one sorted file, and a
-//! merge record makes the swap one step for readers that go by records. docs/delivery-semantics.md
-//! has what directory readers see.
+//! enough ago) that are smaller than `small_file_bytes` are rewritten as one sorted file, swapped
+//! in by one Delta commit (`add` of the output and `remove` of the inputs, no data change), so a
+//! reader of any table version sees each row once. A merge that loses to another one deletes its
+//! output and is dropped.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,9 +10,7 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
-use sluice_lake::{
-    CommitOutcome, CommittedFile, Lake, LakeError, MergeRecord, PartitionGranularity, PartitionKey,
-};
+use sluice_lake::{CommittedFile, Lake, LakeError, MergeRecord, PartitionGranularity, PartitionKey, TableCommit};
 use sluice_shutdown::CancellationToken;
 
 use crate::config::MergeConfig;
@@ -83,12 +82,6 @@ pub(crate) async fn merge_stream(
     writer_id: &str,
     shutdown: &CancellationToken,
 ) -> Result<usize, MergeError> {
-    let merges = lake.merges(&target.stream).await?;
-    if let Some(latest) = merges.last() {
-        // Finishes a merge whose writer stopped between its record and the swap.
-        lake.apply_merge(latest).await?;
-    }
-    let mut next_sequence = merges.last().map_or(0, |merge| merge.sequence + 1);
     let closed_before = now_micros().saturating_sub(millis_to_micros(config.min_partition_age_ms));
     let mut small_by_partition: BTreeMap<String, Vec<CommittedFile>> = BTreeMap::new();
     for file in lake.live_files(&target.stream).await? {
@@ -124,40 +117,40 @@ pub(crate) async fn merge_stream(
         if inputs.len() < 2 {
             continue;
         }
-        let output = merge_files(lake, target, &partition, &inputs).await?;
+        let (output, stats_json) = merge_files(lake, target, &partition, &inputs).await?;
         let record = MergeRecord {
             stream: target.stream.clone(),
-            sequence: next_sequence,
             partition,
-            inputs: inputs.iter().map(|file| file.path.clone()).collect(),
+            inputs,
             output,
             writer_id: writer_id.to_string(),
             created_at_micros: now_micros(),
         };
-        match lake.create_merge(&record).await? {
-            CommitOutcome::Created => {
-                lake.apply_merge(&record).await?;
-                next_sequence += 1;
-                num_merges += 1;
-            }
-            CommitOutcome::Conflict => {
+        match lake.create_merge(&record, &stats_json).await {
+            Ok(TableCommit::Committed { .. }) => num_merges += 1,
+            Ok(TableCommit::Conflict) => {
                 // Another replica merged meanwhile; its view wins, ours is stale. Next round.
-                lake.delete(&record.output.staging_path).await?;
+                lake.delete(&record.output.path).await?;
                 break;
+            }
+            Err(error) => {
+                // Whether it landed is unknown: the janitor deletes the output if no version has it.
+                return Err(error.into());
             }
         }
     }
     Ok(num_merges)
 }
 
-/// Reads the inputs, and writes them as one sorted file to staging.
+/// Reads the inputs, and writes them as one sorted file at its final path, where no reader looks
+/// before the merge's commit adds it. Returns the file and its Delta statistics.
 #[tracing::instrument(name = "merge", skip_all, fields(stream = %target.stream, partition = %partition, num_inputs = inputs.len()))]
 async fn merge_files(
     lake: &Lake,
     target: &MergeTarget,
     partition: &str,
     inputs: &[CommittedFile],
-) -> Result<CommittedFile, MergeError> {
+) -> Result<(CommittedFile, String), MergeError> {
     let mut contents = Vec::with_capacity(inputs.len());
     for input in inputs {
         contents.push((input.path.clone(), lake.get(&input.path).await?));
@@ -197,13 +190,12 @@ async fn merge_files(
     let file_name = format!("merged-{}.parquet", uuid::Uuid::new_v4().simple());
     let output = CommittedFile {
         path: Lake::data_file(&target.stream, partition, &file_name),
-        staging_path: Lake::staging_file(&target.stream, &file_name),
         partition: partition.to_string(),
         num_rows: file.num_rows as u64,
         size_bytes: file.bytes.len() as u64,
         min_event_time_micros: file.min_event_time_micros,
         max_event_time_micros: file.max_event_time_micros,
     };
-    lake.put(&output.staging_path, file.bytes).await?;
-    Ok(output)
+    lake.put(&output.path, file.bytes).await?;
+    Ok((output, file.stats_json))
 }

@@ -37,6 +37,8 @@ pub(crate) struct EncodedFile {
     pub(crate) num_rows: usize,
     pub(crate) min_event_time_micros: i64,
     pub(crate) max_event_time_micros: i64,
+    /// Delta statistics of the file's rows.
+    pub(crate) stats_json: String,
 }
 
 /// How the compactor and its merges write Parquet: also what the query benchmark writes.
@@ -163,12 +165,14 @@ pub(crate) fn encode_partitioned(
         let mut writer = ArrowWriter::try_new(&mut bytes, part.schema(), Some(properties.clone()))?;
         writer.write(&part)?;
         writer.close()?;
+        let stats_json = sluice_lake::delta_stats(std::slice::from_ref(&part));
         files.push(EncodedFile {
             partition,
             bytes,
             num_rows: end - start,
             min_event_time_micros,
             max_event_time_micros,
+            stats_json,
         });
         start = end;
     }

@@ -1,9 +1,9 @@
 //! What SQL sees: each stream as a table of its committed rows, partitioned by `dt` (and
 //! `hour`), and the reference tables from config; and the rules a query must follow.
 //!
-//! Stream tables list their files from the commit records (a snapshot taken once per query),
-//! never from the directory, so a query sees every committed row once even while the compactor
-//! publishes or merges files: the record is the truth (docs/delivery-semantics.md).
+//! Stream tables list their files from one Delta version of the table (a snapshot taken once per
+//! query), never from the directory, so a query sees every committed row once even while the
+//! compactor commits or merges files: the log is the truth (docs/delivery-semantics.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -80,7 +80,7 @@ pub enum ReferenceFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("failed to read the commit records")]
+    #[error("failed to read the stream tables")]
     Lake(#[from] LakeError),
     #[error("failed to set up the query engine")]
     DataFusion(#[from] DataFusionError),
@@ -98,13 +98,19 @@ pub enum CatalogError {
 #[error("{0}")]
 pub struct QueryError(pub String);
 
-/// The committed files of the streams at one moment.
+/// One Delta version of each stream table: the files a query reads.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     streams: BTreeMap<String, Vec<CommittedFile>>,
+    versions: BTreeMap<String, i64>,
 }
 
 impl Snapshot {
+    /// The table version read of each stream that has a table.
+    pub fn versions(&self) -> &BTreeMap<String, i64> {
+        &self.versions
+    }
+
     pub fn files(&self, stream: &str) -> &[CommittedFile] {
         self.streams.get(stream).map(Vec::as_slice).unwrap_or_default()
     }
@@ -282,14 +288,17 @@ impl Catalog {
         &self.reference_tables
     }
 
-    /// Reads every stream's commit and merge records.
+    /// Loads the latest version of every stream table.
     pub async fn snapshot(&self) -> Result<Snapshot, CatalogError> {
-        let mut streams = BTreeMap::new();
+        let mut snapshot = Snapshot::default();
         for stream in self.stream_names() {
-            let files = self.lake.live_files(&stream).await?;
-            streams.insert(stream, files);
+            let (version, files) = self.lake.table_files(&stream).await?.unwrap_or((-1, Vec::new()));
+            if version >= 0 {
+                snapshot.versions.insert(stream.clone(), version);
+            }
+            snapshot.streams.insert(stream, files);
         }
-        Ok(Snapshot { streams })
+        Ok(snapshot)
     }
 
     /// A session whose tables are the streams (as of `snapshot`, limited to `scope`) and the
@@ -771,7 +780,6 @@ mod tests {
         let partition = PartitionKey::for_event_time(min_event_time_micros, PartitionGranularity::Hour);
         CommittedFile {
             path: format!("telemetry/{partition}/f.parquet"),
-            staging_path: String::new(),
             partition: partition.to_string(),
             num_rows: 1,
             size_bytes: 1,

@@ -95,6 +95,10 @@ pub struct JobRunEvent {
     pub result_path_opt: Option<String>,
     pub error_opt: Option<String>,
     pub executor: String,
+    /// JSON object of the Delta table version each stream table was read at.
+    pub input_versions_opt: Option<String>,
+    /// The results table version that holds the result.
+    pub result_version_opt: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,14 @@ impl JobRunEvent {
             ("result_path".into(), optional(&self.result_path_opt)),
             ("error".into(), optional(&self.error_opt)),
             ("executor".into(), AvroValue::String(self.executor.clone())),
+            ("input_versions".into(), optional(&self.input_versions_opt)),
+            (
+                "result_version".into(),
+                match self.result_version_opt {
+                    Some(version) => AvroValue::Union(1, Box::new(AvroValue::Long(version))),
+                    None => AvroValue::Union(0, Box::new(AvroValue::Null)),
+                },
+            ),
         ]);
         let writer =
             apache_avro::writer::datum::GenericDatumWriter::builder(schema).build().map_err(Box::new)?;
@@ -206,6 +218,14 @@ impl JobRunEvent {
             result_path_opt: optional("result_path")?,
             error_opt: optional("error")?,
             executor: string("executor")?,
+            input_versions_opt: optional("input_versions")?,
+            result_version_opt: match get("result_version")? {
+                AvroValue::Union(_, inner) => match inner.as_ref() {
+                    AvroValue::Long(version) => Some(*version),
+                    _ => None,
+                },
+                _ => return Err(EventError::Field("result_version")),
+            },
         })
     }
 }
@@ -236,6 +256,8 @@ mod tests {
             result_path_opt: None,
             error_opt: Some("Schema error: No field named x".into()),
             executor: "executor-0".into(),
+            input_versions_opt: Some("{\"telemetry\":12}".into()),
+            result_version_opt: Some(3),
         };
         let bytes = event.encode().unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);

@@ -7,9 +7,10 @@
 //!   instance's own, left by a process that died).
 //! - `<revision>.outcome.json`, created once when the revision succeeded or failed for good.
 //!
-//! The result of a window is one Parquet file, `results/<job>/window_start=<UTC>/result.parquet`,
-//! replaced whole by a later revision (a single put or a completed multipart upload: readers
-//! see the old file or the new one, never part of either).
+//! A job's results are one Delta table, `results/<job>/`, partitioned by `window_start`
+//! (compact UTC, `20261126T080000Z`). A window's result is one Parquet file in its partition,
+//! and each revision replaces the partition in one commit: readers see the old result or the new
+//! one, never part of either, and the run record names the table version that holds it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
-use sluice_lake::{CommitOutcome, Lake, LakeError, METADATA_DIR};
+use sluice_lake::{CommitOutcome, Lake, LakeError, METADATA_DIR, TableCommit};
 
 use crate::catalog::{Catalog, Scope, describe, plan_query};
 use crate::job::{Engine, JobDefinition};
@@ -73,6 +74,12 @@ pub struct OutcomeRecord {
     pub input_rows: u64,
     pub result_path_opt: Option<String>,
     pub error_opt: Option<String>,
+    /// The version of each stream table the revision read.
+    #[serde(default)]
+    pub input_versions: BTreeMap<String, i64>,
+    /// The version of the results table that holds the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_version_opt: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,13 +115,32 @@ pub fn outcome_path(job: &str, window_start_micros: i64, revision: u32) -> Strin
     format!("{}/{revision:06}.outcome.json", window_dir(job, window_start_micros))
 }
 
-/// `results/<job>/window_start=20261126T080000Z/result.parquet`: compact ISO 8601, since colons
-/// are awkward in object keys and file names.
-pub fn result_path(job: &str, window_start_micros: i64) -> String {
+/// The partition column of every results table.
+pub const RESULT_PARTITION_COLUMN: &str = "window_start";
+
+/// `results/<job>`: the job's results table.
+pub fn results_table(job: &str) -> String {
+    format!("results/{job}")
+}
+
+/// `window_start=20261126T080000Z`: compact ISO 8601, since colons are awkward in object keys
+/// and file names.
+pub fn result_partition(window_start_micros: i64) -> String {
     let stamp = chrono::DateTime::from_timestamp_micros(window_start_micros)
         .map(|time| time.format("%Y%m%dT%H%M%SZ").to_string())
         .unwrap_or_else(|| window_start_micros.to_string());
-    format!("results/{job}/window_start={stamp}/result.parquet")
+    format!("{RESULT_PARTITION_COLUMN}={stamp}")
+}
+
+/// A new result file of a window: a fresh name per attempt, so that a revision never overwrites
+/// a file an older table version still holds.
+pub fn result_path(job: &str, window_start_micros: i64) -> String {
+    format!(
+        "{}/{}/{}.parquet",
+        results_table(job),
+        result_partition(window_start_micros),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Reads every window's records of a job.
@@ -162,13 +188,16 @@ pub enum RunError {
     Timeout(Duration),
     #[error("failed to read or write the lake: {0}")]
     Lake(String),
+    /// The query's result cannot be stored as it is: another attempt gives the same answer.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl RunError {
     /// Whether another attempt may end differently: a file merged away under a running query,
     /// a store that failed, a timeout on a busy replica may all pass.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Limit(_))
+        !matches!(self, Self::Limit(_) | Self::Invalid(_))
     }
 
     fn from_datafusion(error: &DataFusionError) -> Self {
@@ -188,6 +217,8 @@ pub struct WindowRun {
     pub streams: Vec<String>,
     pub window_start_micros: i64,
     pub window_end_micros: i64,
+    pub revision: u32,
+    pub attempt: u32,
 }
 
 /// What a successful attempt produced.
@@ -196,6 +227,10 @@ pub struct RunResult {
     pub stats: RunStats,
     pub input_rows: u64,
     pub result_path: String,
+    /// The version of each stream table the run read.
+    pub input_versions: BTreeMap<String, i64>,
+    /// The version of the results table that holds the result.
+    pub result_version: i64,
 }
 
 /// A result's row group is written out once it holds this much: what the writer keeps in
@@ -287,12 +322,30 @@ impl WindowRun {
                 (Engine::Local, _) => execute_stream(Arc::clone(&plan), Arc::new(task_ctx)),
             }
             .map_err(|error| RunError::from_datafusion(&error))?;
+            if plan.schema().field_with_name(RESULT_PARTITION_COLUMN).is_ok() {
+                return Err(RunError::Invalid(format!(
+                    "the result has a column named {RESULT_PARTITION_COLUMN}, the partition column of the \
+                     results table: name it differently (AS ...)"
+                )));
+            }
             // Rows are written as the plan produces them, so writing is a part of executing.
             write_result(&self.catalog, &path, plan.schema(), stream)
                 .instrument(tracing::info_span!("write_result", rows = tracing::field::Empty))
                 .await
         }
         .instrument(execute_span)
+        .await?;
+        let result_version = commit_result(
+            &self.catalog,
+            &self.job.name,
+            self.window_start_micros,
+            (i64::from(self.revision) << 32) | i64::from(self.attempt),
+            &path,
+            rows_written,
+            bytes_written,
+            &plan.schema(),
+        )
+        .instrument(tracing::info_span!("commit_result"))
         .await?;
 
         let mut stats = scan_stats(&plan);
@@ -305,7 +358,13 @@ impl WindowRun {
         }
         stats.rows_written = rows_written;
         stats.bytes_written = bytes_written;
-        Ok(RunResult { stats, input_rows, result_path: path })
+        Ok(RunResult {
+            stats,
+            input_rows,
+            result_path: path,
+            input_versions: snapshot.versions().clone(),
+            result_version,
+        })
     }
 }
 
@@ -412,6 +471,47 @@ async fn write_result(
     writer.finish().await.map_err(parquet_error)?;
     tracing::Span::current().record("rows", rows_written);
     Ok((rows_written, writer.bytes_written() as u64))
+}
+
+/// Makes the written result file the window's result: one commit replacing the window's
+/// partition of the job's results table. A result that cannot be committed is deleted.
+async fn commit_result(
+    catalog: &Catalog,
+    job: &str,
+    window_start_micros: i64,
+    order: i64,
+    path: &str,
+    rows: u64,
+    bytes: u64,
+    schema: &SchemaRef,
+) -> Result<i64, RunError> {
+    let lake = catalog.lake();
+    let file = sluice_lake::CommittedFile {
+        path: path.to_string(),
+        partition: result_partition(window_start_micros),
+        num_rows: rows,
+        size_bytes: bytes,
+        min_event_time_micros: window_start_micros,
+        max_event_time_micros: window_start_micros,
+    };
+    let stats = serde_json::json!({ "numRecords": rows }).to_string();
+    let committed =
+        lake.replace_partition(&results_table(job), RESULT_PARTITION_COLUMN, &file, &stats, schema, order).await;
+    match committed {
+        Ok(TableCommit::Committed { version }) => Ok(version),
+        Ok(TableCommit::Conflict) => {
+            let _ = lake.delete(path).await;
+            Err(RunError::Lake(format!(
+                "a later attempt of this window replaced its result in {} first; this one is not counted",
+                results_table(job)
+            )))
+        }
+        Err(error) => {
+            // Whether it landed is unknown, so the file stays: deleting a committed result would
+            // leave the table naming a missing file.
+            Err(RunError::Lake(format!("{:#}", anyhow::Error::from(error))))
+        }
+    }
 }
 
 /// Rows, bytes and files the plan's scans read, from their metrics after a local run.

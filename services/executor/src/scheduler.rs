@@ -806,6 +806,8 @@ async fn run_attempt(
             input_rows: 0,
             result_path_opt: None,
             error_opt: Some(format!("{} attempts failed or did not finish", attempt - 1)),
+            input_versions: BTreeMap::new(),
+            result_version_opt: None,
         };
         if let Err(error) = record_outcome(lake, &outcome).await {
             tracing::warn!(job = %definition.name, %error, "failed to record a failed window");
@@ -834,6 +836,8 @@ async fn run_attempt(
         streams: job.streams.clone(),
         window_start_micros,
         window_end_micros,
+        revision,
+        attempt,
     };
     let timeout = Duration::from_micros(u64::try_from(timeout_micros).unwrap_or(u64::MAX));
     let result = tracing::Instrument::instrument(
@@ -874,6 +878,8 @@ async fn run_attempt(
             input_rows: result.as_ref().map_or(0, |done| done.input_rows),
             result_path_opt: result_path_opt.clone(),
             error_opt: error_opt.clone(),
+            input_versions: result.as_ref().map(|done| done.input_versions.clone()).unwrap_or_default(),
+            result_version_opt: result.as_ref().ok().map(|done| done.result_version),
         };
         match record_outcome(lake, &outcome).await {
             Ok(true) => {}
@@ -943,6 +949,11 @@ async fn run_attempt(
         result_path_opt,
         error_opt,
         executor: shared.instance_id.clone(),
+        input_versions_opt: result
+            .as_ref()
+            .ok()
+            .and_then(|done| serde_json::to_string(&done.input_versions).ok()),
+        result_version_opt: result.as_ref().ok().map(|done| done.result_version),
     };
     match event.encode() {
         Ok(payload) => {

@@ -1,28 +1,35 @@
-//! The data lake: where the compactor puts Parquet files and how it records what is committed,
-//! which is the contract the executor and external engines read by.
+//! The data lake: Delta Lake tables in Sluice's object store, the contract between the
+//! compactor, the executor and every outside engine.
 //!
 //! Layout under the store root:
 //! ```text
-//! <stream>/dt=YYYY-MM-DD/hour=HH/<file>.parquet            committed data, what readers see
-//! _sluice/staging/<stream>/<file>.parquet                   written before its commit, never read
-//! _sluice/commits/<stream>/partition=<p>/<sequence>.json    one commit record per flush, created once
-//! _sluice/merges/<stream>/<sequence>.json                   one record per small-file merge, created once
-//! _sluice/watermarks/<stream>.json                          the stream's completeness watermark
+//! <stream>/_delta_log/                                  the stream table's log
+//! <stream>/dt=YYYY-MM-DD/hour=HH/<file>.parquet         its data files (only those in a version count)
+//! results/<job>/_delta_log/, results/<job>/window_start=.../<file>.parquet   a job's results table
+//! _sluice/jobs/<job>/...                                run claims, outcomes, backfill requests
+//! _sluice/watermarks/<stream>.json                      a cache of the watermark the log gives
 //! ```
-//! A flush writes its files to staging, then creates the next commit record of its Kafka
-//! partition with a create-if-absent put (the commit point), then copies the files to their
-//! final paths. Only committed files ever appear under `<stream>/`, so an engine that reads the
-//! Hive layout never sees a row of a flush that did not commit, and never sees one twice.
+//! A flush writes its files at their final paths, then commits one Delta transaction that adds
+//! them and moves its Kafka partition's position (a `txn` action). A file that no version of the
+//! log adds is invisible to every Delta reader; the janitor deletes such files after a bound.
+//! docs/delivery-semantics.md has the guarantees.
 
 mod commit;
 mod partition;
+mod stats;
 mod store;
+mod table;
 
 pub use crate::commit::{
     CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
     METADATA_DIR, MergeRecord, PositionReset, PublishedWatermark,
 };
+pub use crate::table::{
+    CommittedPosition, DELTA_LOG_DIR, LogCommit, NewFile, TableCommit, TableSettings, event_time_app_id,
+    partition_values, position_app_id,
+};
 pub use crate::partition::{
     EventTimeOutOfRange, MAX_EVENT_TIME_MICROS, MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,
 };
+pub use crate::stats::delta_stats;
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};

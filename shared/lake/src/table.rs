@@ -1,0 +1,962 @@
+//! Delta Lake tables: how a flush, a merge and a result become one atomic, versioned commit that
+//! every Delta reader (Spark, Trino, DuckDB, Polars, delta-rs) sees whole or not at all.
+//!
+//! Each Kafka partition's committed position lives in the table's log as a `txn` action (app id
+//! [`position_app_id`], version = the next offset to read), written in the same commit as the
+//! files of the range it covers: the files and the position move together or not at all. A
+//! second `txn` per partition ([`event_time_app_id`]) carries the largest event time committed
+//! in it, so the stream's watermark comes from the log too, survives checkpoints, and costs no
+//! side file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow_schema::Schema as ArrowSchema;
+use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake_core::kernel::transaction::{CommitBuilder, TransactionError};
+use deltalake_core::kernel::{Action, Add, DataType, Remove, StructField, Transaction};
+use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
+use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
+use deltalake_core::{DeltaTable, DeltaTableError, TableProperty};
+use futures::{StreamExt as _, TryStreamExt as _};
+use object_store::{ObjectStore, ObjectStoreExt as _};
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use serde::{Deserialize, Serialize};
+
+use crate::commit::{CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, Result};
+
+/// Where a table keeps its log, relative to the table.
+pub const DELTA_LOG_DIR: &str = "_delta_log";
+
+/// Add-action tags with a file's exact event-time range. Delta's own statistics hold the same
+/// bounds for the event-time column, but as text that other writers may truncate; these are what
+/// the executor's window filter relies on.
+const TAG_MIN_EVENT_TIME: &str = "sluice.minEventTimeMicros";
+const TAG_MAX_EVENT_TIME: &str = "sluice.maxEventTimeMicros";
+
+/// Key of Sluice's own entry in a commit's `commitInfo`.
+const COMMIT_INFO_KEY: &str = "sluice";
+
+/// How many times creating a table or adding its columns is tried again after losing a race to
+/// another writer doing the same.
+const SCHEMA_ATTEMPTS: usize = 5;
+
+/// Settings of the tables Sluice creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSettings {
+    /// A checkpoint is written every this many commits, so that loading a snapshot reads one
+    /// Parquet checkpoint and at most this many JSON commits however old the table is.
+    pub checkpoint_interval: u64,
+}
+
+impl Default for TableSettings {
+    fn default() -> Self {
+        // Streams commit every few seconds per partition: Delta's default of 100 would leave a
+        // reader replaying up to 100 JSON commits.
+        Self { checkpoint_interval: 10 }
+    }
+}
+
+/// The app id of a Kafka partition's committed position in a stream table.
+pub fn position_app_id(stream: &str, kafka_partition: i32) -> String {
+    format!("sluice-compactor/{stream}/{kafka_partition}")
+}
+
+/// The app id that merges of one Hive partition of a stream share. delta-rs' conflict checker
+/// does not count removes without data change as conflicting, so two merges of the same files
+/// would both commit and the rows would be in the table twice; a shared app id makes the later
+/// one lose with ConcurrentTransaction instead.
+fn merge_app_id(stream: &str, partition: &str) -> String {
+    format!("sluice-merge/{stream}/{partition}")
+}
+
+/// The app id of one window's result in a results table: its version orders attempts, so an
+/// older attempt finishing late never replaces a newer one's result.
+fn result_app_id(table: &str, partition: &str) -> String {
+    format!("sluice-executor/{table}/{partition}")
+}
+
+/// The app id whose version is the largest event time (µs) committed from a Kafka partition.
+pub fn event_time_app_id(stream: &str, kafka_partition: i32) -> String {
+    format!("sluice-compactor/{stream}/{kafka_partition}/max-event-time")
+}
+
+/// Whether a commit made it into a table's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableCommit {
+    Committed { version: i64 },
+    /// Another writer's commit won: the partition's position moved, or a merge input is gone.
+    Conflict,
+}
+
+/// A Kafka partition's committed state in a stream table's latest version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommittedPosition {
+    /// The next offset to read: every record below it is committed (or dead-lettered).
+    pub end_offset: i64,
+    pub max_event_time_micros_opt: Option<i64>,
+    /// The table version the position was read from.
+    pub table_version: i64,
+}
+
+/// A data file written under a table, ready to be added to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewFile {
+    pub file: CommittedFile,
+    /// Delta statistics (`numRecords`, `minValues`, `maxValues`, `nullCount`) as JSON.
+    pub stats_json: String,
+}
+
+/// What one commit in a table's log did, read back from the log (tests and `sluice tables`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCommit {
+    pub version: i64,
+    pub operation: String,
+    /// Paths relative to the table.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// App id to version, of the `txn` actions in this commit.
+    pub transactions: BTreeMap<String, i64>,
+    /// The flushes Sluice recorded in the commit's `commitInfo`.
+    pub flushes: Vec<CommitRecord>,
+    pub merge_opt: Option<MergeRecord>,
+}
+
+/// Sluice's part of a commit's `commitInfo`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CommitInfoEntry {
+    #[serde(default)]
+    flushes: Vec<CommitRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merge: Option<MergeRecord>,
+}
+
+impl Lake {
+    /// A URL naming the table, for messages and delta-rs' bookkeeping only: every read and write
+    /// goes through Sluice's own store.
+    fn table_url(&self, table: &str) -> url::Url {
+        let path = self.absolute(table);
+        url::Url::parse(&format!("sluice-lake:///{path}")).unwrap_or_else(|_| {
+            #[allow(clippy::expect_used, reason = "a constant that parses")]
+            url::Url::parse("sluice-lake:///").expect("constant URL")
+        })
+    }
+
+    /// The Delta log store of the table at `table` (relative to the lake root).
+    pub fn log_store(&self, table: &str) -> LogStoreRef {
+        let prefixed: Arc<dyn ObjectStore> =
+            Arc::new(PrefixStore::new(Arc::clone(self.store()), self.absolute(table)));
+        default_logstore(prefixed, Arc::clone(self.store()), &self.table_url(table), &StorageConfig::default())
+    }
+
+    /// The latest version of a table, or none if nothing was committed there yet.
+    pub async fn load_table(&self, table: &str) -> Result<Option<DeltaTable>> {
+        let log_store = self.log_store(table);
+        if !log_store.is_delta_table_location().await.map_err(LakeError::delta(table))? {
+            return Ok(None);
+        }
+        let mut delta = DeltaTable::new(log_store);
+        delta.load().await.map_err(LakeError::delta(table))?;
+        Ok(Some(delta))
+    }
+
+    /// Creates the table if it does not exist, and adds the columns of `data_columns` it lacks
+    /// (a field added to the stream's schema). Safe when several writers do it at once: a writer
+    /// that loses the race reloads and finds the work done.
+    pub async fn ensure_table(
+        &self,
+        table: &str,
+        data_columns: &ArrowSchema,
+        partition_columns: &[&str],
+        settings: TableSettings,
+    ) -> Result<()> {
+        let mut wanted: Vec<StructField> = Vec::with_capacity(data_columns.fields().len());
+        for field in data_columns.fields() {
+            let field: StructField = field
+                .as_ref()
+                .try_into_kernel()
+                .map_err(|source| LakeError::Schema { table: table.to_string(), message: source.to_string() })?;
+            wanted.push(field);
+        }
+        wanted.extend(partition_columns.iter().map(|name| StructField::new(*name, DataType::STRING, false)));
+        let mut last_error_opt = None;
+        for _ in 0..SCHEMA_ATTEMPTS {
+            let Some(existing) = self.load_table(table).await? else {
+                let created = DeltaTable::new(self.log_store(table))
+                    .create()
+                    .with_columns(wanted.clone())
+                    .with_partition_columns(partition_columns.iter().copied())
+                    .with_configuration_property(
+                        TableProperty::CheckpointInterval,
+                        Some(settings.checkpoint_interval.max(1).to_string()),
+                    )
+                    .with_save_mode(SaveMode::ErrorIfExists)
+                    .await;
+                match created {
+                    Ok(_) => return Ok(()),
+                    Err(error) => {
+                        last_error_opt = Some(error);
+                        continue;
+                    }
+                }
+            };
+            let schema = existing.snapshot().map_err(LakeError::delta(table))?.schema();
+            let mut missing = Vec::new();
+            for field in &wanted {
+                match schema.field(field.name()) {
+                    Some(present) if present.data_type() != field.data_type() => {
+                        return Err(LakeError::Schema {
+                            table: table.to_string(),
+                            message: format!(
+                                "column {} is {:?} in the table but {:?} in the stream's schema; a column's \
+                                 type cannot change (add a new field instead)",
+                                field.name(),
+                                present.data_type(),
+                                field.data_type()
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                    None => missing.push(StructField::new(field.name().clone(), field.data_type().clone(), true)),
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(table, columns = ?missing.iter().map(StructField::name).collect::<Vec<_>>(), "adding columns to the table");
+            match existing.add_columns().with_fields(missing).await {
+                Ok(_) => return Ok(()),
+                Err(error) => last_error_opt = Some(error),
+            }
+        }
+        Err(LakeError::Delta {
+            table: table.to_string(),
+            source: Box::new(last_error_opt.unwrap_or_else(|| DeltaTableError::generic("no attempt made"))),
+        })
+    }
+
+    /// The committed position of a Kafka partition in the stream table's latest version.
+    pub async fn latest_commit(&self, stream: &str, kafka_partition: i32) -> Result<Option<CommittedPosition>> {
+        let Some(table) = self.load_table(stream).await? else { return Ok(None) };
+        position_in(&table, stream, kafka_partition).await
+    }
+
+    /// Commits one flush (or a position reset, which has no files): its files and its partition's
+    /// new position in one Delta transaction. Refused with [`TableCommit::Conflict`] when the
+    /// partition's position in the table is not the one the flush started from
+    /// (`previous_end_offset_opt`): another writer owns the partition now, or did while this one
+    /// still read it. delta-rs would let a replayed or lower `txn` version through
+    /// (delta-io/delta-rs#2580), so the check is made here against the version the commit is
+    /// built on, and the conflict checker refuses a commit when any commit after that version
+    /// moved the same position.
+    pub async fn create_commit(&self, record: &CommitRecord, new_files: &[NewFile]) -> Result<TableCommit> {
+        let stream = &record.stream;
+        let Some(table) = self.load_table(stream).await? else {
+            return Err(LakeError::NoTable { table: stream.clone() });
+        };
+        let committed = position_in(&table, stream, record.kafka_partition).await?;
+        if committed.map(|position| position.end_offset) != record.previous_end_offset_opt {
+            return Ok(TableCommit::Conflict);
+        }
+        let now_millis = crate::commit::now_micros() / 1_000;
+        let mut actions: Vec<Action> = new_files
+            .iter()
+            .map(|new_file| Action::Add(add_action(stream, &new_file.file, Some(&new_file.stats_json), now_millis, true)))
+            .collect();
+        actions.push(Action::Txn(Transaction {
+            app_id: position_app_id(stream, record.kafka_partition),
+            version: record.end_offset,
+            last_updated: Some(now_millis),
+        }));
+        if let Some(max_event_time) = record.max_event_time_micros_opt {
+            actions.push(Action::Txn(Transaction {
+                app_id: event_time_app_id(stream, record.kafka_partition),
+                version: max_event_time,
+                last_updated: Some(now_millis),
+            }));
+        }
+        let entry = CommitInfoEntry { flushes: vec![record.clone()], merge: None };
+        let operation = DeltaOperation::StreamingUpdate {
+            output_mode: OutputMode::Append,
+            query_id: format!("sluice-compactor/{stream}"),
+            epoch_id: record.end_offset,
+        };
+        self.commit(stream, &table, actions, &entry, operation).await
+    }
+
+    /// Commits a small-file merge: the merged file is added and its inputs removed in one
+    /// transaction, neither changing data (`dataChange: false`), so a reader of any version sees
+    /// each row once. Refused with [`TableCommit::Conflict`] when an input is no longer in the
+    /// table (another merge took it).
+    pub async fn create_merge(&self, record: &MergeRecord, stats_json: &str) -> Result<TableCommit> {
+        let stream = &record.stream;
+        let Some(table) = self.load_table(stream).await? else {
+            return Err(LakeError::NoTable { table: stream.clone() });
+        };
+        let live: std::collections::HashSet<String> =
+            self.files_of(&table, stream).await?.into_iter().map(|file| file.path).collect();
+        if !record.inputs.iter().all(|input| live.contains(&input.path)) {
+            return Ok(TableCommit::Conflict);
+        }
+        let now_millis = crate::commit::now_micros() / 1_000;
+        let mut actions = vec![
+            Action::Add(add_action(stream, &record.output, Some(stats_json), now_millis, false)),
+            Action::Txn(Transaction {
+                app_id: merge_app_id(stream, &record.partition),
+                version: crate::commit::now_micros(),
+                last_updated: Some(now_millis),
+            }),
+        ];
+        actions.extend(record.inputs.iter().map(|input| {
+            Action::Remove(Remove {
+                path: relative_to_table(stream, &input.path),
+                data_change: false,
+                deletion_timestamp: Some(now_millis),
+                extended_file_metadata: Some(true),
+                partition_values: Some(partition_values(&input.partition)),
+                size: i64::try_from(input.size_bytes).ok(),
+                ..Remove::default()
+            })
+        }));
+        let entry = CommitInfoEntry { flushes: Vec::new(), merge: Some(record.clone()) };
+        let operation = DeltaOperation::Optimize {
+            predicate: Some(record.partition.clone()),
+            target_size: i64::try_from(record.output.size_bytes).unwrap_or(i64::MAX),
+        };
+        self.commit(stream, &table, actions, &entry, operation).await
+    }
+
+    async fn commit(
+        &self,
+        table_name: &str,
+        table: &DeltaTable,
+        actions: Vec<Action>,
+        entry: &CommitInfoEntry,
+        operation: DeltaOperation,
+    ) -> Result<TableCommit> {
+        let snapshot = table.snapshot().map_err(LakeError::delta(table_name))?;
+        let entry = serde_json::to_value(entry)
+            .map_err(|source| LakeError::InvalidCommit { path: table_name.to_string(), source })?;
+        let committed = CommitBuilder::default()
+            .with_actions(actions)
+            .with_app_metadata(HashMap::from([(COMMIT_INFO_KEY.to_string(), entry)]))
+            .build(Some(snapshot), table.log_store(), operation)
+            .await;
+        match committed {
+            Ok(finalized) => Ok(TableCommit::Committed {
+                version: i64::try_from(finalized.version()).unwrap_or(i64::MAX),
+            }),
+            Err(DeltaTableError::Transaction { source: TransactionError::CommitConflict(conflict) }) => {
+                tracing::debug!(table = table_name, %conflict, "commit lost to a concurrent one");
+                Ok(TableCommit::Conflict)
+            }
+            Err(error) => Err(LakeError::Delta { table: table_name.to_string(), source: Box::new(error) }),
+        }
+    }
+
+    /// The latest version of a table and its files, or none if the table does not exist yet.
+    pub async fn table_files(&self, table: &str) -> Result<Option<(i64, Vec<CommittedFile>)>> {
+        let Some(delta) = self.load_table(table).await? else { return Ok(None) };
+        let version = delta.version().and_then(|version| i64::try_from(version).ok()).unwrap_or(-1);
+        Ok(Some((version, self.files_of(&delta, table).await?)))
+    }
+
+    /// Replaces one partition of a table (a job's result for one window) with `file` in one
+    /// commit: readers see the previous result or the new one, never both or neither. Creates
+    /// the table, or adds the columns it lacks, first. `order` ranks the writers of the
+    /// partition (a window's revision and attempt): a commit is refused with
+    /// [`TableCommit::Conflict`] when one of a higher or equal rank replaced it already.
+    #[allow(clippy::too_many_arguments, reason = "each is one fact of the replacement, named at the call")]
+    pub async fn replace_partition(
+        &self,
+        table: &str,
+        partition_column: &str,
+        file: &CommittedFile,
+        stats_json: &str,
+        data_columns: &ArrowSchema,
+        order: i64,
+    ) -> Result<TableCommit> {
+        self.ensure_table(table, data_columns, &[partition_column], TableSettings::default()).await?;
+        let Some(delta) = self.load_table(table).await? else {
+            return Err(LakeError::NoTable { table: table.to_string() });
+        };
+        let app_id = result_app_id(table, &file.partition);
+        let replaced_by = delta
+            .snapshot()
+            .map_err(LakeError::delta(table))?
+            .transaction_version(delta.log_store().as_ref(), &app_id)
+            .await
+            .map_err(LakeError::delta(table))?;
+        if replaced_by.is_some_and(|replaced_by| replaced_by >= order) {
+            return Ok(TableCommit::Conflict);
+        }
+        let now_millis = crate::commit::now_micros() / 1_000;
+        let mut actions = vec![
+            Action::Add(add_action(table, file, Some(stats_json), now_millis, true)),
+            Action::Txn(Transaction { app_id, version: order, last_updated: Some(now_millis) }),
+        ];
+        for replaced in self.files_of(&delta, table).await?.into_iter().filter(|live| live.partition == file.partition) {
+            actions.push(Action::Remove(Remove {
+                path: relative_to_table(table, &replaced.path),
+                data_change: true,
+                deletion_timestamp: Some(now_millis),
+                extended_file_metadata: Some(true),
+                partition_values: Some(partition_values(&replaced.partition)),
+                size: i64::try_from(replaced.size_bytes).ok(),
+                ..Remove::default()
+            }));
+        }
+        let value = partition_values(&file.partition).remove(partition_column).flatten().unwrap_or_default();
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Overwrite,
+            partition_by: Some(vec![partition_column.to_string()]),
+            predicate: Some(format!("{partition_column} = '{}'", value.replace('\'', "''"))),
+        };
+        self.commit(table, &delta, actions, &CommitInfoEntry::default(), operation).await
+    }
+
+    /// The files of the stream table's latest version, in path order.
+    pub async fn live_files(&self, stream: &str) -> Result<Vec<CommittedFile>> {
+        match self.load_table(stream).await? {
+            Some(table) => self.files_of(&table, stream).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The files of one loaded version of a table whose path is `table`.
+    pub async fn files_of(&self, delta: &DeltaTable, table: &str) -> Result<Vec<CommittedFile>> {
+        let snapshot = delta.snapshot().map_err(LakeError::delta(table))?;
+        let mut files: Vec<CommittedFile> = snapshot
+            .log_data()
+            .iter()
+            .map(|view| {
+                let values = view.partition_values_map();
+                let partition = partition_segment(&values, &snapshot.metadata().partition_columns().to_vec());
+                // The only public way to a file's tags in delta-rs 1.1; reading them from the
+                // Arrow log data would need its crate-private column helpers.
+                #[allow(deprecated, reason = "see above")]
+                let tags = view.add_action().tags.unwrap_or_default();
+                let tag = |key: &str| tags.get(key).cloned().flatten().and_then(|text| text.parse::<i64>().ok());
+                CommittedFile {
+                    path: format!("{table}/{}", view.path()),
+                    partition,
+                    num_rows: view.num_records().unwrap_or(0) as u64,
+                    size_bytes: u64::try_from(view.size()).unwrap_or(0),
+                    min_event_time_micros: tag(TAG_MIN_EVENT_TIME).unwrap_or(i64::MIN),
+                    max_event_time_micros: tag(TAG_MAX_EVENT_TIME).unwrap_or(i64::MAX),
+                }
+            })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
+    /// Records committed across the first `num_partitions` Kafka partitions: the sum of their
+    /// committed positions.
+    pub async fn committed_offsets(&self, stream: &str, num_partitions: i32) -> Result<i64> {
+        let Some(table) = self.load_table(stream).await? else { return Ok(0) };
+        let mut total: i64 = 0;
+        for partition in 0..num_partitions {
+            total += position_in(&table, stream, partition).await?.map_or(0, |position| position.end_offset);
+        }
+        Ok(total)
+    }
+
+    /// The completeness watermark of a stream: the smallest, over its `num_partitions` Kafka
+    /// partitions, of the largest event time committed in each, minus `allowed_lateness_micros`,
+    /// read from one version of the table. `None` until every partition has committed something.
+    pub async fn watermark(
+        &self,
+        stream: &str,
+        num_partitions: i32,
+        allowed_lateness_micros: i64,
+    ) -> Result<Option<i64>> {
+        let Some(table) = self.load_table(stream).await? else { return Ok(None) };
+        let mut watermark_opt: Option<i64> = None;
+        for partition in 0..num_partitions {
+            let Some(max_event_time) =
+                position_in(&table, stream, partition).await?.and_then(|position| position.max_event_time_micros_opt)
+            else {
+                return Ok(None);
+            };
+            watermark_opt = Some(watermark_opt.map_or(max_event_time, |watermark| watermark.min(max_event_time)));
+        }
+        Ok(watermark_opt.map(|watermark| watermark.saturating_sub(allowed_lateness_micros)))
+    }
+
+    /// Every commit in a table's log that is still there (log cleanup removes the oldest), in
+    /// version order.
+    pub async fn history(&self, table: &str) -> Result<Vec<LogCommit>> {
+        let log_dir = self.absolute(&format!("{table}/{DELTA_LOG_DIR}"));
+        let mut paths: Vec<(i64, Path)> = self
+            .store()
+            .list(Some(&log_dir))
+            .try_filter_map(|object| async move {
+                let name = object.location.filename().unwrap_or_default().to_string();
+                Ok(name
+                    .strip_suffix(".json")
+                    .and_then(|version| version.parse::<i64>().ok())
+                    .map(|version| (version, object.location)))
+            })
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &log_dir))?;
+        paths.sort();
+        let reads = paths.into_iter().map(|(version, path)| {
+            let lake = self.clone();
+            async move {
+                let bytes = lake.read_path(&path).await?;
+                parse_log_commit(version, &path, &bytes)
+            }
+        });
+        futures::stream::iter(reads).buffered(16).try_collect().await
+    }
+
+    /// Every flush recorded in a stream table's log, in (Kafka partition, version) order.
+    pub async fn commits(&self, stream: &str) -> Result<Vec<CommitRecord>> {
+        let mut records: Vec<CommitRecord> = Vec::new();
+        for commit in self.history(stream).await? {
+            for mut record in commit.flushes {
+                record.table_version_opt = Some(commit.version);
+                records.push(record);
+            }
+        }
+        records.sort_by_key(|record| (record.kafka_partition, record.table_version_opt));
+        Ok(records)
+    }
+
+    /// The Kafka partitions with a flush in the log that is still there (log cleanup removes
+    /// commits older than the table's log retention), in order.
+    pub async fn committed_partitions(&self, stream: &str) -> Result<Vec<i32>> {
+        let mut partitions: Vec<i32> =
+            self.commits(stream).await?.into_iter().map(|record| record.kafka_partition).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        Ok(partitions)
+    }
+
+    /// Every merge recorded in a stream table's log, in version order.
+    pub async fn merges(&self, stream: &str) -> Result<Vec<MergeRecord>> {
+        Ok(self.history(stream).await?.into_iter().filter_map(|commit| commit.merge_opt).collect())
+    }
+
+    /// Deletes what no reader of the table can need any more, and returns how many files:
+    /// - data files no version references, left by a flush or merge that did not commit, once
+    ///   older than `uncommitted_min_age` (a flush in progress is younger);
+    /// - files a merge removed, once removed longer than `removed_retention` ago, so that a query
+    ///   still reading an older version finds them.
+    pub async fn vacuum(
+        &self,
+        table: &str,
+        uncommitted_min_age: std::time::Duration,
+        removed_retention: std::time::Duration,
+    ) -> Result<usize> {
+        let Some(delta) = self.load_table(table).await? else { return Ok(0) };
+        let snapshot = delta.snapshot().map_err(LakeError::delta(table))?;
+        let live: std::collections::HashSet<String> =
+            snapshot.log_data().iter().map(|view| view.path().to_string()).collect();
+        let log_store = delta.log_store();
+        let tombstones: HashMap<String, i64> = snapshot
+            .all_tombstones(log_store.as_ref())
+            .map_ok(|tombstone| (tombstone.path().to_string(), tombstone.deletion_timestamp().unwrap_or(0)))
+            .try_collect()
+            .await
+            .map_err(LakeError::delta(table))?;
+        let table_dir = self.absolute(table);
+        let table_parts = table_dir.parts().count();
+        let uncommitted_before = crate::commit::micros_ago(uncommitted_min_age);
+        let removed_before_millis = crate::commit::micros_ago(removed_retention) / 1_000;
+        let objects: Vec<object_store::ObjectMeta> = self
+            .store()
+            .list(Some(&table_dir))
+            .try_collect()
+            .await
+            .map_err(LakeError::store("list", &table_dir))?;
+        let mut deleted = 0;
+        for object in objects {
+            let relative: Vec<String> =
+                object.location.parts().skip(table_parts).map(|part| part.as_ref().to_string()).collect();
+            if relative.first().is_none_or(|first| first == DELTA_LOG_DIR || first.starts_with('_')) {
+                continue;
+            }
+            let relative = relative.join("/");
+            if live.contains(&relative) {
+                continue;
+            }
+            let expired = match tombstones.get(&relative) {
+                Some(&removed_at_millis) => removed_at_millis < removed_before_millis,
+                None => object.last_modified.timestamp_micros() < uncommitted_before,
+            };
+            if expired {
+                match self.store().delete(&object.location).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                    Err(source) => {
+                        return Err(LakeError::Store {
+                            operation: "delete",
+                            path: object.location.to_string(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// The committed position of a partition in one loaded version of a stream table.
+async fn position_in(table: &DeltaTable, stream: &str, kafka_partition: i32) -> Result<Option<CommittedPosition>> {
+    let snapshot = table.snapshot().map_err(LakeError::delta(stream))?;
+    let log_store = table.log_store();
+    let Some(end_offset) = snapshot
+        .transaction_version(log_store.as_ref(), position_app_id(stream, kafka_partition))
+        .await
+        .map_err(LakeError::delta(stream))?
+    else {
+        return Ok(None);
+    };
+    let max_event_time_micros_opt = snapshot
+        .transaction_version(log_store.as_ref(), event_time_app_id(stream, kafka_partition))
+        .await
+        .map_err(LakeError::delta(stream))?;
+    Ok(Some(CommittedPosition {
+        end_offset,
+        max_event_time_micros_opt,
+        table_version: i64::try_from(snapshot.version()).unwrap_or(i64::MAX),
+    }))
+}
+
+fn add_action(table: &str, file: &CommittedFile, stats_json: Option<&str>, now_millis: i64, data_change: bool) -> Add {
+    let tags = HashMap::from([
+        (TAG_MIN_EVENT_TIME.to_string(), Some(file.min_event_time_micros.to_string())),
+        (TAG_MAX_EVENT_TIME.to_string(), Some(file.max_event_time_micros.to_string())),
+    ]);
+    Add {
+        path: relative_to_table(table, &file.path),
+        partition_values: partition_values(&file.partition),
+        size: i64::try_from(file.size_bytes).unwrap_or(i64::MAX),
+        modification_time: now_millis,
+        data_change,
+        stats: stats_json.map(str::to_string),
+        tags: Some(tags),
+        ..Add::default()
+    }
+}
+
+/// A file path relative to the lake root as the table-relative path its log records.
+fn relative_to_table(table: &str, path: &str) -> String {
+    path.strip_prefix(table).and_then(|rest| rest.strip_prefix('/')).unwrap_or(path).to_string()
+}
+
+/// `dt=2026-11-26/hour=08` as partition values.
+pub fn partition_values(segment: &str) -> HashMap<String, Option<String>> {
+    segment
+        .split('/')
+        .filter_map(|part| part.split_once('='))
+        .map(|(name, value)| (name.to_string(), Some(value.to_string())))
+        .collect()
+}
+
+/// Partition values as the Hive segment, in the table's partition column order.
+fn partition_segment(values: &HashMap<String, Option<String>>, columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|column| format!("{column}={}", values.get(column).cloned().flatten().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn parse_log_commit(version: i64, path: &Path, bytes: &[u8]) -> Result<LogCommit> {
+    let invalid = |source| LakeError::InvalidCommit { path: path.to_string(), source };
+    let mut commit = LogCommit {
+        version,
+        operation: String::new(),
+        added: Vec::new(),
+        removed: Vec::new(),
+        transactions: BTreeMap::new(),
+        flushes: Vec::new(),
+        merge_opt: None,
+    };
+    for line in bytes.split(|&byte| byte == b'\n').filter(|line| !line.is_empty()) {
+        let action: serde_json::Value = serde_json::from_slice(line).map_err(invalid)?;
+        if let Some(add) = action.get("add") {
+            commit.added.push(add["path"].as_str().unwrap_or_default().to_string());
+        } else if let Some(remove) = action.get("remove") {
+            commit.removed.push(remove["path"].as_str().unwrap_or_default().to_string());
+        } else if let Some(txn) = action.get("txn") {
+            commit.transactions.insert(
+                txn["appId"].as_str().unwrap_or_default().to_string(),
+                txn["version"].as_i64().unwrap_or_default(),
+            );
+        } else if let Some(info) = action.get("commitInfo") {
+            commit.operation = info["operation"].as_str().unwrap_or_default().to_string();
+            if let Some(entry) = info.get(COMMIT_INFO_KEY) {
+                let entry: CommitInfoEntry = serde_json::from_value(entry.clone()).map_err(invalid)?;
+                commit.flushes = entry.flushes;
+                commit.merge_opt = entry.merge;
+            }
+        }
+    }
+    Ok(commit)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_schema::{DataType as ArrowType, Field, TimeUnit};
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    fn lake() -> Lake {
+        Lake::new(Arc::new(InMemory::new()), Path::from("lake"))
+    }
+
+    fn columns(extra: bool) -> ArrowSchema {
+        let mut fields = vec![
+            Field::new("device_id", ArrowType::Utf8, false),
+            Field::new("ts", ArrowType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        ];
+        if extra {
+            fields.push(Field::new("battery", ArrowType::Float64, true));
+        }
+        ArrowSchema::new(fields)
+    }
+
+    fn flush(previous: Option<i64>, start: i64, end: i64, file_name: &str) -> (CommitRecord, Vec<NewFile>) {
+        let file = CommittedFile {
+            path: format!("telemetry/dt=2026-11-26/hour=08/{file_name}"),
+            partition: "dt=2026-11-26/hour=08".into(),
+            num_rows: (end - start) as u64,
+            size_bytes: 4,
+            min_event_time_micros: start,
+            max_event_time_micros: end,
+        };
+        let record = CommitRecord {
+            stream: "telemetry".into(),
+            topic: "sluice.telemetry".into(),
+            kafka_partition: 3,
+            previous_end_offset_opt: previous,
+            start_offset: start,
+            end_offset: end,
+            files: vec![file.clone()],
+            num_dead_lettered: 0,
+            num_duplicates_dropped: 0,
+            max_event_time_micros_opt: Some(end * 10),
+            writer_id: "test".into(),
+            created_at_micros: 0,
+            reset_opt: None,
+            table_version_opt: None,
+        };
+        let stats = format!("{{\"numRecords\":{}}}", end - start);
+        (record, vec![NewFile { file, stats_json: stats }])
+    }
+
+    async fn commit(lake: &Lake, previous: Option<i64>, start: i64, end: i64, name: &str) -> TableCommit {
+        let (record, files) = flush(previous, start, end, name);
+        lake.create_commit(&record, &files).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn positions_move_only_from_where_the_writer_started() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap(), None);
+        assert!(matches!(commit(&lake, None, 0, 10, "a.parquet").await, TableCommit::Committed { version: 1 }));
+        assert!(matches!(commit(&lake, Some(10), 10, 25, "b.parquet").await, TableCommit::Committed { .. }));
+        // A stale writer replaying from an older position, and one that thinks nothing is
+        // committed yet, are both refused: the position never goes back and nothing is added.
+        assert_eq!(commit(&lake, Some(10), 10, 40, "stale.parquet").await, TableCommit::Conflict);
+        assert_eq!(commit(&lake, None, 0, 40, "stale2.parquet").await, TableCommit::Conflict);
+        let position = lake.latest_commit("telemetry", 3).await.unwrap().unwrap();
+        assert_eq!((position.end_offset, position.max_event_time_micros_opt), (25, Some(250)));
+        let files: Vec<String> = lake.live_files("telemetry").await.unwrap().into_iter().map(|f| f.path).collect();
+        assert_eq!(
+            files,
+            vec!["telemetry/dt=2026-11-26/hour=08/a.parquet", "telemetry/dt=2026-11-26/hour=08/b.parquet"]
+        );
+        let commits = lake.commits("telemetry").await.unwrap();
+        let ranges: Vec<(i64, i64)> = commits.iter().map(|r| (r.start_offset, r.end_offset)).collect();
+        assert_eq!(ranges, vec![(0, 10), (10, 25)]);
+        assert_eq!(lake.committed_offsets("telemetry", 4).await.unwrap(), 25);
+        // Partitions 0-2 have committed nothing: no watermark yet.
+        assert_eq!(lake.watermark("telemetry", 4, 0).await.unwrap(), None);
+        assert_eq!(lake.watermark("telemetry", 1, 0).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_of_one_partition_commit_once() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        let attempts = (0..6).map(|writer| {
+            let lake = lake.clone();
+            tokio::spawn(async move { commit(&lake, None, 0, 10, &format!("w{writer}.parquet")).await })
+        });
+        let outcomes = futures::future::join_all(attempts).await;
+        let created = outcomes
+            .into_iter()
+            .filter(|outcome| matches!(outcome.as_ref().unwrap(), TableCommit::Committed { .. }))
+            .count();
+        assert_eq!(created, 1);
+        assert_eq!(lake.live_files("telemetry").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn schema_gains_added_fields_once_and_refuses_type_changes() {
+        let lake = lake();
+        let settings = TableSettings::default();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], settings).await.unwrap();
+        let evolving = (0..4).map(|_| {
+            let lake = lake.clone();
+            tokio::spawn(async move { lake.ensure_table("telemetry", &columns(true), &["dt", "hour"], settings).await })
+        });
+        for outcome in futures::future::join_all(evolving).await {
+            outcome.unwrap().unwrap();
+        }
+        let table = lake.load_table("telemetry").await.unwrap().unwrap();
+        let schema = table.snapshot().unwrap().schema();
+        assert!(schema.field("battery").is_some());
+        let added = lake.history("telemetry").await.unwrap();
+        assert_eq!(added.iter().filter(|commit| commit.operation == "ADD COLUMN").count(), 1);
+        let changed = ArrowSchema::new(vec![Field::new("device_id", ArrowType::Int64, false)]);
+        let refused = lake.ensure_table("telemetry", &changed, &["dt", "hour"], settings).await;
+        assert!(matches!(refused, Err(LakeError::Schema { .. })), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn merges_swap_files_once() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        commit(&lake, None, 0, 10, "a.parquet").await;
+        commit(&lake, Some(10), 10, 20, "b.parquet").await;
+        let inputs = lake.live_files("telemetry").await.unwrap();
+        let output = CommittedFile { path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(), num_rows: 20, ..inputs[0].clone() };
+        let merge = MergeRecord {
+            stream: "telemetry".into(),
+            partition: "dt=2026-11-26/hour=08".into(),
+            inputs: inputs.clone(),
+            output: output.clone(),
+            writer_id: "test".into(),
+            created_at_micros: 0,
+        };
+        assert!(matches!(lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap(), TableCommit::Committed { .. }));
+        assert_eq!(lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap(), TableCommit::Conflict);
+        let live = lake.live_files("telemetry").await.unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!((live[0].path.as_str(), live[0].num_rows), (output.path.as_str(), 20));
+        assert_eq!(lake.merges("telemetry").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn of_two_merges_built_on_the_same_version_one_loses() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        commit(&lake, None, 0, 10, "a.parquet").await;
+        commit(&lake, Some(10), 10, 20, "b.parquet").await;
+        let inputs = lake.live_files("telemetry").await.unwrap();
+        // Both merges check their inputs before either commits, as two replicas racing would.
+        let merges = (0..2).map(|replica| MergeRecord {
+            stream: "telemetry".into(),
+            partition: "dt=2026-11-26/hour=08".into(),
+            inputs: inputs.clone(),
+            output: CommittedFile {
+                path: format!("telemetry/dt=2026-11-26/hour=08/m{replica}.parquet"),
+                num_rows: 20,
+                ..inputs[0].clone()
+            },
+            writer_id: format!("replica-{replica}"),
+            created_at_micros: 0,
+        });
+        let table = lake.load_table("telemetry").await.unwrap().unwrap();
+        let mut outcomes = Vec::new();
+        for merge in merges {
+            let now_millis = crate::commit::now_micros() / 1_000;
+            let actions = vec![
+                Action::Add(add_action("telemetry", &merge.output, Some("{\"numRecords\":20}"), now_millis, false)),
+                Action::Txn(Transaction::new(merge_app_id("telemetry", &merge.partition), 1)),
+            ];
+            let entry = CommitInfoEntry { flushes: Vec::new(), merge: Some(merge.clone()) };
+            let operation = DeltaOperation::Optimize { predicate: None, target_size: 0 };
+            outcomes.push(lake.commit("telemetry", &table, actions, &entry, operation).await.unwrap());
+        }
+        assert!(matches!(outcomes[0], TableCommit::Committed { .. }));
+        assert_eq!(outcomes[1], TableCommit::Conflict);
+    }
+
+    #[tokio::test]
+    async fn an_older_attempt_never_replaces_a_newer_result() {
+        let lake = lake();
+        let columns = ArrowSchema::new(vec![Field::new("readings", ArrowType::Int64, false)]);
+        let result = |name: &str| CommittedFile {
+            path: format!("results/hourly/window_start=20261126T080000Z/{name}.parquet"),
+            partition: "window_start=20261126T080000Z".into(),
+            num_rows: 1,
+            size_bytes: 1,
+            min_event_time_micros: 0,
+            max_event_time_micros: 0,
+        };
+        let replace = |name: &str, order: i64| {
+            let (lake, columns, file) = (lake.clone(), columns.clone(), result(name));
+            async move { lake.replace_partition("results/hourly", "window_start", &file, "{}", &columns, order).await.unwrap() }
+        };
+        assert!(matches!(replace("first", 1).await, TableCommit::Committed { .. }));
+        assert!(matches!(replace("newer", 3).await, TableCommit::Committed { .. }));
+        assert_eq!(replace("stale", 2).await, TableCommit::Conflict);
+        let files: Vec<String> = lake.live_files("results/hourly").await.unwrap().into_iter().map(|f| f.path).collect();
+        assert_eq!(files, vec![result("newer").path]);
+    }
+
+    #[tokio::test]
+    async fn watermark_is_the_slowest_partition_minus_lateness() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        for (partition, max_event_time) in [(0, 3_000), (1, 9_000), (2, 9_000)] {
+            let (mut record, files) = flush(None, 0, 10, &format!("p{partition}.parquet"));
+            record.kafka_partition = partition;
+            record.max_event_time_micros_opt = Some(max_event_time);
+            assert!(matches!(lake.create_commit(&record, &files).await.unwrap(), TableCommit::Committed { .. }));
+            if partition == 0 {
+                assert_eq!(lake.watermark("telemetry", 2, 0).await.unwrap(), None, "partition 1 has no commit");
+            }
+        }
+        assert_eq!(lake.watermark("telemetry", 3, 1_000).await.unwrap(), Some(2_000));
+    }
+
+    #[tokio::test]
+    async fn vacuum_removes_uncommitted_and_long_removed_files_only() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        let dir = "telemetry/dt=2026-11-26/hour=08";
+        for name in ["a.parquet", "b.parquet", "orphan.parquet"] {
+            lake.put(&format!("{dir}/{name}"), b"PAR1".to_vec()).await.unwrap();
+        }
+        commit(&lake, None, 0, 10, "a.parquet").await;
+        let inputs = lake.live_files("telemetry").await.unwrap();
+        let output = CommittedFile { path: format!("{dir}/b.parquet"), ..inputs[0].clone() };
+        let merge = MergeRecord {
+            stream: "telemetry".into(),
+            partition: "dt=2026-11-26/hour=08".into(),
+            inputs,
+            output,
+            writer_id: "test".into(),
+            created_at_micros: 0,
+        };
+        lake.create_merge(&merge, "{}").await.unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(lake.vacuum("telemetry", hour, hour).await.unwrap(), 0, "all too young");
+        // The orphan goes; the merged-away file stays while its removal is recent.
+        assert_eq!(lake.vacuum("telemetry", std::time::Duration::ZERO, hour).await.unwrap(), 1);
+        assert!(lake.get(&format!("{dir}/orphan.parquet")).await.is_err());
+        assert!(lake.get(&format!("{dir}/a.parquet")).await.is_ok());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(
+            lake.vacuum("telemetry", std::time::Duration::ZERO, std::time::Duration::ZERO).await.unwrap(),
+            1
+        );
+        assert!(lake.get(&format!("{dir}/a.parquet")).await.is_err());
+        assert!(lake.get(&format!("{dir}/b.parquet")).await.is_ok(), "live file kept");
+        assert!(lake.load_table("telemetry").await.unwrap().is_some(), "log kept");
+    }
+}
