@@ -16,6 +16,7 @@
 
 mod commit;
 mod partition;
+mod sorted_listing;
 mod stats;
 mod store;
 mod table;

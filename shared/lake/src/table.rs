@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use arrow_schema::Schema as ArrowSchema;
 use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel as _;
-use deltalake_core::kernel::transaction::{CommitBuilder, TransactionError};
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake_core::kernel::{Action, Add, DataType, Remove, StructField, Transaction};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
@@ -24,6 +24,7 @@ use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use serde::{Deserialize, Serialize};
 
+use crate::sorted_listing::SortedListing;
 use crate::commit::{CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, Result};
 
 /// Where a table keeps its log, relative to the table.
@@ -133,8 +134,9 @@ struct CommitInfoEntry {
 }
 
 impl Lake {
-    /// A URL naming the table, for messages and delta-rs' bookkeeping only: every read and write
-    /// goes through Sluice's own store.
+    /// The URL delta-rs and its kernel know the table by. Its path is the table's path in the
+    /// store (the kernel maps URL paths straight to store paths); every read and write goes
+    /// through Sluice's own store, so the scheme names nothing.
     fn table_url(&self, table: &str) -> url::Url {
         let path = self.absolute(table);
         url::Url::parse(&format!("sluice-lake:///{path}")).unwrap_or_else(|_| {
@@ -145,9 +147,9 @@ impl Lake {
 
     /// The Delta log store of the table at `table` (relative to the lake root).
     pub fn log_store(&self, table: &str) -> LogStoreRef {
-        let prefixed: Arc<dyn ObjectStore> =
-            Arc::new(PrefixStore::new(Arc::clone(self.store()), self.absolute(table)));
-        default_logstore(prefixed, Arc::clone(self.store()), &self.table_url(table), &StorageConfig::default())
+        let root: Arc<dyn ObjectStore> = Arc::new(SortedListing::new(Arc::clone(self.store())));
+        let prefixed: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(Arc::clone(&root), self.absolute(table)));
+        default_logstore(prefixed, root, &self.table_url(table), &StorageConfig::default())
     }
 
     /// The latest version of a table, or none if nothing was committed there yet.
@@ -338,7 +340,11 @@ impl Lake {
         let snapshot = table.snapshot().map_err(LakeError::delta(table_name))?;
         let entry = serde_json::to_value(entry)
             .map_err(|source| LakeError::InvalidCommit { path: table_name.to_string(), source })?;
-        let committed = CommitBuilder::default()
+        // From `CommitProperties`, not `CommitBuilder::default()`: only that way does the commit
+        // run delta-rs' post-commit hook, which writes a checkpoint every
+        // `delta.checkpointInterval` commits and cleans up the log past `delta.logRetentionDuration`
+        // (by whichever writer makes the commit that is due).
+        let committed = CommitBuilder::from(CommitProperties::default())
             .with_actions(actions)
             .with_app_metadata(HashMap::from([(COMMIT_INFO_KEY.to_string(), entry)]))
             .build(Some(snapshot), table.log_store(), operation)
@@ -784,6 +790,32 @@ mod tests {
         // Partitions 0-2 have committed nothing: no watermark yet.
         assert_eq!(lake.watermark("telemetry", 4, 0).await.unwrap(), None);
         assert_eq!(lake.watermark("telemetry", 1, 0).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_local_directory_replays_many_commits_in_order() {
+        // The local file system lists in directory order, not name order.
+        let directory = tempfile::TempDir::new().unwrap();
+        let config = crate::ObjectStoreConfig { url: directory.path().display().to_string(), ..Default::default() };
+        let lake = crate::open_lake(&config).unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings { checkpoint_interval: 5 })
+            .await
+            .unwrap();
+        let mut previous = None;
+        for flush_index in 0..23 {
+            let end = (flush_index + 1) * 10;
+            let outcome = commit(&lake, previous, end - 10, end, &format!("f{flush_index}.parquet")).await;
+            assert!(matches!(outcome, TableCommit::Committed { .. }), "{outcome:?}");
+            previous = Some(end);
+        }
+        let position = lake.latest_commit("telemetry", 3).await.unwrap().unwrap();
+        assert_eq!((position.end_offset, position.table_version), (230, 23));
+        assert_eq!(lake.live_files("telemetry").await.unwrap().len(), 23);
+        let checkpoints = std::fs::read_dir(directory.path().join("telemetry/_delta_log"))
+            .unwrap()
+            .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".checkpoint.parquet"))
+            .count();
+        assert!(checkpoints >= 4, "a checkpoint every 5 commits: {checkpoints}");
     }
 
     #[tokio::test]
