@@ -398,6 +398,20 @@ async fn schema_v2_adds_a_field_and_old_records_read_with_its_default() {
     }
     firmware_by_seq.sort();
     assert_eq!(firmware_by_seq.len(), 10);
+    // The table gained the new columns in one schema change, which outside readers see too.
+    let history = lake.history("telemetry").await.unwrap();
+    assert_eq!(history.iter().filter(|commit| commit.operation == "ADD COLUMN").count(), 1);
+    let rows = sluice_integration_tests::outside_reader_rows(
+        "deltalake",
+        &lake_dir.path().join("telemetry").to_string_lossy(),
+        &["seq", "firmware", "pressure"],
+        None,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 310);
+    let new_rows = rows.iter().filter(|row| row["seq"].as_i64().unwrap() >= 1_000).count();
+    assert_eq!(rows.iter().filter(|row| row["firmware"] == "2.0").count(), 5, "{new_rows} new rows");
     for (seq, firmware, pressure_is_null) in firmware_by_seq {
         if seq % 2 == 0 {
             assert_eq!((firmware.as_str(), pressure_is_null), ("unknown", true), "v1 record {seq}");

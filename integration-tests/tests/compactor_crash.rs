@@ -112,6 +112,7 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     // Sluice's own engine (DataFusion over the table's latest version) and the outside Delta
     // readers agree.
     let output = std::process::Command::new(workspace_binary("sluice"))
+        .current_dir(sluice_integration_tests::repo_root())
         .arg("--lake")
         .arg(&lake_dir)
         .args([
