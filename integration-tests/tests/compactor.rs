@@ -254,9 +254,14 @@ async fn two_instances_split_partitions_and_survive_one_leaving() {
     let topic = format!("{prefix}.telemetry");
     let lake_dir = tempfile::TempDir::new().unwrap();
     let readings = telemetry_readings(12_000, 40, 2 * HOUR);
-    let config = compactor_config(&broker, &prefix, lake_dir.path());
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    // Buffers are still open when the second instance joins: the first is revoked partitions
+    // whose rows it has not committed, and the new owner reads them again from the table.
+    config.flush.max_age_ms = 2_000;
+    config.compactor.instance_id = "first".into();
     let first = CompactorService::start(config.clone()).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[..4_000]).await.unwrap();
+    config.compactor.instance_id = "second".into();
     let second = CompactorService::start(config.clone()).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[4_000..8_000]).await.unwrap();
     wait_for_lake_rows(lake_dir.path(), "telemetry", 8_000, Duration::from_secs(60)).await;
@@ -267,6 +272,13 @@ async fn two_instances_split_partitions_and_survive_one_leaving() {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     second.stop().await.unwrap();
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
+    for writer in ["first", "second"] {
+        assert!(commits.iter().any(|record| record.writer_id == writer && record.num_rows() > 0), "{writer} committed");
+    }
+    for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
+        assert_eq!(pair[1].previous_end_offset_opt, Some(pair[0].end_offset), "positions chain across owners");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arrow_array::{Int64Array, StringArray};
 use rand::Rng;
 use sluice_executor::events::RunStatus;
-use sluice_executor::runs::{OutcomeStatus, load_windows, result_path};
+use sluice_executor::runs::{OutcomeStatus, load_windows};
 use sluice_integration_tests::{
     Broker, compacted_readings, executor_config, job_run_events, open_local_lake, submit_job,
     telemetry_readings, unique_suffix, wait_until, workspace_binary,
@@ -127,14 +127,8 @@ async fn killed_executors_leave_every_window_run_exactly_once() {
             {
                 *expected.entry(reading["device_id"].as_str().unwrap().to_string()).or_default() += 1;
             }
-            let file = std::fs::File::open(lake_dir.join(result_path(job, *start))).unwrap();
             let mut actual: BTreeMap<String, i64> = BTreeMap::new();
-            for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                .unwrap()
-                .build()
-                .unwrap()
-            {
-                let batch = batch.unwrap();
+            for batch in sluice_integration_tests::read_job_result(&lake_dir, job, *start) {
                 let devices = batch.column(0).as_any().downcast_ref::<StringArray>().unwrap();
                 let counts = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
                 for row in 0..batch.num_rows() {

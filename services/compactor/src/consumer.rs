@@ -9,7 +9,7 @@
 //! store before the assignment takes effect. Kafka's own committed offsets are written afterwards for
 //! lag dashboards only; they are never read back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_kafka::{BatchProducer, BatchRecord};
 use sluice_lake::{
-    CommitRecord, CommittedFile, CommittedPosition, Lake, NewFile, PartitionGranularity, PartitionKey, TableCommit,
+    CommitRecord, CommittedFile, CommittedPosition, Lake, NewFile, PartitionGranularity, PartitionKey,
 };
 use sluice_schema::{DecoderSetupError, StreamDecoder, StreamSchema, event_times_micros};
 use sluice_shutdown::CancellationToken;
@@ -235,6 +235,13 @@ impl PendingValues {
     }
 }
 
+/// A partition's flush whose files are uploaded, waiting for its commit.
+struct PreparedFlush {
+    record: CommitRecord,
+    new_files: Vec<NewFile>,
+    started: Instant,
+}
+
 /// Buffered, not yet committed state of one assigned Kafka partition.
 struct PartitionState {
     stream: Arc<StreamInfo>,
@@ -386,11 +393,9 @@ impl CompactorLoop {
         };
         self.health.set_consuming(false);
         // Flush what is buffered: the range is committed now rather than read again later.
-        for (key, state) in partitions.iter_mut() {
-            if state.has_uncommitted() {
-                self.flush_partition(key, state);
-            }
-        }
+        let buffered: Vec<(String, i32)> =
+            partitions.iter().filter(|(_, state)| state.has_uncommitted()).map(|(key, _)| key.clone()).collect();
+        self.flush_keys(&mut partitions, &buffered);
         self.consumer.unsubscribe();
         tracing::info!("compactor stopped consuming");
         result
@@ -599,15 +604,17 @@ impl CompactorLoop {
 
     fn flush_due(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
         let max_age = Duration::from_millis(self.flush.max_age_ms);
+        let mut due = Vec::new();
         for (key, state) in partitions.iter_mut() {
             // Open partitions are known only for decoded rows.
             self.decode_pending(&key.0, key.1, state);
             let too_old = state.first_buffered_at_opt.is_some_and(|since| since.elapsed() >= max_age);
             let too_scattered = state.open_partitions.len() > self.flush.max_open_partitions;
             if (too_old || too_scattered) && state.has_uncommitted() {
-                self.flush_partition(key, state);
+                due.push(key.clone());
             }
         }
+        self.flush_keys(partitions, &due);
         let mut total: usize = partitions.values().map(|state| state.num_value_bytes).sum();
         while total > self.flush.max_buffered_bytes {
             let Some((key, state)) = partitions.iter_mut().max_by_key(|(_, state)| state.num_value_bytes)
@@ -621,19 +628,93 @@ impl CompactorLoop {
         self.metrics.set_buffered_bytes(total);
     }
 
-    /// Commits the partition's buffered range. On any failure before the commit point, the
-    /// buffer is dropped and the range is read again from Kafka.
-    #[tracing::instrument(name = "flush", skip_all, fields(stream = %state.stream.stream, partition = key.1))]
-    fn flush_partition(&self, key: &(String, i32), state: &mut PartitionState) {
-        self.decode_pending(&key.0, key.1, state);
-        let Some(range_start) = state.range_start_opt.filter(|&start| state.next_offset > start) else {
+    /// Flushes the buffers of `keys`, those of one stream in one commit.
+    fn flush_keys(&self, partitions: &mut HashMap<(String, i32), PartitionState>, keys: &[(String, i32)]) {
+        if keys.is_empty() {
             return;
-        };
+        }
+        let mut by_stream: BTreeMap<String, Vec<(&(String, i32), &mut PartitionState)>> = BTreeMap::new();
+        for (key, state) in partitions.iter_mut().filter(|(key, _)| keys.contains(key)) {
+            by_stream.entry(state.stream.stream.clone()).or_default().push((key, state));
+        }
+        for batch in by_stream.into_values() {
+            self.flush_batch(batch);
+        }
+    }
+
+    fn flush_partition(&self, key: &(String, i32), state: &mut PartitionState) {
+        self.flush_batch(vec![(key, state)]);
+    }
+
+    /// Commits the buffered ranges of partitions of one stream in one Delta commit. A partition
+    /// whose encoding or upload fails, or whose position moved (another writer owns it), drops
+    /// its buffer and reads the range again from the table's position; the others commit.
+    fn flush_batch(&self, mut batch: Vec<(&(String, i32), &mut PartitionState)>) {
+        let Some(stream) = batch.first().map(|(_, state)| Arc::clone(&state.stream)) else { return };
+        let _flush_span =
+            tracing::info_span!("flush", stream = %stream.stream, num_partitions = batch.len()).entered();
+        let mut prepared: Vec<(usize, PreparedFlush)> = Vec::with_capacity(batch.len());
+        for (index, (key, state)) in batch.iter_mut().enumerate() {
+            if let Some(flush) = self.prepare_flush(key, state) {
+                prepared.push((index, flush));
+            }
+        }
+        if prepared.is_empty() {
+            return;
+        }
+        let flushes: Vec<(CommitRecord, Vec<NewFile>)> =
+            prepared.iter().map(|(_, flush)| (flush.record.clone(), flush.new_files.clone())).collect();
+        let committed = tracing::info_span!("commit", num_flushes = flushes.len())
+            .in_scope(|| self.handle.block_on(self.lake.create_commits(&stream.stream, &flushes)));
+        if let Err(error) = &committed {
+            // The commit may have landed before the error (a lost answer): the files then belong
+            // to the table, and the janitor only deletes files no version adds.
+            tracing::error!(stream = %stream.stream, %error, "failed to commit to the table; re-reading the ranges");
+            std::thread::sleep(STORE_RETRY_BACKOFF);
+        }
+        for (index, flush) in prepared {
+            let (key, state) = &mut batch[index];
+            match &committed {
+                Ok(committed) if !committed.stale_partitions.contains(&key.1) => {
+                    let version = committed.version_opt.unwrap_or(-1);
+                    let record = &flush.record;
+                    let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
+                    self.metrics.record_flush(&stream.stream, key.1, record.num_rows(), &file_sizes, flush.started.elapsed());
+                    if let Some(max_event_time) = record.max_event_time_micros_opt {
+                        self.metrics.record_committed_event_time(&stream.stream, key.1, max_event_time);
+                    }
+                    tracing::debug!(stream = %stream.stream, partition = key.1, table_version = version, num_rows = record.num_rows(), num_files = record.files.len(), "committed");
+                    state.reset_to(Some(&CommittedPosition {
+                        end_offset: record.end_offset,
+                        max_event_time_micros_opt: record.max_event_time_micros_opt,
+                        table_version: version,
+                    }));
+                    self.commit_kafka_offset(key, record.end_offset);
+                }
+                Ok(_) => {
+                    // Another instance committed this partition: it owns it now, or owned it
+                    // while we still thought we did. Its commits win; our files are deleted.
+                    self.metrics.record_commit_conflict(&stream.stream);
+                    tracing::warn!(stream = %stream.stream, partition = key.1, start_offset = flush.record.start_offset, "commit conflict: another writer moved this partition's position; reloading");
+                    self.delete_written(&flush.new_files);
+                    self.rewind(key, state);
+                }
+                Err(_) => self.rewind(key, state),
+            }
+        }
+    }
+
+    /// Encodes a partition's buffer and uploads its files to their final paths, where no Delta
+    /// reader sees them before the commit adds them. On failure the buffer is dropped and the
+    /// range is read again.
+    fn prepare_flush(&self, key: &(String, i32), state: &mut PartitionState) -> Option<PreparedFlush> {
+        self.decode_pending(&key.0, key.1, state);
+        let range_start = state.range_start_opt.filter(|&start| state.next_offset > start)?;
         let started = Instant::now();
         let stream = Arc::clone(&state.stream);
         let num_rows = state.num_buffered_rows();
         let batches = std::mem::take(&mut state.batches);
-        let encoded = tracing::info_span!("encode_parquet", num_rows)
+        let encoded = tracing::info_span!("encode_parquet", partition = key.1, num_rows)
             .in_scope(|| encode_partitioned(&batches, stream.granularity, &stream.writer_properties));
         drop(batches);
         let (files, num_duplicates_dropped) = match encoded {
@@ -641,10 +722,10 @@ impl CompactorLoop {
             Err(error) => {
                 tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to encode Parquet; re-reading the range");
                 self.rewind(key, state);
-                return;
+                return None;
             }
         };
-        let upload_span = tracing::info_span!("upload", num_files = files.len()).entered();
+        let upload_span = tracing::info_span!("upload", partition = key.1, num_files = files.len()).entered();
         let mut new_files: Vec<NewFile> = Vec::with_capacity(files.len());
         for file in files {
             let file_name =
@@ -658,13 +739,12 @@ impl CompactorLoop {
                 min_event_time_micros: file.min_event_time_micros,
                 max_event_time_micros: file.max_event_time_micros,
             };
-            // Written at its final path: no Delta reader sees it until the commit adds it.
             if let Err(error) = self.handle.block_on(self.lake.put(&committed.path, file.bytes)) {
                 tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to upload; re-reading the range");
                 self.delete_written(&new_files);
                 std::thread::sleep(STORE_RETRY_BACKOFF);
                 self.rewind(key, state);
-                return;
+                return None;
             }
             new_files.push(NewFile { file: committed, stats_json: file.stats_json });
         }
@@ -690,45 +770,7 @@ impl CompactorLoop {
             reset_opt: None,
             table_version_opt: None,
         };
-        let _commit_span = tracing::info_span!("commit", start_offset = record.start_offset).entered();
-        let outcome = self.handle.block_on(self.lake.create_commit(&record, &new_files));
-        match outcome {
-            Ok(TableCommit::Committed { version }) => {
-                let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
-                self.metrics.record_flush(
-                    &stream.stream,
-                    key.1,
-                    record.num_rows(),
-                    &file_sizes,
-                    started.elapsed(),
-                );
-                if let Some(max_event_time) = record.max_event_time_micros_opt {
-                    self.metrics.record_committed_event_time(&stream.stream, key.1, max_event_time);
-                }
-                tracing::debug!(stream = %stream.stream, partition = key.1, table_version = version, num_rows = record.num_rows(), num_files = record.files.len(), "committed");
-                state.reset_to(Some(&CommittedPosition {
-                    end_offset: record.end_offset,
-                    max_event_time_micros_opt: record.max_event_time_micros_opt,
-                    table_version: version,
-                }));
-                self.commit_kafka_offset(key, record.end_offset);
-            }
-            Ok(TableCommit::Conflict) => {
-                // Another instance committed this partition: it owns it now, or owned it while we
-                // still thought we did. Its commits win; our files are deleted.
-                self.metrics.record_commit_conflict(&stream.stream);
-                tracing::warn!(stream = %stream.stream, partition = key.1, start_offset = record.start_offset, "commit conflict: another writer moved this partition's position; reloading");
-                self.delete_written(&new_files);
-                self.rewind(key, state);
-            }
-            Err(error) => {
-                // The commit may have landed before the error (a lost answer): the files then
-                // belong to the table, and the janitor only deletes files no version adds.
-                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to commit to the table; re-reading the range");
-                std::thread::sleep(STORE_RETRY_BACKOFF);
-                self.rewind(key, state);
-            }
-        }
+        Some(PreparedFlush { record, new_files, started })
     }
 
     /// Forgets the buffer and continues from the latest commit in the store.

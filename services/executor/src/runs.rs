@@ -31,7 +31,7 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 use sluice_lake::{CommitOutcome, Lake, LakeError, METADATA_DIR, TableCommit};
 
-use crate::catalog::{Catalog, Scope, describe, plan_query};
+use crate::catalog::{Catalog, Scope, Snapshot, describe, plan_query};
 use crate::job::{Engine, JobDefinition};
 
 /// A claim on one attempt of one window revision.
@@ -221,6 +221,15 @@ pub struct WindowRun {
     pub attempt: u32,
 }
 
+/// A result file written, not yet committed.
+struct WrittenResult {
+    stats: RunStats,
+    input_rows: u64,
+    result_path: String,
+    input_versions: BTreeMap<String, i64>,
+    schema: SchemaRef,
+}
+
 /// What a successful attempt produced.
 #[derive(Debug, Clone)]
 pub struct RunResult {
@@ -238,11 +247,12 @@ pub struct RunResult {
 const RESULT_ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
 
 impl WindowRun {
-    /// Runs the whole attempt (snapshot, planning, execution, writing) on `runtime`, and stops
-    /// it at `timeout`. The deadline is kept on the caller's runtime, which plans that never
-    /// yield cannot starve; aborting the task drops the plan's streams, which aborts the tasks
-    /// DataFusion spawned for it, at their next yield (DataFusion's scans and exchanges yield
-    /// every few batches).
+    /// Runs the attempt and stops it at `timeout`: planning, execution and writing the result
+    /// file on `runtime`; loading the table versions and committing the result on the caller's
+    /// runtime, as is the deadline. Plans that never yield cannot starve that runtime, and
+    /// delta-rs runs its log work on the runtime it is called from. Aborting the task drops the
+    /// plan's streams, which aborts the tasks DataFusion spawned for it, at their next yield
+    /// (DataFusion's scans and exchanges yield every few batches).
     pub async fn execute_within(
         self,
         runtime: &tokio::runtime::Handle,
@@ -250,8 +260,14 @@ impl WindowRun {
     ) -> Result<RunResult, RunError> {
         use tracing::Instrument as _;
 
-        let mut task = runtime.spawn(self.execute().instrument(tracing::Span::current()));
-        match tokio::time::timeout(timeout, &mut task).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let snapshot = tokio::time::timeout_at(deadline, self.catalog.snapshot().instrument(tracing::info_span!("snapshot")))
+            .await
+            .map_err(|_| RunError::Timeout(timeout))?
+            .map_err(|error| RunError::Lake(format!("{error:#}")))?;
+        let run = self.clone();
+        let mut task = runtime.spawn(run.execute(snapshot).instrument(tracing::Span::current()));
+        let written = match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(Ok(result)) => result,
             // A panic in a function or operator fails this run, not the replica.
             Ok(Err(error)) if error.is_panic() => {
@@ -262,22 +278,38 @@ impl WindowRun {
                 task.abort();
                 Err(RunError::Timeout(timeout))
             }
-        }
+        }?;
+        let result_version = tokio::time::timeout_at(
+            deadline,
+            commit_result(
+                &self.catalog,
+                &self.job.name,
+                self.window_start_micros,
+                (i64::from(self.revision) << 32) | i64::from(self.attempt),
+                &written.result_path,
+                written.stats.rows_written,
+                written.stats.bytes_written,
+                &written.schema,
+            )
+            .instrument(tracing::info_span!("commit_result")),
+        )
+        .await
+        .map_err(|_| RunError::Timeout(timeout))??;
+        Ok(RunResult {
+            stats: written.stats,
+            input_rows: written.input_rows,
+            result_path: written.result_path,
+            input_versions: written.input_versions,
+            result_version,
+        })
     }
 
     /// Each DataFusion phase runs in its own span (children of `job_run`), so that a trace shows
     /// where a slow window spent its time: listing committed files, planning, optimizing and
     /// physical planning, executing and writing the result.
-    pub async fn execute(self) -> Result<RunResult, RunError> {
+    async fn execute(self, snapshot: Snapshot) -> Result<WrittenResult, RunError> {
         use tracing::Instrument as _;
 
-        let lake_error = |error: &dyn std::fmt::Display| RunError::Lake(error.to_string());
-        let snapshot = self
-            .catalog
-            .snapshot()
-            .instrument(tracing::info_span!("snapshot"))
-            .await
-            .map_err(|error| lake_error(&format!("{error:#}")))?;
         let input_rows =
             snapshot.rows_overlapping(&self.streams, self.window_start_micros, self.window_end_micros);
         let scope =
@@ -335,18 +367,6 @@ impl WindowRun {
         }
         .instrument(execute_span)
         .await?;
-        let result_version = commit_result(
-            &self.catalog,
-            &self.job.name,
-            self.window_start_micros,
-            (i64::from(self.revision) << 32) | i64::from(self.attempt),
-            &path,
-            rows_written,
-            bytes_written,
-            &plan.schema(),
-        )
-        .instrument(tracing::info_span!("commit_result"))
-        .await?;
 
         let mut stats = scan_stats(&plan);
         if self.job.engine == Engine::Ballista {
@@ -358,12 +378,12 @@ impl WindowRun {
         }
         stats.rows_written = rows_written;
         stats.bytes_written = bytes_written;
-        Ok(RunResult {
+        Ok(WrittenResult {
             stats,
             input_rows,
             result_path: path,
             input_versions: snapshot.versions().clone(),
-            result_version,
+            schema: plan.schema(),
         })
     }
 }

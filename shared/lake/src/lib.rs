@@ -26,7 +26,7 @@ pub use crate::commit::{
     METADATA_DIR, MergeRecord, PositionReset, PublishedWatermark,
 };
 pub use crate::table::{
-    CommittedPosition, DELTA_LOG_DIR, LogCommit, NewFile, TableCommit, TableSettings, event_time_app_id,
+    CommittedPosition, DELTA_LOG_DIR, FlushesCommitted, LogCommit, NewFile, TableCommit, TableSettings, event_time_app_id,
     partition_values, position_app_id,
 };
 pub use crate::partition::{

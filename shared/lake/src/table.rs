@@ -91,6 +91,19 @@ pub enum TableCommit {
     Conflict,
 }
 
+/// What a commit of several flushes did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushesCommitted {
+    /// The table version holding the flushes that committed; `None` when none did.
+    pub version_opt: Option<i64>,
+    /// Kafka partitions whose flush was left out: their position had moved.
+    pub stale_partitions: Vec<i32>,
+}
+
+/// How many times a commit of flushes is built again after a concurrent commit moved one of
+/// its positions.
+const COMMIT_ATTEMPTS: usize = 4;
+
 /// A Kafka partition's committed state in a stream table's latest version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommittedPosition {
@@ -244,47 +257,86 @@ impl Lake {
         position_in(&table, stream, kafka_partition).await
     }
 
-    /// Commits one flush (or a position reset, which has no files): its files and its partition's
-    /// new position in one Delta transaction. Refused with [`TableCommit::Conflict`] when the
-    /// partition's position in the table is not the one the flush started from
-    /// (`previous_end_offset_opt`): another writer owns the partition now, or did while this one
-    /// still read it. delta-rs would let a replayed or lower `txn` version through
-    /// (delta-io/delta-rs#2580), so the check is made here against the version the commit is
-    /// built on, and the conflict checker refuses a commit when any commit after that version
-    /// moved the same position.
+    /// Commits one flush (or a position reset, which has no files): see [`Lake::create_commits`].
     pub async fn create_commit(&self, record: &CommitRecord, new_files: &[NewFile]) -> Result<TableCommit> {
-        let stream = &record.stream;
-        let Some(table) = self.load_table(stream).await? else {
-            return Err(LakeError::NoTable { table: stream.clone() });
-        };
-        let committed = position_in(&table, stream, record.kafka_partition).await?;
-        if committed.map(|position| position.end_offset) != record.previous_end_offset_opt {
-            return Ok(TableCommit::Conflict);
+        let committed = self.create_commits(&record.stream, &[(record.clone(), new_files.to_vec())]).await?;
+        Ok(committed.version_opt.map_or(TableCommit::Conflict, |version| TableCommit::Committed { version }))
+    }
+
+    /// Commits flushes of several Kafka partitions of one stream in one Delta transaction: their
+    /// files and each partition's new position, so that a compactor's commit rate does not grow
+    /// with the partitions it owns.
+    ///
+    /// A flush is left out, and its partition reported stale, when the partition's position in
+    /// the table is not the one the flush started from (`previous_end_offset_opt`): another
+    /// writer owns the partition now, or did while this one still read it. delta-rs would let a
+    /// replayed or lower `txn` version through (delta-io/delta-rs#2580), so the check is made
+    /// here against the version the commit is built on; the conflict checker then refuses the
+    /// commit if a later version moved any of the same positions, and the check is made again on
+    /// the newer version.
+    pub async fn create_commits(
+        &self,
+        stream: &str,
+        flushes: &[(CommitRecord, Vec<NewFile>)],
+    ) -> Result<FlushesCommitted> {
+        let mut stale_partitions: Vec<i32> = Vec::new();
+        for _ in 0..COMMIT_ATTEMPTS {
+            let Some(table) = self.load_table(stream).await? else {
+                return Err(LakeError::NoTable { table: stream.to_string() });
+            };
+            let mut remaining: Vec<&(CommitRecord, Vec<NewFile>)> = Vec::with_capacity(flushes.len());
+            for flush in flushes {
+                if stale_partitions.contains(&flush.0.kafka_partition) {
+                    continue;
+                }
+                let committed = position_in(&table, stream, flush.0.kafka_partition).await?;
+                if committed.map(|position| position.end_offset) == flush.0.previous_end_offset_opt {
+                    remaining.push(flush);
+                } else {
+                    stale_partitions.push(flush.0.kafka_partition);
+                }
+            }
+            if remaining.is_empty() {
+                return Ok(FlushesCommitted { version_opt: None, stale_partitions });
+            }
+            let now_millis = crate::commit::now_micros() / 1_000;
+            let mut actions: Vec<Action> = Vec::new();
+            for (record, new_files) in &remaining {
+                actions.extend(new_files.iter().map(|new_file| {
+                    Action::Add(add_action(stream, &new_file.file, Some(&new_file.stats_json), now_millis, true))
+                }));
+                actions.push(Action::Txn(Transaction {
+                    app_id: position_app_id(stream, record.kafka_partition),
+                    version: record.end_offset,
+                    last_updated: Some(now_millis),
+                }));
+                if let Some(max_event_time) = record.max_event_time_micros_opt {
+                    actions.push(Action::Txn(Transaction {
+                        app_id: event_time_app_id(stream, record.kafka_partition),
+                        version: max_event_time,
+                        last_updated: Some(now_millis),
+                    }));
+                }
+            }
+            let entry = CommitInfoEntry {
+                flushes: remaining.iter().map(|(record, _)| record.clone()).collect(),
+                merge: None,
+            };
+            let operation = DeltaOperation::StreamingUpdate {
+                output_mode: OutputMode::Append,
+                query_id: format!("sluice-compactor/{stream}"),
+                epoch_id: remaining.iter().map(|(record, _)| record.end_offset).max().unwrap_or_default(),
+            };
+            if let TableCommit::Committed { version } = self.commit(stream, &table, actions, &entry, operation).await? {
+                return Ok(FlushesCommitted { version_opt: Some(version), stale_partitions });
+            }
         }
-        let now_millis = crate::commit::now_micros() / 1_000;
-        let mut actions: Vec<Action> = new_files
-            .iter()
-            .map(|new_file| Action::Add(add_action(stream, &new_file.file, Some(&new_file.stats_json), now_millis, true)))
-            .collect();
-        actions.push(Action::Txn(Transaction {
-            app_id: position_app_id(stream, record.kafka_partition),
-            version: record.end_offset,
-            last_updated: Some(now_millis),
-        }));
-        if let Some(max_event_time) = record.max_event_time_micros_opt {
-            actions.push(Action::Txn(Transaction {
-                app_id: event_time_app_id(stream, record.kafka_partition),
-                version: max_event_time,
-                last_updated: Some(now_millis),
-            }));
-        }
-        let entry = CommitInfoEntry { flushes: vec![record.clone()], merge: None };
-        let operation = DeltaOperation::StreamingUpdate {
-            output_mode: OutputMode::Append,
-            query_id: format!("sluice-compactor/{stream}"),
-            epoch_id: record.end_offset,
-        };
-        self.commit(stream, &table, actions, &entry, operation).await
+        // Lost again and again to other writers of the same positions: every flush left is read
+        // again by whoever owns its partition.
+        stale_partitions.extend(
+            flushes.iter().map(|(record, _)| record.kafka_partition).filter(|partition| !stale_partitions.contains(partition)).collect::<Vec<_>>(),
+        );
+        Ok(FlushesCommitted { version_opt: None, stale_partitions })
     }
 
     /// Commits a small-file merge: the merged file is added and its inputs removed in one
@@ -816,6 +868,31 @@ mod tests {
             .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".checkpoint.parquet"))
             .count();
         assert!(checkpoints >= 4, "a checkpoint every 5 commits: {checkpoints}");
+    }
+
+    #[tokio::test]
+    async fn flushes_of_several_partitions_share_a_commit_and_a_stale_one_is_left_out() {
+        let lake = lake();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        commit(&lake, None, 0, 10, "p3-first.parquet").await;
+        let mut flushes = Vec::new();
+        for partition in 0..3 {
+            let (mut record, files) = flush(None, 0, 5, &format!("p{partition}.parquet"));
+            record.kafka_partition = partition;
+            flushes.push((record, files));
+        }
+        // Partition 3 moved on since this writer read it: its flush must not land.
+        flushes.push(flush(None, 0, 10, "p3-stale.parquet"));
+        let committed = lake.create_commits("telemetry", &flushes).await.unwrap();
+        assert_eq!(committed, FlushesCommitted { version_opt: Some(2), stale_partitions: vec![3] });
+        for partition in 0..3 {
+            assert_eq!(lake.latest_commit("telemetry", partition).await.unwrap().unwrap().end_offset, 5);
+        }
+        let files: Vec<String> = lake.live_files("telemetry").await.unwrap().into_iter().map(|f| f.path).collect();
+        assert_eq!(files.len(), 4, "{files:?}");
+        assert!(!files.iter().any(|path| path.ends_with("p3-stale.parquet")));
+        let history = lake.history("telemetry").await.unwrap();
+        assert_eq!(history.last().unwrap().flushes.len(), 3, "one commit for three flushes");
     }
 
     #[tokio::test]
