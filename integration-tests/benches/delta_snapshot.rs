@@ -35,7 +35,8 @@ async fn build(lake: &Lake, commits: usize) {
         let round = (commit / 4) as i64;
         let start = round * 1_000;
         let event_time = 1_795_680_000_000_000 + round * 1_000_000;
-        let partition_key = sluice_lake::PartitionKey::for_event_time(event_time, sluice_lake::PartitionGranularity::Hour);
+        let partition_key =
+            sluice_lake::PartitionKey::for_event_time(event_time, sluice_lake::PartitionGranularity::Hour);
         let file = CommittedFile {
             path: format!("telemetry/{partition_key}/p{partition:03}-o{start:020}.parquet"),
             partition: partition_key.to_string(),
@@ -86,7 +87,10 @@ async fn main() {
     let mut first_opt: Option<Duration> = None;
     for commits in sizes {
         let directory = tempfile::TempDir::new().unwrap();
-        let config = sluice_lake::ObjectStoreConfig { url: directory.path().display().to_string(), ..Default::default() };
+        let config = sluice_lake::ObjectStoreConfig {
+            url: directory.path().display().to_string(),
+            ..Default::default()
+        };
         let lake = sluice_lake::open_lake(&config).unwrap();
         let started = Instant::now();
         build(&lake, commits).await;

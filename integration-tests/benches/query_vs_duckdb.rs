@@ -207,7 +207,9 @@ async fn prepare(dir: &Path, rows: usize, devices: usize, row_group_rows: usize)
     let hours = 7 * 24;
     let per_device = rows.div_ceil(hours * devices);
     let schema = telemetry_arrow_schema();
-    lake.ensure_table("telemetry", &schema, &["dt", "hour"], sluice_lake::TableSettings::default()).await.unwrap();
+    lake.ensure_table("telemetry", &schema, &["dt", "hour"], sluice_lake::TableSettings::default())
+        .await
+        .unwrap();
     let properties = sluice_compactor::writer_properties(
         &ParquetConfig { row_group_rows, ..ParquetConfig::default() },
         schema.index_of(sluice_schema::KEY_FIELD).unwrap(),

@@ -724,7 +724,10 @@ pub fn delta_live_files(table_dir: &Path) -> anyhow::Result<Vec<String>> {
     commits.sort();
     for (index, (version, _)) in commits.iter().enumerate() {
         if *version != index as u64 {
-            bail!("the log of {} has no commit {index} (log cleanup is not expected in tests)", table_dir.display());
+            bail!(
+                "the log of {} has no commit {index} (log cleanup is not expected in tests)",
+                table_dir.display()
+            );
         }
     }
     let mut live = std::collections::BTreeSet::new();
@@ -1205,8 +1208,9 @@ pub fn outside_reader_rows(
 /// `table_dir`.
 pub fn assert_outside_readers_see(table_dir: &Path, readings: &[serde_json::Value]) {
     for reader in OUTSIDE_READERS {
-        let rows = outside_reader_rows(reader, &table_dir.to_string_lossy(), &["device_id", "seq", "ts"], None, &[])
-            .unwrap_or_else(|error| panic!("{error:#}"));
+        let rows =
+            outside_reader_rows(reader, &table_dir.to_string_lossy(), &["device_id", "seq", "ts"], None, &[])
+                .unwrap_or_else(|error| panic!("{error:#}"));
         let rows: Vec<LakeRow> = rows
             .iter()
             .map(|row| LakeRow {

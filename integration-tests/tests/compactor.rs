@@ -71,13 +71,16 @@ async fn records_land_once_in_hourly_partitions_sorted_and_committed() {
     // The log's txn of each partition is where its last flush ended.
     for partition in 0..4 {
         let position = lake.latest_commit("telemetry", partition).await.unwrap().unwrap();
-        let last = commits.iter().filter(|record| record.kafka_partition == partition).next_back().unwrap();
+        let last = commits.iter().rfind(|record| record.kafka_partition == partition).unwrap();
         assert_eq!(position.end_offset, last.end_offset);
     }
     // A clean run leaves no file that the log does not add.
     let mut on_disk = sluice_integration_tests::parquet_files_under(&lake_dir.path().join("telemetry"));
     on_disk.sort();
-    assert_eq!(on_disk, sluice_integration_tests::delta_live_files(&lake_dir.path().join("telemetry")).unwrap());
+    assert_eq!(
+        on_disk,
+        sluice_integration_tests::delta_live_files(&lake_dir.path().join("telemetry")).unwrap()
+    );
     sluice_integration_tests::assert_outside_readers_see(&lake_dir.path().join("telemetry"), &readings);
 }
 
@@ -219,9 +222,17 @@ async fn a_stale_writer_loses_its_commit_and_nothing_is_duplicated() {
     wait_for_lake_rows(lake_dir.path(), "telemetry", 3_000, Duration::from_secs(60)).await;
     owner.stop().await.unwrap();
     let lake = lake(lake_dir.path());
-    let owner_committed: Vec<CommitRecord> =
-        lake.commits("telemetry").await.unwrap().into_iter().filter(|record| record.writer_id == "new-owner").collect();
-    assert!(owner_committed.iter().any(|record| record.num_rows() > 0), "the new owner committed the buffered records");
+    let owner_committed: Vec<CommitRecord> = lake
+        .commits("telemetry")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|record| record.writer_id == "new-owner")
+        .collect();
+    assert!(
+        owner_committed.iter().any(|record| record.num_rows() > 0),
+        "the new owner committed the buffered records"
+    );
 
     // The stale writer's flush comes due now: it must lose, delete its files and read on from
     // the new owner's positions.
@@ -241,7 +252,10 @@ async fn a_stale_writer_loses_its_commit_and_nothing_is_duplicated() {
     left.retain(|path| !live.contains(path));
     assert!(left.is_empty(), "the stale writer deleted the files of its lost commit: {left:?}");
     let commits = lake.commits("telemetry").await.unwrap();
-    assert!(commits.iter().any(|record| record.writer_id == "stale" && record.num_rows() > 0), "the stale writer went on");
+    assert!(
+        commits.iter().any(|record| record.writer_id == "stale" && record.num_rows() > 0),
+        "the stale writer went on"
+    );
     for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
         assert_eq!(pair[1].start_offset, pair[0].end_offset, "ranges chain across writers");
     }
@@ -274,10 +288,17 @@ async fn two_instances_split_partitions_and_survive_one_leaving() {
     assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
     let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
     for writer in ["first", "second"] {
-        assert!(commits.iter().any(|record| record.writer_id == writer && record.num_rows() > 0), "{writer} committed");
+        assert!(
+            commits.iter().any(|record| record.writer_id == writer && record.num_rows() > 0),
+            "{writer} committed"
+        );
     }
     for pair in commits.windows(2).filter(|pair| pair[0].kafka_partition == pair[1].kafka_partition) {
-        assert_eq!(pair[1].previous_end_offset_opt, Some(pair[0].end_offset), "positions chain across owners");
+        assert_eq!(
+            pair[1].previous_end_offset_opt,
+            Some(pair[0].end_offset),
+            "positions chain across owners"
+        );
     }
 }
 
@@ -489,7 +510,8 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
             let mut num_reads = 0;
             while !stop.is_cancelled() {
                 let rows = read_lake_rows(&lake_dir, "telemetry").unwrap();
-                let mut keys: Vec<(String, i64)> = rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
+                let mut keys: Vec<(String, i64)> =
+                    rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
                 let num_rows = keys.len();
                 keys.sort();
                 keys.dedup();
@@ -511,7 +533,8 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
                     continue;
                 };
                 let rows = sluice_integration_tests::read_rows_of(&lake, &files).await.unwrap();
-                let mut keys: Vec<(String, i64)> = rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
+                let mut keys: Vec<(String, i64)> =
+                    rows.into_iter().map(|row| (row.device_id, row.seq)).collect();
                 let num_rows = keys.len();
                 keys.sort();
                 keys.dedup();
@@ -551,7 +574,8 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
     let merge_versions: Vec<i64> =
         history.iter().filter(|commit| commit.merge_opt.is_some()).map(|commit| commit.version).collect();
     let overlapped = merge_versions.iter().any(|&merge| {
-        reads.iter().any(|(version, _)| *version < merge) && reads.iter().any(|(version, _)| *version >= merge)
+        reads.iter().any(|(version, _)| *version < merge)
+            && reads.iter().any(|(version, _)| *version >= merge)
     });
     assert!(overlapped, "reads {reads:?} did not span a merge at {merge_versions:?}");
     // A merge changes no data: a later version never holds fewer rows than an earlier one.

@@ -47,9 +47,13 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     std::fs::write(&config_path, sluice_config::to_masked_toml(&config).unwrap()).unwrap();
 
     // The topic has a known number of partitions, which both processes share.
-    sluice_kafka::ensure_topics(&config.kafka, &[config.kafka.stream_topic_spec("telemetry")], Duration::from_secs(30))
-        .await
-        .unwrap();
+    sluice_kafka::ensure_topics(
+        &config.kafka,
+        &[config.kafka.stream_topic_spec("telemetry")],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     // Many devices, six hours of event time, some readings late and out of order.
     let readings = telemetry_readings(NUM_RECORDS, 500, 6 * HOUR);
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[..NUM_RECORDS / 2]).await.unwrap();
@@ -94,10 +98,18 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     let commits = lake.commits("telemetry").await.unwrap();
     for instance in 0..2 {
         let writer = format!("crash-test-{instance}");
-        assert!(commits.iter().any(|record| record.writer_id == writer && record.num_rows() > 0), "{writer} committed");
+        assert!(
+            commits.iter().any(|record| record.writer_id == writer && record.num_rows() > 0),
+            "{writer} committed"
+        );
     }
-    let partitions: std::collections::BTreeSet<i32> = commits.iter().map(|record| record.kafka_partition).collect();
-    assert_eq!(partitions.len(), config.kafka.topics.partitions as usize, "every partition of the topic committed");
+    let partitions: std::collections::BTreeSet<i32> =
+        commits.iter().map(|record| record.kafka_partition).collect();
+    assert_eq!(
+        partitions.len(),
+        config.kafka.topics.partitions as usize,
+        "every partition of the topic committed"
+    );
     for partition in &partitions {
         let chain: Vec<_> = commits.iter().filter(|record| record.kafka_partition == *partition).collect();
         assert_eq!(chain[0].previous_end_offset_opt, None);
@@ -125,7 +137,8 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout).unwrap();
-    let values: Vec<i64> = stdout.lines().nth(1).unwrap().split(',').map(|value| value.parse().unwrap()).collect();
+    let values: Vec<i64> =
+        stdout.lines().nth(1).unwrap().split(',').map(|value| value.parse().unwrap()).collect();
     assert_eq!(values[0], NUM_RECORDS as i64, "DataFusion count equals what was produced");
     assert_eq!(values[1], NUM_RECORDS as i64, "every (device_id, seq) exactly once");
     assert!(values[2] >= 6, "six hours of event time in hourly partitions");

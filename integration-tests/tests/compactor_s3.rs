@@ -57,13 +57,8 @@ async fn compactor_commits_merges_and_vacuums_on_s3_exactly_once() {
     assert_exactly_once(&read_live_rows(&lake, "telemetry").await.unwrap(), &readings);
     // Files merged away are gone from the bucket; every file a flush committed and no merge
     // removed is still there.
-    let removed: Vec<String> = lake
-        .history("telemetry")
-        .await
-        .unwrap()
-        .into_iter()
-        .flat_map(|commit| commit.removed)
-        .collect();
+    let removed: Vec<String> =
+        lake.history("telemetry").await.unwrap().into_iter().flat_map(|commit| commit.removed).collect();
     assert!(!removed.is_empty());
     for path in &removed {
         assert!(lake.get(&format!("telemetry/{path}")).await.is_err(), "{path} was vacuumed");
@@ -95,7 +90,13 @@ async fn compactor_commits_merges_and_vacuums_on_s3_exactly_once() {
         options.push((name.to_string(), value.clone()));
     }
     let table = format!("s3://{}/lake/prod/telemetry", s3.bucket);
-    let rows = sluice_integration_tests::outside_reader_rows("deltalake", &table, &["device_id", "seq", "ts"], None, &options)
-        .unwrap();
+    let rows = sluice_integration_tests::outside_reader_rows(
+        "deltalake",
+        &table,
+        &["device_id", "seq", "ts"],
+        None,
+        &options,
+    )
+    .unwrap();
     assert_eq!(rows.len(), readings.len());
 }

@@ -235,7 +235,8 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
         assert_eq!(successes[0].rows_written, devices.len() as i64);
         // The run names the stream table version it read and the results version holding it.
         let input_versions: BTreeMap<String, i64> =
-            serde_json::from_str(successes[0].input_versions_opt.as_deref().expect("input versions")).unwrap();
+            serde_json::from_str(successes[0].input_versions_opt.as_deref().expect("input versions"))
+                .unwrap();
         assert!(input_versions["telemetry"] >= 1, "{input_versions:?}");
         assert!(successes[0].result_version_opt.is_some_and(|version| version >= 1));
 
@@ -244,8 +245,16 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
         let window_value = stamp.trim_start_matches("window_start=");
         let results_table = lake_dir.path().join("results/hourly_device_stats");
         let stream_table = lake_dir.path().join("telemetry");
-        let (dt, hour) = partition.to_string().split_once('/').map(|(dt, hour)| (dt.to_string(), hour.to_string())).unwrap();
-        let hour_filter = format!("dt = '{}' AND hour = '{}'", dt.trim_start_matches("dt="), hour.trim_start_matches("hour="));
+        let (dt, hour) = partition
+            .to_string()
+            .split_once('/')
+            .map(|(dt, hour)| (dt.to_string(), hour.to_string()))
+            .unwrap();
+        let hour_filter = format!(
+            "dt = '{}' AND hour = '{}'",
+            dt.trim_start_matches("dt="),
+            hour.trim_start_matches("hour=")
+        );
         for reader in sluice_integration_tests::OUTSIDE_READERS {
             let result_rows = sluice_integration_tests::outside_reader_rows(
                 reader,
@@ -264,7 +273,8 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
                 &[],
             )
             .unwrap();
-            let expected_rows = readings.iter().filter(|reading| (*start..start + HOUR).contains(&ts(reading))).count();
+            let expected_rows =
+                readings.iter().filter(|reading| (*start..start + HOUR).contains(&ts(reading))).count();
             assert_eq!(hour_rows.len(), expected_rows, "{reader} with {hour_filter}");
         }
     }

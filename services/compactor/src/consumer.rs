@@ -235,6 +235,9 @@ impl PendingValues {
     }
 }
 
+/// Partitions of one stream whose buffers are flushed together.
+type FlushBatch<'a> = Vec<(&'a (String, i32), &'a mut PartitionState)>;
+
 /// A partition's flush whose files are uploaded, waiting for its commit.
 struct PreparedFlush {
     record: CommitRecord,
@@ -393,8 +396,11 @@ impl CompactorLoop {
         };
         self.health.set_consuming(false);
         // Flush what is buffered: the range is committed now rather than read again later.
-        let buffered: Vec<(String, i32)> =
-            partitions.iter().filter(|(_, state)| state.has_uncommitted()).map(|(key, _)| key.clone()).collect();
+        let buffered: Vec<(String, i32)> = partitions
+            .iter()
+            .filter(|(_, state)| state.has_uncommitted())
+            .map(|(key, _)| key.clone())
+            .collect();
         self.flush_keys(&mut partitions, &buffered);
         self.consumer.unsubscribe();
         tracing::info!("compactor stopped consuming");
@@ -410,14 +416,14 @@ impl CompactorLoop {
                 RebalanceEvent::Assigned(assigned) => {
                     for (topic, partition, latest) in assigned {
                         let Some(stream) = self.streams.get(&topic) else { continue };
-                        if let Some(position) = &latest {
-                            if let Some(max_event_time) = position.max_event_time_micros_opt {
-                                self.metrics.record_committed_event_time(
-                                    &stream.stream,
-                                    partition,
-                                    max_event_time,
-                                );
-                            }
+                        if let Some(max_event_time) =
+                            latest.as_ref().and_then(|position| position.max_event_time_micros_opt)
+                        {
+                            self.metrics.record_committed_event_time(
+                                &stream.stream,
+                                partition,
+                                max_event_time,
+                            );
                         }
                         tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |position| position.end_offset), "partition assigned");
                         let state = PartitionState::new(Arc::clone(stream), latest.as_ref())
@@ -633,7 +639,7 @@ impl CompactorLoop {
         if keys.is_empty() {
             return;
         }
-        let mut by_stream: BTreeMap<String, Vec<(&(String, i32), &mut PartitionState)>> = BTreeMap::new();
+        let mut by_stream: BTreeMap<String, FlushBatch<'_>> = BTreeMap::new();
         for (key, state) in partitions.iter_mut().filter(|(key, _)| keys.contains(key)) {
             by_stream.entry(state.stream.stream.clone()).or_default().push((key, state));
         }
@@ -649,7 +655,7 @@ impl CompactorLoop {
     /// Commits the buffered ranges of partitions of one stream in one Delta commit. A partition
     /// whose encoding or upload fails, or whose position moved (another writer owns it), drops
     /// its buffer and reads the range again from the table's position; the others commit.
-    fn flush_batch(&self, mut batch: Vec<(&(String, i32), &mut PartitionState)>) {
+    fn flush_batch(&self, mut batch: FlushBatch<'_>) {
         let Some(stream) = batch.first().map(|(_, state)| Arc::clone(&state.stream)) else { return };
         let _flush_span =
             tracing::info_span!("flush", stream = %stream.stream, num_partitions = batch.len()).entered();
@@ -679,7 +685,13 @@ impl CompactorLoop {
                     let version = committed.version_opt.unwrap_or(-1);
                     let record = &flush.record;
                     let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
-                    self.metrics.record_flush(&stream.stream, key.1, record.num_rows(), &file_sizes, flush.started.elapsed());
+                    self.metrics.record_flush(
+                        &stream.stream,
+                        key.1,
+                        record.num_rows(),
+                        &file_sizes,
+                        flush.started.elapsed(),
+                    );
                     if let Some(max_event_time) = record.max_event_time_micros_opt {
                         self.metrics.record_committed_event_time(&stream.stream, key.1, max_event_time);
                     }
@@ -784,7 +796,8 @@ impl CompactorLoop {
             }
         };
         state.reset_to(latest.as_ref());
-        let offset = latest.as_ref().map_or(Offset::Beginning, |position| Offset::Offset(position.end_offset));
+        let offset =
+            latest.as_ref().map_or(Offset::Beginning, |position| Offset::Offset(position.end_offset));
         if let Err(error) = self.consumer.seek(&key.0, key.1, offset, Duration::from_secs(10)) {
             tracing::error!(topic = %key.0, partition = key.1, %error, "failed to seek; stopping");
             self.shutdown.cancel();

@@ -44,7 +44,7 @@ pub enum CompactorError {
     Table {
         stream: String,
         #[source]
-        source: sluice_lake::LakeError,
+        source: Box<sluice_lake::LakeError>,
     },
     #[error("failed to set up Kafka topics")]
     Topics(#[from] KafkaError),
@@ -233,7 +233,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         let settings = sluice_lake::TableSettings { checkpoint_interval: config.table.checkpoint_interval };
         lake.ensure_table(stream, &sluice_schema::to_arrow_schema(reader), partition_columns, settings)
             .await
-            .map_err(|source| CompactorError::Table { stream: stream.clone(), source })?;
+            .map_err(|source| CompactorError::Table { stream: stream.clone(), source: Box::new(source) })?;
         merge_targets.push(merge::MergeTarget {
             stream: info.stream.clone(),
             granularity: info.granularity,

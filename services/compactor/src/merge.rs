@@ -10,7 +10,9 @@ use std::time::Duration;
 use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
-use sluice_lake::{CommittedFile, Lake, LakeError, MergeRecord, PartitionGranularity, PartitionKey, TableCommit};
+use sluice_lake::{
+    CommittedFile, Lake, LakeError, MergeRecord, PartitionGranularity, PartitionKey, TableCommit,
+};
 use sluice_shutdown::CancellationToken;
 
 use crate::config::MergeConfig;

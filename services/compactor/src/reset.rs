@@ -160,13 +160,18 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(recorded, [(0, 0, 500, "sluice.telemetry".to_string()), (2, 0, 7, "sluice.telemetry".to_string())]);
+        assert_eq!(
+            recorded,
+            [(0, 0, 500, "sluice.telemetry".to_string()), (2, 0, 7, "sluice.telemetry".to_string())]
+        );
         assert_eq!(position(lake.latest_commit("telemetry", 0).await.unwrap()), (0, Some(99)));
         // A named partition without a position, and one that moved on since the last reset.
         commit(&lake, 0, Some(0), 3).await;
         let outcomes = reset_position(&lake, "telemetry", &[1, 0], 0, "again").await.unwrap();
         assert_eq!(outcomes[0], ResetOutcome::NoCommits { partition: 1 });
-        assert!(matches!(&outcomes[1], ResetOutcome::Recorded(record) if record.reset_opt.as_ref().unwrap().previous_end_offset == 3));
+        assert!(
+            matches!(&outcomes[1], ResetOutcome::Recorded(record) if record.reset_opt.as_ref().unwrap().previous_end_offset == 3)
+        );
         assert_eq!(position(lake.latest_commit("telemetry", 0).await.unwrap()), (0, Some(99)));
     }
 }

@@ -261,10 +261,13 @@ impl WindowRun {
         use tracing::Instrument as _;
 
         let deadline = tokio::time::Instant::now() + timeout;
-        let snapshot = tokio::time::timeout_at(deadline, self.catalog.snapshot().instrument(tracing::info_span!("snapshot")))
-            .await
-            .map_err(|_| RunError::Timeout(timeout))?
-            .map_err(|error| RunError::Lake(format!("{error:#}")))?;
+        let snapshot = tokio::time::timeout_at(
+            deadline,
+            self.catalog.snapshot().instrument(tracing::info_span!("snapshot")),
+        )
+        .await
+        .map_err(|_| RunError::Timeout(timeout))?
+        .map_err(|error| RunError::Lake(format!("{error:#}")))?;
         let run = self.clone();
         let mut task = runtime.spawn(run.execute(snapshot).instrument(tracing::Span::current()));
         let written = match tokio::time::timeout_at(deadline, &mut task).await {
@@ -286,10 +289,7 @@ impl WindowRun {
                 &self.job.name,
                 self.window_start_micros,
                 (i64::from(self.revision) << 32) | i64::from(self.attempt),
-                &written.result_path,
-                written.stats.rows_written,
-                written.stats.bytes_written,
-                &written.schema,
+                &written,
             )
             .instrument(tracing::info_span!("commit_result")),
         )
@@ -500,11 +500,14 @@ async fn commit_result(
     job: &str,
     window_start_micros: i64,
     order: i64,
-    path: &str,
-    rows: u64,
-    bytes: u64,
-    schema: &SchemaRef,
+    written: &WrittenResult,
 ) -> Result<i64, RunError> {
+    let (path, rows, bytes, schema) = (
+        written.result_path.as_str(),
+        written.stats.rows_written,
+        written.stats.bytes_written,
+        &written.schema,
+    );
     let lake = catalog.lake();
     let file = sluice_lake::CommittedFile {
         path: path.to_string(),
@@ -515,8 +518,9 @@ async fn commit_result(
         max_event_time_micros: window_start_micros,
     };
     let stats = serde_json::json!({ "numRecords": rows }).to_string();
-    let committed =
-        lake.replace_partition(&results_table(job), RESULT_PARTITION_COLUMN, &file, &stats, schema, order).await;
+    let committed = lake
+        .replace_partition(&results_table(job), RESULT_PARTITION_COLUMN, &file, &stats, schema, order)
+        .await;
     match committed {
         Ok(TableCommit::Committed { version }) => Ok(version),
         Ok(TableCommit::Conflict) => {

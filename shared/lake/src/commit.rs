@@ -141,7 +141,10 @@ impl CommitRecord {
             max_event_time_micros_opt: current.max_event_time_micros_opt,
             writer_id: writer_id.to_string(),
             created_at_micros: now_micros,
-            reset_opt: Some(PositionReset { previous_end_offset: current.end_offset, reason: reason.to_string() }),
+            reset_opt: Some(PositionReset {
+                previous_end_offset: current.end_offset,
+                reason: reason.to_string(),
+            }),
             table_version_opt: None,
         }
     }
@@ -191,11 +194,7 @@ pub const DEFAULT_MULTIPART_THRESHOLD_BYTES: usize = 64 * 1024 * 1024;
 
 impl Lake {
     pub fn new(store: Arc<dyn ObjectStore>, root: Path) -> Self {
-        Self {
-            store,
-            root,
-            multipart_threshold_bytes: DEFAULT_MULTIPART_THRESHOLD_BYTES,
-        }
+        Self { store, root, multipart_threshold_bytes: DEFAULT_MULTIPART_THRESHOLD_BYTES }
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -357,7 +356,6 @@ fn parse_record<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Re
         .map_err(|source| LakeError::InvalidCommit { path: path.to_string(), source })
 }
 
-
 #[cfg(test)]
 mod tests {
     use object_store::memory::InMemory;
@@ -381,8 +379,14 @@ mod tests {
         let lake = lake();
         let path = "_sluice/jobs/hourly/claim.json";
         assert_eq!(lake.read_record::<serde_json::Value>(path).await.unwrap(), None);
-        assert_eq!(lake.create_record(path, &serde_json::json!({"owner": "a"})).await.unwrap(), CommitOutcome::Created);
-        assert_eq!(lake.create_record(path, &serde_json::json!({"owner": "b"})).await.unwrap(), CommitOutcome::Conflict);
+        assert_eq!(
+            lake.create_record(path, &serde_json::json!({"owner": "a"})).await.unwrap(),
+            CommitOutcome::Created
+        );
+        assert_eq!(
+            lake.create_record(path, &serde_json::json!({"owner": "b"})).await.unwrap(),
+            CommitOutcome::Conflict
+        );
         let read: serde_json::Value = lake.read_record(path).await.unwrap().unwrap();
         assert_eq!(read["owner"], "a");
         assert_eq!(lake.list_under("_sluice/jobs").await.unwrap(), vec![path.to_string()]);

@@ -25,12 +25,12 @@ pub use crate::commit::{
     CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
     METADATA_DIR, MergeRecord, PositionReset, PublishedWatermark,
 };
-pub use crate::table::{
-    CommittedPosition, DELTA_LOG_DIR, FlushesCommitted, LogCommit, NewFile, TableCommit, TableSettings, event_time_app_id,
-    partition_values, position_app_id,
-};
 pub use crate::partition::{
     EventTimeOutOfRange, MAX_EVENT_TIME_MICROS, MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,
 };
 pub use crate::stats::delta_stats;
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};
+pub use crate::table::{
+    CommittedPosition, DELTA_LOG_DIR, FlushesCommitted, LogCommit, NewFile, TableCommit, TableSettings,
+    event_time_app_id, partition_values, position_app_id,
+};

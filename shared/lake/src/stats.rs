@@ -46,10 +46,18 @@ pub fn delta_stats(batches: &[RecordBatch]) -> String {
 
 fn bounds(data_type: &DataType, columns: &[&dyn Array]) -> Option<(Value, Value)> {
     match data_type {
-        DataType::Int32 => integer_bounds(columns.iter().flat_map(|c| c.as_primitive::<Int32Type>().iter().flatten().map(i64::from))),
-        DataType::Int64 => integer_bounds(columns.iter().flat_map(|c| c.as_primitive::<Int64Type>().iter().flatten())),
-        DataType::Float32 => float_bounds(columns.iter().flat_map(|c| c.as_primitive::<Float32Type>().iter().flatten().map(f64::from))),
-        DataType::Float64 => float_bounds(columns.iter().flat_map(|c| c.as_primitive::<Float64Type>().iter().flatten())),
+        DataType::Int32 => integer_bounds(
+            columns.iter().flat_map(|c| c.as_primitive::<Int32Type>().iter().flatten().map(i64::from)),
+        ),
+        DataType::Int64 => {
+            integer_bounds(columns.iter().flat_map(|c| c.as_primitive::<Int64Type>().iter().flatten()))
+        }
+        DataType::Float32 => float_bounds(
+            columns.iter().flat_map(|c| c.as_primitive::<Float32Type>().iter().flatten().map(f64::from)),
+        ),
+        DataType::Float64 => {
+            float_bounds(columns.iter().flat_map(|c| c.as_primitive::<Float64Type>().iter().flatten()))
+        }
         DataType::Timestamp(TimeUnit::Microsecond, _) => timestamp_bounds(
             columns.iter().flat_map(|c| c.as_primitive::<TimestampMicrosecondType>().iter().flatten()),
         ),
@@ -134,7 +142,12 @@ mod tests {
             vec![
                 Arc::new(Float64Array::from(values)),
                 Arc::new(StringArray::from(names)),
-                Arc::new(TimestampMicrosecondArray::from((0..rows as i64).map(|row| 1_795_680_000_000_001 + row).collect::<Vec<_>>()).with_timezone("UTC")),
+                Arc::new(
+                    TimestampMicrosecondArray::from(
+                        (0..rows as i64).map(|row| 1_795_680_000_000_001 + row).collect::<Vec<_>>(),
+                    )
+                    .with_timezone("UTC"),
+                ),
                 Arc::new(Int64Array::from((0..rows as i64).map(|row| i64::MIN + row).collect::<Vec<_>>())),
             ],
         )
@@ -152,7 +165,10 @@ mod tests {
         assert_eq!(stats["minValues"]["value"], -1.0);
         assert_eq!(stats["maxValues"]["value"], 2.5);
         assert_eq!(stats["nullCount"]["value"], 1);
-        assert_eq!((stats["minValues"]["device_id"].as_str(), stats["maxValues"]["device_id"].as_str()), (Some("a"), Some("c")));
+        assert_eq!(
+            (stats["minValues"]["device_id"].as_str(), stats["maxValues"]["device_id"].as_str()),
+            (Some("a"), Some("c"))
+        );
         assert_eq!(stats["minValues"]["ts"], "2026-11-26T08:00:00.000001Z");
         assert_eq!(stats["maxValues"]["ts"], "2026-11-26T08:00:00.000002Z");
         assert_eq!(stats["minValues"]["seq"], i64::MIN, "extreme values are exact");
@@ -162,8 +178,10 @@ mod tests {
     fn values_json_cannot_state_leave_the_column_unbounded() {
         let long = "x".repeat(MAX_STRING_BOUND_CHARS + 1);
         for (value, name) in [(f64::NAN, "a"), (f64::INFINITY, "a"), (1.0, long.as_str())] {
-            let stats: Value = serde_json::from_str(&delta_stats(&[batch(vec![Some(value)], vec![name])])).unwrap();
-            let bounded = stats["minValues"].get("value").is_some() && stats["minValues"].get("device_id").is_some();
+            let stats: Value =
+                serde_json::from_str(&delta_stats(&[batch(vec![Some(value)], vec![name])])).unwrap();
+            let bounded =
+                stats["minValues"].get("value").is_some() && stats["minValues"].get("device_id").is_some();
             assert!(!bounded, "{stats}");
             assert_eq!(stats["nullCount"]["value"], 0);
         }

@@ -19,13 +19,13 @@ use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
 use deltalake_core::{DeltaTable, DeltaTableError, TableProperty};
 use futures::{StreamExt as _, TryStreamExt as _};
-use object_store::{ObjectStore, ObjectStoreExt as _};
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
 
-use crate::sorted_listing::SortedListing;
 use crate::commit::{CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, Result};
+use crate::sorted_listing::SortedListing;
 
 /// Where a table keeps its log, relative to the table.
 pub const DELTA_LOG_DIR: &str = "_delta_log";
@@ -86,7 +86,9 @@ pub fn event_time_app_id(stream: &str, kafka_partition: i32) -> String {
 /// Whether a commit made it into a table's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableCommit {
-    Committed { version: i64 },
+    Committed {
+        version: i64,
+    },
     /// Another writer's commit won: the partition's position moved, or a merge input is gone.
     Conflict,
 }
@@ -161,7 +163,8 @@ impl Lake {
     /// The Delta log store of the table at `table` (relative to the lake root).
     pub fn log_store(&self, table: &str) -> LogStoreRef {
         let root: Arc<dyn ObjectStore> = Arc::new(SortedListing::new(Arc::clone(self.store())));
-        let prefixed: Arc<dyn ObjectStore> = Arc::new(PrefixStore::new(Arc::clone(&root), self.absolute(table)));
+        let prefixed: Arc<dyn ObjectStore> =
+            Arc::new(PrefixStore::new(Arc::clone(&root), self.absolute(table)));
         default_logstore(prefixed, root, &self.table_url(table), &StorageConfig::default())
     }
 
@@ -188,10 +191,9 @@ impl Lake {
     ) -> Result<()> {
         let mut wanted: Vec<StructField> = Vec::with_capacity(data_columns.fields().len());
         for field in data_columns.fields() {
-            let field: StructField = field
-                .as_ref()
-                .try_into_kernel()
-                .map_err(|source| LakeError::Schema { table: table.to_string(), message: source.to_string() })?;
+            let field: StructField = field.as_ref().try_into_kernel().map_err(|source| {
+                LakeError::Schema { table: table.to_string(), message: source.to_string() }
+            })?;
             wanted.push(field);
         }
         wanted.extend(partition_columns.iter().map(|name| StructField::new(*name, DataType::STRING, false)));
@@ -233,7 +235,9 @@ impl Lake {
                         });
                     }
                     Some(_) => {}
-                    None => missing.push(StructField::new(field.name().clone(), field.data_type().clone(), true)),
+                    None => {
+                        missing.push(StructField::new(field.name().clone(), field.data_type().clone(), true))
+                    }
                 }
             }
             if missing.is_empty() {
@@ -252,7 +256,11 @@ impl Lake {
     }
 
     /// The committed position of a Kafka partition in the stream table's latest version.
-    pub async fn latest_commit(&self, stream: &str, kafka_partition: i32) -> Result<Option<CommittedPosition>> {
+    pub async fn latest_commit(
+        &self,
+        stream: &str,
+        kafka_partition: i32,
+    ) -> Result<Option<CommittedPosition>> {
         let Some(table) = self.load_table(stream).await? else { return Ok(None) };
         position_in(&table, stream, kafka_partition).await
     }
@@ -303,7 +311,13 @@ impl Lake {
             let mut actions: Vec<Action> = Vec::new();
             for (record, new_files) in &remaining {
                 actions.extend(new_files.iter().map(|new_file| {
-                    Action::Add(add_action(stream, &new_file.file, Some(&new_file.stats_json), now_millis, true))
+                    Action::Add(add_action(
+                        stream,
+                        &new_file.file,
+                        Some(&new_file.stats_json),
+                        now_millis,
+                        true,
+                    ))
                 }));
                 actions.push(Action::Txn(Transaction {
                     app_id: position_app_id(stream, record.kafka_partition),
@@ -327,14 +341,20 @@ impl Lake {
                 query_id: format!("sluice-compactor/{stream}"),
                 epoch_id: remaining.iter().map(|(record, _)| record.end_offset).max().unwrap_or_default(),
             };
-            if let TableCommit::Committed { version } = self.commit(stream, &table, actions, &entry, operation).await? {
+            if let TableCommit::Committed { version } =
+                self.commit(stream, &table, actions, &entry, operation).await?
+            {
                 return Ok(FlushesCommitted { version_opt: Some(version), stale_partitions });
             }
         }
         // Lost again and again to other writers of the same positions: every flush left is read
         // again by whoever owns its partition.
         stale_partitions.extend(
-            flushes.iter().map(|(record, _)| record.kafka_partition).filter(|partition| !stale_partitions.contains(partition)).collect::<Vec<_>>(),
+            flushes
+                .iter()
+                .map(|(record, _)| record.kafka_partition)
+                .filter(|partition| !stale_partitions.contains(partition))
+                .collect::<Vec<_>>(),
         );
         Ok(FlushesCommitted { version_opt: None, stale_partitions })
     }
@@ -402,9 +422,9 @@ impl Lake {
             .build(Some(snapshot), table.log_store(), operation)
             .await;
         match committed {
-            Ok(finalized) => Ok(TableCommit::Committed {
-                version: i64::try_from(finalized.version()).unwrap_or(i64::MAX),
-            }),
+            Ok(finalized) => {
+                Ok(TableCommit::Committed { version: i64::try_from(finalized.version()).unwrap_or(i64::MAX) })
+            }
             Err(DeltaTableError::Transaction { source: TransactionError::CommitConflict(conflict) }) => {
                 tracing::debug!(table = table_name, %conflict, "commit lost to a concurrent one");
                 Ok(TableCommit::Conflict)
@@ -454,7 +474,9 @@ impl Lake {
             Action::Add(add_action(table, file, Some(stats_json), now_millis, true)),
             Action::Txn(Transaction { app_id, version: order, last_updated: Some(now_millis) }),
         ];
-        for replaced in self.files_of(&delta, table).await?.into_iter().filter(|live| live.partition == file.partition) {
+        for replaced in
+            self.files_of(&delta, table).await?.into_iter().filter(|live| live.partition == file.partition)
+        {
             actions.push(Action::Remove(Remove {
                 path: relative_to_table(table, &replaced.path),
                 data_change: true,
@@ -490,12 +512,13 @@ impl Lake {
             .iter()
             .map(|view| {
                 let values = view.partition_values_map();
-                let partition = partition_segment(&values, &snapshot.metadata().partition_columns().to_vec());
+                let partition = partition_segment(&values, snapshot.metadata().partition_columns());
                 // The only public way to a file's tags in delta-rs 1.1; reading them from the
                 // Arrow log data would need its crate-private column helpers.
                 #[allow(deprecated, reason = "see above")]
                 let tags = view.add_action().tags.unwrap_or_default();
-                let tag = |key: &str| tags.get(key).cloned().flatten().and_then(|text| text.parse::<i64>().ok());
+                let tag =
+                    |key: &str| tags.get(key).cloned().flatten().and_then(|text| text.parse::<i64>().ok());
                 CommittedFile {
                     path: format!("{table}/{}", view.path()),
                     partition,
@@ -533,12 +556,14 @@ impl Lake {
         let Some(table) = self.load_table(stream).await? else { return Ok(None) };
         let mut watermark_opt: Option<i64> = None;
         for partition in 0..num_partitions {
-            let Some(max_event_time) =
-                position_in(&table, stream, partition).await?.and_then(|position| position.max_event_time_micros_opt)
+            let Some(max_event_time) = position_in(&table, stream, partition)
+                .await?
+                .and_then(|position| position.max_event_time_micros_opt)
             else {
                 return Ok(None);
             };
-            watermark_opt = Some(watermark_opt.map_or(max_event_time, |watermark| watermark.min(max_event_time)));
+            watermark_opt =
+                Some(watermark_opt.map_or(max_event_time, |watermark| watermark.min(max_event_time)));
         }
         Ok(watermark_opt.map(|watermark| watermark.saturating_sub(allowed_lateness_micros)))
     }
@@ -664,7 +689,11 @@ impl Lake {
 }
 
 /// The committed position of a partition in one loaded version of a stream table.
-async fn position_in(table: &DeltaTable, stream: &str, kafka_partition: i32) -> Result<Option<CommittedPosition>> {
+async fn position_in(
+    table: &DeltaTable,
+    stream: &str,
+    kafka_partition: i32,
+) -> Result<Option<CommittedPosition>> {
     let snapshot = table.snapshot().map_err(LakeError::delta(stream))?;
     let log_store = table.log_store();
     let Some(end_offset) = snapshot
@@ -685,7 +714,13 @@ async fn position_in(table: &DeltaTable, stream: &str, kafka_partition: i32) -> 
     }))
 }
 
-fn add_action(table: &str, file: &CommittedFile, stats_json: Option<&str>, now_millis: i64, data_change: bool) -> Add {
+fn add_action(
+    table: &str,
+    file: &CommittedFile,
+    stats_json: Option<&str>,
+    now_millis: i64,
+    data_change: bool,
+) -> Add {
     let tags = HashMap::from([
         (TAG_MIN_EVENT_TIME.to_string(), Some(file.min_event_time_micros.to_string())),
         (TAG_MAX_EVENT_TIME.to_string(), Some(file.max_event_time_micros.to_string())),
@@ -820,9 +855,14 @@ mod tests {
     #[tokio::test]
     async fn positions_move_only_from_where_the_writer_started() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap(), None);
-        assert!(matches!(commit(&lake, None, 0, 10, "a.parquet").await, TableCommit::Committed { version: 1 }));
+        assert!(matches!(
+            commit(&lake, None, 0, 10, "a.parquet").await,
+            TableCommit::Committed { version: 1 }
+        ));
         assert!(matches!(commit(&lake, Some(10), 10, 25, "b.parquet").await, TableCommit::Committed { .. }));
         // A stale writer replaying from an older position, and one that thinks nothing is
         // committed yet, are both refused: the position never goes back and nothing is added.
@@ -830,7 +870,8 @@ mod tests {
         assert_eq!(commit(&lake, None, 0, 40, "stale2.parquet").await, TableCommit::Conflict);
         let position = lake.latest_commit("telemetry", 3).await.unwrap().unwrap();
         assert_eq!((position.end_offset, position.max_event_time_micros_opt), (25, Some(250)));
-        let files: Vec<String> = lake.live_files("telemetry").await.unwrap().into_iter().map(|f| f.path).collect();
+        let files: Vec<String> =
+            lake.live_files("telemetry").await.unwrap().into_iter().map(|f| f.path).collect();
         assert_eq!(
             files,
             vec!["telemetry/dt=2026-11-26/hour=08/a.parquet", "telemetry/dt=2026-11-26/hour=08/b.parquet"]
@@ -848,11 +889,17 @@ mod tests {
     async fn a_local_directory_replays_many_commits_in_order() {
         // The local file system lists in directory order, not name order.
         let directory = tempfile::TempDir::new().unwrap();
-        let config = crate::ObjectStoreConfig { url: directory.path().display().to_string(), ..Default::default() };
+        let config =
+            crate::ObjectStoreConfig { url: directory.path().display().to_string(), ..Default::default() };
         let lake = crate::open_lake(&config).unwrap();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings { checkpoint_interval: 5 })
-            .await
-            .unwrap();
+        lake.ensure_table(
+            "telemetry",
+            &columns(false),
+            &["dt", "hour"],
+            TableSettings { checkpoint_interval: 5 },
+        )
+        .await
+        .unwrap();
         let mut previous = None;
         for flush_index in 0..23 {
             let end = (flush_index + 1) * 10;
@@ -865,7 +912,9 @@ mod tests {
         assert_eq!(lake.live_files("telemetry").await.unwrap().len(), 23);
         let checkpoints = std::fs::read_dir(directory.path().join("telemetry/_delta_log"))
             .unwrap()
-            .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".checkpoint.parquet"))
+            .filter(|entry| {
+                entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".checkpoint.parquet")
+            })
             .count();
         assert!(checkpoints >= 4, "a checkpoint every 5 commits: {checkpoints}");
     }
@@ -873,7 +922,9 @@ mod tests {
     #[tokio::test]
     async fn flushes_of_several_partitions_share_a_commit_and_a_stale_one_is_left_out() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         commit(&lake, None, 0, 10, "p3-first.parquet").await;
         let mut flushes = Vec::new();
         for partition in 0..3 {
@@ -888,7 +939,8 @@ mod tests {
         for partition in 0..3 {
             assert_eq!(lake.latest_commit("telemetry", partition).await.unwrap().unwrap().end_offset, 5);
         }
-        let files: Vec<String> = lake.live_files("telemetry").await.unwrap().into_iter().map(|f| f.path).collect();
+        let files: Vec<String> =
+            lake.live_files("telemetry").await.unwrap().into_iter().map(|f| f.path).collect();
         assert_eq!(files.len(), 4, "{files:?}");
         assert!(!files.iter().any(|path| path.ends_with("p3-stale.parquet")));
         let history = lake.history("telemetry").await.unwrap();
@@ -898,7 +950,9 @@ mod tests {
     #[tokio::test]
     async fn concurrent_writers_of_one_partition_commit_once() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         let attempts = (0..6).map(|writer| {
             let lake = lake.clone();
             tokio::spawn(async move { commit(&lake, None, 0, 10, &format!("w{writer}.parquet")).await })
@@ -919,7 +973,9 @@ mod tests {
         lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], settings).await.unwrap();
         let evolving = (0..4).map(|_| {
             let lake = lake.clone();
-            tokio::spawn(async move { lake.ensure_table("telemetry", &columns(true), &["dt", "hour"], settings).await })
+            tokio::spawn(async move {
+                lake.ensure_table("telemetry", &columns(true), &["dt", "hour"], settings).await
+            })
         });
         for outcome in futures::future::join_all(evolving).await {
             outcome.unwrap().unwrap();
@@ -937,11 +993,17 @@ mod tests {
     #[tokio::test]
     async fn merges_swap_files_once() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         commit(&lake, None, 0, 10, "a.parquet").await;
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
         let inputs = lake.live_files("telemetry").await.unwrap();
-        let output = CommittedFile { path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(), num_rows: 20, ..inputs[0].clone() };
+        let output = CommittedFile {
+            path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(),
+            num_rows: 20,
+            ..inputs[0].clone()
+        };
         let merge = MergeRecord {
             stream: "telemetry".into(),
             partition: "dt=2026-11-26/hour=08".into(),
@@ -950,7 +1012,10 @@ mod tests {
             writer_id: "test".into(),
             created_at_micros: 0,
         };
-        assert!(matches!(lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap(), TableCommit::Committed { .. }));
+        assert!(matches!(
+            lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap(),
+            TableCommit::Committed { .. }
+        ));
         assert_eq!(lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap(), TableCommit::Conflict);
         let live = lake.live_files("telemetry").await.unwrap();
         assert_eq!(live.len(), 1);
@@ -961,7 +1026,9 @@ mod tests {
     #[tokio::test]
     async fn of_two_merges_built_on_the_same_version_one_loses() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         commit(&lake, None, 0, 10, "a.parquet").await;
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
         let inputs = lake.live_files("telemetry").await.unwrap();
@@ -983,7 +1050,13 @@ mod tests {
         for merge in merges {
             let now_millis = crate::commit::now_micros() / 1_000;
             let actions = vec![
-                Action::Add(add_action("telemetry", &merge.output, Some("{\"numRecords\":20}"), now_millis, false)),
+                Action::Add(add_action(
+                    "telemetry",
+                    &merge.output,
+                    Some("{\"numRecords\":20}"),
+                    now_millis,
+                    false,
+                )),
                 Action::Txn(Transaction::new(merge_app_id("telemetry", &merge.partition), 1)),
             ];
             let entry = CommitInfoEntry { flushes: Vec::new(), merge: Some(merge.clone()) };
@@ -1008,26 +1081,40 @@ mod tests {
         };
         let replace = |name: &str, order: i64| {
             let (lake, columns, file) = (lake.clone(), columns.clone(), result(name));
-            async move { lake.replace_partition("results/hourly", "window_start", &file, "{}", &columns, order).await.unwrap() }
+            async move {
+                lake.replace_partition("results/hourly", "window_start", &file, "{}", &columns, order)
+                    .await
+                    .unwrap()
+            }
         };
         assert!(matches!(replace("first", 1).await, TableCommit::Committed { .. }));
         assert!(matches!(replace("newer", 3).await, TableCommit::Committed { .. }));
         assert_eq!(replace("stale", 2).await, TableCommit::Conflict);
-        let files: Vec<String> = lake.live_files("results/hourly").await.unwrap().into_iter().map(|f| f.path).collect();
+        let files: Vec<String> =
+            lake.live_files("results/hourly").await.unwrap().into_iter().map(|f| f.path).collect();
         assert_eq!(files, vec![result("newer").path]);
     }
 
     #[tokio::test]
     async fn watermark_is_the_slowest_partition_minus_lateness() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         for (partition, max_event_time) in [(0, 3_000), (1, 9_000), (2, 9_000)] {
             let (mut record, files) = flush(None, 0, 10, &format!("p{partition}.parquet"));
             record.kafka_partition = partition;
             record.max_event_time_micros_opt = Some(max_event_time);
-            assert!(matches!(lake.create_commit(&record, &files).await.unwrap(), TableCommit::Committed { .. }));
+            assert!(matches!(
+                lake.create_commit(&record, &files).await.unwrap(),
+                TableCommit::Committed { .. }
+            ));
             if partition == 0 {
-                assert_eq!(lake.watermark("telemetry", 2, 0).await.unwrap(), None, "partition 1 has no commit");
+                assert_eq!(
+                    lake.watermark("telemetry", 2, 0).await.unwrap(),
+                    None,
+                    "partition 1 has no commit"
+                );
             }
         }
         assert_eq!(lake.watermark("telemetry", 3, 1_000).await.unwrap(), Some(2_000));
@@ -1036,7 +1123,9 @@ mod tests {
     #[tokio::test]
     async fn vacuum_removes_uncommitted_and_long_removed_files_only() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default()).await.unwrap();
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
         let dir = "telemetry/dt=2026-11-26/hour=08";
         for name in ["a.parquet", "b.parquet", "orphan.parquet"] {
             lake.put(&format!("{dir}/{name}"), b"PAR1".to_vec()).await.unwrap();
