@@ -382,17 +382,9 @@ impl Lake {
                 last_updated: Some(now_millis),
             }),
         ];
-        actions.extend(record.inputs.iter().map(|input| {
-            Action::Remove(Remove {
-                path: relative_to_table(stream, &input.path),
-                data_change: false,
-                deletion_timestamp: Some(now_millis),
-                extended_file_metadata: Some(true),
-                partition_values: Some(partition_values(&input.partition)),
-                size: i64::try_from(input.size_bytes).ok(),
-                ..Remove::default()
-            })
-        }));
+        actions.extend(
+            record.inputs.iter().map(|input| Action::Remove(remove_action(stream, input, now_millis, false))),
+        );
         let entry = CommitInfoEntry { flushes: Vec::new(), merge: Some(record.clone()) };
         let operation = DeltaOperation::Optimize {
             predicate: Some(record.partition.clone()),
@@ -477,15 +469,7 @@ impl Lake {
         for replaced in
             self.files_of(&delta, table).await?.into_iter().filter(|live| live.partition == file.partition)
         {
-            actions.push(Action::Remove(Remove {
-                path: relative_to_table(table, &replaced.path),
-                data_change: true,
-                deletion_timestamp: Some(now_millis),
-                extended_file_metadata: Some(true),
-                partition_values: Some(partition_values(&replaced.partition)),
-                size: i64::try_from(replaced.size_bytes).ok(),
-                ..Remove::default()
-            }));
+            actions.push(Action::Remove(remove_action(table, &replaced, now_millis, true)));
         }
         let value = partition_values(&file.partition).remove(partition_column).flatten().unwrap_or_default();
         let operation = DeltaOperation::Write {
@@ -737,6 +721,18 @@ fn add_action(
     }
 }
 
+fn remove_action(table: &str, file: &CommittedFile, now_millis: i64, data_change: bool) -> Remove {
+    Remove {
+        path: relative_to_table(table, &file.path),
+        data_change,
+        deletion_timestamp: Some(now_millis),
+        extended_file_metadata: Some(true),
+        partition_values: Some(partition_values(&file.partition)),
+        size: i64::try_from(file.size_bytes).ok(),
+        ..Remove::default()
+    }
+}
+
 /// A file path relative to the lake root as the table-relative path its log records.
 fn relative_to_table(table: &str, path: &str) -> String {
     path.strip_prefix(table).and_then(|rest| rest.strip_prefix('/')).unwrap_or(path).to_string()
@@ -807,6 +803,12 @@ mod tests {
         Lake::new(Arc::new(InMemory::new()), Path::from("lake"))
     }
 
+    async fn telemetry_table(lake: &Lake) {
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
+            .await
+            .unwrap();
+    }
+
     fn columns(extra: bool) -> ArrowSchema {
         let mut fields = vec![
             Field::new("device_id", ArrowType::Utf8, false),
@@ -855,9 +857,7 @@ mod tests {
     #[tokio::test]
     async fn positions_move_only_from_where_the_writer_started() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap(), None);
         assert!(matches!(
             commit(&lake, None, 0, 10, "a.parquet").await,
@@ -922,9 +922,7 @@ mod tests {
     #[tokio::test]
     async fn flushes_of_several_partitions_share_a_commit_and_a_stale_one_is_left_out() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         commit(&lake, None, 0, 10, "p3-first.parquet").await;
         let mut flushes = Vec::new();
         for partition in 0..3 {
@@ -950,9 +948,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_writers_of_one_partition_commit_once() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         let attempts = (0..6).map(|writer| {
             let lake = lake.clone();
             tokio::spawn(async move { commit(&lake, None, 0, 10, &format!("w{writer}.parquet")).await })
@@ -993,9 +989,7 @@ mod tests {
     #[tokio::test]
     async fn merges_swap_files_once() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         commit(&lake, None, 0, 10, "a.parquet").await;
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
         let inputs = lake.live_files("telemetry").await.unwrap();
@@ -1026,9 +1020,7 @@ mod tests {
     #[tokio::test]
     async fn of_two_merges_built_on_the_same_version_one_loses() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         commit(&lake, None, 0, 10, "a.parquet").await;
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
         let inputs = lake.live_files("telemetry").await.unwrap();
@@ -1098,9 +1090,7 @@ mod tests {
     #[tokio::test]
     async fn watermark_is_the_slowest_partition_minus_lateness() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         for (partition, max_event_time) in [(0, 3_000), (1, 9_000), (2, 9_000)] {
             let (mut record, files) = flush(None, 0, 10, &format!("p{partition}.parquet"));
             record.kafka_partition = partition;
@@ -1123,9 +1113,7 @@ mod tests {
     #[tokio::test]
     async fn vacuum_removes_uncommitted_and_long_removed_files_only() {
         let lake = lake();
-        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], TableSettings::default())
-            .await
-            .unwrap();
+        telemetry_table(&lake).await;
         let dir = "telemetry/dt=2026-11-26/hour=08";
         for name in ["a.parquet", "b.parquet", "orphan.parquet"] {
             lake.put(&format!("{dir}/{name}"), b"PAR1".to_vec()).await.unwrap();
