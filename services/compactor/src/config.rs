@@ -249,6 +249,13 @@ impl Validate for CompactorConfig {
         if self.watermark.interval_ms == 0 {
             issues.push(ConfigIssue::new("watermark.interval_ms", "must be greater than 0"));
         }
+        // Checkpoints keep a removed file's tombstone for Delta's default
+        // `delta.deletedFileRetentionDuration` (7 days); past it the janitor could not tell a
+        // removed file from one no version ever added, and would delete it early.
+        if self.janitor.removed_retention_ms > 7 * 86_400_000 {
+            issues
+                .push(ConfigIssue::new("janitor.removed_retention_ms", "must be at most 7 days (604800000)"));
+        }
         if self.table.checkpoint_interval == 0 {
             issues.push(ConfigIssue::new("table.checkpoint_interval", "must be greater than 0"));
         }

@@ -791,6 +791,12 @@ impl CompactorLoop {
             Ok(latest) => latest,
             Err(error) => {
                 tracing::error!(partition = key.1, %error, "failed to read the committed position; stopping");
+                // The buffer may be gone already (taken by the flush that failed): nothing of
+                // this partition may be committed on the way out, or its range would be
+                // committed without its rows. Whoever owns it next reads it from the table.
+                state.pending.clear();
+                state.batches.clear();
+                state.range_start_opt = None;
                 self.shutdown.cancel();
                 return;
             }

@@ -246,6 +246,9 @@ pub struct RunResult {
 /// memory stays bounded however many rows the result has.
 const RESULT_ROW_GROUP_BYTES: usize = 16 * 1024 * 1024;
 
+/// How long committing a written result may take.
+const RESULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl WindowRun {
     /// Runs the attempt and stops it at `timeout`: planning, execution and writing the result
     /// file on `runtime`; loading the table versions and committing the result on the caller's
@@ -282,8 +285,10 @@ impl WindowRun {
                 Err(RunError::Timeout(timeout))
             }
         }?;
-        let result_version = tokio::time::timeout_at(
-            deadline,
+        // Bounded on its own, not by the run's deadline: a commit cut off at the deadline may
+        // have landed, and a window would then be failed while its result is in the table.
+        let result_version = tokio::time::timeout(
+            RESULT_COMMIT_TIMEOUT,
             commit_result(
                 &self.catalog,
                 &self.job.name,
@@ -294,7 +299,9 @@ impl WindowRun {
             .instrument(tracing::info_span!("commit_result")),
         )
         .await
-        .map_err(|_| RunError::Timeout(timeout))??;
+        .map_err(|_| {
+            RunError::Lake(format!("committing the result took over {RESULT_COMMIT_TIMEOUT:?}"))
+        })??;
         Ok(RunResult {
             stats: written.stats,
             input_rows: written.input_rows,

@@ -3,8 +3,8 @@
 //! The Delta kernel trusts a listing's order unless the table URL is `file://`, and a `file://`
 //! URL makes it look for the table on the local disk; `object_store` promises no order, and its
 //! local file system lists in directory order. So the log stores Sluice hands delta-rs list
-//! through this: the listing is collected and sorted (it is bounded: the kernel lists the log
-//! from the newest checkpoint on).
+//! through this: a listing from an offset, which is how the kernel replays the log from its
+//! newest checkpoint on, is collected and sorted.
 
 use std::fmt;
 use std::ops::Range;
@@ -83,8 +83,10 @@ impl ObjectStore for SortedListing {
         self.inner.delete_stream(locations)
     }
 
+    /// Unsorted: callers of a whole listing (is this a table, log cleanup) do not need order,
+    /// and a sorted one would have to read the whole log before the first entry.
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        sorted(self.inner.list(prefix))
+        self.inner.list(prefix)
     }
 
     fn list_with_offset(

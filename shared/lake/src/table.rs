@@ -17,6 +17,7 @@ use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties, Trans
 use deltalake_core::kernel::{Action, Add, DataType, Remove, StructField, Transaction};
 use deltalake_core::logstore::{LogStoreRef, StorageConfig, default_logstore};
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
+use deltalake_core::table::config::TablePropertiesExt as _;
 use deltalake_core::{DeltaTable, DeltaTableError, TableProperty};
 use futures::{StreamExt as _, TryStreamExt as _};
 use object_store::path::Path;
@@ -153,11 +154,12 @@ impl Lake {
     /// store (the kernel maps URL paths straight to store paths); every read and write goes
     /// through Sluice's own store, so the scheme names nothing.
     fn table_url(&self, table: &str) -> url::Url {
-        let path = self.absolute(table);
-        url::Url::parse(&format!("sluice-lake:///{path}")).unwrap_or_else(|_| {
-            #[allow(clippy::expect_used, reason = "a constant that parses")]
-            url::Url::parse("sluice-lake:///").expect("constant URL")
-        })
+        #[allow(clippy::expect_used, reason = "a constant that parses")]
+        let mut url = url::Url::parse("sluice-lake:///").expect("constant URL");
+        // Percent-encodes what a URL would read as a query or fragment (`?`, `#`); the kernel
+        // decodes the path back into the same store path.
+        url.set_path(self.absolute(table).as_ref());
+        url
     }
 
     /// The Delta log store of the table at `table` (relative to the lake root).
@@ -404,25 +406,62 @@ impl Lake {
         let snapshot = table.snapshot().map_err(LakeError::delta(table_name))?;
         let entry = serde_json::to_value(entry)
             .map_err(|source| LakeError::InvalidCommit { path: table_name.to_string(), source })?;
+        let own_paths: Vec<String> = actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::Add(add) => Some(add.path.clone()),
+                _ => None,
+            })
+            .collect();
+        // Log cleanup lists the whole log, so it runs with the commits that write a checkpoint
+        // rather than with every commit (delta-rs' default).
+        let interval = snapshot.table_config().checkpoint_interval().get();
+        let checkpoint_due = (snapshot.version() + 1).is_multiple_of(interval);
         // From `CommitProperties`, not `CommitBuilder::default()`: only that way does the commit
         // run delta-rs' post-commit hook, which writes a checkpoint every
         // `delta.checkpointInterval` commits and cleans up the log past `delta.logRetentionDuration`
         // (by whichever writer makes the commit that is due).
-        let committed = CommitBuilder::from(CommitProperties::default())
-            .with_actions(actions)
-            .with_app_metadata(HashMap::from([(COMMIT_INFO_KEY.to_string(), entry)]))
-            .build(Some(snapshot), table.log_store(), operation)
-            .await;
-        match committed {
+        let committed =
+            CommitBuilder::from(CommitProperties::default().with_cleanup_expired_logs(Some(checkpoint_due)))
+                .with_actions(actions)
+                .with_app_metadata(HashMap::from([(COMMIT_INFO_KEY.to_string(), entry)]))
+                .build(Some(snapshot), table.log_store(), operation)
+                .await;
+        let error = match committed {
             Ok(finalized) => {
-                Ok(TableCommit::Committed { version: i64::try_from(finalized.version()).unwrap_or(i64::MAX) })
+                return Ok(TableCommit::Committed {
+                    version: i64::try_from(finalized.version()).unwrap_or(i64::MAX),
+                });
             }
-            Err(DeltaTableError::Transaction { source: TransactionError::CommitConflict(conflict) }) => {
+            Err(error) => error,
+        };
+        // A commit that landed can still come back as a failure: the store retries a conditional
+        // put whose answer was lost and finds the object there (delta-rs then checks its own
+        // commit for conflicts and finds its own `txn`s), or the checkpoint after the commit
+        // point fails. Deleting the files then would leave the table naming missing files; the
+        // commit's own uniquely named files in the table say that it landed.
+        if !own_paths.is_empty()
+            && let Ok(Some(version)) = self.version_holding(table_name, &own_paths).await
+        {
+            tracing::warn!(table = table_name, %error, version, "the commit landed although it reported a failure");
+            return Ok(TableCommit::Committed { version });
+        }
+        match error {
+            DeltaTableError::Transaction { source: TransactionError::CommitConflict(conflict) } => {
                 tracing::debug!(table = table_name, %conflict, "commit lost to a concurrent one");
                 Ok(TableCommit::Conflict)
             }
-            Err(error) => Err(LakeError::Delta { table: table_name.to_string(), source: Box::new(error) }),
+            error => Err(LakeError::Delta { table: table_name.to_string(), source: Box::new(error) }),
         }
+    }
+
+    /// The latest version of a table if it holds any of `paths` (relative to the table).
+    async fn version_holding(&self, table: &str, paths: &[String]) -> Result<Option<i64>> {
+        let Some(delta) = self.load_table(table).await? else { return Ok(None) };
+        let snapshot = delta.snapshot().map_err(LakeError::delta(table))?;
+        let holds =
+            snapshot.log_data().iter().any(|view| paths.iter().any(|path| view.path() == path.as_str()));
+        Ok(holds.then(|| i64::try_from(snapshot.version()).unwrap_or(i64::MAX)))
     }
 
     /// The latest version of a table and its files, or none if the table does not exist yet.
@@ -943,6 +982,102 @@ mod tests {
         assert!(!files.iter().any(|path| path.ends_with("p3-stale.parquet")));
         let history = lake.history("telemetry").await.unwrap();
         assert_eq!(history.last().unwrap().flushes.len(), 3, "one commit for three flushes");
+    }
+
+    /// A store whose first log commit lands but answers as if another writer had made it, as
+    /// object_store's retry of a conditional put whose answer was lost does.
+    #[derive(Debug)]
+    struct LostAnswer {
+        inner: Arc<dyn ObjectStore>,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for LostAnswer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "LostAnswer({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for LostAnswer {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: object_store::PutPayload,
+            options: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let result = self.inner.put_opts(location, payload, options).await?;
+            let is_commit = location.as_ref().contains("_delta_log/") && location.as_ref().ends_with(".json");
+            if is_commit && self.lost.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(object_store::Error::AlreadyExists {
+                    path: location.to_string(),
+                    source: "the retry of a put whose answer was lost".into(),
+                });
+            }
+            Ok(result)
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            options: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, options).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_counts_as_committed() {
+        let store = Arc::new(LostAnswer {
+            inner: Arc::new(InMemory::new()),
+            lost: std::sync::atomic::AtomicBool::new(false),
+        });
+        let lake = Lake::new(Arc::clone(&store) as Arc<dyn ObjectStore>, Path::from("lake"));
+        telemetry_table(&lake).await;
+        store.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+        let outcome = commit(&lake, None, 0, 10, "a.parquet").await;
+        assert!(matches!(outcome, TableCommit::Committed { version: 1 }), "{outcome:?}");
+        assert!(!store.lost.load(std::sync::atomic::Ordering::SeqCst), "the answer was lost");
+        assert_eq!(lake.latest_commit("telemetry", 3).await.unwrap().unwrap().end_offset, 10);
+        assert_eq!(lake.live_files("telemetry").await.unwrap().len(), 1);
     }
 
     #[tokio::test]
