@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_executor::events::{JobStatusEvent, JobStatusKind};
+use sluice_executor::events::JobStatusKind;
 use sluice_executor::job::format_micros;
 use sluice_integration_tests::{
-    Broker, ExecutorService, consume_topic_within, executor_config, job_run_events, now_micros, submit_job,
-    unique_suffix,
+    Broker, ExecutorService, executor_config, job_run_events, job_status_event_within, now_micros,
+    submit_job, unique_suffix,
 };
 
 /// The pid of the Tansu process listening on `port`, found in /proc (the fixture keeps its
@@ -35,30 +35,6 @@ fn signal(pid: i32, name: &str) {
     let status =
         std::process::Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success(), "kill -{name} {pid}");
-}
-
-async fn status_of(broker: &Broker, prefix: &str, job: &str, kind: JobStatusKind, within: Duration) -> bool {
-    let topic = format!("{prefix}.job-status");
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let records = consume_topic_within(
-            &broker.bootstrap_servers(),
-            &topic,
-            1,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_or_default();
-        if records
-            .iter()
-            .filter_map(|record| serde_json::from_slice::<JobStatusEvent>(&record.payload).ok())
-            .any(|event| event.job == job && event.status == kind)
-        {
-            return true;
-        }
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +78,15 @@ async fn events_flow_again_after_the_broker_stalls_and_comes_back() {
         .await
         .unwrap();
     assert!(
-        status_of(&broker, &prefix, "after_stall", JobStatusKind::Accepted, Duration::from_secs(60)).await,
+        job_status_event_within(
+            &broker,
+            &prefix,
+            "after_stall",
+            JobStatusKind::Accepted,
+            Duration::from_secs(60)
+        )
+        .await
+        .is_some(),
         "a definition submitted after the stall was answered"
     );
     executor.stop().await.unwrap();

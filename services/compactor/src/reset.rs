@@ -53,8 +53,11 @@ pub async fn reset_position(
         return Err(ResetError::NegativeOffset { offset: to_offset });
     }
     let lake_error = |source| ResetError::Lake { stream: stream.to_string(), source };
+    // The log's flushes name the partitions and their topic: read once.
+    let commits = lake.commits(stream).await.map_err(lake_error)?;
     let partitions = if partitions.is_empty() {
-        let committed = lake.committed_partitions(stream).await.map_err(lake_error)?;
+        let mut committed: Vec<i32> = commits.iter().map(|record| record.kafka_partition).collect();
+        committed.dedup();
         if committed.is_empty() {
             return Err(ResetError::NoCommitRecords { stream: stream.to_string() });
         }
@@ -68,13 +71,10 @@ pub async fn reset_position(
             outcomes.push(ResetOutcome::NoCommits { partition });
             continue;
         };
-        let topic = lake
-            .commits(stream)
-            .await
-            .map_err(lake_error)?
-            .into_iter()
+        let topic = commits
+            .iter()
             .find(|record| record.kafka_partition == partition)
-            .map(|record| record.topic)
+            .map(|record| record.topic.clone())
             .unwrap_or_default();
         let record = CommitRecord::position_reset(
             stream,

@@ -182,15 +182,15 @@ impl Lake {
     }
 
     /// Creates the table if it does not exist, and adds the columns of `data_columns` it lacks
-    /// (a field added to the stream's schema). Safe when several writers do it at once: a writer
-    /// that loses the race reloads and finds the work done.
+    /// (a field added to the stream's schema), and returns its latest version. Safe when several
+    /// writers do it at once: a writer that loses the race reloads and finds the work done.
     pub async fn ensure_table(
         &self,
         table: &str,
         data_columns: &ArrowSchema,
         partition_columns: &[&str],
         settings: TableSettings,
-    ) -> Result<()> {
+    ) -> Result<DeltaTable> {
         let mut wanted: Vec<StructField> = Vec::with_capacity(data_columns.fields().len());
         for field in data_columns.fields() {
             let field: StructField = field.as_ref().try_into_kernel().map_err(|source| {
@@ -213,7 +213,7 @@ impl Lake {
                     .with_save_mode(SaveMode::ErrorIfExists)
                     .await;
                 match created {
-                    Ok(_) => return Ok(()),
+                    Ok(table) => return Ok(table),
                     Err(error) => {
                         last_error_opt = Some(error);
                         continue;
@@ -243,11 +243,11 @@ impl Lake {
                 }
             }
             if missing.is_empty() {
-                return Ok(());
+                return Ok(existing);
             }
             tracing::info!(table, columns = ?missing.iter().map(StructField::name).collect::<Vec<_>>(), "adding columns to the table");
             match existing.add_columns().with_fields(missing).await {
-                Ok(_) => return Ok(()),
+                Ok(table) => return Ok(table),
                 Err(error) => last_error_opt = Some(error),
             }
         }
@@ -486,10 +486,8 @@ impl Lake {
         data_columns: &ArrowSchema,
         order: i64,
     ) -> Result<TableCommit> {
-        self.ensure_table(table, data_columns, &[partition_column], TableSettings::default()).await?;
-        let Some(delta) = self.load_table(table).await? else {
-            return Err(LakeError::NoTable { table: table.to_string() });
-        };
+        let delta =
+            self.ensure_table(table, data_columns, &[partition_column], TableSettings::default()).await?;
         let app_id = result_app_id(table, &file.partition);
         let replaced_by = delta
             .snapshot()
@@ -630,16 +628,6 @@ impl Lake {
         }
         records.sort_by_key(|record| (record.kafka_partition, record.table_version_opt));
         Ok(records)
-    }
-
-    /// The Kafka partitions with a flush in the log that is still there (log cleanup removes
-    /// commits older than the table's log retention), in order.
-    pub async fn committed_partitions(&self, stream: &str) -> Result<Vec<i32>> {
-        let mut partitions: Vec<i32> =
-            self.commits(stream).await?.into_iter().map(|record| record.kafka_partition).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        Ok(partitions)
     }
 
     /// Every merge recorded in a stream table's log, in version order.
