@@ -12,14 +12,24 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_executor::events::{JobRunEvent, JobStatusEvent};
+use sluice_jobs::events::{JobRunEvent, JobStatusEvent};
+use sluice_jobs::job::{JobDefinition, format_micros, parse_timestamp_micros};
+use sluice_jobs::records::{BackfillRequest, load_windows, request_backfill, satisfies};
+use sluice_query::{Catalog, Scope, plan_query, validate_job};
 
 use crate::output::{self, escape_controls, escape_controls_keep_lines};
-use sluice_executor::job::{format_micros, parse_timestamp_micros};
-use sluice_executor::runs::{BackfillRequest, load_windows, request_backfill, satisfies};
-use sluice_executor::{
-    Catalog, ExecutorConfig, JobDefinition, Scope, open_catalog, plan_query, validate_job,
-};
+use crate::settings::CliSettings;
+
+/// The catalog the configuration describes, as the executor builds it (without its cluster).
+fn open_catalog(config: &CliSettings) -> anyhow::Result<Catalog> {
+    Ok(sluice_query::open_catalog(
+        &config.schemas,
+        &config.object_store,
+        &config.tables,
+        &config.query,
+        config.executor.max_timeout_ms,
+    )?)
+}
 
 /// Exit code for a job the executor or the local check refused.
 const REFUSED: u8 = 3;
@@ -90,7 +100,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the runtime")
 }
 
-pub(crate) fn run(config: &ExecutorConfig, command: JobsCommand) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(config: &CliSettings, command: JobsCommand) -> anyhow::Result<ExitCode> {
     match command {
         JobsCommand::Submit { file, wait } => submit(config, &file, wait),
         JobsCommand::List => list(config),
@@ -110,10 +120,10 @@ pub(crate) fn run(config: &ExecutorConfig, command: JobsCommand) -> anyhow::Resu
     }
 }
 
-fn submit(config: &ExecutorConfig, file: &PathBuf, wait_secs: u64) -> anyhow::Result<ExitCode> {
+fn submit(config: &CliSettings, file: &PathBuf, wait_secs: u64) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let catalog = open_catalog(config)?;
-    let validated = runtime()?.block_on(validate_job(&catalog, &text, None));
+    let validated = runtime()?.block_on(validate_job(&catalog, &text, None, config.ballista.is_configured()));
     let job = match validated {
         Ok(job) => job,
         Err(reason) => {
@@ -138,7 +148,7 @@ fn submit(config: &ExecutorConfig, file: &PathBuf, wait_secs: u64) -> anyhow::Re
             if !status.reason.is_empty() {
                 outln!("  {}", escape_controls(&status.reason));
             }
-            let refused = status.status == sluice_executor::events::JobStatusKind::Rejected;
+            let refused = status.status == sluice_jobs::events::JobStatusKind::Rejected;
             return Ok(if refused { ExitCode::from(REFUSED) } else { ExitCode::SUCCESS });
         }
     }
@@ -146,8 +156,8 @@ fn submit(config: &ExecutorConfig, file: &PathBuf, wait_secs: u64) -> anyhow::Re
 }
 
 /// Produces a definition (or a tombstone) and waits for the broker's acknowledgement.
-fn produce(config: &ExecutorConfig, name: &str, payload_opt: Option<&[u8]>) -> anyhow::Result<(i32, i64)> {
-    sluice_executor::job::validate_name(name).map_err(anyhow::Error::msg)?;
+fn produce(config: &CliSettings, name: &str, payload_opt: Option<&[u8]>) -> anyhow::Result<(i32, i64)> {
+    sluice_jobs::job::validate_name(name).map_err(anyhow::Error::msg)?;
     let producer: BaseProducer =
         config.kafka.producer_config().create().context("failed to create the Kafka producer")?;
     let topic = config.kafka.topic_names().jobs();
@@ -176,7 +186,7 @@ struct TopicRecord {
 }
 
 /// Every record of a topic, from the beginning until it has been quiet for a moment.
-fn read_topic(config: &ExecutorConfig, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
+fn read_topic(config: &CliSettings, topic: &str) -> anyhow::Result<Vec<TopicRecord>> {
     let mut client_config = config.kafka.consumer_config("sluice-cli");
     client_config.set("enable.partition.eof", "false");
     let consumer: BaseConsumer = client_config.create().context("failed to create the Kafka consumer")?;
@@ -208,7 +218,7 @@ fn read_topic(config: &ExecutorConfig, topic: &str) -> anyhow::Result<Vec<TopicR
 }
 
 /// The latest definition of each job (tombstones remove it).
-fn read_definitions(config: &ExecutorConfig) -> anyhow::Result<BTreeMap<String, String>> {
+fn read_definitions(config: &CliSettings) -> anyhow::Result<BTreeMap<String, String>> {
     let mut records = read_topic(config, &config.kafka.topic_names().jobs())?;
     records.sort_by_key(|record| (record.partition, record.offset));
     let mut definitions = BTreeMap::new();
@@ -225,7 +235,7 @@ fn read_definitions(config: &ExecutorConfig) -> anyhow::Result<BTreeMap<String, 
     Ok(definitions)
 }
 
-fn read_statuses(config: &ExecutorConfig) -> anyhow::Result<BTreeMap<String, JobStatusEvent>> {
+fn read_statuses(config: &CliSettings) -> anyhow::Result<BTreeMap<String, JobStatusEvent>> {
     let mut statuses = BTreeMap::new();
     for record in read_topic(config, &config.kafka.topic_names().job_status())? {
         let Some(payload) = record.payload_opt else { continue };
@@ -236,7 +246,7 @@ fn read_statuses(config: &ExecutorConfig) -> anyhow::Result<BTreeMap<String, Job
     Ok(statuses)
 }
 
-fn list(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
+fn list(config: &CliSettings) -> anyhow::Result<ExitCode> {
     let definitions = read_definitions(config)?;
     let statuses = read_statuses(config)?;
     if definitions.is_empty() {
@@ -284,7 +294,7 @@ fn human(micros: i64) -> String {
     }
 }
 
-fn show(config: &ExecutorConfig, name: &str) -> anyhow::Result<ExitCode> {
+fn show(config: &CliSettings, name: &str) -> anyhow::Result<ExitCode> {
     let definitions = read_definitions(config)?;
     let Some(text) = definitions.get(name) else { bail!("no job named '{name}' in the jobs topic") };
     outln!("{}", escape_controls_keep_lines(text.trim_end()));
@@ -303,7 +313,7 @@ fn show(config: &ExecutorConfig, name: &str) -> anyhow::Result<ExitCode> {
             state
                 .outcome_opt
                 .as_ref()
-                .is_some_and(|outcome| outcome.status == sluice_executor::runs::OutcomeStatus::Succeeded)
+                .is_some_and(|outcome| outcome.status == sluice_jobs::records::OutcomeStatus::Succeeded)
         })
         .count();
     let failed = windows
@@ -320,7 +330,7 @@ fn show(config: &ExecutorConfig, name: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn runs(config: &ExecutorConfig, name: &str, limit: usize) -> anyhow::Result<ExitCode> {
+fn runs(config: &CliSettings, name: &str, limit: usize) -> anyhow::Result<ExitCode> {
     let mut events: Vec<JobRunEvent> = read_topic(config, &config.kafka.topic_names().job_runs())?
         .into_iter()
         .filter(|record| record.key == name)
@@ -361,7 +371,7 @@ fn runs(config: &ExecutorConfig, name: &str, limit: usize) -> anyhow::Result<Exi
 }
 
 fn results(
-    config: &ExecutorConfig,
+    config: &CliSettings,
     name: &str,
     windows: usize,
     limit: usize,
@@ -370,7 +380,7 @@ fn results(
     let catalog = open_catalog(config)?;
     let runtime = runtime()?;
     let lake = catalog.lake();
-    let table = sluice_executor::runs::results_table(name);
+    let table = sluice_jobs::records::results_table(name);
     let Some((version, files)) = runtime.block_on(lake.table_files(&table))? else {
         outln!("no results of {name} yet under {}", config.object_store.url);
         return Ok(ExitCode::SUCCESS);
@@ -390,7 +400,7 @@ fn results(
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let shown = output::first_rows(&batches, limit);
         if format == OutputFormat::Table {
-            let window = path.split('/').find_map(|part| part.strip_prefix("window_start=")).unwrap_or(path);
+            let window = sluice_jobs::records::window_of_result_path(path).unwrap_or(path);
             let num_shown: usize = shown.iter().map(RecordBatch::num_rows).sum();
             let counted = if num_shown < rows {
                 format!("first {num_shown} of {rows} rows")
@@ -405,7 +415,7 @@ fn results(
 }
 
 fn backfill(
-    config: &ExecutorConfig,
+    config: &CliSettings,
     name: &str,
     from: &str,
     to: &str,
@@ -425,7 +435,7 @@ fn backfill(
     let request_check =
         BackfillRequest { job: name.to_string(), from_micros, to_micros, requested_at_micros: 0 };
     // The executor refuses such a request too; refusing here spares listing its windows.
-    if let Some(reason) = sluice_executor::catch_up::backfill_refusal(
+    if let Some(reason) = sluice_jobs::catch_up::backfill_refusal(
         &request_check,
         job.window_micros,
         config.executor.max_backlog_windows,
@@ -440,7 +450,7 @@ fn backfill(
         job: name.to_string(),
         from_micros,
         to_micros,
-        requested_at_micros: chrono::Utc::now().timestamp_micros(),
+        requested_at_micros: sluice_clock::now_micros(),
     };
     runtime.block_on(request_backfill(catalog.lake(), &request))?;
     outln!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));
@@ -474,7 +484,7 @@ fn backfill(
     }
 }
 
-pub(crate) fn tables(config: &ExecutorConfig) -> anyhow::Result<ExitCode> {
+pub(crate) fn tables(config: &CliSettings) -> anyhow::Result<ExitCode> {
     let catalog = open_catalog(config)?;
     let runtime = runtime()?;
     let snapshot = runtime.block_on(catalog.snapshot())?;
@@ -517,19 +527,19 @@ fn print_columns(
                 );
             }
         }
-        Err(error) => outln!("  (cannot be read: {})", sluice_executor::catalog::describe(&error)),
+        Err(error) => outln!("  (cannot be read: {})", sluice_query::catalog::describe(&error)),
     }
     Ok(())
 }
 
-pub(crate) fn query(config: &ExecutorConfig, sql: &str, format: OutputFormat) -> anyhow::Result<ExitCode> {
+pub(crate) fn query(config: &CliSettings, sql: &str, format: OutputFormat) -> anyhow::Result<ExitCode> {
     let catalog: Catalog = open_catalog(config)?;
     let runtime = runtime()?;
     let batches: Vec<RecordBatch> = runtime.block_on(async {
         let snapshot = catalog.snapshot().await?;
         let ctx = catalog.session(&snapshot, Scope::All, false).await?;
         let frame = plan_query(&ctx, sql, None).await.map_err(anyhow::Error::msg)?;
-        frame.collect().await.map_err(|error| anyhow::anyhow!(sluice_executor::catalog::describe(&error)))
+        frame.collect().await.map_err(|error| anyhow::anyhow!(sluice_query::catalog::describe(&error)))
     })?;
     output::print_batches(&batches, format)?;
     Ok(ExitCode::SUCCESS)

@@ -11,7 +11,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Map, Value};
-use sluice_executor::ExecutorConfig;
 use sluice_schema::{SchemaRegistry, split_single_object};
 
 /// `println!` that returns an error instead of panicking when stdout is closed, so that a reader
@@ -25,7 +24,10 @@ macro_rules! outln {
 
 mod jobs;
 mod output;
+mod settings;
 mod simulate;
+
+use crate::settings::CliSettings;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,8 +113,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn settings(args: &Args) -> anyhow::Result<ExecutorConfig> {
-    let mut config: ExecutorConfig = sluice_config::load(args.config.as_deref())?;
+fn settings(args: &Args) -> anyhow::Result<CliSettings> {
+    let mut config: CliSettings = sluice_config::load(args.config.as_deref())?;
     if let Some(servers) = &args.bootstrap_servers {
         config.kafka.bootstrap_servers.clone_from(servers);
     }
@@ -237,33 +239,14 @@ fn to_json(value: AvroValue) -> Value {
         AvroValue::Float(number) => f64::from(number).into(),
         AvroValue::Double(number) => number.into(),
         AvroValue::String(text) | AvroValue::Enum(_, text) => text.into(),
-        AvroValue::TimestampMicros(micros) => format_micros(micros).into(),
-        AvroValue::TimestampMillis(millis) => format_micros(millis.saturating_mul(1_000)).into(),
+        AvroValue::TimestampMicros(micros) => sluice_clock::format_micros(micros).into(),
+        AvroValue::TimestampMillis(millis) => {
+            sluice_clock::format_micros(millis.saturating_mul(1_000)).into()
+        }
         AvroValue::Union(_, inner) => to_json(*inner),
         AvroValue::Record(fields) => {
             Value::Object(fields.into_iter().map(|(name, value)| (name, to_json(value))).collect())
         }
         other => format!("{other:?}").into(),
-    }
-}
-
-/// RFC 3339 in UTC; the value itself when it is outside what a date can show.
-fn format_micros(micros: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
-        .ok()
-        .and_then(|instant| instant.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| micros.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_format_as_rfc3339_utc() {
-        assert_eq!(format_micros(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_micros(1_795_680_000_123_456), "2026-11-26T08:00:00.123456Z");
-        assert_eq!(format_micros(951_782_400_000_000), "2000-02-29T00:00:00Z");
-        assert_eq!(format_micros(-1), "1969-12-31T23:59:59.999999Z");
     }
 }

@@ -13,8 +13,8 @@ use clap::ValueEnum;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use sluice_executor::job::parse_duration_micros;
-use sluice_executor::scheduler::now_micros;
+use sluice_clock::now_micros;
+use sluice_jobs::job::parse_duration_micros;
 
 const DAY_MICROS: f64 = 86_400_000_000.0;
 
@@ -365,8 +365,8 @@ impl Report {
             "mqtt": {"published": self.mqtt_published},
             "rejected_by_reason": self.rejected_by_reason,
             "faults": self.faults,
-            "first_event_time": self.first_event_time_opt.map(sluice_executor::job::format_micros),
-            "last_event_time": self.last_event_time_opt.map(sluice_executor::job::format_micros),
+            "first_event_time": self.first_event_time_opt.map(sluice_clock::format_micros),
+            "last_event_time": self.last_event_time_opt.map(sluice_clock::format_micros),
             "elapsed_seconds": self.elapsed.as_secs_f64(),
             "readings_per_second": self.readings_per_second(),
         })
@@ -412,8 +412,8 @@ impl Report {
         if let (Some(first), Some(last)) = (self.first_event_time_opt, self.last_event_time_opt) {
             outln!(
                 "  event times {} to {}",
-                sluice_executor::job::format_micros(first),
-                sluice_executor::job::format_micros(last)
+                sluice_clock::format_micros(first),
+                sluice_clock::format_micros(last)
             );
         }
         Ok(())

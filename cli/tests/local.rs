@@ -36,15 +36,19 @@ fn every_example_job_passes_the_local_check() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        let catalog = sluice_executor::open_catalog(&{
-            let mut config = sluice_executor::ExecutorConfig::default();
-            config.schemas.directory = examples.join("../../schemas");
-            config.object_store.url = lake.path().display().to_string();
-            config
-        })
+        let schemas = sluice_schema::SchemasConfig { directory: examples.join("../../schemas") };
+        let object_store =
+            sluice_lake::ObjectStoreConfig { url: lake.path().display().to_string(), ..Default::default() };
+        let catalog = sluice_query::open_catalog(
+            &schemas,
+            &object_store,
+            &Default::default(),
+            &Default::default(),
+            sluice_query::limits::DEFAULT_MAX_TIMEOUT_MS,
+        )
         .unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let validated = runtime.block_on(sluice_executor::validate_job(&catalog, &text, None));
+        let validated = runtime.block_on(sluice_query::validate_job(&catalog, &text, None, false));
         assert!(validated.is_ok(), "{}: {:?}", path.display(), validated.err());
         checked += 1;
     }

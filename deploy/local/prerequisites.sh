@@ -12,9 +12,9 @@ command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
 [[ -x /usr/sbin/mosquitto || -x /usr/bin/mosquitto ]] || apt_packages+=(mosquitto)
 command -v python3 >/dev/null || apt_packages+=(python3)
 command -v curl >/dev/null || apt_packages+=(curl)
-# kcat: the plain Kafka client users submit jobs with; a test submits one with it too.
-command -v kcat >/dev/null || apt_packages+=(kcat)
 python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
+# Azurite, the Azure Blob Storage emulator the Azure tests run against, is an npm package.
+command -v npm >/dev/null || apt_packages+=(nodejs npm)
 if [[ ${#apt_packages[@]} -gt 0 ]]; then
   if [[ $(id -u) -ne 0 ]]; then
     echo "prerequisites.sh: missing Debian packages: ${apt_packages[*]}; install them (sudo apt-get install ${apt_packages[*]})" >&2
@@ -27,6 +27,7 @@ fi
 
 deploy/local/broker.sh install
 deploy/local/s3-server.sh install
+deploy/local/azurite.sh install
 deploy/local/k8s-tools.sh install
 deploy/local/promtool.sh install
 # The outside Delta readers (deltalake, Polars, DuckDB) the tests check the lake with.

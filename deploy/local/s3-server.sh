@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # S3-compatible server for tests on 127.0.0.1: moto (PyPI, pinned). It honours conditional
-# writes (If-None-Match), which the compactor's commit records rely on; Garage does not.
+# writes (If-None-Match), which every Delta log commit relies on (a put-if-absent of the next
+# `_delta_log/NNN.json`); Garage does not.
 #
 #   deploy/local/s3-server.sh install|path
 #

@@ -6,7 +6,10 @@
 //! `cargo bench -p sluice-integration-tests --bench delta_snapshot -- [--commits 100,1000,10000]
 //! [--loads 20]`. Each table is built in the same run on the local disk, one flush-like commit
 //! (one file added, the partition's txn moved) at a time, through the same code the compactor
-//! uses; the ratio column is each median against the 100-commit table's, measured in this run.
+//! uses. The baseline is the same table without its checkpoints: a copy of the same JSON commits
+//! with the checkpoint files left out, so a reader replays the whole log, as it would if the
+//! compactor never wrote one. Each size's ratio is the two medians of that run; the last column
+//! compares each load with the first size's, since a checkpoint still grows with the live files.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark code")]
 
@@ -70,6 +73,51 @@ async fn build(lake: &Lake, commits: usize) {
     }
 }
 
+/// A copy of the table at `from` without its checkpoints (`_last_checkpoint` and
+/// `*.checkpoint.parquet`): the same JSON commits and data file names.
+fn copy_without_checkpoints(from: &std::path::Path, to: &std::path::Path) {
+    let log = from.join("_delta_log");
+    std::fs::create_dir_all(to.join("_delta_log")).unwrap();
+    for entry in std::fs::read_dir(&log).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") {
+            std::fs::copy(entry.path(), to.join("_delta_log").join(&name)).unwrap();
+        }
+    }
+}
+
+/// What one load costs: the latest version with its files (what a window run does), and one
+/// partition's position (what a flush does before it commits).
+async fn load_once(lake: &Lake) -> (Duration, Duration, usize) {
+    let started = Instant::now();
+    let (_, files) = lake.table_files("telemetry").await.unwrap().unwrap();
+    let load = started.elapsed();
+    let started = Instant::now();
+    lake.latest_commit("telemetry", 0).await.unwrap().unwrap();
+    (load, started.elapsed(), files.len())
+}
+
+/// Medians of `loads` loads of each table, alternating which goes first, so that a noisy moment
+/// on the machine falls on both: ((load, position, files) of `lake`, the same of `baseline`).
+async fn measure(
+    lake: &Lake,
+    baseline: &Lake,
+    loads: usize,
+) -> ((Duration, Duration, usize), (Duration, Duration, usize)) {
+    let mut times: [(Vec<Duration>, Vec<Duration>, usize); 2] = Default::default();
+    for round in 0..loads {
+        for side in [round % 2, 1 - round % 2] {
+            let (load, position, num_files) = load_once(if side == 0 { lake } else { baseline }).await;
+            times[side].0.push(load);
+            times[side].1.push(position);
+            times[side].2 = num_files;
+        }
+    }
+    let [ours, theirs] = times;
+    ((median(ours.0), median(ours.1), ours.2), (median(theirs.0), median(theirs.1), theirs.2))
+}
+
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
@@ -83,39 +131,38 @@ async fn main() {
         .map(|size| size.parse().unwrap())
         .collect();
     let loads: usize = arg("--loads").map_or(20, |loads| loads.parse().unwrap());
-    println!("commits  build (s)  files  load median (ms)  position median (ms)  load / first");
+    println!(
+        "commits  build (s)  files  load (ms)  position (ms)  no-checkpoint load (ms)  no-checkpoint position (ms)  load ratio  load / first"
+    );
     let mut first_opt: Option<Duration> = None;
     for commits in sizes {
         let directory = tempfile::TempDir::new().unwrap();
-        let config = sluice_lake::ObjectStoreConfig {
-            url: directory.path().display().to_string(),
-            ..Default::default()
+        let open = |path: &std::path::Path| {
+            let config =
+                sluice_lake::ObjectStoreConfig { url: path.display().to_string(), ..Default::default() };
+            sluice_lake::open_lake(&config).unwrap()
         };
-        let lake = sluice_lake::open_lake(&config).unwrap();
+        let lake = open(&directory.path().join("with"));
         let started = Instant::now();
         build(&lake, commits).await;
         let build_time = started.elapsed();
-        let mut load_times = Vec::with_capacity(loads);
-        let mut position_times = Vec::with_capacity(loads);
-        let mut num_files = 0;
-        for _ in 0..loads {
-            // What a window run does: the latest version and its files.
-            let started = Instant::now();
-            let (_, files) = lake.table_files("telemetry").await.unwrap().unwrap();
-            load_times.push(started.elapsed());
-            num_files = files.len();
-            // What a flush does before it commits: a partition's position.
-            let started = Instant::now();
-            lake.latest_commit("telemetry", 0).await.unwrap().unwrap();
-            position_times.push(started.elapsed());
-        }
-        let load = median(load_times);
+        copy_without_checkpoints(
+            &directory.path().join("with/telemetry"),
+            &directory.path().join("without/telemetry"),
+        );
+        let baseline = open(&directory.path().join("without"));
+        let ((load, position, num_files), (baseline_load, baseline_position, baseline_files)) =
+            measure(&lake, &baseline, loads).await;
+        assert_eq!(num_files, baseline_files, "both tables hold the same files");
         let first = *first_opt.get_or_insert(load);
         println!(
-            "{commits:>7}  {:>9.1}  {num_files:>5}  {:>16.2}  {:>20.2}  {:>12.2}",
+            "{commits:>7}  {:>9.1}  {num_files:>5}  {:>9.2}  {:>13.2}  {:>23.2}  {:>27.2}  {:>10.2}  {:>12.2}",
             build_time.as_secs_f64(),
             load.as_secs_f64() * 1e3,
-            median(position_times).as_secs_f64() * 1e3,
+            position.as_secs_f64() * 1e3,
+            baseline_load.as_secs_f64() * 1e3,
+            baseline_position.as_secs_f64() * 1e3,
+            baseline_load.as_secs_f64() / load.as_secs_f64(),
             load.as_secs_f64() / first.as_secs_f64()
         );
     }

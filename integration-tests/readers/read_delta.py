@@ -5,8 +5,11 @@
         [--filter "dt = '2026-11-26'"] [--columns a,b,c] [--storage-option KEY=VALUE ...]
         [--version N] [--sort]
 
-URI is a local path, file://PATH, or s3://bucket/prefix/table (with --storage-option
-AWS_ENDPOINT_URL=http://127.0.0.1:PORT and keys). Only loopback endpoints are accepted.
+URI is a local path, file://PATH, s3://bucket/prefix/table (with --storage-option
+AWS_ENDPOINT_URL=http://127.0.0.1:PORT and keys) or az://container/prefix/table (deltalake and
+polars only, with --storage-option azure_storage_endpoint=http://127.0.0.1:PORT/ACCOUNT,
+azure_storage_account_name, azure_storage_account_key and azure_allow_http=true, as for
+Azurite). Only loopback endpoints are accepted.
 
 stdout: one JSON object per row, keys in --columns order or else the table's schema order.
 Timestamps are integer microseconds since the epoch (UTC), dates ISO strings, binary hex,
@@ -27,6 +30,8 @@ import math
 import os
 import sys
 import urllib.parse
+from process_exit import exit_now
+
 
 EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 ONE_MICROSECOND = _dt.timedelta(microseconds=1)
@@ -49,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv):
     parser = _Parser(description="Read a Delta table and print its rows as JSON lines.")
     parser.add_argument("--reader", required=True, choices=["deltalake", "polars", "duckdb"])
-    parser.add_argument("--table", required=True, help="local path, file://PATH or s3://bucket/prefix")
+    parser.add_argument("--table", required=True, help="local path, file://PATH, s3://bucket/prefix or az://container/prefix")
     parser.add_argument("--filter", help="SQL predicate, e.g. \"dt = '2026-11-26' AND hour = '03'\"")
     parser.add_argument("--columns", help="comma-separated columns, printed in this order")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
@@ -71,7 +76,7 @@ def parse_args(argv):
 
 
 class Location:
-    """Where the table is: a local directory, or s3 behind a loopback endpoint."""
+    """Where the table is: a local directory, or s3 or Azure Blob behind a loopback endpoint."""
 
     def __init__(self, uri, options):
         self.options = options
@@ -91,8 +96,14 @@ class Location:
             self.uri = "s3://" + parsed.netloc + parsed.path.rstrip("/")
             self.bucket = parsed.netloc
             self._check_s3_options()
+        elif parsed.scheme == "az":
+            if not parsed.netloc:
+                raise ReadError(f"no container in {uri}")
+            self.kind = "az"
+            self.uri = "az://" + parsed.netloc + parsed.path.rstrip("/")
+            self._check_azure_options()
         else:
-            raise ReadError(f"unsupported table URI scheme {parsed.scheme!r}: use a path, file:// or s3://")
+            raise ReadError(f"unsupported table URI scheme {parsed.scheme!r}: use a path, file://, s3:// or az://")
 
     def option(self, *names):
         """The first storage option (keys matched case-insensitively) among names, else None."""
@@ -105,11 +116,7 @@ class Location:
     def endpoint(self):
         return self.option("aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
 
-    def _check_s3_options(self):
-        endpoint = self.endpoint()
-        if not endpoint:
-            raise ReadError("s3 needs --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:PORT; "
-                            "this reader only talks to a server on this machine")
+    def _check_loopback(self, endpoint):
         host = urllib.parse.urlparse(endpoint).hostname or ""
         loopback = host == "localhost"
         try:
@@ -118,6 +125,25 @@ class Location:
             pass
         if not loopback:
             raise ReadError(f"refusing endpoint {endpoint}: only loopback (127.0.0.1, localhost, ::1) is allowed")
+
+    def _check_azure_options(self):
+        endpoint = self.option("azure_storage_endpoint", "azure_endpoint", "endpoint")
+        if not endpoint:
+            raise ReadError("az needs --storage-option azure_storage_endpoint=http://127.0.0.1:PORT/ACCOUNT; "
+                            "this reader only talks to a server on this machine")
+        self._check_loopback(endpoint)
+        if not (self.option("azure_storage_account_name", "account_name") and
+                self.option("azure_storage_account_key", "azure_storage_access_key", "account_key", "access_key")):
+            # Without a key the Azure client would ask the managed identity endpoint, which is
+            # not on this machine.
+            raise ReadError("az needs --storage-option azure_storage_account_name=... and azure_storage_account_key=...")
+
+    def _check_s3_options(self):
+        endpoint = self.endpoint()
+        if not endpoint:
+            raise ReadError("s3 needs --storage-option AWS_ENDPOINT_URL=http://127.0.0.1:PORT; "
+                            "this reader only talks to a server on this machine")
+        self._check_loopback(endpoint)
         if not (self.option("aws_access_key_id", "access_key_id") and
                 self.option("aws_secret_access_key", "secret_access_key")):
             # Without keys the S3 clients would look for credentials elsewhere, such as the
@@ -334,7 +360,7 @@ def _import(name):
 
 
 def _deltalake_options(location):
-    return dict(location.options) if location.kind == "s3" else None
+    return dict(location.options) if location.kind in ("s3", "az") else None
 
 
 def read_with_deltalake(location, args):
@@ -416,6 +442,8 @@ def _duckdb_secret(location):
 def read_with_duckdb(location, args):
     duckdb = _import("duckdb")
     # Nothing is downloaded: extensions come from the duckdb-extension-* wheels, loaded by path.
+    if location.kind == "az":
+        raise ReadError("the duckdb reader reads local and s3:// tables only")
     connection = duckdb.connect(config={"autoinstall_known_extensions": "false",
                                         "autoload_known_extensions": "false"})
     connection.execute("LOAD " + _sql_string(_duckdb_extension("duckdb_extension_delta", "delta", duckdb.__version__)))
@@ -520,4 +548,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))

@@ -18,6 +18,8 @@ use tokio::process::{Child, Command};
 
 pub use sluice_ingest::RunningIngest;
 
+pub mod remote_lake;
+
 /// Root of the repository, for schemas/ and deploy/.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
@@ -459,11 +461,7 @@ pub fn telemetry_schema_json() -> String {
     std::fs::read_to_string(repo_root().join("schemas/telemetry.avsc")).unwrap_or_default()
 }
 
-/// Epoch microseconds now.
-pub fn now_micros() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
-}
+pub use sluice_clock::now_micros;
 
 /// A compactor configuration for tests: this repo's schemas, a lake in `lake_dir`, quick flushes,
 /// and a consumer group of its own.
@@ -501,6 +499,21 @@ impl CompactorService {
         let running =
             sluice_compactor::start(config, shutdown.clone()).await.context("compactor failed to start")?;
         Ok(Self { shutdown, running_opt: Some(running) })
+    }
+
+    /// The streams whose tables this instance's janitor keeps.
+    pub fn janitor_streams(&self) -> Vec<String> {
+        self.running_opt.as_ref().map(|running| running.janitor_streams()).unwrap_or_default()
+    }
+
+    /// Whether the instance owns its share of the partitions and each can make progress.
+    pub fn is_ready(&self) -> bool {
+        self.running_opt.as_ref().is_some_and(|running| running.is_ready())
+    }
+
+    /// Records that partitions revoked from this instance held uncommitted.
+    pub fn revoked_uncommitted_records(&self) -> u64 {
+        self.running_opt.as_ref().map_or(0, |running| running.revoked_uncommitted_records())
     }
 
     /// Graceful stop: flushes and commits what is buffered.
@@ -907,24 +920,34 @@ pub async fn wait_for_lake_rows(
     }
 }
 
-/// Asserts that `rows` are exactly the (device_id, seq) pairs of `readings`, each once.
+/// Asserts that `rows` are exactly the (device_id, seq) pairs of `readings`, each once, and
+/// that each row's event time is the one produced (where the readings give it in microseconds).
 pub fn assert_exactly_once(rows: &[LakeRow], readings: &[serde_json::Value]) {
-    let mut expected: Vec<(String, i64)> = readings
+    let compare_times = readings.iter().all(|reading| reading["ts"].is_i64());
+    let key = |device_id: &str, seq: i64, ts_micros: i64| {
+        (device_id.to_string(), seq, if compare_times { ts_micros } else { 0 })
+    };
+    let mut expected: Vec<(String, i64, i64)> = readings
         .iter()
         .map(|reading| {
-            (
-                reading["device_id"].as_str().unwrap_or_default().to_string(),
+            key(
+                reading["device_id"].as_str().unwrap_or_default(),
                 reading["seq"].as_i64().unwrap_or_default(),
+                reading["ts"].as_i64().unwrap_or_default(),
             )
         })
         .collect();
     expected.sort();
-    let mut actual: Vec<(String, i64)> = rows.iter().map(|row| (row.device_id.clone(), row.seq)).collect();
+    let mut actual: Vec<(String, i64, i64)> =
+        rows.iter().map(|row| key(&row.device_id, row.seq, row.ts_micros)).collect();
     actual.sort();
-    let num_duplicates = actual.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    let num_duplicates =
+        actual.windows(2).filter(|pair| pair[0].0 == pair[1].0 && pair[0].1 == pair[1].1).count();
     assert_eq!(num_duplicates, 0, "{num_duplicates} rows appear more than once");
     assert_eq!(actual.len(), expected.len(), "row count differs from what was produced");
-    assert!(actual == expected, "rows differ from what was produced");
+    if let Some((row, reading)) = actual.iter().zip(&expected).find(|(row, reading)| row != reading) {
+        panic!("rows differ from what was produced: first difference {row:?} where {reading:?} was produced");
+    }
 }
 
 /// An S3-compatible server (moto) on a free port with one bucket, killed on drop.
@@ -992,10 +1015,245 @@ impl S3Server {
             ..Default::default()
         }
     }
+
+    /// The same settings as storage options of Python `deltalake` (its environment-style names).
+    pub fn python_storage_options(&self) -> Vec<(String, String)> {
+        let config = self.store_config("");
+        config
+            .options
+            .0
+            .iter()
+            .filter_map(|(key, value)| {
+                let name = match key.as_str() {
+                    "aws_endpoint" => "AWS_ENDPOINT_URL",
+                    "aws_allow_http" => "AWS_ALLOW_HTTP",
+                    "aws_region" => "AWS_REGION",
+                    "aws_access_key_id" => "AWS_ACCESS_KEY_ID",
+                    "aws_secret_access_key" => "AWS_SECRET_ACCESS_KEY",
+                    _ => return None,
+                };
+                Some((name.to_string(), value.clone()))
+            })
+            .collect()
+    }
+
+    /// A lake under `remote_lake::LAKE_PREFIX` in the bucket.
+    pub fn remote_lake(&self) -> remote_lake::RemoteLake {
+        remote_lake::RemoteLake {
+            config: self.store_config(remote_lake::LAKE_PREFIX),
+            url: format!("s3://{}/{}", self.bucket, remote_lake::LAKE_PREFIX),
+            python_storage_options: self.python_storage_options(),
+        }
+    }
 }
 
-/// Every row of the files the commit records list, read through the object store the way an
-/// engine that reads by commit records would (and each file must be at its final path).
+/// The account every Azurite has, and its key: Microsoft's published development credentials,
+/// not a secret (object_store's emulator mode has the same two built in).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// The Blob service API version of the one request the fixture makes itself (Azurite runs with
+/// `--skipApiVersionCheck`, so object_store's newer version is accepted too).
+const AZURITE_API_VERSION: &str = "2021-08-06";
+
+/// An Azure Blob Storage emulator (Azurite) on a free port with one container, killed on drop.
+#[derive(Debug)]
+pub struct AzuriteServer {
+    pub port: u16,
+    pub container: String,
+    // Fields drop in order: Azurite is killed before its data directory is removed.
+    _child: Child,
+    _data: tempfile::TempDir,
+}
+
+impl AzuriteServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        let output = std::process::Command::new("bash")
+            .arg(repo_root().join("deploy/local/azurite.sh"))
+            .arg("path")
+            .stderr(Stdio::inherit())
+            .output()
+            .context("failed to run deploy/local/azurite.sh")?;
+        if !output.status.success() {
+            bail!("deploy/local/azurite.sh path failed");
+        }
+        let binary = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        let data = tempfile::TempDir::new().context("failed to create Azurite's data directory")?;
+        let port = free_port();
+        // --disableTelemetry: without it Azurite reaches for a cloud metadata address off this
+        // machine. --skipApiVersionCheck: object_store may speak a newer API version than
+        // Azurite knows.
+        let child = Command::new(&binary)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
+            .arg(data.path())
+            .args(["--skipApiVersionCheck", "--disableTelemetry", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("failed to start Azurite ({})", binary.display()))?;
+        let client = reqwest::Client::new();
+        let service_url = format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}");
+        // Any answer means it listens (an unsigned GET of the account gets an error status).
+        let ready = wait_until(Duration::from_secs(30), || {
+            let request = client.get(&service_url).send();
+            async move { request.await.is_ok() }
+        })
+        .await;
+        if !ready {
+            bail!("Azurite on port {port} did not answer within 30 s");
+        }
+        let container = format!("lake-{}", unique_suffix());
+        create_azurite_container(&client, &service_url, &container).await?;
+        Ok(Self { port, container, _child: child, _data: data })
+    }
+
+    /// Store settings for `az://<container>/<prefix>` on this Azurite.
+    ///
+    /// Not object_store's emulator mode (`azure_storage_use_emulator`): that finds Azurite at
+    /// the `AZURITE_BLOB_STORAGE_URL` environment variable or else on port 10000, and the
+    /// services under test run in this process, each test with its own Azurite on a free port.
+    /// An endpoint that ends in the account name (`http://127.0.0.1:PORT/devstoreaccount1`),
+    /// with that account's name and key, gives the same path-style URLs
+    /// (`/devstoreaccount1/<container>/<blob>`) and the same shared-key signatures as emulator
+    /// mode. The one other thing emulator mode changes, listing from an offset on the client,
+    /// is not needed: Azurite 3.37 honours the `startFrom` object_store sends otherwise.
+    pub fn store_config(&self, prefix: &str) -> sluice_lake::ObjectStoreConfig {
+        let mut options = sluice_lake::StoreOptions::default();
+        for (key, value) in [
+            ("azure_storage_account_name", AZURITE_ACCOUNT.to_string()),
+            ("azure_storage_account_key", AZURITE_ACCOUNT_KEY.to_string()),
+            ("azure_storage_endpoint", format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)),
+            ("azure_allow_http", "true".to_string()),
+        ] {
+            options.0.insert(key.to_string(), value);
+        }
+        sluice_lake::ObjectStoreConfig {
+            url: format!("az://{}/{prefix}", self.container),
+            options,
+            ..Default::default()
+        }
+    }
+
+    /// The same settings as storage options of Python `deltalake`, which takes object_store's
+    /// Azure keys as they are (checked with deltalake 1.6.6 against Azurite 3.37).
+    pub fn python_storage_options(&self) -> Vec<(String, String)> {
+        self.store_config("").options.0.into_iter().collect()
+    }
+
+    /// A lake under `remote_lake::LAKE_PREFIX` in the container.
+    pub fn remote_lake(&self) -> remote_lake::RemoteLake {
+        remote_lake::RemoteLake {
+            config: self.store_config(remote_lake::LAKE_PREFIX),
+            url: format!("az://{}/{}", self.container, remote_lake::LAKE_PREFIX),
+            python_storage_options: self.python_storage_options(),
+        }
+    }
+}
+
+/// Creates a container with the Blob service's Create Container call, which object_store does
+/// not make, signed with the account's shared key (the 2015-02-21 and later string to sign).
+async fn create_azurite_container(
+    client: &reqwest::Client,
+    service_url: &str,
+    container: &str,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let date =
+        time::OffsetDateTime::now_utc().format(&format).context("failed to format the request date")?;
+    // The verb, then Content-Encoding, Content-Language, Content-Length, Content-MD5,
+    // Content-Type, Date, If-Modified-Since, If-Match, If-None-Match, If-Unmodified-Since and
+    // Range (all empty here) each ending in a newline; then the x-ms- headers in name order; then
+    // the resource: the account, the URL path (path-style: the account again, then the
+    // container) and the query parameters.
+    let string_to_sign = format!(
+        "PUT\n{}x-ms-date:{date}\nx-ms-version:{AZURITE_API_VERSION}\n\
+         /{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container",
+        "\n".repeat(11)
+    );
+    let key = STANDARD.decode(AZURITE_ACCOUNT_KEY).context("the Azurite account key is not base64")?;
+    let signature = STANDARD.encode(hmac_sha256(&key, string_to_sign.as_bytes()));
+    let response = client
+        .put(format!("{service_url}/{container}?restype=container"))
+        .header("x-ms-date", date.as_str())
+        .header("x-ms-version", AZURITE_API_VERSION)
+        .header(reqwest::header::AUTHORIZATION, format!("SharedKey {AZURITE_ACCOUNT}:{signature}"))
+        .send()
+        .await
+        .with_context(|| format!("failed to create container {container}"))?;
+    let status = response.status();
+    if status != reqwest::StatusCode::CREATED {
+        let body = response.text().await.unwrap_or_default();
+        bail!("failed to create container {container}: {status}: {body}");
+    }
+    Ok(())
+}
+
+/// HMAC-SHA256 (RFC 2104), for the one request the Azurite fixture signs itself.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+
+    const BLOCK_BYTES: usize = 64;
+    let mut key_block = [0_u8; BLOCK_BYTES];
+    if key.len() > BLOCK_BYTES {
+        let hashed: [u8; 32] = Sha256::digest(key).into();
+        key_block[..hashed.len()].copy_from_slice(&hashed);
+    } else {
+        key_block[..key.len()].copy_from_slice(key);
+    }
+    let inner_pad = key_block.map(|byte| byte ^ 0x36);
+    let outer_pad = key_block.map(|byte| byte ^ 0x5c);
+    let inner: [u8; 32] = Sha256::new().chain_update(inner_pad).chain_update(message).finalize().into();
+    Sha256::new().chain_update(outer_pad).chain_update(inner).finalize().into()
+}
+
+/// Waits, while a compactor merges and vacuums `stream`, until all `num_rows` are committed,
+/// every Hive partition is down to one live file (so no merge is left to make), and every file a
+/// merge removed is gone from the store (object_store's NotFound, not any error). Returns false
+/// on timeout.
+pub async fn wait_until_merged_and_vacuumed(
+    lake: &sluice_lake::Lake,
+    stream: &str,
+    num_rows: u64,
+    timeout: Duration,
+) -> bool {
+    use object_store::ObjectStoreExt as _;
+    wait_until(timeout, || {
+        let lake = lake.clone();
+        async move {
+            let Ok(commits) = lake.commits(stream).await else { return false };
+            if commits.iter().map(|commit| commit.num_rows()).sum::<u64>() < num_rows {
+                return false;
+            }
+            let Ok(live) = lake.live_files(stream).await else { return false };
+            let partitions: std::collections::BTreeSet<&str> =
+                live.iter().map(|file| file.partition.as_str()).collect();
+            if partitions.len() != live.len() {
+                return false;
+            }
+            let Ok(history) = lake.history(stream).await else { return false };
+            for path in history.into_iter().flat_map(|commit| commit.removed) {
+                let location = lake.absolute(&format!("{stream}/{path}"));
+                if !matches!(lake.store().head(&location).await, Err(object_store::Error::NotFound { .. })) {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await
+}
+
+/// Every row of the files that the flushes in the Delta log list (`Lake::commits`, from each
+/// commit's `sluice.flushes`), fetched through the object store by path. Merges are not applied:
+/// the files are read as flushed, merge outputs left out, so every file a flush committed must
+/// still be at its final path (a merged-away file the janitor deleted fails the read).
 pub async fn read_committed_rows(lake: &sluice_lake::Lake, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
     let files: Vec<sluice_lake::CommittedFile> =
         lake.commits(stream).await?.into_iter().flat_map(|commit| commit.files).collect();
@@ -1164,18 +1422,11 @@ pub fn parquet_files_under(directory: &Path) -> Vec<String> {
 /// The Delta readers outside Sluice that CI installs (deploy/local/delta-readers.sh).
 pub const OUTSIDE_READERS: [&str; 3] = ["deltalake", "polars", "duckdb"];
 
-/// Rows of a Delta table as an outside reader returns them (integration-tests/readers), one
-/// JSON object per row with `columns`. `table` is a local path or an `s3://` URL with
-/// `storage_options`; `filter_opt` is a SQL predicate on partition columns.
-pub fn outside_reader_rows(
-    reader: &str,
-    table: &str,
-    columns: &[&str],
-    filter_opt: Option<&str>,
-    storage_options: &[(String, String)],
-) -> anyhow::Result<Vec<serde_json::Value>> {
+/// The PYTHONPATH of the outside Delta readers (`deploy/local/delta-readers.sh path`, which
+/// installs them the first time), looked up once per test binary. Blocks while installing.
+pub fn delta_readers_python_path() -> anyhow::Result<String> {
     static PYTHONPATH: OnceLock<Result<String, String>> = OnceLock::new();
-    let python_path = PYTHONPATH
+    PYTHONPATH
         .get_or_init(|| {
             let output = std::process::Command::new(repo_root().join("deploy/local/delta-readers.sh"))
                 .arg("path")
@@ -1187,7 +1438,20 @@ pub fn outside_reader_rows(
             Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
         })
         .clone()
-        .map_err(|message| anyhow::anyhow!("installing the outside Delta readers failed: {message}"))?;
+        .map_err(|message| anyhow::anyhow!("installing the outside Delta readers failed: {message}"))
+}
+
+/// Rows of a Delta table as an outside reader returns them (integration-tests/readers), one
+/// JSON object per row with `columns`. `table` is a local path or an `s3://` URL with
+/// `storage_options`; `filter_opt` is a SQL predicate on partition columns.
+pub fn outside_reader_rows(
+    reader: &str,
+    table: &str,
+    columns: &[&str],
+    filter_opt: Option<&str>,
+    storage_options: &[(String, String)],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let python_path = delta_readers_python_path()?;
     let mut command = std::process::Command::new("python3");
     command
         .arg(repo_root().join("integration-tests/readers/read_delta.py"))
@@ -1217,15 +1481,294 @@ pub fn assert_outside_readers_see(table_dir: &Path, readings: &[serde_json::Valu
         let rows =
             outside_reader_rows(reader, &table_dir.to_string_lossy(), &["device_id", "seq", "ts"], None, &[])
                 .unwrap_or_else(|error| panic!("{error:#}"));
-        let rows: Vec<LakeRow> = rows
-            .iter()
-            .map(|row| LakeRow {
-                device_id: row["device_id"].as_str().unwrap_or_default().to_string(),
-                seq: row["seq"].as_i64().unwrap_or(i64::MIN),
-                ts_micros: row["ts"].as_i64().unwrap_or(i64::MIN),
-            })
-            .collect();
+        let rows = lake_rows_of(&rows);
         assert_eq!(rows.len(), readings.len(), "{reader} read {} rows", rows.len());
         assert_exactly_once(&rows, readings);
+    }
+}
+
+/// The rows an outside reader printed (with `device_id`, `seq` and `ts` among its columns).
+pub fn lake_rows_of(rows: &[serde_json::Value]) -> Vec<LakeRow> {
+    rows.iter()
+        .map(|row| LakeRow {
+            device_id: row["device_id"].as_str().unwrap_or_default().to_string(),
+            seq: row["seq"].as_i64().unwrap_or(i64::MIN),
+            ts_micros: row["ts"].as_i64().unwrap_or(i64::MIN),
+        })
+        .collect()
+}
+
+/// The rows of a stream table in a local lake as the executor's DataFusion reads them: the
+/// latest Delta version of the table, through the executor's own catalog.
+pub async fn datafusion_rows(lake_dir: &Path, stream: &str) -> anyhow::Result<Vec<LakeRow>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    let (store, root) = sluice_lake::open_store(&sluice_lake::ObjectStoreConfig {
+        url: lake_dir.display().to_string(),
+        ..Default::default()
+    })?;
+    let registry =
+        std::sync::Arc::new(sluice_schema::SchemaRegistry::load_directory(&repo_root().join("schemas"))?);
+    let catalog = sluice_executor::Catalog::new(store, root, registry, Vec::new());
+    let snapshot = catalog.snapshot().await?;
+    let ctx = catalog.session(&snapshot, sluice_executor::Scope::All, false).await?;
+    let sql = format!("SELECT device_id, seq, ts FROM \"{stream}\"");
+    let frame =
+        sluice_executor::plan_query(&ctx, &sql, None).await.map_err(|error| anyhow::anyhow!(error.0))?;
+    let mut rows = Vec::new();
+    for batch in frame.collect().await? {
+        // Strings come out as views or plain arrays depending on the scan's settings.
+        let devices: Vec<String> = match batch.column(0).as_string_view_opt() {
+            Some(views) => views.iter().map(|value| value.unwrap_or_default().to_string()).collect(),
+            None => batch
+                .column(0)
+                .as_string::<i32>()
+                .iter()
+                .map(|value| value.unwrap_or_default().to_string())
+                .collect(),
+        };
+        let seqs = batch.column(1).as_primitive::<Int64Type>();
+        let times = batch.column(2).as_primitive::<TimestampMicrosecondType>();
+        rows.extend((0..batch.num_rows()).map(|row| LakeRow {
+            device_id: devices[row].clone(),
+            seq: seqs.value(row),
+            ts_micros: times.value(row),
+        }));
+    }
+    Ok(rows)
+}
+
+/// Asserts that the stream table in a local lake holds exactly `readings`, each once with its
+/// values, as read by three independent paths: the log replayed here, every outside reader
+/// (Python deltalake, Polars, DuckDB), and the executor's DataFusion.
+pub async fn assert_every_reader_sees(lake_dir: &Path, stream: &str, readings: &[serde_json::Value]) {
+    assert_exactly_once(
+        &read_lake_rows(lake_dir, stream).unwrap_or_else(|error| panic!("the log: {error:#}")),
+        readings,
+    );
+    assert_outside_readers_see(&lake_dir.join(stream), readings);
+    let rows =
+        datafusion_rows(lake_dir, stream).await.unwrap_or_else(|error| panic!("DataFusion: {error:#}"));
+    assert_exactly_once(&rows, readings);
+}
+
+/// One read by [`ReadLoop`]: what Python `deltalake` found in the table version it loaded. A
+/// failed read has `error_opt` set (the exception's type and message), `version_opt` when the
+/// load got that far, and zero counts and an empty digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopRead {
+    pub version_opt: Option<i64>,
+    pub num_rows: u64,
+    pub num_distinct_keys: u64,
+    /// [`loop_keys_sha256`] of the rows read.
+    pub keys_sha256: String,
+    /// Data files of the version read.
+    pub num_files: u64,
+    /// Wall clock, microseconds since the epoch (comparable with [`now_micros`]).
+    pub started_micros: i64,
+    pub finished_micros: i64,
+    pub error_opt: Option<String>,
+}
+
+impl LoopRead {
+    fn from_json(line: &serde_json::Value) -> anyhow::Result<Self> {
+        let integer = |name: &str| line[name].as_i64().with_context(|| format!("no integer {name}"));
+        let count = |name: &str| line[name].as_u64().with_context(|| format!("no count {name}"));
+        let started_micros = integer("started_micros")?;
+        let finished_micros = integer("finished_micros")?;
+        if let Some(error) = line.get("error") {
+            return Ok(Self {
+                version_opt: line["version"].as_i64(),
+                num_rows: 0,
+                num_distinct_keys: 0,
+                keys_sha256: String::new(),
+                num_files: 0,
+                started_micros,
+                finished_micros,
+                error_opt: Some(error.as_str().map_or_else(|| error.to_string(), str::to_string)),
+            });
+        }
+        Ok(Self {
+            version_opt: Some(integer("version")?),
+            num_rows: count("num_rows")?,
+            num_distinct_keys: count("num_distinct_keys")?,
+            keys_sha256: line["keys_sha256"].as_str().context("no keys_sha256")?.to_string(),
+            num_files: count("num_files")?,
+            started_micros,
+            finished_micros,
+            error_opt: None,
+        })
+    }
+}
+
+/// The reads in read_loop.py's output: one JSON object per line. A last line without its
+/// newline is still being written and is left for the next look.
+pub fn parse_loop_reads(text: &str) -> anyhow::Result<Vec<LoopRead>> {
+    text.split_inclusive('\n')
+        .filter(|line| line.ends_with('\n') && !line.trim().is_empty())
+        .map(|line| {
+            let value: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("a read is not JSON: {line}"))?;
+            LoopRead::from_json(&value).with_context(|| format!("unexpected read: {line}"))
+        })
+        .collect()
+}
+
+/// The digest read_loop.py writes as `keys_sha256`, computed from readings as
+/// [`telemetry_readings`] makes them, so that one string compares a whole read with them.
+///
+/// Format (the same bytes as `keys_digest` in integration-tests/readers/read_loop.py): each row's
+/// key is `<device_id>/<seq>` (the device id as it is, seq in decimal; a missing value is
+/// `<null>`), e.g. `dev-0003/17`; the keys, duplicates kept, are sorted by bytes (UTF-8 byte
+/// order is Python's code point order), each followed by `\n`; the digest is the lowercase hex
+/// SHA-256 of that text.
+pub fn loop_keys_sha256(readings: &[serde_json::Value]) -> String {
+    use sha2::Digest;
+    let mut keys: Vec<String> = readings
+        .iter()
+        .map(|reading| {
+            let device_id = reading["device_id"].as_str().unwrap_or("<null>");
+            let seq = reading["seq"].as_i64().map_or_else(|| "<null>".to_string(), |seq| seq.to_string());
+            format!("{device_id}/{seq}")
+        })
+        .collect();
+    keys.sort();
+    let mut text = String::with_capacity(keys.iter().map(|key| key.len() + 1).sum());
+    for key in &keys {
+        text.push_str(key);
+        text.push('\n');
+    }
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// A Python `deltalake` reader in a child process (integration-tests/readers/read_loop.py)
+/// reading the (device_id, seq) of a Delta table's latest version over and over, one
+/// [`LoopRead`] per read, until [`ReadLoop::stop`]. Killed on drop; its files live in a
+/// temporary directory of its own.
+#[derive(Debug)]
+pub struct ReadLoop {
+    child: Child,
+    files: tempfile::TempDir,
+}
+
+impl ReadLoop {
+    /// Starts reading `table` (a local path, or an `s3://` URL with `storage_options`). The
+    /// table must exist already.
+    pub async fn start(table: &str, storage_options: &[(String, String)]) -> anyhow::Result<Self> {
+        // The first call may install the readers (about 20 s): off the runtime's workers.
+        let python_path = tokio::task::spawn_blocking(delta_readers_python_path)
+            .await
+            .context("the delta-readers.sh lookup panicked")??;
+        let files = tempfile::TempDir::new().context("failed to create the read loop's directory")?;
+        let stderr = std::fs::File::create(files.path().join("stderr"))
+            .context("failed to create the read loop's stderr file")?;
+        let mut command = Command::new("python3");
+        command
+            .arg(repo_root().join("integration-tests/readers/read_loop.py"))
+            .arg("--table")
+            .arg(table)
+            .arg("--stop-file")
+            .arg(files.path().join("stop"))
+            .arg("--out")
+            .arg(files.path().join("reads.jsonl"))
+            .args(["--columns", "device_id,seq"])
+            .env("PYTHONPATH", python_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true);
+        for (key, value) in storage_options {
+            command.arg("--storage-option").arg(format!("{key}={value}"));
+        }
+        let child = command.spawn().context("failed to start read_loop.py")?;
+        Ok(Self { child, files })
+    }
+
+    /// The reads made so far.
+    pub fn reads(&self) -> anyhow::Result<Vec<LoopRead>> {
+        match std::fs::read_to_string(self.files.path().join("reads.jsonl")) {
+            Ok(text) => parse_loop_reads(&text),
+            // The loop opens its output once Python has imported deltalake.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(error) => Err(error).context("failed to read read_loop.py's output"),
+        }
+    }
+
+    /// Waits until the loop has made `num_reads` reads (failed ones count too) and returns them;
+    /// an error if it exits first or takes longer than `timeout`.
+    pub async fn wait_for_reads(
+        &mut self,
+        num_reads: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<LoopRead>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let reads = self.reads()?;
+            if reads.len() >= num_reads {
+                return Ok(reads);
+            }
+            if let Some(status) = self.child.try_wait().context("failed to poll read_loop.py")? {
+                bail!("read_loop.py exited ({status}) after {} reads: {}", reads.len(), self.stderr());
+            }
+            if Instant::now() >= deadline {
+                bail!("read_loop.py made {} of {num_reads} reads within {timeout:?}", reads.len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates the stop file, waits (up to `timeout`) for the loop to finish its read and exit
+    /// 0, and returns every read it made.
+    pub async fn stop(mut self, timeout: Duration) -> anyhow::Result<Vec<LoopRead>> {
+        std::fs::write(self.files.path().join("stop"), b"").context("failed to create the stop file")?;
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("read_loop.py did not stop within {timeout:?}"))?
+            .context("failed to wait for read_loop.py")?;
+        if !status.success() {
+            bail!("read_loop.py exited with {status}: {}", self.stderr());
+        }
+        self.reads()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.files.path().join("stderr")).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod read_loop_tests {
+    use super::*;
+
+    #[test]
+    fn the_key_digest_matches_read_loop_py() {
+        // Computed by read_loop.py's keys_digest for these three rows, in another order.
+        let readings = [
+            serde_json::json!({"device_id": "dev-0001", "seq": 10}),
+            serde_json::json!({"device_id": "dev-0000", "seq": 2}),
+            serde_json::json!({"device_id": "dev-0001", "seq": 9}),
+        ];
+        assert_eq!(
+            loop_keys_sha256(&readings),
+            "60e8da81d5bf9ee5be656cd62da8453875731bea28c2f96c972c846f4d21aa59"
+        );
+    }
+
+    #[test]
+    fn reads_and_failed_reads_parse_and_a_partial_line_waits() {
+        let text = concat!(
+            r#"{"version":3,"num_rows":2,"num_distinct_keys":2,"keys_sha256":"ab","num_files":4,"#,
+            r#""started_micros":10,"finished_micros":20}"#,
+            "\n",
+            r#"{"error":"FileNotFoundError: gone","version":null,"started_micros":30,"finished_micros":31}"#,
+            "\n",
+            r#"{"version":4,"num_ro"#,
+        );
+        let reads = parse_loop_reads(text).unwrap();
+        assert_eq!(reads.len(), 2);
+        assert_eq!((reads[0].version_opt, reads[0].num_rows, reads[0].num_files), (Some(3), 2, 4));
+        assert_eq!(reads[0].error_opt, None);
+        assert_eq!(reads[1].version_opt, None);
+        assert_eq!(reads[1].error_opt.as_deref(), Some("FileNotFoundError: gone"));
+        assert!(parse_loop_reads("{\"version\":1}\n").is_err(), "a read line without its counts");
     }
 }

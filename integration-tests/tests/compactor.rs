@@ -106,7 +106,7 @@ async fn restart_resumes_after_the_last_commit() {
     wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     compactor.stop().await.unwrap();
-    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    sluice_integration_tests::assert_every_reader_sees(lake_dir.path(), "telemetry", &readings).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,6 +152,7 @@ async fn undecodable_records_are_dead_lettered_with_a_reason_and_do_not_stall() 
     let rows =
         wait_for_lake_rows(lake_dir.path(), "telemetry", expected.len(), Duration::from_secs(60)).await;
     assert_exactly_once(&rows, &expected);
+    sluice_integration_tests::assert_every_reader_sees(lake_dir.path(), "telemetry", &expected).await;
     let dead_letters = consume_topic(
         &broker.bootstrap_servers(),
         &format!("{prefix}.telemetry.dlq"),
@@ -242,12 +243,28 @@ async fn a_stale_writer_loses_its_commit_and_nothing_is_duplicated() {
     stale.stop().await.unwrap();
     stop_watching.cancel();
     let seen = watcher.await.unwrap();
-    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    sluice_integration_tests::assert_every_reader_sees(lake_dir.path(), "telemetry", &readings).await;
 
     let live: std::collections::BTreeSet<String> =
         sluice_integration_tests::delta_live_files(&table_dir).unwrap().into_iter().collect();
     let discarded: Vec<&String> = seen.difference(&live).collect();
     assert!(!discarded.is_empty(), "the stale writer uploaded a flush that lost");
+    // The dangerous case: a lost flush held records that the new owner committed (its file is
+    // named after its Kafka partition and first offset, `p<partition>-o<offset>-...`).
+    let range_of = |path: &str| -> Option<(i32, i64)> {
+        let name = path.rsplit('/').next()?;
+        let (partition, rest) = name.strip_prefix('p')?.split_once("-o")?;
+        Some((partition.parse().ok()?, rest.split('-').next()?.parse().ok()?))
+    };
+    let overlapping = discarded.iter().filter_map(|path| range_of(path)).any(|(partition, offset)| {
+        owner_committed.iter().any(|record| {
+            record.kafka_partition == partition && (record.start_offset..record.end_offset).contains(&offset)
+        })
+    });
+    assert!(
+        overlapping,
+        "a lost flush held records the new owner committed: {discarded:?} {owner_committed:?}"
+    );
     let mut left: Vec<String> = sluice_integration_tests::parquet_files_under(&table_dir);
     left.retain(|path| !live.contains(path));
     assert!(left.is_empty(), "the stale writer deleted the files of its lost commit: {left:?}");
@@ -269,23 +286,56 @@ async fn two_instances_split_partitions_and_survive_one_leaving() {
     let lake_dir = tempfile::TempDir::new().unwrap();
     let readings = telemetry_readings(12_000, 40, 2 * HOUR);
     let mut config = compactor_config(&broker, &prefix, lake_dir.path());
-    // Buffers are still open when the second instance joins: the first is revoked partitions
-    // whose rows it has not committed, and the new owner reads them again from the table.
-    config.flush.max_age_ms = 2_000;
+    // Buffers are still open when the second instance joins (a flush waits 10 s, the join a
+    // few): the first is revoked partitions whose rows it has not committed, and the new owner
+    // reads them again from the table.
+    config.flush.max_age_ms = 10_000;
     config.compactor.instance_id = "first".into();
     let first = CompactorService::start(config.clone()).await.unwrap();
+    let assigned = sluice_integration_tests::wait_until(Duration::from_secs(30), || {
+        let ready = first.is_ready();
+        async move { ready }
+    })
+    .await;
+    assert!(assigned, "the first instance joined the group");
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[..4_000]).await.unwrap();
+    // Read, not yet flushed: the rows are in the first instance's buffers when the second joins.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
     config.compactor.instance_id = "second".into();
     let second = CompactorService::start(config.clone()).await.unwrap();
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[4_000..8_000]).await.unwrap();
     wait_for_lake_rows(lake_dir.path(), "telemetry", 8_000, Duration::from_secs(60)).await;
-    // The first instance leaves mid-stream; the second takes its partitions over.
-    first.stop().await.unwrap();
+    assert!(
+        first.revoked_uncommitted_records() > 0,
+        "the first instance was revoked partitions with rows buffered and not committed"
+    );
+    // One janitor per table: the owner of partition 0.
+    let one_janitor = sluice_integration_tests::wait_until(Duration::from_secs(30), || {
+        let janitors = [first.janitor_streams(), second.janitor_streams()];
+        async move { janitors.contains(&vec!["telemetry".to_string()]) && janitors.contains(&Vec::new()) }
+    })
+    .await;
+    assert!(
+        one_janitor,
+        "exactly one instance keeps the table: {:?}",
+        [first.janitor_streams(), second.janitor_streams()]
+    );
+    // The instance that keeps the table leaves mid-stream; the other takes its partitions over,
+    // and with them the janitor's work.
+    let (leaving, staying) =
+        if first.janitor_streams().is_empty() { (second, first) } else { (first, second) };
+    leaving.stop().await.unwrap();
+    let janitor_moved = sluice_integration_tests::wait_until(Duration::from_secs(60), || {
+        let kept = staying.janitor_streams();
+        async move { kept == ["telemetry"] }
+    })
+    .await;
+    assert!(janitor_moved, "the remaining instance keeps the table: {:?}", staying.janitor_streams());
     produce_readings(&broker.bootstrap_servers(), &topic, &readings[8_000..]).await.unwrap();
     wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    second.stop().await.unwrap();
-    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    staying.stop().await.unwrap();
+    sluice_integration_tests::assert_every_reader_sees(lake_dir.path(), "telemetry", &readings).await;
     let commits = lake(lake_dir.path()).commits("telemetry").await.unwrap();
     for writer in ["first", "second"] {
         assert!(
@@ -323,7 +373,7 @@ async fn a_reading_sent_twice_within_a_flush_is_written_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     compactor.stop().await.unwrap();
-    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    sluice_integration_tests::assert_every_reader_sees(lake_dir.path(), "telemetry", &readings).await;
     let commits = lake.commits("telemetry").await.unwrap();
     assert_eq!(commits.iter().map(|commit| commit.num_duplicates_dropped).sum::<u64>(), 1_000);
     // Every partition committed, so the stream has a completeness watermark within the data.
@@ -445,6 +495,32 @@ async fn schema_v2_adds_a_field_and_old_records_read_with_its_default() {
     assert_eq!(rows.len(), 310);
     let new_rows = rows.iter().filter(|row| row["seq"].as_i64().unwrap() >= 1_000).count();
     assert_eq!(rows.iter().filter(|row| row["firmware"] == "2.0").count(), 5, "{new_rows} new rows");
+    // Rows committed before the column was added read as NULL in it (Delta does not rewrite old
+    // files), in the executor as in outside readers, rather than failing the query.
+    let before_change: Vec<_> = rows.iter().filter(|row| row["seq"].as_i64().unwrap() < 1_000).collect();
+    assert_eq!(before_change.len(), 300);
+    assert!(before_change.iter().all(|row| row["firmware"].is_null() && row["pressure"].is_null()));
+    let (store, root) = sluice_lake::open_store(&sluice_lake::ObjectStoreConfig {
+        url: lake_dir.path().display().to_string(),
+        ..Default::default()
+    })
+    .unwrap();
+    let registry =
+        std::sync::Arc::new(sluice_schema::SchemaRegistry::load_directory(schemas_dir.path()).unwrap());
+    let catalog = sluice_executor::Catalog::new(store, root, registry, Vec::new());
+    let snapshot = catalog.snapshot().await.unwrap();
+    let ctx = catalog.session(&snapshot, sluice_executor::Scope::All, false).await.unwrap();
+    let sql = "SELECT count(*) AS total, count(firmware) AS with_firmware, count(pressure) AS with_pressure, \
+               count(*) FILTER (WHERE firmware = 'unknown') AS defaulted FROM telemetry";
+    let batches = sluice_executor::plan_query(&ctx, sql, None).await.unwrap().collect().await.unwrap();
+    let counts: Vec<i64> = (0..4)
+        .map(|column| batches[0].column(column).as_primitive::<arrow_array::types::Int64Type>().value(0))
+        .collect();
+    assert_eq!(
+        counts,
+        [310, 10, 5, 5],
+        "total, firmware set (v2 records and v1 records with its default), pressure set, default"
+    );
     for (seq, firmware, pressure_is_null) in firmware_by_seq {
         if seq % 2 == 0 {
             assert_eq!((firmware.as_str(), pressure_is_null), ("unknown", true), "v1 record {seq}");
@@ -597,4 +673,162 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
     let on_disk = sluice_integration_tests::parquet_files_under(&lake_dir.path().join("telemetry"));
     assert_eq!(on_disk.len(), live_files, "{on_disk:?}");
     sluice_integration_tests::assert_outside_readers_see(&lake_dir.path().join("telemetry"), &readings);
+}
+
+/// An engine outside Sluice reading while small files merge and VACUUM runs: Python `deltalake`
+/// reads the whole table over and over (integration-tests/readers/read_loop.py) while a
+/// compactor merges every hourly partition and its janitor deletes the merged-away files. Each
+/// read must return exactly the produced rows, each once, and no read may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_reads_through_merges_and_vacuum_see_every_row_exactly_once() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use sluice_integration_tests::{
+        LoopRead, ReadLoop, delta_live_files, loop_keys_sha256, now_micros, parquet_files_under, wait_until,
+    };
+
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let table_dir = lake_dir.path().join("telemetry");
+    let readings = telemetry_readings(3_000, 12, 2 * HOUR);
+    let num_readings = readings.len() as u64;
+    let expected_sha256 = loop_keys_sha256(&readings);
+
+    // Phase 1, merges off: the readings are committed as many small files, one per Kafka
+    // partition and hour in each flush. The first burst waits for the group join, so that each
+    // later burst is flushed (100 ms) before the next one arrives (300 ms).
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.flush.max_age_ms = 100;
+    config.merge.enabled = false;
+    let writer = CompactorService::start(config.clone()).await.unwrap();
+    produce_readings(&broker.bootstrap_servers(), &topic, &readings[..250]).await.unwrap();
+    wait_for_lake_rows(lake_dir.path(), "telemetry", 250, Duration::from_secs(60)).await;
+    for burst in readings[250..].chunks(250) {
+        produce_readings(&broker.bootstrap_servers(), &topic, burst).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
+    writer.stop().await.unwrap();
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    let files_before = delta_live_files(&table_dir).unwrap();
+    let mut files_per_partition: BTreeMap<String, usize> = BTreeMap::new();
+    for path in &files_before {
+        let partition = path.rsplit_once('/').map_or(path.as_str(), |(partition, _)| partition);
+        *files_per_partition.entry(partition.to_string()).or_default() += 1;
+    }
+    // A partition of one file has nothing to merge; every other one must be merged.
+    let partitions_to_merge: BTreeSet<String> = files_per_partition
+        .iter()
+        .filter(|(_, num_files)| **num_files >= 2)
+        .map(|(partition, _)| partition.clone())
+        .collect();
+    // At most 4 files per merge and one merge per partition per round: a partition of 8 or
+    // more files takes at least 3 rounds, 500 ms apart, so the merges take over a second, in
+    // which the loop (a read every ~100 ms) reads some half-merged versions.
+    let most_files = files_per_partition.values().copied().max().unwrap_or(0);
+    assert!(most_files >= 8, "too few small files to merge in several rounds: {files_per_partition:?}");
+
+    // Phase 2: the read loop runs, and has read the unmerged table before any merge can start.
+    let mut reader = ReadLoop::start(&table_dir.to_string_lossy(), &[]).await.unwrap();
+    reader.wait_for_reads(2, Duration::from_secs(30)).await.unwrap();
+    let mut merging = config;
+    merging.compactor.group_id = format!("compactor-{}", unique_suffix());
+    merging.merge.enabled = true;
+    merging.merge.interval_ms = 500;
+    merging.merge.min_partition_age_ms = 0;
+    merging.merge.small_file_bytes = 64 * 1024 * 1024;
+    merging.merge.max_files_per_merge = 4;
+    merging.janitor.interval_ms = 200;
+    // A read loads a version, then opens that version's files: a few tens of milliseconds here,
+    // well under a second even on a busy machine. A file a merge removed is deleted no sooner
+    // than 3 s after that merge committed, so a read that loaded a version before the merge
+    // has finished with the file long before it goes; a read that loads a later version does
+    // not list it. (With no retention, a read of a version loaded just before a merge can find
+    // its files gone and fail with FileNotFoundError, which read_loop.py reports as a line.)
+    merging.janitor.removed_retention_ms = 3_000;
+    let compactor = CompactorService::start(merging).await.unwrap();
+
+    // Done when every partition that had several files was merged down to one file and the
+    // janitor deleted every file the table no longer holds.
+    let lake = lake(lake_dir.path());
+    let num_partitions = files_per_partition.len();
+    let settled = wait_until(Duration::from_secs(30), || {
+        let (lake, table_dir, partitions_to_merge) =
+            (lake.clone(), table_dir.clone(), partitions_to_merge.clone());
+        async move {
+            let merged: BTreeSet<String> =
+                lake.merges("telemetry").await.unwrap().into_iter().map(|merge| merge.partition).collect();
+            let live = delta_live_files(&table_dir).unwrap();
+            merged == partitions_to_merge
+                && live.len() == num_partitions
+                && parquet_files_under(&table_dir) == live
+        }
+    })
+    .await;
+    let vacuumed_at_micros = now_micros();
+    assert!(
+        settled,
+        "merges of {partitions_to_merge:?} and their VACUUM did not finish: live {:?}, on disk {:?}",
+        delta_live_files(&table_dir).unwrap(),
+        parquet_files_under(&table_dir)
+    );
+    // The loop goes on reading the merged and vacuumed table for a while.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let read_after_vacuum = wait_until(Duration::from_secs(20), || {
+        let num_reads_after =
+            reader.reads().unwrap().iter().filter(|read| read.started_micros >= vacuumed_at_micros).count();
+        async move { num_reads_after >= 2 }
+    })
+    .await;
+    let reads = reader.stop(Duration::from_secs(30)).await.unwrap();
+    compactor.stop().await.unwrap();
+    assert!(read_after_vacuum, "no read after VACUUM: {reads:?}");
+
+    // No read failed, and every read saw exactly the produced rows, each once.
+    let failed: Vec<&LoopRead> = reads.iter().filter(|read| read.error_opt.is_some()).collect();
+    assert!(failed.is_empty(), "{} of {} reads failed: {failed:#?}", failed.len(), reads.len());
+    for read in &reads {
+        assert_eq!(read.num_rows, num_readings, "a read missed or repeated rows: {read:?}");
+        assert_eq!(read.num_distinct_keys, num_readings, "a read saw a row twice: {read:?}");
+        assert_eq!(read.keys_sha256, expected_sha256, "a read saw other rows than produced: {read:?}");
+    }
+
+    // The reads overlapped the merges: some read the table before the first merge, some after
+    // the last, and some in between, when some partitions were merged and others not yet.
+    let history = lake.history("telemetry").await.unwrap();
+    let merge_versions: Vec<i64> =
+        history.iter().filter(|commit| commit.merge_opt.is_some()).map(|commit| commit.version).collect();
+    let first_merge = *merge_versions.first().expect("merges committed");
+    let last_merge = *merge_versions.last().expect("merges committed");
+    let versions_read: Vec<i64> = reads.iter().filter_map(|read| read.version_opt).collect();
+    let summary = format!("versions read {versions_read:?}, merges at {merge_versions:?}");
+    assert!(
+        versions_read.iter().any(|&version| version < first_merge),
+        "no read before the merges: {summary}"
+    );
+    assert!(
+        versions_read.iter().any(|&version| version >= last_merge),
+        "no read after the merges: {summary}"
+    );
+    assert!(
+        versions_read.iter().any(|version| (first_merge..last_merge).contains(version)),
+        "no read of a half-merged version: {summary}"
+    );
+    for read in &reads {
+        let version = read.version_opt.unwrap();
+        if version < first_merge {
+            assert_eq!(read.num_files, files_before.len() as u64, "unmerged version {version}");
+        } else if version >= last_merge {
+            assert_eq!(read.num_files, num_partitions as u64, "merged version {version}");
+        }
+    }
+    let num_reads_after_vacuum =
+        reads.iter().filter(|read| read.started_micros >= vacuumed_at_micros).count();
+    assert!(num_reads_after_vacuum >= 2, "{num_reads_after_vacuum} reads after VACUUM: {summary}");
+
+    // What the reads saw is what the table holds, and VACUUM left only its files.
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &readings);
+    assert_eq!(parquet_files_under(&table_dir), delta_live_files(&table_dir).unwrap());
 }

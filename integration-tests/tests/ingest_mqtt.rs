@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 use sluice_ingest::IngestConfig;
 use sluice_integration_tests::{
-    Broker, IngestService, Mosquitto, MqttDevice as Device, consume_topic, decode_value, ingest_config,
-    now_micros, telemetry_schema_json, unique_suffix, wait_for_mqtt_bridge,
+    Broker, IngestService, Mosquitto, MqttDevice as Device, consume_topic, consume_topic_within,
+    decode_value, ingest_config, now_micros, telemetry_schema_json, unique_suffix, wait_for_mqtt_bridge,
 };
 
 const SETTLE: Duration = Duration::from_millis(1500);
@@ -38,10 +38,14 @@ async fn consume_readings(
     expected: usize,
 ) -> Vec<sluice_integration_tests::ConsumedRecord> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // How many records to read: the probes read so far do not use up the readings' share, or
+    // a read that meets the probes' partition first would stop short of the readings forever.
+    let mut wanted = expected;
     loop {
         let records =
-            consume_topic(&broker.bootstrap_servers(), topic, expected, Duration::ZERO).await.unwrap();
+            consume_topic(&broker.bootstrap_servers(), topic, wanted, Duration::ZERO).await.unwrap();
         let num_probes = records.len() - probe_free(records.clone()).len();
+        wanted = expected + num_probes;
         if records.len() - num_probes >= expected || tokio::time::Instant::now() >= deadline {
             // Read again with the probes counted, then wait for anything (a duplicate) after them.
             let settled =
@@ -81,7 +85,7 @@ async fn readings_land_keyed_by_topic_device_and_bad_ones_are_dead_lettered() {
     // Malformed JSON.
     device.publish_bytes("sluice/telemetry/tractor-9", b"{not json".to_vec()).await.unwrap();
 
-    let stream_records = consume_readings(&broker, &ingest.stream_topic("telemetry"), 4).await;
+    let stream_records = consume_readings(&broker, &ingest.stream_topic("telemetry"), 3).await;
     let schema_json = telemetry_schema_json();
     let mut seqs: Vec<i64> = stream_records
         .iter()
@@ -149,6 +153,45 @@ async fn reading_sent_during_kafka_outage_is_delivered_after_restart() {
     ingest.stop().await.unwrap();
 }
 
+/// The readings (probes left out) in each of `topics`, once at least `expected` arrived across
+/// them and no more came for [`SETTLE`].
+async fn consume_readings_of_each(
+    broker: &Broker,
+    topics: &[String],
+    expected: usize,
+) -> Vec<Vec<sluice_integration_tests::ConsumedRecord>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Everything each topic holds now, probes included: no count to wait for.
+        let mut num_records_of_each = Vec::new();
+        let mut num_readings = 0;
+        for topic in topics {
+            let records = consume_topic_within(
+                &broker.bootstrap_servers(),
+                topic,
+                usize::MAX,
+                Duration::ZERO,
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+            num_records_of_each.push(records.len());
+            num_readings += probe_free(records).len();
+        }
+        if num_readings >= expected || tokio::time::Instant::now() >= deadline {
+            // Read again with the probes counted, then wait for anything (a duplicate) after them.
+            let mut readings_of_each = Vec::new();
+            for (topic, num_records) in topics.iter().zip(num_records_of_each) {
+                let settled =
+                    consume_topic(&broker.bootstrap_servers(), topic, num_records, SETTLE).await.unwrap();
+                readings_of_each.push(probe_free(settled));
+            }
+            return readings_of_each;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_in_a_shared_subscription_group_split_readings_without_duplicates() {
     let broker = Broker::start().await.unwrap();
@@ -157,26 +200,41 @@ async fn replicas_in_a_shared_subscription_group_split_readings_without_duplicat
     first_config.mqtt.shared_subscription_group = "ingest".to_string();
     let mut second_config = first_config.clone();
     second_config.mqtt.client_id = format!("ingest-{}", unique_suffix());
+    // Each replica produces to topics of its own, so that where a reading landed says which
+    // replica took it; the MQTT side, where the split happens, is the same for both.
+    second_config.kafka.topic_prefix = format!("test-{}", unique_suffix());
     let first = IngestService::start(first_config).await.unwrap();
     let second = IngestService::start(second_config).await.unwrap();
-    wait_for_mqtt_bridge(&mosquitto, &broker, &first.stream_topic("telemetry")).await.unwrap();
-    // The first replica's subscription is proven; the second subscribes at the same moment of
-    // its start, and if it is late the first takes every reading. Without the shared group each
-    // reading below would land twice.
+    let topics = [first.stream_topic("telemetry"), second.stream_topic("telemetry")];
+    // A probe lands in a replica's topic only once that replica has subscribed, and Mosquitto
+    // hands the group's messages round: both replicas are in the group before the readings go.
+    for topic in &topics {
+        wait_for_mqtt_bridge(&mosquitto, &broker, topic).await.unwrap();
+    }
 
     let mut device = Device::connect(mosquitto.port).await;
     let ts = now_micros();
     for seq in 0..40 {
         device.publish("sluice/telemetry/sprinkler-2", json!({"ts": ts + seq, "seq": seq})).await.unwrap();
     }
-    let records = consume_readings(&broker, &first.stream_topic("telemetry"), 40).await;
+    let readings_of_each = consume_readings_of_each(&broker, &topics, 40).await;
     let schema_json = telemetry_schema_json();
-    let mut seqs: Vec<i64> = records
+    let seqs_of_each: Vec<Vec<i64>> = readings_of_each
         .iter()
-        .map(|record| decode_value(&schema_json, &record.payload).unwrap()["seq"].as_i64().unwrap())
+        .map(|records| {
+            records
+                .iter()
+                .map(|record| decode_value(&schema_json, &record.payload).unwrap()["seq"].as_i64().unwrap())
+                .collect()
+        })
         .collect();
+    assert!(
+        seqs_of_each.iter().all(|seqs| !seqs.is_empty()),
+        "each replica took some of the readings: {seqs_of_each:?}"
+    );
+    let mut seqs: Vec<i64> = seqs_of_each.concat();
     seqs.sort();
-    assert_eq!(seqs, (0..40).collect::<Vec<i64>>(), "every reading once, none twice");
+    assert_eq!(seqs, (0..40).collect::<Vec<i64>>(), "every reading once across the replicas, none twice");
     first.stop().await.unwrap();
     second.stop().await.unwrap();
 }

@@ -140,11 +140,18 @@ pub struct TableConfig {
     /// A checkpoint every this many commits (`delta.checkpointInterval`, set when a table is
     /// created): loading a snapshot then reads one checkpoint and at most this many commits.
     pub checkpoint_interval: u64,
+    /// Log entries older than this go when a checkpoint is written (`delta.logRetentionDuration`,
+    /// set when a table is created): how far back time travel and the table's history reach.
+    pub log_retention_ms: u64,
 }
 
 impl Default for TableConfig {
     fn default() -> Self {
-        Self { checkpoint_interval: sluice_lake::TableSettings::default().checkpoint_interval }
+        let settings = sluice_lake::TableSettings::default();
+        Self {
+            checkpoint_interval: settings.checkpoint_interval,
+            log_retention_ms: settings.log_retention_ms,
+        }
     }
 }
 
@@ -259,6 +266,9 @@ impl Validate for CompactorConfig {
         if self.table.checkpoint_interval == 0 {
             issues.push(ConfigIssue::new("table.checkpoint_interval", "must be greater than 0"));
         }
+        if self.table.log_retention_ms == 0 {
+            issues.push(ConfigIssue::new("table.log_retention_ms", "must be greater than 0"));
+        }
         if self.merge.interval_ms == 0 {
             issues.push(ConfigIssue::new("merge.interval_ms", "must be greater than 0"));
         }
@@ -271,6 +281,17 @@ impl Validate for CompactorConfig {
         }
         if self.parquet.row_group_rows == 0 {
             issues.push(ConfigIssue::new("parquet.row_group_rows", "must be greater than 0"));
+        }
+        // The rebalance callback loads each assigned partition's position before `assign` takes
+        // the whole new assignment, and hands the janitor over on revocation: eager rebalancing.
+        // librdkafka refuses `assign` under the cooperative protocol, so every replica would stop.
+        if let Some(strategy) = self.kafka.client.0.get("partition.assignment.strategy")
+            && strategy.contains("cooperative")
+        {
+            issues.push(ConfigIssue::new(
+                "kafka.client.\"partition.assignment.strategy\"",
+                format!("the compactor rebalances eagerly: use range or roundrobin, not '{strategy}'"),
+            ));
         }
         issues
     }
@@ -301,5 +322,21 @@ mod tests {
         config.parquet.compression_level = 40;
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert_eq!(keys, ["flush.max_buffered_bytes", "parquet.compression_level"]);
+    }
+
+    #[test]
+    fn cooperative_rebalancing_is_refused() {
+        let mut config = CompactorConfig::default();
+        for (strategy, refused) in
+            [("cooperative-sticky", true), ("range", false), ("roundrobin,range", false)]
+        {
+            config.kafka.client.0.insert("partition.assignment.strategy".into(), strategy.into());
+            let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+            assert_eq!(
+                keys.iter().any(|key| key.contains("partition.assignment.strategy")),
+                refused,
+                "{strategy}"
+            );
+        }
     }
 }

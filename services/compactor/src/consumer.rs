@@ -31,14 +31,14 @@ use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
 
 use crate::config::FlushConfig;
+use crate::fault::FaultPoint;
+use crate::flush_policy::{BufferState, FlushPolicy};
+use crate::janitor::JanitorStreams;
 use crate::metrics::CompactorMetrics;
 use crate::parquet_file::encode_partitioned;
 use crate::supervision::CompactorHealth;
 
-/// Kafka header on dead letters: why the record could not be compacted.
-pub const DEAD_LETTER_REASON_HEADER: &str = "sluice.dlq.reason";
-/// Kafka header on dead letters: where the record was read (`kafka:<topic>/<partition>@<offset>`).
-pub const DEAD_LETTER_SOURCE_HEADER: &str = "sluice.dlq.source";
+pub use sluice_kafka::headers::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const TRIGGER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
@@ -87,6 +87,7 @@ pub(crate) struct RebalanceContext {
     streams_by_topic: HashMap<String, String>,
     events_tx: Sender<RebalanceEvent>,
     metrics: Arc<CompactorMetrics>,
+    janitor_streams: JanitorStreams,
 }
 
 impl ClientContext for RebalanceContext {
@@ -151,7 +152,7 @@ impl ConsumerContext for RebalanceContext {
                     let offset =
                         latest.as_ref().map_or(Offset::Beginning, |record| Offset::Offset(record.end_offset));
                     if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
-                        tracing::error!(%topic, partition, %error, "failed to set the start offset");
+                        tracing::error!(%topic, partition, error = %sluice_errors::Chain(&error), "failed to set the start offset");
                     }
                     assigned.push((topic, partition, latest));
                 }
@@ -161,12 +162,24 @@ impl ConsumerContext for RebalanceContext {
                         .send(RebalanceEvent::Failed(format!("failed to assign partitions: {error}")));
                     return;
                 }
+                for (topic, partition, _) in &assigned {
+                    if let Some(stream) = self.streams_by_topic.get(topic) {
+                        self.janitor_streams.assigned(stream, *partition);
+                    }
+                }
                 let _ = self.events_tx.send(RebalanceEvent::Assigned(assigned));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // Before the partitions go, so that the next owner of partition 0 is the only
+                // janitor once it gets it.
+                for (topic, partition) in &elements {
+                    if let Some(stream) = self.streams_by_topic.get(topic) {
+                        self.janitor_streams.revoked(stream, *partition);
+                    }
+                }
                 let _ = self.events_tx.send(RebalanceEvent::Revoked(elements));
                 if let Err(error) = consumer.unassign() {
-                    tracing::warn!(%error, "failed to unassign revoked partitions");
+                    tracing::warn!(error = %sluice_errors::Chain(&error), "failed to unassign revoked partitions");
                 }
             }
             other => tracing::error!(error = ?other, "rebalance failed"),
@@ -180,9 +193,10 @@ impl RebalanceContext {
         handle: Handle,
         streams_by_topic: HashMap<String, String>,
         metrics: Arc<CompactorMetrics>,
+        janitor_streams: JanitorStreams,
     ) -> (Self, Receiver<RebalanceEvent>) {
         let (events_tx, events_rx) = std::sync::mpsc::channel();
-        (Self { lake, handle, streams_by_topic, events_tx, metrics }, events_rx)
+        (Self { lake, handle, streams_by_topic, events_tx, metrics, janitor_streams }, events_rx)
     }
 
     /// Runs inside `poll` on the loop's blocking thread, so waiting on the store is allowed here.
@@ -192,7 +206,7 @@ impl RebalanceContext {
             match self.handle.block_on(self.lake.latest_commit(stream, partition)) {
                 Ok(latest) => return Ok(latest),
                 Err(error) if attempt + 1 < ASSIGN_LOAD_ATTEMPTS => {
-                    tracing::warn!(stream, partition, %error, "failed to read the committed position; retrying");
+                    tracing::warn!(stream, partition, error = %sluice_errors::Chain(&error), "failed to read the committed position; retrying");
                     attempt += 1;
                     std::thread::sleep(STORE_RETRY_BACKOFF);
                 }
@@ -319,6 +333,15 @@ impl PartitionState {
     fn has_uncommitted(&self) -> bool {
         self.range_start_opt.is_some_and(|start| self.next_offset > start)
     }
+
+    fn buffer_state(&self) -> BufferState {
+        BufferState {
+            first_buffered_at_opt: self.first_buffered_at_opt,
+            num_open_partitions: self.open_partitions.len(),
+            num_value_bytes: self.num_value_bytes,
+            has_uncommitted: self.has_uncommitted(),
+        }
+    }
 }
 
 /// Why the loop stopped consuming.
@@ -377,12 +400,14 @@ impl CompactorLoop {
                             // Shutdown interrupted a dead-letter write; the record is read again later.
                             break Ok(());
                         }
-                        if state.num_value_bytes >= self.flush.target_file_bytes {
+                        if FlushPolicy::new(&self.flush).is_full(state.num_value_bytes) {
                             self.flush_partition(&key, state);
                         }
                     }
                 }
-                Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error"),
+                Some(Err(error)) => {
+                    tracing::warn!(error = %sluice_errors::Chain(&error), "Kafka consumer error")
+                }
                 None => {}
             }
             if last_trigger_check.elapsed() >= TRIGGER_CHECK_INTERVAL {
@@ -442,7 +467,10 @@ impl CompactorLoop {
                         if let Some(state) = partitions.remove(&key) {
                             // The gauge would otherwise keep its last value in this instance.
                             self.metrics.record_position_beyond_end(&state.stream.stream, key.1, 0);
-                            tracing::info!(topic = %key.0, partition = key.1, dropped_records = state.num_buffered_rows() + state.pending.records.len(), "partition revoked; uncommitted rows dropped");
+                            let dropped_records = state.num_buffered_rows() + state.pending.records.len();
+                            self.metrics
+                                .record_revoked_uncommitted(&state.stream.stream, dropped_records as u64);
+                            tracing::info!(topic = %key.0, partition = key.1, dropped_records, "partition revoked; uncommitted rows dropped");
                         }
                     }
                 }
@@ -609,29 +637,27 @@ impl CompactorLoop {
     }
 
     fn flush_due(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
-        let max_age = Duration::from_millis(self.flush.max_age_ms);
+        let policy = FlushPolicy::new(&self.flush);
         let mut due = Vec::new();
         for (key, state) in partitions.iter_mut() {
-            // Open partitions are known only for decoded rows.
+            // Open partitions are known only for decoded rows. The age is read after decoding,
+            // which can take a while for a large buffer.
             self.decode_pending(&key.0, key.1, state);
-            let too_old = state.first_buffered_at_opt.is_some_and(|since| since.elapsed() >= max_age);
-            let too_scattered = state.open_partitions.len() > self.flush.max_open_partitions;
-            if (too_old || too_scattered) && state.has_uncommitted() {
+            if policy.is_due(&state.buffer_state(), Instant::now()) {
                 due.push(key.clone());
             }
         }
         self.flush_keys(partitions, &due);
-        let mut total: usize = partitions.values().map(|state| state.num_value_bytes).sum();
-        while total > self.flush.max_buffered_bytes {
-            let Some((key, state)) = partitions.iter_mut().max_by_key(|(_, state)| state.num_value_bytes)
-            else {
-                break;
-            };
-            let key = key.clone();
-            self.flush_partition(&key, state);
-            total = partitions.values().map(|state| state.num_value_bytes).sum();
+        // Sorted by key so that equal sizes are chosen the same way every time.
+        let mut sizes: Vec<((String, i32), usize)> =
+            partitions.iter().map(|(key, state)| (key.clone(), state.num_value_bytes)).collect();
+        sizes.sort();
+        for key in policy.over_budget(&sizes) {
+            if let Some(state) = partitions.get_mut(&key) {
+                self.flush_partition(&key, state);
+            }
         }
-        self.metrics.set_buffered_bytes(total);
+        self.metrics.set_buffered_bytes(partitions.values().map(|state| state.num_value_bytes).sum());
     }
 
     /// Flushes the buffers of `keys`, those of one stream in one commit.
@@ -670,12 +696,16 @@ impl CompactorLoop {
         }
         let flushes: Vec<(CommitRecord, Vec<NewFile>)> =
             prepared.iter().map(|(_, flush)| (flush.record.clone(), flush.new_files.clone())).collect();
+        FaultPoint::AfterUpload.reached();
         let committed = tracing::info_span!("commit", num_flushes = flushes.len())
             .in_scope(|| self.handle.block_on(self.lake.create_commits(&stream.stream, &flushes)));
+        if committed.as_ref().is_ok_and(|committed| committed.version_opt.is_some()) {
+            FaultPoint::AfterCommit.reached();
+        }
         if let Err(error) = &committed {
             // The commit may have landed before the error (a lost answer): the files then belong
             // to the table, and the janitor only deletes files no version adds.
-            tracing::error!(stream = %stream.stream, %error, "failed to commit to the table; re-reading the ranges");
+            tracing::error!(stream = %stream.stream, error = %sluice_errors::Chain(&error), "failed to commit to the table; re-reading the ranges");
             std::thread::sleep(STORE_RETRY_BACKOFF);
         }
         for (index, flush) in prepared {
@@ -732,7 +762,7 @@ impl CompactorLoop {
         let (files, num_duplicates_dropped) = match encoded {
             Ok(flush) => (flush.files, flush.num_duplicates_dropped),
             Err(error) => {
-                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to encode Parquet; re-reading the range");
+                tracing::error!(stream = %stream.stream, partition = key.1, error = %sluice_errors::Chain(&error), "failed to encode Parquet; re-reading the range");
                 self.rewind(key, state);
                 return None;
             }
@@ -740,8 +770,7 @@ impl CompactorLoop {
         let upload_span = tracing::info_span!("upload", partition = key.1, num_files = files.len()).entered();
         let mut new_files: Vec<NewFile> = Vec::with_capacity(files.len());
         for file in files {
-            let file_name =
-                format!("p{:03}-o{range_start:020}-{}.parquet", key.1, uuid::Uuid::new_v4().simple());
+            let file_name = Lake::flush_file_name(key.1, range_start);
             let partition = file.partition.to_string();
             let committed = CommittedFile {
                 path: Lake::data_file(&stream.stream, &partition, &file_name),
@@ -752,7 +781,7 @@ impl CompactorLoop {
                 max_event_time_micros: file.max_event_time_micros,
             };
             if let Err(error) = self.handle.block_on(self.lake.put(&committed.path, file.bytes)) {
-                tracing::error!(stream = %stream.stream, partition = key.1, %error, "failed to upload; re-reading the range");
+                tracing::error!(stream = %stream.stream, partition = key.1, error = %sluice_errors::Chain(&error), "failed to upload; re-reading the range");
                 self.delete_written(&new_files);
                 std::thread::sleep(STORE_RETRY_BACKOFF);
                 self.rewind(key, state);
@@ -790,7 +819,7 @@ impl CompactorLoop {
         let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
             Ok(latest) => latest,
             Err(error) => {
-                tracing::error!(partition = key.1, %error, "failed to read the committed position; stopping");
+                tracing::error!(partition = key.1, error = %sluice_errors::Chain(&error), "failed to read the committed position; stopping");
                 // The buffer may be gone already (taken by the flush that failed): nothing of
                 // this partition may be committed on the way out, or its range would be
                 // committed without its rows. Whoever owns it next reads it from the table.
@@ -805,7 +834,7 @@ impl CompactorLoop {
         let offset =
             latest.as_ref().map_or(Offset::Beginning, |position| Offset::Offset(position.end_offset));
         if let Err(error) = self.consumer.seek(&key.0, key.1, offset, Duration::from_secs(10)) {
-            tracing::error!(topic = %key.0, partition = key.1, %error, "failed to seek; stopping");
+            tracing::error!(topic = %key.0, partition = key.1, error = %sluice_errors::Chain(&error), "failed to seek; stopping");
             self.shutdown.cancel();
             return;
         }
@@ -827,7 +856,7 @@ impl CompactorLoop {
         let mut paused = TopicPartitionList::new();
         paused.add_partition(topic, partition);
         if let Err(error) = self.consumer.pause(&paused) {
-            tracing::warn!(topic, partition, %error, "failed to pause the partition");
+            tracing::warn!(topic, partition, error = %sluice_errors::Chain(&error), "failed to pause the partition");
         }
         let records_beyond = state.next_offset.saturating_sub(broker_end);
         self.metrics.record_position_beyond_end(&state.stream.stream, partition, records_beyond);
@@ -853,7 +882,7 @@ impl CompactorLoop {
         let mut resumed = TopicPartitionList::new();
         resumed.add_partition(&key.0, key.1);
         if let Err(error) = self.consumer.resume(&resumed) {
-            tracing::warn!(topic = %key.0, partition = key.1, %error, "failed to resume the partition");
+            tracing::warn!(topic = %key.0, partition = key.1, error = %sluice_errors::Chain(&error), "failed to resume the partition");
         }
         self.metrics.record_position_beyond_end(&state.stream.stream, key.1, 0);
         self.health.set_beyond_end(&key.0, key.1, false);
@@ -891,7 +920,7 @@ impl CompactorLoop {
                         Offset::Offset(state.next_offset),
                         Duration::from_secs(10),
                     ) {
-                        tracing::warn!(topic = %key.0, partition = key.1, %error, "failed to seek");
+                        tracing::warn!(topic = %key.0, partition = key.1, error = %sluice_errors::Chain(&error), "failed to seek");
                         continue;
                     }
                     self.resume_partition(&key, state);
@@ -908,7 +937,7 @@ impl CompactorLoop {
             let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
                 Ok(latest) => latest,
                 Err(error) => {
-                    tracing::warn!(partition = key.1, %error, "failed to read the committed position");
+                    tracing::warn!(partition = key.1, error = %sluice_errors::Chain(&error), "failed to read the committed position");
                     continue;
                 }
             };
@@ -932,7 +961,7 @@ impl CompactorLoop {
     fn delete_written(&self, new_files: &[NewFile]) {
         for new_file in new_files {
             if let Err(error) = self.handle.block_on(self.lake.delete(&new_file.file.path)) {
-                tracing::debug!(path = %new_file.file.path, %error, "failed to delete an uncommitted file; the janitor removes it");
+                tracing::debug!(path = %new_file.file.path, error = %sluice_errors::Chain(&error), "failed to delete an uncommitted file; the janitor removes it");
             }
         }
     }
@@ -943,18 +972,10 @@ impl CompactorLoop {
         if added.is_ok()
             && let Err(error) = self.consumer.commit(&offsets, CommitMode::Async)
         {
-            tracing::debug!(%error, "advisory Kafka offset commit failed");
+            tracing::debug!(error = %sluice_errors::Chain(&error), "advisory Kafka offset commit failed");
         }
     }
 }
 
-/// Milliseconds from the configuration as microseconds, saturating: a huge setting means "never",
-/// not an overflow.
-pub(crate) fn millis_to_micros(millis: u64) -> i64 {
-    i64::try_from(millis).unwrap_or(i64::MAX).saturating_mul(1_000)
-}
-
-pub(crate) fn now_micros() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
-}
+// A huge age setting means "never", not an overflow: millis_to_micros saturates.
+pub(crate) use sluice_clock::{millis_to_micros, now_micros};

@@ -3,6 +3,9 @@
 
 pub mod config;
 mod consumer;
+mod fault;
+mod flush_policy;
+mod janitor;
 mod merge;
 mod metrics;
 mod parquet_file;
@@ -25,6 +28,7 @@ use tokio::runtime::Handle;
 pub use crate::config::CompactorConfig;
 use crate::consumer::{CompactorLoop, RebalanceContext, StreamInfo};
 pub use crate::consumer::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, LoopError};
+use crate::janitor::JanitorStreams;
 pub use crate::merge::MergeError;
 pub use crate::parquet_file::{EncodeError, writer_properties};
 pub use crate::reset::{ResetError, ResetOutcome, reset_position};
@@ -64,6 +68,8 @@ pub enum CompactorError {
     Merge(#[from] MergeError),
     #[error("the {task} task panicked: {message}")]
     TaskPanicked { task: &'static str, message: String },
+    #[error("invalid fault point setting")]
+    FaultPoint(#[from] fault::InvalidFaultPoint),
     #[error("failed to serve /healthz and /readyz")]
     Health(#[source] std::io::Error),
 }
@@ -80,6 +86,8 @@ pub struct RunningCompactor {
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
     health: CompactorHealth,
     health_address_opt: Option<SocketAddr>,
+    janitor_streams: JanitorStreams,
+    metrics: Arc<metrics::CompactorMetrics>,
 }
 
 impl RunningCompactor {
@@ -114,6 +122,19 @@ impl RunningCompactor {
     pub fn partitions_beyond_end(&self) -> Vec<(String, i32)> {
         self.health.partitions_beyond_end()
     }
+
+    /// The streams whose tables this instance's janitor keeps: those whose Kafka partition 0
+    /// the group assigned here.
+    pub fn janitor_streams(&self) -> Vec<String> {
+        self.janitor_streams.snapshot()
+    }
+
+    /// Records that partitions revoked from this instance held uncommitted (their new owners
+    /// read them again from the committed positions); also the metric
+    /// `sluice_compactor_records_revoked_uncommitted`.
+    pub fn revoked_uncommitted_records(&self) -> u64 {
+        self.metrics.revoked_uncommitted_total()
+    }
 }
 
 /// Computes each stream's watermark from its table's log and publishes it as a cache for the
@@ -132,15 +153,17 @@ async fn run_watermark_publisher(
             _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
         }
         for (stream, num_partitions) in &partitions_by_stream {
-            let watermark_micros =
-                match lake.watermark(stream, *num_partitions, allowed_lateness_micros).await {
-                    Ok(Some(watermark_micros)) => watermark_micros,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        tracing::warn!(stream, %error, "failed to compute the watermark");
-                        continue;
-                    }
-                };
+            let watermark_micros = match lake
+                .watermark(stream, *num_partitions, allowed_lateness_micros)
+                .await
+            {
+                Ok(Some(watermark_micros)) => watermark_micros,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(stream, error = %sluice_errors::Chain(&error), "failed to compute the watermark");
+                    continue;
+                }
+            };
             let published = sluice_lake::PublishedWatermark {
                 stream: stream.clone(),
                 watermark_micros,
@@ -150,34 +173,9 @@ async fn run_watermark_publisher(
             };
             match lake.publish_watermark(&published).await {
                 Ok(()) => metrics.record_watermark(stream, watermark_micros),
-                Err(error) => tracing::warn!(stream, %error, "failed to publish the watermark"),
-            }
-        }
-    }
-}
-
-/// Deletes, every `interval`, the data files no table version needs: those of flushes and merges
-/// that never committed, and those merges removed longer than the retention ago.
-async fn run_janitor(
-    lake: Lake,
-    streams: Vec<String>,
-    config: config::JanitorConfig,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let min_age = Duration::from_millis(config.min_age_ms);
-    let removed_retention = Duration::from_millis(config.removed_retention_ms);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(config.interval_ms)) => {}
-        }
-        for stream in &streams {
-            match lake.vacuum(stream, min_age, removed_retention).await {
-                Ok(0) => {}
-                Ok(num_deleted) => {
-                    tracing::info!(stream, num_deleted, "deleted data files no table version needs")
+                Err(error) => {
+                    tracing::warn!(stream, error = %sluice_errors::Chain(&error), "failed to publish the watermark")
                 }
-                Err(error) => tracing::warn!(stream, %error, "janitor failed; trying again later"),
             }
         }
     }
@@ -189,6 +187,7 @@ pub async fn run(config: CompactorConfig, shutdown: CancellationToken) -> Result
 }
 
 pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Result<RunningCompactor> {
+    fault::arm_from_environment()?;
     let schemas = SchemaRegistry::load_directory(&config.schemas.directory)?;
     let stream_names: Vec<String> = if config.compactor.streams.is_empty() {
         schemas.stream_names().map(str::to_string).collect()
@@ -226,11 +225,11 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         };
         // Every assigned partition builds its own decoder: find a schema arrow-avro cannot decode now.
         info.decoder()?;
-        let partition_columns: &[&str] = match info.granularity {
-            sluice_lake::PartitionGranularity::Hour => &["dt", "hour"],
-            sluice_lake::PartitionGranularity::Day => &["dt"],
+        let partition_columns = info.granularity.partition_columns();
+        let settings = sluice_lake::TableSettings {
+            checkpoint_interval: config.table.checkpoint_interval,
+            log_retention_ms: config.table.log_retention_ms,
         };
-        let settings = sluice_lake::TableSettings { checkpoint_interval: config.table.checkpoint_interval };
         lake.ensure_table(stream, &sluice_schema::to_arrow_schema(reader), partition_columns, settings)
             .await
             .map_err(|source| CompactorError::Table { stream: stream.clone(), source: Box::new(source) })?;
@@ -270,8 +269,14 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     let streams_by_topic = streams.iter().map(|(topic, info)| (topic.clone(), info.stream.clone())).collect();
     let metrics = Arc::new(metrics::CompactorMetrics::new());
     metrics.start_counters(streams.values().map(|info| info.stream.as_str()));
-    let (context, events_rx) =
-        RebalanceContext::new(lake.clone(), handle.clone(), streams_by_topic, Arc::clone(&metrics));
+    let janitor_streams = JanitorStreams::default();
+    let (context, events_rx) = RebalanceContext::new(
+        lake.clone(),
+        handle.clone(),
+        streams_by_topic,
+        Arc::clone(&metrics),
+        janitor_streams.clone(),
+    );
     let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);
     // Defaults for what the passthrough map did not set. librdkafka 2.x pauses fetching a
     // partition for fetch.queue.backoff.ms (1 s) whenever its local queue is full; a consumer
@@ -321,7 +326,12 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     ));
     background.push(supervised(
         "janitor",
-        Box::pin(run_janitor(lake.clone(), stream_names.clone(), config.janitor.clone(), shutdown.clone())),
+        Box::pin(janitor::run_janitor(
+            lake.clone(),
+            janitor_streams.clone(),
+            config.janitor.clone(),
+            shutdown.clone(),
+        )),
     ));
     let compactor_loop = CompactorLoop {
         consumer,
@@ -341,5 +351,5 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     let worker = tokio::task::spawn_blocking(move || compactor_loop.run().map_err(CompactorError::from));
     let mut tasks = vec![supervise("consumer", worker, health.clone(), Arc::clone(&metrics), shutdown)];
     tasks.extend(background);
-    Ok(RunningCompactor { tasks, health, health_address_opt })
+    Ok(RunningCompactor { tasks, health, health_address_opt, janitor_streams, metrics })
 }

@@ -69,7 +69,7 @@ pub(crate) async fn run_merger(
                 // A panic is a defect, not a passing store error: trying again would hide it.
                 Err(error @ MergeError::Panicked) => return Err(error),
                 Err(error) => {
-                    tracing::warn!(stream = %target.stream, %error, "small-file merge failed; trying again later")
+                    tracing::warn!(stream = %target.stream, error = %sluice_errors::Chain(&error), "small-file merge failed; trying again later")
                 }
             }
         }
@@ -189,7 +189,7 @@ async fn merge_files(
             source: arrow_schema::ArrowError::InvalidArgumentError("merge produced no file".into()),
         });
     };
-    let file_name = format!("merged-{}.parquet", uuid::Uuid::new_v4().simple());
+    let file_name = Lake::merged_file_name();
     let output = CommittedFile {
         path: Lake::data_file(&target.stream, partition, &file_name),
         partition: partition.to_string(),

@@ -15,6 +15,9 @@ pub(crate) struct CompactorMetrics {
     buffered_bytes: Gauge<u64>,
     dead_lettered: Counter<u64>,
     commit_conflicts: Counter<u64>,
+    records_revoked_uncommitted: Counter<u64>,
+    /// The same count, readable in-process: a rebalance's cost in records read twice.
+    revoked_uncommitted_total: std::sync::atomic::AtomicU64,
     committed_event_time: Gauge<i64>,
     consumer_lag: Gauge<i64>,
     watermark: Gauge<i64>,
@@ -51,6 +54,14 @@ impl CompactorMetrics {
                 .u64_counter("sluice_compactor_commit_conflicts")
                 .with_unit("{commit}")
                 .build(),
+            records_revoked_uncommitted: meter
+                .u64_counter("sluice_compactor_records_revoked_uncommitted")
+                .with_unit("{record}")
+                .with_description(
+                    "Records a revoked partition held uncommitted: dropped here, read again by its new owner",
+                )
+                .build(),
+            revoked_uncommitted_total: std::sync::atomic::AtomicU64::new(0),
             committed_event_time: meter
                 .i64_gauge("sluice_compactor_committed_event_time_seconds")
                 .with_unit("s")
@@ -159,5 +170,14 @@ impl CompactorMetrics {
 
     pub(crate) fn record_commit_conflict(&self, stream: &str) {
         self.commit_conflicts.add(1, &[KeyValue::new("stream", stream.to_string())]);
+    }
+
+    pub(crate) fn record_revoked_uncommitted(&self, stream: &str, num_records: u64) {
+        self.records_revoked_uncommitted.add(num_records, &[KeyValue::new("stream", stream.to_string())]);
+        self.revoked_uncommitted_total.fetch_add(num_records, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn revoked_uncommitted_total(&self) -> u64 {
+        self.revoked_uncommitted_total.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -112,7 +112,7 @@ pub(crate) fn supervise(
         if let Err(error) = &outcome {
             health.set_failed();
             metrics.record_task_failure(task);
-            tracing::error!(task, error = %error_chain(error), "a compactor task failed; stopping the compactor");
+            tracing::error!(task, error = %sluice_errors::chain_text(error), "a compactor task failed; stopping the compactor");
             shutdown.cancel();
         }
         outcome
@@ -143,18 +143,6 @@ fn panic_message(join_error: tokio::task::JoinError) -> String {
         .map(|message| (*message).to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_string())
-}
-
-/// `error: cause: cause`, as `{:#}` of anyhow prints it.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source_opt = error.source();
-    while let Some(source) = source_opt {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        source_opt = source.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -188,7 +176,11 @@ mod tests {
         );
         let error = watched.await.unwrap().unwrap_err();
         assert!(matches!(error, CompactorError::TaskPanicked { task: "merge", .. }), "{error}");
-        assert!(error_chain(&error).contains("overflow in the merge task"), "{}", error_chain(&error));
+        assert!(
+            sluice_errors::chain_text(&error).contains("overflow in the merge task"),
+            "{}",
+            sluice_errors::chain_text(&error)
+        );
         assert!(shutdown.is_cancelled(), "the root token is cancelled");
         assert!(!health.is_ready());
         // Failure is final: nothing the loop reports makes the service ready again.
@@ -215,7 +207,7 @@ mod tests {
             metrics,
             shutdown.clone(),
         );
-        assert!(error_chain(&failed.await.unwrap().unwrap_err()).contains("disk gone"));
+        assert!(sluice_errors::chain_text(&failed.await.unwrap().unwrap_err()).contains("disk gone"));
         assert!(shutdown.is_cancelled() && !health.is_ready());
     }
 

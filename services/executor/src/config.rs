@@ -9,7 +9,9 @@ use sluice_lake::ObjectStoreConfig;
 use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
 
-use crate::catalog::ReferenceTable;
+use sluice_query::limits::DEFAULT_MAX_TIMEOUT_MS;
+use sluice_query::settings::QueryConfig;
+use sluice_query::tables::TablesConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,60 +97,14 @@ impl Default for ExecutorSection {
             max_concurrent_runs: 2,
             tick_interval_ms: 5_000,
             default_timeout_ms: 600_000,
-            max_timeout_ms: 14_400_000,
+            max_timeout_ms: DEFAULT_MAX_TIMEOUT_MS,
             default_max_attempts: 3,
             retry_backoff_ms: 10_000,
             lease_grace_ms: 30_000,
             restate_check_interval_ms: 60_000,
-            max_backlog_windows: 100_000,
+            max_backlog_windows: sluice_jobs::catch_up::DEFAULT_MAX_BACKLOG_WINDOWS,
             max_windows_per_job_per_tick: 64,
             state_dir: String::new(),
-        }
-    }
-}
-
-/// DataFusion settings for each run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QueryConfig {
-    /// Parallelism inside one run; 0 means one per core.
-    pub target_partitions: usize,
-    /// Memory one run may hold; sorts and aggregations spill to disk beyond it. 0 means no limit.
-    pub memory_limit_bytes: usize,
-    /// Rows of one window's result; a run that produces more fails with the reason. 0: no limit.
-    pub max_result_rows: u64,
-    /// Bytes of one window's result file (Parquet, as written); past it the run fails. 0: no limit.
-    pub max_result_bytes: u64,
-    /// The largest value (string, binary, list) a function such as `repeat`, `lpad`, `concat` or
-    /// `range` may build; DataFusion's memory pool does not see these. 0: no limit.
-    pub max_value_bytes: usize,
-    /// What one such function call may build for one batch of rows, all values together.
-    /// 0: no limit.
-    pub max_function_output_bytes: usize,
-}
-
-impl Default for QueryConfig {
-    fn default() -> Self {
-        Self {
-            target_partitions: 0,
-            memory_limit_bytes: 1024 * 1024 * 1024,
-            max_result_rows: 1_000_000,
-            max_result_bytes: 256 * 1024 * 1024,
-            max_value_bytes: 1024 * 1024,
-            max_function_output_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-impl QueryConfig {
-    /// The limits a run is held to, besides the memory pool's.
-    pub fn run_limits(&self, max_timeout_ms: u64) -> crate::limits::RunLimits {
-        crate::limits::RunLimits {
-            max_timeout: std::time::Duration::from_millis(max_timeout_ms),
-            max_result_rows: self.max_result_rows,
-            max_result_bytes: self.max_result_bytes,
-            max_value_bytes: self.max_value_bytes,
-            max_function_output_bytes: self.max_function_output_bytes,
         }
     }
 }
@@ -190,13 +146,6 @@ impl Default for BallistaSection {
             worker_work_dir: String::new(),
         }
     }
-}
-
-/// Tables besides the streams (which come from schemas/).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TablesConfig {
-    pub reference: Vec<ReferenceTable>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,21 +205,7 @@ impl Validate for ExecutorConfig {
         if self.ballista.scheduler_bind.parse::<std::net::SocketAddr>().is_err() {
             issues.push(ConfigIssue::new("ballista.scheduler_bind", "must be an IP address and port"));
         }
-        let mut names = std::collections::BTreeSet::new();
-        for (index, table) in self.tables.reference.iter().enumerate() {
-            if table.name.is_empty() || !table.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                issues.push(ConfigIssue::new(
-                    format!("tables.reference[{index}].name"),
-                    "must be letters, digits and '_'",
-                ));
-            }
-            if !names.insert(table.name.as_str()) {
-                issues.push(ConfigIssue::new(format!("tables.reference[{index}].name"), "is given twice"));
-            }
-            if table.path.is_empty() {
-                issues.push(ConfigIssue::new(format!("tables.reference[{index}].path"), "must be set"));
-            }
-        }
+        issues.extend(self.tables.validate("tables"));
         issues
     }
 }
@@ -295,10 +230,10 @@ mod tests {
         config.executor.max_concurrent_runs = 0;
         config.executor.default_timeout_ms = config.executor.max_timeout_ms + 1;
         config.ballista.scheduler_url = "no host".into();
-        config.tables.reference.push(ReferenceTable {
+        config.tables.reference.push(sluice_query::tables::ReferenceTable {
             name: "bad name".into(),
             path: String::new(),
-            format: crate::catalog::ReferenceFormat::Csv,
+            format: sluice_query::tables::ReferenceFormat::Csv,
         });
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert!(keys.contains(&"executor.max_concurrent_runs".to_string()), "{keys:?}");

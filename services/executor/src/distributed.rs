@@ -28,6 +28,7 @@ use object_store::ObjectStore;
 
 use crate::catalog::register_worker_stores;
 use crate::config::BallistaSection;
+use crate::engine::RemoteEngine;
 
 /// With a timeout set, Ballista 55's worker retries the scheduler connection instead of failing
 /// at the first refusal. (Its deadline check measures an `Instant` just created, so in practice
@@ -58,11 +59,14 @@ impl BallistaClient {
     pub fn scheduler_url(&self) -> &str {
         &self.scheduler_url
     }
+}
 
-    /// Runs `plan` on the cluster; its output streams back as the workers produce it.
-    /// `session_config` is the one the plan was made with: its DataFusion settings travel with
-    /// the job to the workers.
-    pub async fn execute_stream(
+/// Runs a plan on the cluster; its output streams back as the workers produce it. The session
+/// config is the one the plan was made with: its DataFusion settings travel with the job to the
+/// workers.
+#[async_trait::async_trait]
+impl RemoteEngine for BallistaClient {
+    async fn execute_stream(
         &self,
         plan: Arc<dyn ExecutionPlan>,
         session_config: &SessionConfig,

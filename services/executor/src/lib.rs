@@ -2,42 +2,37 @@
 //! Parquet partitions with DataFusion; each event-time window once, when its data is complete.
 //! docs/jobs.md is the user's guide; docs/ARCHITECTURE.md says how replicas share the work.
 
-pub mod catalog;
-pub mod catch_up;
 pub mod config;
-pub mod cron;
 pub mod distributed;
-pub mod events;
-pub mod job;
-mod join_order;
-pub mod limits;
 pub mod runs;
 pub mod scheduler;
-pub mod sql_depth;
 pub mod validation_markers;
-mod window_bounds;
+mod window_step;
+
+// The job contract and the query layer live in shared crates (the CLI uses them without the
+// service); re-exported under their old paths for the tests and benchmarks that name them.
+pub use sluice_jobs::{catch_up, cron, events, job};
+use sluice_query::result_types;
+pub use sluice_query::{catalog, engine, limits, plan_stats, sql_depth, tables, window_read};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_kafka::{KafkaError, ensure_topics};
-use sluice_lake::{StoreError, open_store};
-use sluice_schema::{SchemaError, SchemaRegistry};
 use sluice_shutdown::CancellationToken;
 
 pub use crate::catalog::{Catalog, QueryError, Scope, Snapshot, plan_query};
 pub use crate::config::ExecutorConfig;
 pub use crate::job::JobDefinition;
-pub use crate::scheduler::{SchedulerError, ValidatedJob, validate_job};
+pub use crate::scheduler::SchedulerError;
+pub use sluice_query::ValidatedJob;
 
 const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecutorError {
-    #[error("failed to load stream schemas")]
-    Schemas(#[from] SchemaError),
-    #[error("failed to open the object store")]
-    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] sluice_query::OpenCatalogError),
     #[error("failed to set up Kafka topics")]
     Topics(#[from] KafkaError),
     #[error(transparent)]
@@ -47,15 +42,29 @@ pub enum ExecutorError {
 }
 
 /// The catalog a configuration describes: the lake's store, the stream schemas, the reference
-/// tables. The CLI builds the same one to validate jobs and run queries.
+/// tables, and the Ballista cluster where one is configured.
 pub fn open_catalog(config: &ExecutorConfig) -> Result<Catalog, ExecutorError> {
-    let registry = Arc::new(SchemaRegistry::load_directory(&config.schemas.directory)?);
-    let (store, root) = open_store(&config.object_store)?;
-    Ok(Catalog::new(store, root, registry, config.tables.reference.clone())
-        .with_target_partitions(config.query.target_partitions)
-        .with_memory_limit(config.query.memory_limit_bytes)
-        .with_run_limits(config.query.run_limits(config.executor.max_timeout_ms))
-        .with_ballista(distributed::BallistaClient::from_config(&config.ballista)))
+    let catalog = sluice_query::open_catalog(
+        &config.schemas,
+        &config.object_store,
+        &config.tables,
+        &config.query,
+        config.executor.max_timeout_ms,
+    )?;
+    Ok(catalog.with_remote_engine(
+        distributed::BallistaClient::from_config(&config.ballista)
+            .map(|client| Arc::new(client) as Arc<dyn engine::RemoteEngine>),
+    ))
+}
+
+/// Checks a job against the catalog as this executor would: `engine: ballista` only where the
+/// catalog has the cluster.
+pub async fn validate_job(
+    catalog: &Catalog,
+    text: &str,
+    key_opt: Option<&str>,
+) -> Result<ValidatedJob, String> {
+    sluice_query::validate_job(catalog, text, key_opt, catalog.remote_engine().is_some()).await
 }
 
 /// Runs the executor until `shutdown` is cancelled.

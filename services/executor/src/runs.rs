@@ -1,180 +1,26 @@
-//! Running one job over one window, and the records in the lake that make each window run once
-//! across replicas and crashes.
-//!
-//! Under `_sluice/jobs/<job>/windows/<window start, µs, 20 digits>/`:
-//! - `<revision>-<attempt>.attempt.json`, created once by whoever starts that attempt: a claim
-//!   with a lease. Nobody starts the next attempt while the lease runs (unless the claim is this
-//!   instance's own, left by a process that died).
-//! - `<revision>.outcome.json`, created once when the revision succeeded or failed for good.
-//!
-//! A job's results are one Delta table, `results/<job>/`, partitioned by `window_start`
-//! (compact UTC, `20261126T080000Z`). A window's result is one Parquet file in its partition,
-//! and each revision replaces the partition in one commit: readers see the old result or the new
-//! one, never part of either, and the run record names the table version that holds it.
+//! Running one job over one window: plan it over one version of the stream tables, execute it
+//! here or on the cluster within its limits, and commit its result (records.rs in sluice-jobs
+//! says where runs and results are kept).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_schema::SchemaRef;
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::datasource::physical_plan::FileScanConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::DataFusionError;
-use datafusion::physical_plan::coop::CooperativeExec;
-use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream, execute_stream};
+use datafusion::physical_plan::{SendableRecordBatchStream, execute_stream};
 use futures::StreamExt as _;
-use object_store::path::Path;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use serde::{Deserialize, Serialize};
-use sluice_lake::{CommitOutcome, Lake, LakeError, METADATA_DIR, TableCommit};
+use sluice_errors::chain_text;
+use sluice_lake::TableCommit;
+
+pub use sluice_jobs::records::*;
+pub use sluice_query::plan_stats::{planned_files, scan_stats, yield_between_batches};
 
 use crate::catalog::{Catalog, Scope, Snapshot, describe, plan_query};
 use crate::job::{Engine, JobDefinition};
-
-/// A claim on one attempt of one window revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptRecord {
-    pub job: String,
-    pub window_start_micros: i64,
-    pub window_end_micros: i64,
-    pub revision: u32,
-    pub attempt: u32,
-    /// `executor.instance_id`: stable across restarts of one replica.
-    pub owner: String,
-    /// Random per process: tells a restarted replica its own dead claims apart from live ones.
-    pub incarnation: String,
-    pub started_at_micros: i64,
-    pub lease_until_micros: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutcomeStatus {
-    Succeeded,
-    Failed,
-}
-
-/// How a window revision ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutcomeRecord {
-    pub job: String,
-    pub window_start_micros: i64,
-    pub window_end_micros: i64,
-    pub revision: u32,
-    pub attempt: u32,
-    pub status: OutcomeStatus,
-    pub started_at_micros: i64,
-    pub finished_at_micros: i64,
-    pub stats: RunStats,
-    /// Rows of the committed files that overlap the window when it ran: a change means late
-    /// data arrived (or a merge dropped duplicates), which a restating job runs again for.
-    pub input_rows: u64,
-    pub result_path_opt: Option<String>,
-    pub error_opt: Option<String>,
-    /// The version of each stream table the revision read.
-    #[serde(default)]
-    pub input_versions: BTreeMap<String, i64>,
-    /// The version of the results table that holds the result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result_version_opt: Option<i64>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunStats {
-    pub rows_read: u64,
-    pub bytes_read: u64,
-    pub files_read: u64,
-    pub rows_written: u64,
-    pub bytes_written: u64,
-}
-
-/// What is recorded about one window: its latest revision.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WindowState {
-    pub revision: u32,
-    pub latest_attempt_opt: Option<AttemptRecord>,
-    pub outcome_opt: Option<OutcomeRecord>,
-}
-
-pub fn windows_dir(job: &str) -> String {
-    format!("{METADATA_DIR}/jobs/{job}/windows")
-}
-
-fn window_dir(job: &str, window_start_micros: i64) -> String {
-    format!("{}/{window_start_micros:020}", windows_dir(job))
-}
-
-pub fn attempt_path(job: &str, window_start_micros: i64, revision: u32, attempt: u32) -> String {
-    format!("{}/{revision:06}-{attempt:04}.attempt.json", window_dir(job, window_start_micros))
-}
-
-pub fn outcome_path(job: &str, window_start_micros: i64, revision: u32) -> String {
-    format!("{}/{revision:06}.outcome.json", window_dir(job, window_start_micros))
-}
-
-/// The partition column of every results table.
-pub const RESULT_PARTITION_COLUMN: &str = "window_start";
-
-/// `results/<job>`: the job's results table.
-pub fn results_table(job: &str) -> String {
-    format!("results/{job}")
-}
-
-/// `window_start=20261126T080000Z`: compact ISO 8601, since colons are awkward in object keys
-/// and file names.
-pub fn result_partition(window_start_micros: i64) -> String {
-    let stamp = chrono::DateTime::from_timestamp_micros(window_start_micros)
-        .map(|time| time.format("%Y%m%dT%H%M%SZ").to_string())
-        .unwrap_or_else(|| window_start_micros.to_string());
-    format!("{RESULT_PARTITION_COLUMN}={stamp}")
-}
-
-/// A new result file of a window: a fresh name per attempt, so that a revision never overwrites
-/// a file an older table version still holds.
-pub fn result_path(job: &str, window_start_micros: i64) -> String {
-    format!(
-        "{}/{}/{}.parquet",
-        results_table(job),
-        result_partition(window_start_micros),
-        uuid::Uuid::new_v4().simple()
-    )
-}
-
-/// Reads every window's records of a job.
-pub async fn load_windows(lake: &Lake, job: &str) -> Result<BTreeMap<i64, WindowState>, LakeError> {
-    let mut windows: BTreeMap<i64, WindowState> = BTreeMap::new();
-    // Sorted paths: revisions and attempts come in order, so the last read wins.
-    for path in lake.list_under(&windows_dir(job)).await? {
-        let mut parts = path.rsplit('/');
-        let (Some(file), Some(start)) = (parts.next(), parts.next()) else { continue };
-        let Ok(window_start) = start.parse::<i64>() else { continue };
-        if file.ends_with(".attempt.json") {
-            if let Some(record) = lake.read_record::<AttemptRecord>(&path).await? {
-                let state = windows.entry(window_start).or_default();
-                if record.revision >= state.revision {
-                    if record.revision > state.revision {
-                        state.outcome_opt = None;
-                    }
-                    state.revision = record.revision;
-                    state.latest_attempt_opt = Some(record);
-                }
-            }
-        } else if file.ends_with(".outcome.json")
-            && let Some(record) = lake.read_record::<OutcomeRecord>(&path).await?
-        {
-            let state = windows.entry(window_start).or_default();
-            if record.revision >= state.revision {
-                state.revision = record.revision;
-                state.outcome_opt = Some(record);
-            }
-        }
-    }
-    Ok(windows)
-}
-
 /// Why an attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RunError {
@@ -270,7 +116,7 @@ impl WindowRun {
         )
         .await
         .map_err(|_| RunError::Timeout(timeout))?
-        .map_err(|error| RunError::Lake(format!("{error:#}")))?;
+        .map_err(|error| RunError::Lake(chain_text(&error)))?;
         let run = self.clone();
         let mut task = runtime.spawn(run.execute(snapshot).instrument(tracing::Span::current()));
         let written = match tokio::time::timeout_at(deadline, &mut task).await {
@@ -326,7 +172,7 @@ impl WindowRun {
                 .catalog
                 .session(&snapshot, scope, true)
                 .await
-                .map_err(|error| RunError::Query(format!("{:#}", anyhow::Error::from(error))))?;
+                .map_err(|error| RunError::Query(chain_text(&error)))?;
             plan_query(&ctx, &self.job.sql, Some((self.window_start_micros, self.window_end_micros)))
                 .await
                 .map_err(|error| RunError::Query(error.0))
@@ -348,8 +194,9 @@ impl WindowRun {
             partitions = plan.properties().output_partitioning().partition_count()
         );
         let path = result_path(&self.job.name, self.window_start_micros);
+        let schema = crate::result_types::storable_schema(&plan.schema()).map_err(RunError::Invalid)?;
         let (rows_written, bytes_written) = async {
-            let stream = match (self.job.engine, self.catalog.ballista()) {
+            let stream = match (self.job.engine, self.catalog.remote_engine()) {
                 (Engine::Ballista, Some(cluster)) => {
                     cluster.execute_stream(Arc::clone(&plan), &session_config).await
                 }
@@ -368,7 +215,7 @@ impl WindowRun {
                 )));
             }
             // Rows are written as the plan produces them, so writing is a part of executing.
-            write_result(&self.catalog, &path, plan.schema(), stream)
+            write_result(&self.catalog, &path, Arc::clone(&schema), stream)
                 .instrument(tracing::info_span!("write_result", rows = tracing::field::Empty))
                 .await
         }
@@ -390,7 +237,7 @@ impl WindowRun {
             input_rows,
             result_path: path,
             input_versions: snapshot.versions().clone(),
-            schema: plan.schema(),
+            schema,
         })
     }
 }
@@ -430,24 +277,6 @@ impl Drop for RunRuntime {
     }
 }
 
-/// Makes every operator of a local plan yield to the runtime every so many batches.
-/// DataFusion's own yield points are at scans and exchanges only, so an operator that makes many
-/// batches from one input batch (a cross join, `unnest`, a join fanning out) can run without
-/// ever returning to the runtime: its timeout could not stop it, and an aborted run would keep
-/// its thread busy until the query ended by itself. Each batch costs one unit of the task's
-/// cooperative budget; the cost of a yield every 128 units is not measurable next to a batch.
-pub fn yield_between_batches(
-    plan: Arc<dyn ExecutionPlan>,
-) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
-    plan.transform_up(|node| {
-        if node.children().is_empty() || node.downcast_ref::<CooperativeExec>().is_some() {
-            return Ok(Transformed::no(node));
-        }
-        Ok(Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>))
-    })
-    .map(|transformed| transformed.data)
-}
-
 fn panic_message(error: tokio::task::JoinError) -> String {
     let payload = error.into_panic();
     payload
@@ -479,10 +308,12 @@ async fn write_result(
         .build();
     let lake = catalog.lake();
     let object = object_store::buffered::BufWriter::new(Arc::clone(lake.store()), lake.absolute(path));
-    let mut writer = AsyncArrowWriter::try_new(object, schema, Some(properties)).map_err(parquet_error)?;
+    let mut writer =
+        AsyncArrowWriter::try_new(object, Arc::clone(&schema), Some(properties)).map_err(parquet_error)?;
     let mut rows_written: u64 = 0;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|error| RunError::from_datafusion(&error))?;
+        let batch = crate::result_types::to_storable(batch, &schema).map_err(RunError::Invalid)?;
         rows_written = rows_written.saturating_add(batch.num_rows() as u64);
         limits.check_result(rows_written, writer.bytes_written() as u64).map_err(RunError::Limit)?;
         writer.write(&batch).await.map_err(parquet_error)?;
@@ -540,101 +371,7 @@ async fn commit_result(
         Err(error) => {
             // Whether it landed is unknown, so the file stays: deleting a committed result would
             // leave the table naming a missing file.
-            Err(RunError::Lake(format!("{:#}", anyhow::Error::from(error))))
+            Err(RunError::Lake(chain_text(&error)))
         }
     }
-}
-
-/// Rows, bytes and files the plan's scans read, from their metrics after a local run.
-pub fn scan_stats(plan: &Arc<dyn ExecutionPlan>) -> RunStats {
-    let mut stats = RunStats::default();
-    for_each_scan(plan, |scan| {
-        if let Some(metrics) = scan.metrics() {
-            stats.rows_read += metrics.output_rows().unwrap_or(0) as u64;
-            stats.bytes_read +=
-                metrics.sum_by_name("bytes_scanned").map_or(0, |value| value.as_usize() as u64);
-        }
-    });
-    stats.files_read = planned_files(plan).len() as u64;
-    stats
-}
-
-/// The files the plan's scans were given. A large file may be split into byte ranges over
-/// several groups: each is named once.
-pub fn planned_files(plan: &Arc<dyn ExecutionPlan>) -> BTreeSet<Path> {
-    let mut files = BTreeSet::new();
-    for_each_scan(plan, |scan| {
-        if let Some(config) = scan.data_source().downcast_ref::<FileScanConfig>() {
-            files.extend(
-                config
-                    .file_groups
-                    .iter()
-                    .flat_map(|group| group.iter())
-                    .map(|file| file.object_meta.location.clone()),
-            );
-        }
-    });
-    files
-}
-
-fn for_each_scan(plan: &Arc<dyn ExecutionPlan>, mut visit: impl FnMut(&DataSourceExec)) {
-    let mut stack = vec![Arc::clone(plan)];
-    while let Some(node) = stack.pop() {
-        if let Some(scan) = node.downcast_ref::<DataSourceExec>() {
-            visit(scan);
-        }
-        stack.extend(node.children().into_iter().cloned());
-    }
-}
-
-/// Creates an attempt claim; `false` if another instance claimed it first.
-pub async fn claim(lake: &Lake, record: &AttemptRecord) -> Result<bool, LakeError> {
-    let path = attempt_path(&record.job, record.window_start_micros, record.revision, record.attempt);
-    Ok(lake.create_record(&path, record).await? == CommitOutcome::Created)
-}
-
-/// Records how a revision ended; `false` if an outcome was there already (a stale attempt
-/// finished after another one).
-pub async fn record_outcome(lake: &Lake, record: &OutcomeRecord) -> Result<bool, LakeError> {
-    let path = outcome_path(&record.job, record.window_start_micros, record.revision);
-    Ok(lake.create_record(&path, record).await? == CommitOutcome::Created)
-}
-
-/// A request to run a job's windows in `[from, to)` again, written by `sluice jobs backfill`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackfillRequest {
-    pub job: String,
-    pub from_micros: i64,
-    pub to_micros: i64,
-    pub requested_at_micros: i64,
-}
-
-pub fn backfills_dir(job: &str) -> String {
-    format!("{METADATA_DIR}/jobs/{job}/backfills")
-}
-
-pub async fn load_backfills(lake: &Lake, job: &str) -> Result<Vec<BackfillRequest>, LakeError> {
-    let mut requests = Vec::new();
-    for path in lake.list_under(&backfills_dir(job)).await? {
-        if let Some(request) = lake.read_record::<BackfillRequest>(&path).await? {
-            requests.push(request);
-        }
-    }
-    Ok(requests)
-}
-
-pub async fn request_backfill(lake: &Lake, request: &BackfillRequest) -> Result<(), LakeError> {
-    let path = format!(
-        "{}/{:020}-{}.json",
-        backfills_dir(&request.job),
-        request.requested_at_micros,
-        uuid::Uuid::new_v4()
-    );
-    lake.create_record(&path, request).await?;
-    Ok(())
-}
-
-/// Whether a window has a revision that started after `requested_at` and finished.
-pub fn satisfies(state: &WindowState, requested_at_micros: i64) -> bool {
-    state.outcome_opt.as_ref().is_some_and(|outcome| outcome.started_at_micros >= requested_at_micros)
 }

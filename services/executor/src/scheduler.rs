@@ -5,72 +5,30 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::logical_expr::LogicalPlan;
 use opentelemetry::KeyValue;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sluice_errors::Chain;
 use sluice_lake::Lake;
+use sluice_query::{Catalog, ValidatedJob};
 use sluice_shutdown::CancellationToken;
 use sluice_telemetry::{Counter, Gauge, Histogram};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::catalog::{Catalog, Scope, plan_query};
 use crate::catch_up;
 use crate::config::ExecutorConfig;
 use crate::events::{JobRunEvent, JobStatusEvent, JobStatusKind, RunStatus};
-use crate::job::{Engine, JobDefinition, format_micros};
+use crate::job::format_micros;
 use crate::runs::{
     AttemptRecord, BackfillRequest, OutcomeRecord, OutcomeStatus, RunRuntime, WindowRun, WindowState, claim,
-    load_backfills, load_windows, record_outcome, satisfies,
+    load_backfills, load_windows, record_outcome,
 };
+use crate::validate_job;
 use crate::validation_markers::ValidationMarkers;
+use crate::window_step::{self, Replica, Restatement};
 
 const EVENT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A job that planned: the definition and what it reads.
-#[derive(Debug, Clone)]
-pub struct ValidatedJob {
-    pub definition: JobDefinition,
-    /// Streams the query reads; their watermarks decide when a window is complete.
-    pub streams: Vec<String>,
-}
-
-/// Checks a job against the catalog: it must plan as one read-only query over known tables.
-pub async fn validate_job(
-    catalog: &Catalog,
-    text: &str,
-    key_opt: Option<&str>,
-) -> Result<ValidatedJob, String> {
-    let definition = JobDefinition::parse(text, key_opt).map_err(|error| error.0)?;
-    catalog.run_limits().check_definition(&definition)?;
-    if definition.engine == Engine::Ballista && catalog.ballista().is_none() {
-        return Err("engine 'ballista' needs a Ballista cluster, and this executor has none \
-                    (ballista.scheduler_url is not set); use engine 'local' or configure one"
-            .to_string());
-    }
-    let snapshot = catalog.snapshot().await.map_err(|error| format!("{:#}", anyhow::Error::from(error)))?;
-    let ctx = catalog
-        .session(&snapshot, Scope::All, false)
-        .await
-        .map_err(|error| format!("{:#}", anyhow::Error::from(error)))?;
-    let frame = plan_query(&ctx, &definition.sql, Some((0, definition.window_micros)))
-        .await
-        .map_err(|error| error.0)?;
-    let stream_names: BTreeSet<String> = catalog.stream_names().into_iter().collect();
-    let mut streams = BTreeSet::new();
-    let _ = frame.logical_plan().apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            let table = scan.table_name.table();
-            if stream_names.contains(table) {
-                streams.insert(table.to_string());
-            }
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    Ok(ValidatedJob { definition, streams: streams.into_iter().collect() })
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -248,7 +206,7 @@ impl Shared {
             match broken_for_good(&producer, &error) {
                 Some((code, reason)) if try_number == 1 => self.replace_producer(&producer, code, &reason),
                 _ => {
-                    tracing::warn!(%topic, %key, %error, "failed to publish an executor event");
+                    tracing::warn!(%topic, %key, error = %Chain(&error), "failed to publish an executor event");
                     return;
                 }
             }
@@ -276,7 +234,7 @@ impl Shared {
                 self.metrics.producer_replacements.add(1, &[]);
             }
             Err(error) => {
-                tracing::error!(?code, %reason, %error, "the event producer failed for good and no new one could be created");
+                tracing::error!(?code, %reason, error = %Chain(&error), "the event producer failed for good and no new one could be created");
             }
         }
     }
@@ -287,7 +245,7 @@ impl Shared {
                 let topic = self.config.kafka.topic_names().job_status();
                 self.publish(&topic, &event.job, &payload).await;
             }
-            Err(error) => tracing::warn!(%error, "failed to encode a status event"),
+            Err(error) => tracing::warn!(error = %Chain(&error), "failed to encode a status event"),
         }
     }
 
@@ -326,9 +284,7 @@ fn broken_for_good(
     sluice_kafka::is_producer_state_lost(code).then(|| (code, error.to_string()))
 }
 
-pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
+pub use sluice_clock::now_micros;
 
 /// Runs until `shutdown` is cancelled, then lets running attempts finish within the grace period.
 pub async fn run(
@@ -403,7 +359,7 @@ pub async fn run(
                         shutdown_result = Err(SchedulerError::Fatal { role: "consumer", reason: format!("{code:?}: {reason}") });
                         break;
                     }
-                    tracing::warn!(%error, "jobs topic read failed");
+                    tracing::warn!(error = %Chain(&error), "jobs topic read failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             },
@@ -446,7 +402,7 @@ async fn handle_definition(
     let Some(text) = payload_opt else {
         // A deleted job's marker would refuse the same text if it came back.
         if let Err(error) = shared.markers.end(&key) {
-            tracing::warn!(job = %key, %error, "failed to remove a validation marker");
+            tracing::warn!(job = %key, error = %Chain(&error), "failed to remove a validation marker");
         }
         if jobs.remove(&key).is_some() || crate::job::validate_name(&key).is_ok() {
             tracing::info!(job = %key, "job deleted");
@@ -471,7 +427,7 @@ async fn handle_definition(
                 Err(error) => {
                     // Without its records the job cannot know what ran; it is read again
                     // when the partition is reassigned or the job resubmitted.
-                    tracing::error!(job = %key, error = %format!("{:#}", anyhow::Error::from(error)), "failed to load run records");
+                    tracing::error!(job = %key, error = %Chain(&error), "failed to load run records");
                     return;
                 }
             };
@@ -547,11 +503,11 @@ async fn validate_with_marker(shared: &Shared, key: &str, text: &str) -> Result<
         return Err(died.reason());
     }
     if let Err(error) = shared.markers.begin(key, text) {
-        tracing::warn!(job = %key, %error, "failed to write a validation marker; validating without one");
+        tracing::warn!(job = %key, error = %Chain(&error), "failed to write a validation marker; validating without one");
     }
     let validated = validate_job(&shared.catalog, text, Some(key)).await;
     if let Err(error) = shared.markers.end(key) {
-        tracing::warn!(job = %key, %error, "failed to remove a validation marker");
+        tracing::warn!(job = %key, error = %Chain(&error), "failed to remove a validation marker");
     }
     validated
 }
@@ -602,7 +558,9 @@ async fn schedule(
     for (name, scheduled) in jobs.iter_mut() {
         match load_backfills(shared.lake(), name).await {
             Ok(backfills) => scheduled.backfills = backfills,
-            Err(error) => tracing::warn!(job = %name, %error, "failed to read backfill requests"),
+            Err(error) => {
+                tracing::warn!(job = %name, error = %Chain(&error), "failed to read backfill requests")
+            }
         }
         let job = Arc::clone(&scheduled.job);
         let definition = &job.definition;
@@ -704,7 +662,8 @@ async fn schedule(
     }
 }
 
-/// The revision and attempt to start for a window now, if any.
+/// The revision and attempt to start for a window now, if any: nothing while it runs here or
+/// waits for a retry, else what its records say (window_step.rs).
 fn next_step(
     shared: &Shared,
     scheduled: &mut ScheduledJob,
@@ -723,24 +682,22 @@ fn next_step(
         }
         scheduled.retry_at.remove(&window_start);
     }
-    let Some(state) = scheduled.windows.get(&window_start) else { return Some((0, 1)) };
-    if let Some(outcome) = &state.outcome_opt {
-        let backfilled = backfills.iter().any(|request| {
-            request.from_micros < window_end
-                && window_start < request.to_micros
-                && !satisfies(state, request.requested_at_micros)
+    let streams = &scheduled.job.streams;
+    let restatement_opt =
+        snapshot_opt.filter(|_| scheduled.job.definition.restate).map(|snapshot| Restatement {
+            streams,
+            versions_now: snapshot.versions(),
+            rows_now: || snapshot.rows_overlapping(streams, window_start, window_end),
         });
-        let restated = scheduled.job.definition.restate
-            && outcome.status == OutcomeStatus::Succeeded
-            && snapshot_opt.is_some_and(|snapshot| {
-                snapshot.rows_overlapping(&scheduled.job.streams, window_start, window_end)
-                    != outcome.input_rows
-            });
-        return (backfilled || restated).then_some((state.revision + 1, 1));
-    }
-    let Some(attempt) = &state.latest_attempt_opt else { return Some((state.revision, 1)) };
-    let own_dead_claim = attempt.owner == shared.instance_id && attempt.incarnation != shared.incarnation;
-    (own_dead_claim || attempt.lease_until_micros <= now).then_some((state.revision, attempt.attempt + 1))
+    let replica = Replica { instance_id: &shared.instance_id, incarnation: &shared.incarnation };
+    window_step::next_step(
+        scheduled.windows.get(&window_start),
+        (window_start, window_end),
+        backfills,
+        restatement_opt,
+        replica,
+        now,
+    )
 }
 
 async fn run_attempt(
@@ -810,7 +767,7 @@ async fn run_attempt(
             result_version_opt: None,
         };
         if let Err(error) = record_outcome(lake, &outcome).await {
-            tracing::warn!(job = %definition.name, %error, "failed to record a failed window");
+            tracing::warn!(job = %definition.name, error = %Chain(&error), "failed to record a failed window");
         }
         report.state_opt = reload(lake).await;
         return report;
@@ -824,7 +781,7 @@ async fn run_attempt(
             return report;
         }
         Err(error) => {
-            tracing::warn!(job = %definition.name, %error, "failed to claim a window; will try again");
+            tracing::warn!(job = %definition.name, error = %Chain(&error), "failed to claim a window; will try again");
             report.retry_after_opt = Some(Duration::from_millis(section.retry_backoff_ms));
             return report;
         }
@@ -857,7 +814,7 @@ async fn run_attempt(
     };
     match &result {
         Ok(_) => tracing::info!(parent: &span, rows_written = stats.rows_written, duration_ms, "window done"),
-        Err(error) => tracing::warn!(parent: &span, %error, ?status, "window attempt failed"),
+        Err(error) => tracing::warn!(parent: &span, error = %Chain(&error), ?status, "window attempt failed"),
     }
 
     if status != RunStatus::Retrying {
@@ -890,7 +847,7 @@ async fn run_attempt(
                 return report;
             }
             Err(error) => {
-                tracing::warn!(parent: &span, %error, "failed to record the outcome; the window will run again");
+                tracing::warn!(parent: &span, error = %Chain(&error), "failed to record the outcome; the window will run again");
                 claim_record.lease_until_micros = 0;
                 report.retry_after_opt = Some(Duration::from_millis(section.retry_backoff_ms));
                 report.state_opt =
@@ -959,7 +916,7 @@ async fn run_attempt(
         Ok(payload) => {
             shared.publish(&shared.config.kafka.topic_names().job_runs(), &definition.name, &payload).await
         }
-        Err(error) => tracing::warn!(%error, "failed to encode a run event"),
+        Err(error) => tracing::warn!(error = %Chain(&error), "failed to encode a run event"),
     }
     report
 }

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use serde_json::json;
+use sluice_errors::chain_text;
 use sluice_kafka::TopicNames;
 use sluice_schema::SchemaRegistry;
 use tokio::sync::Semaphore;
@@ -259,7 +260,7 @@ async fn read_body(
                 Refusal::new(
                     StatusCode::BAD_REQUEST,
                     RejectReason::Malformed,
-                    format!("failed to read the body: {}", error_chain(&error)),
+                    format!("failed to read the body: {}", chain_text(&error)),
                 )
             })?;
             let needed = raw.len() + chunk.len();
@@ -382,7 +383,7 @@ async fn accept_records(
     match state.producer.produce_batch(&topic, &schema.fingerprint_hex(), outgoing).await {
         Ok(()) => Ok(num_records),
         Err(error) => {
-            tracing::warn!(%topic, error = %error_chain(&error), "produce failed");
+            tracing::warn!(%topic, error = %chain_text(&error), "produce failed");
             let message = match error {
                 ProduceError::QueueFull => "the producer queue is full; part of the request may have been written: retry the whole request shortly (duplicates are dropped by device_id and seq)".to_string(),
                 ProduceError::BrokerUnreachable => {
@@ -390,7 +391,7 @@ async fn accept_records(
                 }
                 other => format!(
                     "{}; some records may have been written: retry the whole request (duplicates are dropped by device_id and seq)",
-                    error_chain(&other)
+                    chain_text(&other)
                 ),
             };
             Err((Refusal::unavailable(message), num_records))
@@ -413,16 +414,4 @@ fn cut(text: &str) -> String {
         None => text.to_string(),
         Some((end, _)) => format!("{}...", &text[..end]),
     }
-}
-
-/// An error and its sources, `: `-separated, for logs and answers.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source_opt = error.source();
-    while let Some(source) = source_opt {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        source_opt = source.source();
-    }
-    text
 }

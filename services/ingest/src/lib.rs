@@ -85,8 +85,10 @@ impl RunningIngest {
         let flushed = tokio::task::spawn_blocking(move || producer.flush(grace_period)).await;
         match flushed {
             Ok(Ok(())) => tracing::info!("producer flushed"),
-            Ok(Err(error)) => tracing::warn!(%error, "producer flush incomplete at shutdown"),
-            Err(error) => tracing::warn!(%error, "producer flush task failed"),
+            Ok(Err(error)) => {
+                tracing::warn!(error = %sluice_errors::Chain(&error), "producer flush incomplete at shutdown")
+            }
+            Err(error) => tracing::warn!(error = %sluice_errors::Chain(&error), "producer flush task failed"),
         }
         match self.supervisor.failure() {
             Some(failure) => Err(IngestError::TaskFailed { task: failure.task, cause: failure.cause }),

@@ -20,13 +20,13 @@ use sluice_shutdown::CancellationToken;
 use tokio::sync::mpsc;
 
 use crate::config::MqttConfig;
-use crate::http::error_chain;
 use crate::metrics::{IngestMetrics, RejectReason};
 use crate::producer::{
     DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
 };
 use crate::records::{self, BodyFormat, RejectedRecord};
 use crate::tasks::panic_message;
+use sluice_errors::chain_text;
 
 const TRANSPORT: &str = "mqtt";
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -130,7 +130,7 @@ impl MqttBridge {
                         if !connack.session_present {
                             for filter in &filters {
                                 if let Err(error) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                                    tracing::error!(%filter, %error, "failed to subscribe");
+                                    tracing::error!(%filter, error = %sluice_errors::Chain(&error), "failed to subscribe");
                                 }
                             }
                         }
@@ -158,7 +158,7 @@ impl MqttBridge {
                         });
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "MQTT connection failed; reconnecting");
+                        tracing::warn!(error = %sluice_errors::Chain(&error), "MQTT connection failed; reconnecting");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = shutdown.cancelled(), if work_tx_opt.is_some() => work_tx_opt = None,
@@ -206,7 +206,7 @@ impl MqttBridge {
                     if let Some(publish) = done
                         && let Err(error) = client.ack(&publish).await
                     {
-                        tracing::warn!(%error, "failed to acknowledge MQTT message; the broker will deliver it again");
+                        tracing::warn!(error = %sluice_errors::Chain(&error), "failed to acknowledge MQTT message; the broker will deliver it again");
                     }
                 }
             }
@@ -241,7 +241,7 @@ impl MqttBridge {
                     return Some(incoming.publish);
                 }
                 Err(error) => {
-                    tracing::warn!(topic = %incoming.publish.topic, error = %error_chain(&error), "failed to produce MQTT reading; retrying");
+                    tracing::warn!(topic = %incoming.publish.topic, error = %chain_text(&error), "failed to produce MQTT reading; retrying");
                     if shutdown.is_cancelled() {
                         return None;
                     }
@@ -339,7 +339,7 @@ impl MqttBridge {
         {
             Ok(()) => Ok(Outcome::Accepted { stream: stream.to_string(), num_records }),
             Err(error) if error.is_permanent() => {
-                let detail = format!("Kafka refused the readings: {}", error_chain(&error));
+                let detail = format!("Kafka refused the readings: {}", chain_text(&error));
                 dead_letter(RejectReason::TooLarge, detail, num_records).await
             }
             Err(error) => Err(error),
@@ -380,7 +380,7 @@ impl MqttBridge {
                     topic = %publish.topic,
                     original_size = incoming.original_size,
                     reason = %detail,
-                    error = %error_chain(&error),
+                    error = %chain_text(&error),
                     "Kafka refused even the dead letter of an MQTT message; acknowledged and dropped"
                 );
                 return Ok(Outcome::Dropped { stream: stream.to_string(), reason, num_records });

@@ -21,21 +21,15 @@ use sluice_shutdown::CancellationToken;
 use tracing::instrument;
 
 use crate::config::ProducerConfig;
-use crate::http::error_chain;
 use crate::metrics::IngestMetrics;
 use crate::tasks::Supervisor;
+use sluice_errors::chain_text;
 
-/// Kafka header naming the writer schema (16 hex digits of its CRC-64-AVRO fingerprint).
-pub const SCHEMA_FINGERPRINT_HEADER: &str = "sluice.schema.fingerprint";
-/// Kafka header with the time ingest received the record, epoch microseconds in decimal.
-pub const INGEST_TIME_HEADER: &str = "sluice.ingest.time";
-/// Kafka header on dead letters: why the record was refused.
-pub const DEAD_LETTER_REASON_HEADER: &str = "sluice.dlq.reason";
-/// Kafka header on dead letters: where the record came from (for example the MQTT topic).
-pub const DEAD_LETTER_SOURCE_HEADER: &str = "sluice.dlq.source";
-/// Kafka header on dead letters whose payload was cut to fit the producer's message limit: the
-/// size in bytes of the payload as it arrived (the value holds its first bytes only).
-pub const DEAD_LETTER_ORIGINAL_SIZE_HEADER: &str = "sluice.dlq.original.size";
+pub use sluice_kafka::headers::{
+    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER,
+    INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
+};
+
 /// Bytes of the producer's message limit kept for a dead letter's key, headers and framing; the
 /// payload gets the rest. The key, reason and source are cut to fit in it.
 pub const DEAD_LETTER_RESERVED_BYTES: usize = 8 * 1024;
@@ -255,7 +249,7 @@ impl RecordProducer {
         let replacement = match BatchProducer::new(&self.client_config) {
             Ok(replacement) => replacement,
             Err(error) => {
-                tracing::error!(%error, "failed to create a replacement Kafka producer; trying again at the next failure or probe");
+                tracing::error!(error = %sluice_errors::Chain(&error), "failed to create a replacement Kafka producer; trying again at the next failure or probe");
                 return;
             }
         };
@@ -335,7 +329,7 @@ impl RecordProducer {
             "topics are missing on the Kafka broker (a broker that came back empty?); creating them again"
         );
         if let Err(error) = ensure_topics(&topics.kafka, missing, topics.timeout).await {
-            tracing::error!(error = %error_chain(&error), "failed to create the missing topics; trying again at the next probe");
+            tracing::error!(error = %chain_text(&error), "failed to create the missing topics; trying again at the next probe");
             return false;
         }
         self.replace(
@@ -414,7 +408,7 @@ impl RecordProducer {
             if let Some((code, reason)) = producer.fatal_error() {
                 self.replace(generation, code, &reason).await;
             } else if let Some(code) = error.lost_producer_state_opt() {
-                self.replace(generation, code, &error_chain(error)).await;
+                self.replace(generation, code, &chain_text(error)).await;
             }
         }
         result
@@ -457,7 +451,7 @@ impl RecordProducer {
         let kept = &dead_letter.payload[..dead_letter.payload.len().min(limit)];
         match self.send_dead_letter(topic, &dead_letter, kept, original_size).await {
             Err(error) if error.is_permanent() && !kept.is_empty() => {
-                tracing::warn!(%topic, error = %error_chain(&error), "dead letter refused as too large; sending it without payload");
+                tracing::warn!(%topic, error = %chain_text(&error), "dead letter refused as too large; sending it without payload");
                 self.send_dead_letter(topic, &dead_letter, &[], original_size).await?;
                 Ok(DeadLetterWritten::Truncated)
             }
@@ -527,10 +521,7 @@ pub(crate) fn prefix_at_char_boundary(text: &str, max_bytes: usize) -> &str {
     &text[..end]
 }
 
-pub(crate) fn now_micros() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
-}
+pub(crate) use sluice_clock::now_micros;
 
 #[cfg(test)]
 mod tests {

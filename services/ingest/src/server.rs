@@ -75,7 +75,7 @@ pub(crate) async fn serve(
                 Ok((stream, _peer)) => stream,
                 Err(error) if is_connection_error(&error) => continue,
                 Err(error) => {
-                    tracing::warn!(%error, "failed to accept a connection");
+                    tracing::warn!(error = %sluice_errors::Chain(&error), "failed to accept a connection");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
@@ -163,7 +163,7 @@ impl Connection {
                 match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => self.serve(TokioIo::new(tls_stream), activity).await,
                     Ok(Err(error)) => {
-                        tracing::debug!(%error, "TLS handshake failed");
+                        tracing::debug!(error = %sluice_errors::Chain(&error), "TLS handshake failed");
                         self.metrics.record_connection_closed(ConnectionCloseReason::TlsHandshake);
                     }
                     Err(_) => {
@@ -203,7 +203,7 @@ impl Connection {
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(error) = result {
-                        tracing::debug!(error = %error, "HTTP connection ended with an error");
+                        tracing::debug!(error = %sluice_errors::Chain(&*error), "HTTP connection ended with an error");
                     }
                     return;
                 }

@@ -48,7 +48,7 @@ impl Supervisor {
         self.tracker.spawn(async move {
             match inner.await {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => this.fail(name, crate::http::error_chain(&error)),
+                Ok(Err(error)) => this.fail(name, sluice_errors::chain_text(&error)),
                 Err(join_error) => {
                     let cause = if join_error.is_panic() {
                         format!("panicked: {}", panic_message(join_error.into_panic().as_ref()))

@@ -80,7 +80,7 @@ pub async fn serve(
     tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         if let Err(error) = served {
-            tracing::warn!(%error, "health endpoint stopped");
+            tracing::warn!(error = %sluice_errors::Chain(&error), "health endpoint stopped");
         }
     });
     Ok(Some(address))

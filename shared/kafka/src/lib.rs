@@ -5,6 +5,7 @@
 //! win, and `validate` refuses a map that contradicts them rather than silently overriding it.
 
 mod batch_producer;
+pub mod headers;
 
 use std::collections::BTreeMap;
 use std::fmt;

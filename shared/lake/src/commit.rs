@@ -213,6 +213,18 @@ impl Lake {
         format!("{stream}/{partition}/{file_name}")
     }
 
+    /// The name of a flush's file: the Kafka partition and first offset it holds, so that an
+    /// operator can tell where a file came from, and a unique part, because a range re-read after
+    /// a failed commit must not overwrite what a reader of an older version may still open.
+    pub fn flush_file_name(kafka_partition: i32, first_offset: i64) -> String {
+        format!("p{kafka_partition:03}-o{first_offset:020}-{}.parquet", uuid::Uuid::new_v4().simple())
+    }
+
+    /// The name of a merge's output file, unique for the same reason.
+    pub fn merged_file_name() -> String {
+        format!("merged-{}.parquet", uuid::Uuid::new_v4().simple())
+    }
+
     /// Writes bytes to a path relative to the root (data files, merged files, results). Files of at
     /// least the multipart threshold go up as multipart uploads, in parts of that size (5 MiB at
     /// least).
@@ -253,8 +265,12 @@ impl Lake {
         self.absolute(&format!("{METADATA_DIR}/watermarks/{stream}.json"))
     }
 
-    /// Writes the stream's watermark where readers look for it (overwriting the previous one:
-    /// it only moves forward, since each partition's committed event time only grows).
+    /// Writes the stream's watermark where the executor looks for it, overwriting whatever is
+    /// there without comparing. Every replica publishes the watermark of the table version it
+    /// loaded, so one that loaded an older version can put an older value over a newer one until
+    /// the next publication. That is tolerable because the file is only a cache: a value that went
+    /// back makes the executor wait longer for a window, never run one early, and the exact
+    /// watermark comes from the log ([`Lake::watermark`]).
     pub async fn publish_watermark(&self, watermark: &PublishedWatermark) -> Result<()> {
         let path = self.watermark_path(&watermark.stream);
         let bytes = serde_json::to_vec_pretty(watermark)
@@ -303,7 +319,8 @@ impl Lake {
     }
 
     /// Creates the JSON record at `relative` unless one is there: how the executor claims a
-    /// window attempt and records its outcome, with the same guarantee as commit records.
+    /// window attempt and records its outcome. The put is conditional (`PutMode::Create`), like
+    /// a Delta log commit, so of writers racing for one path exactly one gets `Created`.
     pub async fn create_record<T: Serialize>(&self, relative: &str, record: &T) -> Result<CommitOutcome> {
         self.create_once(self.absolute(relative), record).await
     }
@@ -341,15 +358,7 @@ impl Lake {
     }
 }
 
-/// Epoch microseconds `age` ago.
-pub(crate) fn micros_ago(age: std::time::Duration) -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(now.saturating_sub(age).as_micros()).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn now_micros() -> i64 {
-    micros_ago(std::time::Duration::ZERO)
-}
+pub(crate) use sluice_clock::{micros_ago, now_micros};
 
 fn parse_record<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes)

@@ -26,7 +26,8 @@ pub use crate::commit::{
     METADATA_DIR, MergeRecord, PositionReset, PublishedWatermark,
 };
 pub use crate::partition::{
-    EventTimeOutOfRange, MAX_EVENT_TIME_MICROS, MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,
+    DATE_PARTITION_COLUMN, EventTimeOutOfRange, HOUR_PARTITION_COLUMN, MAX_EVENT_TIME_MICROS,
+    MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,
 };
 pub use crate::stats::delta_stats;
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};

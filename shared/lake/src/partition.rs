@@ -11,6 +11,29 @@ pub enum PartitionGranularity {
     Day,
 }
 
+/// The partition column of every stream table: the UTC date, `YYYY-MM-DD`.
+pub const DATE_PARTITION_COLUMN: &str = "dt";
+/// The second partition column of hourly stream tables: the UTC hour, `HH`.
+pub const HOUR_PARTITION_COLUMN: &str = "hour";
+
+impl PartitionGranularity {
+    /// The table's partition columns, outermost first.
+    pub fn partition_columns(self) -> &'static [&'static str] {
+        match self {
+            Self::Hour => &[DATE_PARTITION_COLUMN, HOUR_PARTITION_COLUMN],
+            Self::Day => &[DATE_PARTITION_COLUMN],
+        }
+    }
+
+    /// The granularity a partition segment (`dt=…/hour=…` or `dt=…`) was written with.
+    pub fn of_segment(segment: &str) -> Self {
+        let has_hour = segment
+            .split('/')
+            .any(|part| part.split_once('=').is_some_and(|(column, _)| column == HOUR_PARTITION_COLUMN));
+        if has_hour { Self::Hour } else { Self::Day }
+    }
+}
+
 /// The event-time partition of a row: a UTC day and, for hourly streams, an hour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionKey {
@@ -119,8 +142,10 @@ impl fmt::Display for PartitionKey {
     /// The Hive path segment: `dt=2026-11-26/hour=08` or `dt=2026-11-26`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.hour_opt {
-            Some(hour) => write!(f, "dt={}/hour={hour:02}", self.date_string()),
-            None => write!(f, "dt={}", self.date_string()),
+            Some(hour) => {
+                write!(f, "{DATE_PARTITION_COLUMN}={}/{HOUR_PARTITION_COLUMN}={hour:02}", self.date_string())
+            }
+            None => write!(f, "{DATE_PARTITION_COLUMN}={}", self.date_string()),
         }
     }
 }
@@ -128,6 +153,18 @@ impl fmt::Display for PartitionKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_segment_names_its_granularity_and_the_columns_follow() {
+        assert_eq!(PartitionGranularity::of_segment("dt=2026-11-26/hour=08"), PartitionGranularity::Hour);
+        assert_eq!(PartitionGranularity::of_segment("dt=2026-11-26"), PartitionGranularity::Day);
+        // A value that happens to contain the column's name is not the column.
+        assert_eq!(PartitionGranularity::of_segment("dt=hour=1"), PartitionGranularity::Day);
+        assert_eq!(PartitionGranularity::Hour.partition_columns(), ["dt", "hour"]);
+        assert_eq!(PartitionGranularity::Day.partition_columns(), ["dt"]);
+        let key = PartitionKey::for_event_time(0, PartitionGranularity::Hour);
+        assert_eq!(PartitionGranularity::of_segment(&key.to_string()), PartitionGranularity::Hour);
+    }
 
     const NOV_26_08_00: i64 = 1_795_680_000_000_000;
 

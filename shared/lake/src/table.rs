@@ -50,13 +50,18 @@ pub struct TableSettings {
     /// A checkpoint is written every this many commits, so that loading a snapshot reads one
     /// Parquet checkpoint and at most this many JSON commits however old the table is.
     pub checkpoint_interval: u64,
+    /// Log entries older than this are removed when a checkpoint is written
+    /// (`delta.logRetentionDuration`): the history that time travel and `sluice tables` see.
+    pub log_retention_ms: u64,
 }
 
 impl Default for TableSettings {
     fn default() -> Self {
         // Streams commit every few seconds per partition: Delta's default of 100 would leave a
-        // reader replaying up to 100 JSON commits.
-        Self { checkpoint_interval: 10 }
+        // reader replaying up to 100 JSON commits. Log cleanup lists the whole retained log at
+        // each checkpoint, so Delta's 30 days (a million commits of a busy stream) would make
+        // every tenth commit list a million objects; a day keeps it to tens of thousands.
+        Self { checkpoint_interval: 10, log_retention_ms: 86_400_000 }
     }
 }
 
@@ -210,6 +215,10 @@ impl Lake {
                         TableProperty::CheckpointInterval,
                         Some(settings.checkpoint_interval.max(1).to_string()),
                     )
+                    .with_configuration_property(
+                        TableProperty::LogRetentionDuration,
+                        Some(format!("interval {} milliseconds", settings.log_retention_ms.max(1))),
+                    )
                     .with_save_mode(SaveMode::ErrorIfExists)
                     .await;
                 match created {
@@ -362,8 +371,8 @@ impl Lake {
     }
 
     /// Commits a small-file merge: the merged file is added and its inputs removed in one
-    /// transaction, neither changing data (`dataChange: false`), so a reader of any version sees
-    /// each row once. Refused with [`TableCommit::Conflict`] when an input is no longer in the
+    /// transaction, so a reader of any version sees each row once; `dataChange` is false unless
+    /// the merge dropped duplicate readings. Refused with [`TableCommit::Conflict`] when an input is no longer in the
     /// table (another merge took it).
     pub async fn create_merge(&self, record: &MergeRecord, stats_json: &str) -> Result<TableCommit> {
         let stream = &record.stream;
@@ -375,9 +384,14 @@ impl Lake {
         if !record.inputs.iter().all(|input| live.contains(&input.path)) {
             return Ok(TableCommit::Conflict);
         }
+        // A merge drops readings that two flushes both hold (a device sent one twice): then it
+        // does change the data, and a reader that follows changes (Delta streaming, change
+        // feeds) must be told so.
+        let input_rows: u64 = record.inputs.iter().map(|input| input.num_rows).sum();
+        let data_change = record.output.num_rows != input_rows;
         let now_millis = crate::commit::now_micros() / 1_000;
         let mut actions = vec![
-            Action::Add(add_action(stream, &record.output, Some(stats_json), now_millis, false)),
+            Action::Add(add_action(stream, &record.output, Some(stats_json), now_millis, data_change)),
             Action::Txn(Transaction {
                 app_id: merge_app_id(stream, &record.partition),
                 version: crate::commit::now_micros(),
@@ -385,7 +399,10 @@ impl Lake {
             }),
         ];
         actions.extend(
-            record.inputs.iter().map(|input| Action::Remove(remove_action(stream, input, now_millis, false))),
+            record
+                .inputs
+                .iter()
+                .map(|input| Action::Remove(remove_action(stream, input, now_millis, data_change))),
         );
         let entry = CommitInfoEntry { flushes: Vec::new(), merge: Some(record.clone()) };
         let operation = DeltaOperation::Optimize {
@@ -440,11 +457,20 @@ impl Lake {
         // commit for conflicts and finds its own `txn`s), or the checkpoint after the commit
         // point fails. Deleting the files then would leave the table naming missing files; the
         // commit's own uniquely named files in the table say that it landed.
-        if !own_paths.is_empty()
-            && let Ok(Some(version)) = self.version_holding(table_name, &own_paths).await
-        {
-            tracing::warn!(table = table_name, %error, version, "the commit landed although it reported a failure");
-            return Ok(TableCommit::Committed { version });
+        if !own_paths.is_empty() {
+            match self.version_holding(table_name, &own_paths).await {
+                Ok(Some(version)) => {
+                    tracing::warn!(table = table_name, error = %sluice_errors::Chain(&error), version, "the commit landed although it reported a failure");
+                    return Ok(TableCommit::Committed { version });
+                }
+                Ok(None) => {}
+                // Whether it landed is unknown: a conflict answer would let the caller delete
+                // files the table may name, an error makes it re-read the table first.
+                Err(check_error) => {
+                    tracing::warn!(table = table_name, error = %sluice_errors::Chain(&error), %check_error, "could not tell whether a failed commit landed");
+                    return Err(LakeError::Delta { table: table_name.to_string(), source: Box::new(error) });
+                }
+            }
         }
         match error {
             DeltaTableError::Transaction { source: TransactionError::CommitConflict(conflict) } => {
@@ -923,7 +949,7 @@ mod tests {
             "telemetry",
             &columns(false),
             &["dt", "hour"],
-            TableSettings { checkpoint_interval: 5 },
+            TableSettings { checkpoint_interval: 5, ..TableSettings::default() },
         )
         .await
         .unwrap();
@@ -944,6 +970,45 @@ mod tests {
             })
             .count();
         assert!(checkpoints >= 4, "a checkpoint every 5 commits: {checkpoints}");
+    }
+
+    #[tokio::test]
+    async fn log_entries_past_the_retention_go_at_the_next_checkpoint() {
+        let directory = tempfile::TempDir::new().unwrap();
+        let config =
+            crate::ObjectStoreConfig { url: directory.path().display().to_string(), ..Default::default() };
+        let lake = crate::open_lake(&config).unwrap();
+        let settings = TableSettings { checkpoint_interval: 5, log_retention_ms: 1_000 };
+        lake.ensure_table("telemetry", &columns(false), &["dt", "hour"], settings).await.unwrap();
+        let log_dir = directory.path().join("telemetry/_delta_log");
+        let commits_in_log = || {
+            let mut versions: Vec<u64> = std::fs::read_dir(&log_dir)
+                .unwrap()
+                .filter_map(|entry| {
+                    entry.unwrap().file_name().to_string_lossy().strip_suffix(".json")?.parse().ok()
+                })
+                .collect();
+            versions.sort_unstable();
+            versions
+        };
+        for flush_index in 0..11 {
+            if flush_index == 6 {
+                assert_eq!(commits_in_log().first(), Some(&0), "no checkpoint past the retention yet");
+                tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+            }
+            // From the seventh on (versions 7 to 11), the checkpoint at 10 removes the older.
+            let start = flush_index * 10;
+            let previous = (flush_index > 0).then_some(start);
+            commit(&lake, previous, start, start + 10, &format!("f{flush_index}.parquet")).await;
+        }
+        // delta-rs removes the expired entries up to a checkpoint it can still start from; the
+        // ones younger than the retention stay.
+        let versions = commits_in_log();
+        assert!(versions.first().is_some_and(|&first| first > 0), "{versions:?}");
+        assert!((7..=11).all(|version| versions.contains(&version)), "{versions:?}");
+        let position = lake.latest_commit("telemetry", 3).await.unwrap().unwrap();
+        assert_eq!((position.end_offset, position.table_version), (110, 11));
+        assert_eq!(lake.live_files("telemetry").await.unwrap().len(), 11);
     }
 
     #[tokio::test]
@@ -1138,6 +1203,49 @@ mod tests {
         assert_eq!(live.len(), 1);
         assert_eq!((live[0].path.as_str(), live[0].num_rows), (output.path.as_str(), 20));
         assert_eq!(lake.merges("telemetry").await.unwrap().len(), 1);
+        let (version, _) = lake.table_files("telemetry").await.unwrap().unwrap();
+        assert_eq!(data_changes(&lake, version).await, vec![false; 3], "the same rows in fewer files");
+    }
+
+    /// The `dataChange` flag of every add and remove in one version of the telemetry table.
+    async fn data_changes(lake: &Lake, version: i64) -> Vec<bool> {
+        let log = lake.get(&format!("telemetry/_delta_log/{version:020}.json")).await.unwrap();
+        std::str::from_utf8(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|line| {
+                let action: serde_json::Value = serde_json::from_str(line).unwrap();
+                let file = action.get("add").or_else(|| action.get("remove"))?;
+                Some(file["dataChange"].as_bool().unwrap())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_merge_that_drops_duplicate_readings_changes_data() {
+        let lake = lake();
+        telemetry_table(&lake).await;
+        commit(&lake, None, 0, 10, "a.parquet").await;
+        commit(&lake, Some(10), 10, 20, "b.parquet").await;
+        let inputs = lake.live_files("telemetry").await.unwrap();
+        let merge = MergeRecord {
+            stream: "telemetry".into(),
+            partition: "dt=2026-11-26/hour=08".into(),
+            inputs: inputs.clone(),
+            output: CommittedFile {
+                path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(),
+                num_rows: 19,
+                ..inputs[0].clone()
+            },
+            writer_id: "test".into(),
+            created_at_micros: 0,
+        };
+        let TableCommit::Committed { version } =
+            lake.create_merge(&merge, "{\"numRecords\":19}").await.unwrap()
+        else {
+            panic!("the merge commits");
+        };
+        assert_eq!(data_changes(&lake, version).await, vec![true; 3], "a reading fewer than the inputs held");
     }
 
     #[tokio::test]

@@ -292,8 +292,10 @@ impl SchemaRegistry {
             if !is_valid_stream_name(&stream) {
                 return Err(SchemaError::Unsupported {
                     path,
-                    reason: "stream names (the file stem) use lowercase letters, digits, '_' and '-', 1-100 characters"
-                        .into(),
+                    reason: format!(
+                        "stream names (the file stem) use lowercase letters, digits, '_' and '-', 1-100 characters, \
+                         do not start with '_' and are not '{RESULTS_DIR}' (the jobs' results live there)"
+                    ),
                 });
             }
             registry.insert(StreamSchema::from_avro_json(&stream, &schema_json, &path)?);
@@ -353,10 +355,18 @@ impl SchemaRegistry {
     }
 }
 
+/// The lake's top-level folder of the jobs' results tables (`results/<job>/`).
+pub const RESULTS_DIR: &str = "results";
+
 /// Stream names end up in Kafka topic names, MQTT topics and object paths: keep them plain.
+/// A stream's table sits at the lake's top level beside `results/` (the jobs' results tables)
+/// and `_sluice/` (run records), so those names are taken: a stream there would mix its files
+/// into theirs, and the janitor would vacuum their files as its own.
 pub fn is_valid_stream_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 100
+        && name != RESULTS_DIR
+        && !name.starts_with('_')
         && name
             .bytes()
             .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_' || byte == b'-')

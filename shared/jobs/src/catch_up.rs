@@ -3,7 +3,7 @@
 //! is refused by counting, never by enumerating its windows.
 
 use crate::job::{JobDefinition, format_micros};
-use crate::runs::BackfillRequest;
+use crate::records::BackfillRequest;
 
 /// Windows of `window_micros` whose start lies in `[first, end)`; 0 when the range is empty.
 pub fn window_count(first_micros: i64, end_micros: i64, window_micros: i64) -> u64 {
@@ -39,6 +39,11 @@ pub fn backlog_refusal(
         format_micros(earliest.saturating_add(window)),
     ))
 }
+
+/// Windows a job may have left to run when it is accepted, unless configured otherwise
+/// (`executor.max_backlog_windows`): a `1s` window from 1970 is 1.8 billion, which no replica
+/// should start on.
+pub const DEFAULT_MAX_BACKLOG_WINDOWS: u64 = 100_000;
 
 /// Why a backfill request is refused, if it is: more windows than a backlog may hold.
 pub fn backfill_refusal(

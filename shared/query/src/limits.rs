@@ -31,7 +31,11 @@ use datafusion::logical_expr::{
 use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 
-use crate::job::JobDefinition;
+use sluice_jobs::job::JobDefinition;
+
+/// The longest timeout a job may ask for unless configured otherwise (`executor.max_timeout_ms`):
+/// four hours, the longest a day's window of a large fleet took on one machine with room to spare.
+pub const DEFAULT_MAX_TIMEOUT_MS: u64 = 14_400_000;
 
 /// What one run may use besides the memory pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

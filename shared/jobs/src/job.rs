@@ -309,13 +309,7 @@ fn parse_bool(text: &str) -> Result<bool, String> {
     }
 }
 
-/// Formats epoch microseconds as RFC 3339 UTC, the form used in events and the CLI.
-pub fn format_micros(micros: i64) -> String {
-    Utc.timestamp_micros(micros)
-        .single()
-        .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        .unwrap_or_else(|| micros.to_string())
-}
+pub use sluice_clock::format_micros;
 
 #[cfg(test)]
 mod tests {

@@ -40,15 +40,18 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use serde::{Deserialize, Serialize};
-use sluice_lake::{CommittedFile, Lake, LakeError, PartitionGranularity, PartitionKey};
+use sluice_lake::{
+    CommittedFile, DATE_PARTITION_COLUMN, HOUR_PARTITION_COLUMN, Lake, LakeError, PartitionGranularity,
+};
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaRegistry, to_arrow_schema};
 
-use crate::distributed::BallistaClient;
-use crate::job::{WINDOW_END_PLACEHOLDER, WINDOW_START_PLACEHOLDER};
+use crate::engine::RemoteEngine;
 use crate::join_order::BuildFromGroupedSide;
 use crate::limits::{RunLimits, bound_value_building_functions};
+pub use crate::tables::{ReferenceFormat, ReferenceTable};
 use crate::window_bounds::WindowScope;
+use crate::window_read::{WindowRead, holds_rows_of};
+use sluice_jobs::job::{WINDOW_END_PLACEHOLDER, WINDOW_START_PLACEHOLDER};
 
 /// DataFusion reaches the lake through these two URLs: stream tables through the committed-files
 /// view of the store, reference tables through the store itself.
@@ -56,27 +59,6 @@ const COMMITTED_URL: &str = "sluice-committed://lake/";
 const STORE_URL: &str = "sluice-store://lake/";
 /// Partitions of a sort below this size are sorted as one batch rather than merged.
 const SORT_IN_PLACE_THRESHOLD_BYTES: usize = 256 * 1024 * 1024;
-/// Above this many hours a window's partition filter names days instead (the row filter on the
-/// event time still bounds it exactly).
-const MAX_HOURS_IN_FILTER: i64 = 48;
-
-/// A table that is not a stream: a device registry, a site list. Read as it is in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReferenceTable {
-    pub name: String,
-    /// Path under the store root: a file, or a directory ending in `/`.
-    pub path: String,
-    pub format: ReferenceFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReferenceFormat {
-    /// With a header row.
-    Csv,
-    Parquet,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -118,10 +100,9 @@ impl Snapshot {
     /// Granularity as the compactor wrote it: hourly partitions have an `hour=` segment. A stream
     /// with no files yet is taken to be hourly, the compactor's default.
     pub fn granularity(&self, stream: &str) -> PartitionGranularity {
-        match self.files(stream).first() {
-            Some(file) if !file.partition.contains("hour=") => PartitionGranularity::Day,
-            _ => PartitionGranularity::Hour,
-        }
+        self.files(stream)
+            .first()
+            .map_or(PartitionGranularity::Hour, |file| PartitionGranularity::of_segment(&file.partition))
     }
 
     /// Rows of the committed files of `streams` that hold rows of `[start, end)`, by their
@@ -130,9 +111,7 @@ impl Snapshot {
         streams
             .iter()
             .flat_map(|stream| self.files(stream))
-            .filter(|file| {
-                file.min_event_time_micros < end_micros && file.max_event_time_micros >= start_micros
-            })
+            .filter(|file| holds_rows_of(file, start_micros, end_micros))
             .map(|file| file.num_rows)
             .sum()
     }
@@ -172,7 +151,7 @@ pub struct Catalog {
     target_partitions: usize,
     memory_limit_bytes: usize,
     run_limits: RunLimits,
-    ballista_opt: Option<BallistaClient>,
+    remote_engine_opt: Option<Arc<dyn RemoteEngine>>,
     file_caches: FileCaches,
 }
 
@@ -228,7 +207,7 @@ impl Catalog {
             target_partitions: std::thread::available_parallelism().map_or(2, usize::from),
             memory_limit_bytes: 0,
             run_limits: RunLimits::default(),
-            ballista_opt: None,
+            remote_engine_opt: None,
             file_caches: FileCaches::new(),
         }
     }
@@ -259,13 +238,13 @@ impl Catalog {
     }
 
     /// The cluster that runs jobs with `engine: ballista`.
-    pub fn with_ballista(mut self, ballista_opt: Option<BallistaClient>) -> Self {
-        self.ballista_opt = ballista_opt;
+    pub fn with_remote_engine(mut self, remote_engine_opt: Option<Arc<dyn RemoteEngine>>) -> Self {
+        self.remote_engine_opt = remote_engine_opt;
         self
     }
 
-    pub fn ballista(&self) -> Option<&BallistaClient> {
-        self.ballista_opt.as_ref()
+    pub fn remote_engine(&self) -> Option<&Arc<dyn RemoteEngine>> {
+        self.remote_engine_opt.as_ref()
     }
 
     pub fn lake(&self) -> &Lake {
@@ -340,14 +319,14 @@ impl Catalog {
         let ctx = SessionContext::new_with_state(state);
         bound_value_building_functions(&ctx, &self.run_limits);
 
-        let committed = CommittedFilesStore::new(Arc::clone(&self.store), &self.root, snapshot);
+        let committed = CommittedFilesStore::new(Arc::clone(&self.store), &self.root, snapshot, scope);
         ctx.register_object_store(&url(COMMITTED_URL), Arc::new(committed));
         ctx.register_object_store(&url(STORE_URL), Arc::clone(&self.store));
 
         for stream in &streams {
             let Some(schema) = self.registry.stream(stream) else { continue };
             let granularity = snapshot.granularity(stream);
-            let table = self.stream_table(stream, to_arrow_schema(schema), granularity)?;
+            let table = self.stream_table(stream, stream_columns(schema), granularity)?;
             match scope {
                 Scope::All => {
                     ctx.register_table(stream.as_str(), Arc::new(table))?;
@@ -474,10 +453,24 @@ fn url(text: &str) -> url::Url {
 
 /// The Hive partition columns of a stream, as DataFusion sees them.
 pub fn partition_columns(granularity: PartitionGranularity) -> Vec<(String, DataType)> {
-    match granularity {
-        PartitionGranularity::Hour => vec![("dt".into(), DataType::Utf8), ("hour".into(), DataType::Utf8)],
-        PartitionGranularity::Day => vec![("dt".into(), DataType::Utf8)],
-    }
+    granularity.partition_columns().iter().map(|column| (column.to_string(), DataType::Utf8)).collect()
+}
+
+/// A stream's columns as runs read them: its Avro fields, where a field with a default is
+/// nullable. A field added to a schema later (Avro needs a default for that) is missing from
+/// the files committed before it; Delta readers read NULL there (the compactor adds the column
+/// as nullable), and DataFusion refuses to fill a non-nullable column that a file lacks.
+fn stream_columns(schema: &sluice_schema::StreamSchema) -> SchemaRef {
+    let columns = to_arrow_schema(schema);
+    let fields: Vec<Field> = columns
+        .fields()
+        .iter()
+        .zip(&schema.fields)
+        .map(|(column, field)| {
+            column.as_ref().clone().with_nullable(column.is_nullable() || field.default_opt.is_some())
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
 }
 
 /// The full schema of a stream table: its Avro fields, then the partition columns.
@@ -488,7 +481,7 @@ pub fn stream_table_schema(
 ) -> Option<SchemaRef> {
     let schema = registry.stream(stream)?;
     let mut fields: Vec<Field> =
-        to_arrow_schema(schema).fields().iter().map(|field| field.as_ref().clone()).collect();
+        stream_columns(schema).fields().iter().map(|field| field.as_ref().clone()).collect();
     fields.extend(
         partition_columns(granularity)
             .into_iter()
@@ -501,49 +494,30 @@ pub fn timestamp_literal(micros: i64) -> ScalarValue {
     ScalarValue::TimestampMicrosecond(Some(micros), Some("UTC".into()))
 }
 
-/// Partition filter (for pruning: only the window's `dt`/`hour` directories are read) and row
-/// filter (the exact bounds) for `[start, end)`.
-///
-/// The row filter is left out when the recorded event-time ranges of `files` show that the
-/// window's partitions hold no row outside it, as they do for windows on partition boundaries:
-/// the scan then neither decodes `ts` for it nor filters every row (an hour window over an hourly
-/// stream, or a day window, is the common job).
+/// Partition filter (for pruning: only the window's `dt`/`hour` directories are read) and, where
+/// some file read holds rows outside the window, the row filter (the exact bounds) for
+/// `[start, end)`. Files with no rows in the window are not listed at all (`CommittedFilesStore`).
 fn window_filter(
     granularity: PartitionGranularity,
     files: &[CommittedFile],
     start_micros: i64,
     end_micros: i64,
 ) -> Expr {
-    let mut partitions: BTreeSet<(String, Option<String>)> = BTreeSet::new();
-    let hours = (end_micros - start_micros + 3_599_999_999) / 3_600_000_000;
-    let step = match granularity {
-        PartitionGranularity::Hour if hours <= MAX_HOURS_IN_FILTER => PartitionGranularity::Hour,
-        _ => PartitionGranularity::Day,
-    };
-    let partitions_start = PartitionKey::for_event_time(start_micros, step).start_micros();
-    let mut at = start_micros;
-    while at < end_micros {
-        let key = PartitionKey::for_event_time(at, step);
-        let date = key.date_string();
-        partitions.insert((date, key.hour_opt.map(|hour| format!("{hour:02}"))));
-        at = key.end_micros();
-    }
-    let partitions_end = at.max(end_micros);
-    let partition_filter = partitions
-        .into_iter()
-        .map(|(date, hour_opt)| match hour_opt {
-            Some(hour) => col("dt").eq(lit(date)).and(col("hour").eq(lit(hour))),
-            None => col("dt").eq(lit(date)),
+    let read = WindowRead::new(granularity, start_micros, end_micros);
+    let partition_filter = read
+        .partitions()
+        .iter()
+        .flat_map(|(date, hours)| {
+            let day = col(DATE_PARTITION_COLUMN).eq(lit(date.clone()));
+            let by_hour: Vec<Expr> = hours
+                .iter()
+                .map(|hour| day.clone().and(col(HOUR_PARTITION_COLUMN).eq(lit(format!("{hour:02}")))))
+                .collect();
+            if by_hour.is_empty() { vec![day] } else { by_hour }
         })
         .reduce(Expr::or)
         .unwrap_or_else(|| lit(false));
-    let only_window_rows = files
-        .iter()
-        .filter(|file| {
-            file.min_event_time_micros < partitions_end && file.max_event_time_micros >= partitions_start
-        })
-        .all(|file| file.min_event_time_micros >= start_micros && file.max_event_time_micros < end_micros);
-    if only_window_rows {
+    if !read.filters_rows(files) {
         return partition_filter;
     }
     let rows = col(EVENT_TIME_FIELD)
@@ -637,9 +611,9 @@ pub fn describe(error: &DataFusionError) -> String {
     message.trim().to_string()
 }
 
-/// A read-only view of the lake's store in which a listing returns the files the commit
-/// records name (with their recorded sizes), and nothing else: not staged files, not the
-/// inputs of a finished merge, not the output of an unfinished one.
+/// A read-only view of the lake's store in which a listing returns the files of one table
+/// version (with their recorded sizes), and nothing else: not the files of a transaction that
+/// never committed, not the inputs of a finished merge, not the output of an unfinished one.
 #[derive(Debug)]
 struct CommittedFilesStore {
     inner: Arc<dyn ObjectStore>,
@@ -647,11 +621,18 @@ struct CommittedFilesStore {
 }
 
 impl CommittedFilesStore {
-    fn new(inner: Arc<dyn ObjectStore>, root: &Path, snapshot: &Snapshot) -> Self {
+    /// In a window's scope, a file whose recorded event-time range misses the window is left
+    /// out: no plan names it, so no footer of it is fetched and no byte of it read.
+    fn new(inner: Arc<dyn ObjectStore>, root: &Path, snapshot: &Snapshot, scope: Scope) -> Self {
+        let in_scope = |file: &CommittedFile| match scope {
+            Scope::All => true,
+            Scope::Window { start_micros, end_micros } => holds_rows_of(file, start_micros, end_micros),
+        };
         let files = snapshot
             .streams
             .values()
             .flatten()
+            .filter(|file| in_scope(file))
             .map(|file| (location_in_store(root, &file.path), file.size_bytes))
             .collect();
         Self { inner, files }
@@ -765,7 +746,7 @@ mod tests {
 
     #[test]
     fn window_filter_names_the_window_partitions() {
-        let start = crate::job::parse_timestamp_micros("2026-11-26T23:00:00Z").unwrap();
+        let start = sluice_jobs::job::parse_timestamp_micros("2026-11-26T23:00:00Z").unwrap();
         let filter = window_filter(PartitionGranularity::Hour, &[], start, start + 2 * HOUR).to_string();
         assert!(filter.contains("Utf8(\"2026-11-26\")") && filter.contains("Utf8(\"23\")"), "{filter}");
         assert!(filter.contains("Utf8(\"2026-11-27\")") && filter.contains("Utf8(\"00\")"), "{filter}");
@@ -775,42 +756,4 @@ mod tests {
     }
 
     const HOUR: i64 = 3_600_000_000;
-
-    fn file_with_rows(min_event_time_micros: i64, max_event_time_micros: i64) -> CommittedFile {
-        let partition = PartitionKey::for_event_time(min_event_time_micros, PartitionGranularity::Hour);
-        CommittedFile {
-            path: format!("telemetry/{partition}/f.parquet"),
-            partition: partition.to_string(),
-            num_rows: 1,
-            size_bytes: 1,
-            min_event_time_micros,
-            max_event_time_micros,
-        }
-    }
-
-    #[test]
-    fn window_filter_leaves_out_the_row_filter_only_when_the_partitions_hold_just_the_window() {
-        let start = crate::job::parse_timestamp_micros("2026-11-26T08:00:00Z").unwrap();
-        // The window's own hour, and rows of the hours around it that the partition filter drops.
-        let files = [
-            file_with_rows(start, start + HOUR - 1),
-            file_with_rows(start - HOUR, start - 1),
-            file_with_rows(start + HOUR, start + 2 * HOUR - 1),
-        ];
-        let aligned = window_filter(PartitionGranularity::Hour, &files, start, start + HOUR).to_string();
-        assert!(!aligned.contains(EVENT_TIME_FIELD), "{aligned}");
-
-        // A quarter-hour window: the hour's partition holds rows outside it.
-        let quarter = window_filter(PartitionGranularity::Hour, &files, start + HOUR / 4, start + HOUR / 2);
-        let quarter = quarter.to_string();
-        assert!(quarter.contains(EVENT_TIME_FIELD) && quarter.contains("Utf8(\"08\")"), "{quarter}");
-
-        // A day-partitioned stream and an hour window: the day's file holds other hours.
-        let day_file = CommittedFile {
-            partition: PartitionKey::for_event_time(start, PartitionGranularity::Day).to_string(),
-            ..file_with_rows(start - 8 * HOUR, start + 16 * HOUR - 1)
-        };
-        let hour_of_day = window_filter(PartitionGranularity::Day, &[day_file], start, start + HOUR);
-        assert!(hour_of_day.to_string().contains(EVENT_TIME_FIELD), "{hour_of_day}");
-    }
 }
