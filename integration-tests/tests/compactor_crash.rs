@@ -110,6 +110,39 @@ async fn abort_inside_flushes(
     }
 }
 
+/// Instance 1 alone consumes `solo_part`: instance 0 is killed first, so every one of these
+/// readings is committed by instance 1 (a killed process commits nothing more). Without this, which
+/// instance commits what depends on who joins the group first, and "both processes committed"
+/// would depend on timing. Instance 0 is started again once everything produced so far is
+/// committed.
+#[allow(clippy::too_many_arguments, reason = "the test's processes, broker and lake, each used")]
+async fn let_instance_one_commit_alone(
+    instances: &mut [(Child, PathBuf); 2],
+    config_path: &std::path::Path,
+    log_dir: &std::path::Path,
+    broker: &Broker,
+    topic: &str,
+    lake: &Lake,
+    solo_part: &[serde_json::Value],
+    produced_before: usize,
+) {
+    kill_running(&mut instances[0]).await;
+    produce_readings(&broker.bootstrap_servers(), topic, solo_part).await.unwrap();
+    let expected = (produced_before + solo_part.len()) as u64;
+    let committed = sluice_integration_tests::wait_until(Duration::from_secs(120), || async move {
+        let committed: u64 = lake
+            .commits("telemetry")
+            .await
+            .map(|commits| commits.iter().map(|commit| commit.num_rows()).sum())
+            .unwrap_or(0);
+        committed >= expected
+    })
+    .await;
+    let log = std::fs::read_to_string(&instances[1].1).unwrap_or_default();
+    assert!(committed, "instance 1, alone, committed the {expected} readings produced so far within 120 s\n{log}");
+    instances[0] = spawn_compactor(config_path, 0, log_dir, None);
+}
+
 /// Parquet files under the local table that no version of its log adds.
 async fn uncommitted_files(lake_dir: &std::path::Path) -> BTreeSet<String> {
     let lake = sluice_integration_tests::open_local_lake(lake_dir);
@@ -139,7 +172,8 @@ async fn stop_gracefully(instances: &mut [(Child, PathBuf); 2]) {
     }
 }
 
-/// Both processes committed, every partition of the topic committed, and each partition's
+/// Both processes committed (instance 1 alone took one part of the readings, instance 0 the fault
+/// parts), every partition of the topic committed, and each partition's
 /// flushes form one chain across processes: every commit started from the position the one
 /// before it left, and the table's position is the chain's end.
 async fn assert_positions_chain(lake: &Lake, num_partitions: i32) {
@@ -222,7 +256,8 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     // one before the instances start, one while they are killed at random, and one for each
     // fault point.
     let readings = telemetry_readings(NUM_RECORDS, 500, 6 * HOUR);
-    let (random_part, fault_parts) = readings.split_at(NUM_RECORDS * 4 / 5);
+    let (random_part, rest) = readings.split_at(NUM_RECORDS * 7 / 10);
+    let (solo_part, fault_parts) = rest.split_at(NUM_RECORDS / 10);
     let (before_start, during_kills) = random_part.split_at(random_part.len() / 2);
     produce_readings(&broker.bootstrap_servers(), &topic, before_start).await.unwrap();
 
@@ -241,6 +276,18 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
         kill_running(&mut instances[victim]).await;
         instances[victim] = spawn_compactor(&config_path, victim, work_dir.path(), None);
     }
+    let lake = sluice_integration_tests::open_local_lake(&lake_dir);
+    let_instance_one_commit_alone(
+        &mut instances,
+        &config_path,
+        work_dir.path(),
+        &broker,
+        &topic,
+        &lake,
+        solo_part,
+        random_part.len(),
+    )
+    .await;
 
     abort_inside_flushes(
         &mut instances,
@@ -258,7 +305,6 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     stop_gracefully(&mut instances).await;
     assert_exactly_once(&read_lake_rows(&lake_dir, "telemetry").unwrap(), &readings);
 
-    let lake = sluice_integration_tests::open_local_lake(&lake_dir);
     assert_positions_chain(&lake, config.kafka.topics.partitions).await;
 
     // Every live file is on disk, and the log's paths name files as the disk does (which the
@@ -316,7 +362,8 @@ async fn kills_and_aborts_on_s3_lose_and_duplicate_nothing() {
     .await
     .unwrap();
     let readings = telemetry_readings(NUM_S3_RECORDS, 200, 3 * HOUR);
-    let (random_part, fault_parts) = readings.split_at(NUM_S3_RECORDS * 3 / 4);
+    let (random_part, rest) = readings.split_at(NUM_S3_RECORDS * 5 / 8);
+    let (solo_part, fault_parts) = rest.split_at(NUM_S3_RECORDS / 8);
     produce_readings(&broker.bootstrap_servers(), &topic, random_part).await.unwrap();
 
     let mut instances = [
@@ -330,10 +377,21 @@ async fn kills_and_aborts_on_s3_lose_and_duplicate_nothing() {
         kill_running(&mut instances[victim]).await;
         instances[victim] = spawn_compactor(&config_path, victim, work_dir.path(), None);
     }
+    let lake = sluice_lake::open_lake(&config.object_store).unwrap();
+    let_instance_one_commit_alone(
+        &mut instances,
+        &config_path,
+        work_dir.path(),
+        &broker,
+        &topic,
+        &lake,
+        solo_part,
+        random_part.len(),
+    )
+    .await;
     abort_inside_flushes(&mut instances, &config_path, work_dir.path(), &broker, &topic, fault_parts, None)
         .await;
 
-    let lake = sluice_lake::open_lake(&config.object_store).unwrap();
     let arrived = sluice_integration_tests::wait_until(Duration::from_secs(180), || {
         let lake = lake.clone();
         async move {
