@@ -139,7 +139,10 @@ async fn let_instance_one_commit_alone(
     })
     .await;
     let log = std::fs::read_to_string(&instances[1].1).unwrap_or_default();
-    assert!(committed, "instance 1, alone, committed the {expected} readings produced so far within 120 s\n{log}");
+    assert!(
+        committed,
+        "instance 1, alone, committed the {expected} readings produced so far within 120 s\n{log}"
+    );
     instances[0] = spawn_compactor(config_path, 0, log_dir, None);
 }
 
