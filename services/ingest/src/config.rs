@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use sluice_clock::parse_rfc3339_micros;
 use sluice_config::{ConfigIssue, Secret, Validate};
 use sluice_kafka::KafkaConfig;
 use sluice_schema::SchemasConfig;
@@ -108,20 +109,15 @@ impl Default for ValidationConfig {
 }
 
 impl ValidationConfig {
-    /// `earliest_event_time` in epoch microseconds, or why it is not a usable time.
+    /// `earliest_event_time` in epoch microseconds, or why it is not a usable time. It is read as
+    /// a reading's `ts` string is, so that any time a device can send can be set.
     pub fn earliest_event_micros(&self) -> Result<i64, String> {
-        let parsed = time::OffsetDateTime::parse(
-            &self.earliest_event_time,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map_err(|error| {
+        parse_rfc3339_micros(&self.earliest_event_time).map_err(|error| {
             format!(
                 "'{}' is not an RFC 3339 time such as 2000-01-01T00:00:00Z ({error})",
                 self.earliest_event_time
             )
-        })?;
-        i64::try_from(parsed.unix_timestamp_nanos() / 1_000)
-            .map_err(|_| format!("'{}' is out of range", self.earliest_event_time))
+        })
     }
 
     /// `max_future_skew_ms` in microseconds, saturated rather than overflowed.

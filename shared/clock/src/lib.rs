@@ -2,14 +2,20 @@
 //!
 //! Decisions that depend on the time (is a window due, has a lease expired, is a buffer old
 //! enough to flush) take a [`Clock`], so that tests can fix the time instead of sleeping past it;
-//! the services run on [`SystemClock`]. Times are printed one way, [`format_micros`].
+//! the services run on [`SystemClock`]. Times are printed one way, [`format_micros`], except two
+//! forms kept for readers that already depend on them ([`format_micros_shortest_fraction`],
+//! [`format_micros_fixed_fraction`]), and read one way, [`parse_rfc3339_micros`].
+
+mod rfc3339;
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::{SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, TimeZone, Timelike, Utc};
+
+pub use crate::rfc3339::{Rfc3339Error, parse_rfc3339_micros};
 
 /// The source of "now".
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -83,6 +89,48 @@ pub fn format_micros(micros: i64) -> String {
         .unwrap_or_else(|| micros.to_string())
 }
 
+/// Epoch microseconds as RFC 3339 in UTC with only the fraction digits that are not trailing
+/// zeros (`…:00Z`, `…:00.5Z`, `…:00.000001Z`), for the years 0000 to 9999 that RFC 3339 can
+/// write; `None` for others. The form in which ingest quotes event times back in its 400
+/// answers.
+pub fn format_micros_shortest_fraction(micros: i64) -> Option<String> {
+    let utc = DateTime::from_timestamp_micros(micros).filter(|utc| (0..=9_999).contains(&utc.year()))?;
+    let mut text = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        utc.year(),
+        utc.month(),
+        utc.day(),
+        utc.hour(),
+        utc.minute(),
+        utc.second()
+    );
+    let micros_of_second = micros.rem_euclid(1_000_000);
+    if micros_of_second != 0 {
+        text.push('.');
+        text.push_str(format!("{micros_of_second:06}").trim_end_matches('0'));
+    }
+    text.push('Z');
+    Some(text)
+}
+
+/// Epoch microseconds as `YYYY-MM-DDThh:mm:ss.ffffffZ` in UTC, always six fraction digits, for
+/// the years -9999 to 9999 (one before 0000 with its sign, `-0001-12-31T…`); `None` beyond. The
+/// form of the timestamp bounds in the lake's Delta file statistics.
+pub fn format_micros_fixed_fraction(micros: i64) -> Option<String> {
+    let utc = DateTime::from_timestamp_micros(micros).filter(|utc| (-9_999..=9_999).contains(&utc.year()))?;
+    let sign = if utc.year() < 0 { "-" } else { "" };
+    Some(format!(
+        "{sign}{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        utc.year().unsigned_abs(),
+        utc.month(),
+        utc.day(),
+        utc.hour(),
+        utc.minute(),
+        utc.second(),
+        micros.rem_euclid(1_000_000)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +142,70 @@ mod tests {
         assert_eq!(format_micros(1_796_083_200_500_000), "2026-12-01T00:00:00.500Z");
         assert_eq!(format_micros(1_796_083_200_000_001), "2026-12-01T00:00:00.000001Z");
         assert_eq!(format_micros(-1), "1969-12-31T23:59:59.999999Z");
+    }
+
+    /// 2026-11-26T08:00:00Z.
+    const NOV_26_08_00: i64 = 1_795_680_000_000_000;
+    /// 0000-01-01T00:00:00Z.
+    const START_OF_0000: i64 = -62_167_219_200_000_000;
+    /// 9999-12-31T23:59:59.999999Z.
+    const END_OF_9999: i64 = 253_402_300_800_000_000 - 1;
+    /// -9999-01-01T00:00:00Z.
+    const START_OF_MINUS_9999: i64 = -377_705_203_200_000_000;
+
+    #[test]
+    fn the_shortest_fraction_drops_each_trailing_zero_and_needs_a_four_digit_year() {
+        let cases: &[(i64, Option<&str>)] = &[
+            (0, Some("1970-01-01T00:00:00Z")),
+            (-1_000, Some("1969-12-31T23:59:59.999Z")),
+            (-1, Some("1969-12-31T23:59:59.999999Z")),
+            // Digit by digit, not in groups of three as format_micros has them.
+            (NOV_26_08_00 + 500_000, Some("2026-11-26T08:00:00.5Z")),
+            (NOV_26_08_00 + 5_000, Some("2026-11-26T08:00:00.005Z")),
+            (NOV_26_08_00 + 123_450, Some("2026-11-26T08:00:00.12345Z")),
+            (NOV_26_08_00 + 1, Some("2026-11-26T08:00:00.000001Z")),
+            (START_OF_0000, Some("0000-01-01T00:00:00Z")),
+            (END_OF_9999, Some("9999-12-31T23:59:59.999999Z")),
+            (START_OF_0000 - 1, None),
+            (END_OF_9999 + 1, None),
+            (i64::MIN, None),
+            (i64::MAX, None),
+        ];
+        for &(micros, expected) in cases {
+            assert_eq!(format_micros_shortest_fraction(micros).as_deref(), expected, "{micros}");
+        }
+    }
+
+    #[test]
+    fn the_fixed_fraction_has_six_digits_and_signs_years_before_0000() {
+        let cases: &[(i64, Option<&str>)] = &[
+            (0, Some("1970-01-01T00:00:00.000000Z")),
+            (-1, Some("1969-12-31T23:59:59.999999Z")),
+            (NOV_26_08_00 + 1, Some("2026-11-26T08:00:00.000001Z")),
+            (NOV_26_08_00 + 500_000, Some("2026-11-26T08:00:00.500000Z")),
+            (START_OF_0000, Some("0000-01-01T00:00:00.000000Z")),
+            (START_OF_0000 - 1, Some("-0001-12-31T23:59:59.999999Z")),
+            (START_OF_MINUS_9999, Some("-9999-01-01T00:00:00.000000Z")),
+            (END_OF_9999, Some("9999-12-31T23:59:59.999999Z")),
+            (START_OF_MINUS_9999 - 1, None),
+            (END_OF_9999 + 1, None),
+            (i64::MIN, None),
+            (i64::MAX, None),
+        ];
+        for &(micros, expected) in cases {
+            assert_eq!(format_micros_fixed_fraction(micros).as_deref(), expected, "{micros}");
+        }
+    }
+
+    #[test]
+    fn what_is_printed_reads_back() {
+        for micros in [START_OF_0000, -1, 0, NOV_26_08_00 + 123_456, END_OF_9999] {
+            let printed = format_micros_shortest_fraction(micros).unwrap();
+            assert_eq!(parse_rfc3339_micros(&printed), Ok(micros), "{printed}");
+            assert_eq!(parse_rfc3339_micros(&format_micros(micros)), Ok(micros), "{micros}");
+            let fixed = format_micros_fixed_fraction(micros).unwrap();
+            assert_eq!(parse_rfc3339_micros(&fixed), Ok(micros), "{fixed}");
+        }
     }
 
     #[test]

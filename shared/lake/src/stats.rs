@@ -11,6 +11,7 @@ use arrow_array::types::{
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use serde_json::{Map, Value, json};
+use sluice_clock::format_micros_fixed_fraction;
 
 /// Strings longer than this get no bounds: Delta writers truncate string statistics to 32
 /// characters, and a truncated maximum needs care that readers do not all take.
@@ -95,7 +96,8 @@ fn timestamp_bounds(values: impl Iterator<Item = i64>) -> Option<(Value, Value)>
     let (min, max) = values.fold(None, |bounds: Option<(i64, i64)>, value| {
         Some(bounds.map_or((value, value), |(min, max)| (min.min(value), max.max(value))))
     })?;
-    Some((json!(format_timestamp(min)?), json!(format_timestamp(max)?)))
+    // RFC 3339 in UTC with microseconds: what Delta readers parse, without losing precision.
+    Some((json!(format_micros_fixed_fraction(min)?), json!(format_micros_fixed_fraction(max)?)))
 }
 
 fn string_bounds<'a>(values: impl Iterator<Item = &'a str>) -> Option<(Value, Value)> {
@@ -108,16 +110,6 @@ fn string_bounds<'a>(values: impl Iterator<Item = &'a str>) -> Option<(Value, Va
     }
     let (min, max) = bounds?;
     Some((json!(min), json!(max)))
-}
-
-/// RFC 3339 in UTC with microseconds: what Delta readers parse, without losing precision.
-fn format_timestamp(micros: i64) -> Option<String> {
-    let nanos = i128::from(micros) * 1_000;
-    let time = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?;
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    time.format(&format).ok()
 }
 
 #[cfg(test)]

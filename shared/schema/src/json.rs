@@ -3,8 +3,7 @@
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use sluice_clock::{format_micros_shortest_fraction, parse_rfc3339_micros};
 
 use crate::wire::write_single_object_header;
 use crate::{FieldKind, FieldSpec, NullableUnion, StreamSchema};
@@ -62,10 +61,7 @@ impl EventTimeLimits {
 
 /// Epoch microseconds as RFC 3339 when the year has four digits, else as the number itself.
 pub fn describe_micros(micros: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        .unwrap_or_else(|| format!("epoch microsecond {micros}"))
+    format_micros_shortest_fraction(micros).unwrap_or_else(|| format!("epoch microsecond {micros}"))
 }
 
 /// Longest piece of a given value quoted back in a reason: a reason is listed for up to 100
@@ -91,12 +87,9 @@ pub struct RecordMeta {
 /// Any input gives a time or a reason, never a panic; the range is checked by [`EventTimeLimits`].
 pub fn parse_event_time(value: &Value) -> Result<i64, String> {
     match value {
-        Value::String(text) => {
-            let parsed = OffsetDateTime::parse(text, &Rfc3339)
-                .map_err(|error| format!("'{}' is not an RFC 3339 timestamp ({error})", quoted(text)))?;
-            i64::try_from(parsed.unix_timestamp_nanos() / 1_000)
-                .map_err(|_| format!("'{}' is out of range", quoted(text)))
-        }
+        // Every time RFC 3339 can write fits an i64 of microseconds; the limits decide the rest.
+        Value::String(text) => parse_rfc3339_micros(text)
+            .map_err(|error| format!("'{}' is not an RFC 3339 timestamp ({error})", quoted(text))),
         Value::Number(number) => {
             let Some(integer) = number.as_i64() else {
                 return Err(format!(
