@@ -49,19 +49,30 @@ pub async fn compactor_commits_merges_and_vacuums_exactly_once(remote: &RemoteLa
     config.janitor.interval_ms = 500;
     config.janitor.removed_retention_ms = 1_000;
     let readings = telemetry_readings(5_000, 25, 2 * HOUR);
-    let compactor =
-        CompactorService::start(config.clone()).await.unwrap_or_else(|error| panic!("compactor: {error:#}"));
-    for burst in readings.chunks(1_000) {
-        produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), burst)
-            .await
-            .unwrap_or_else(|error| panic!("produce: {error:#}"));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
     let (store, root) =
         sluice_lake::open_store(&config.object_store).unwrap_or_else(|error| panic!("store: {error:#}"));
     assert_eq!(root.as_ref(), LAKE_PREFIX);
     let lake = Lake::new(store, root);
+    let compactor =
+        CompactorService::start(config.clone()).await.unwrap_or_else(|error| panic!("compactor: {error:#}"));
+    let mut num_produced = 0;
+    for burst in readings.chunks(1_000) {
+        produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), burst)
+            .await
+            .unwrap_or_else(|error| panic!("produce: {error:#}"));
+        num_produced += burst.len() as u64;
+        // Each burst is flushed before the next one comes, so that the partitions get several
+        // files to merge. Not asserted here: the wait for every row below reports what is missing.
+        wait_until(Duration::from_secs(60), || {
+            let lake = lake.clone();
+            async move {
+                let commits = lake.commits("telemetry").await.unwrap_or_default();
+                commits.iter().map(|commit| commit.num_rows()).sum::<u64>() >= num_produced
+            }
+        })
+        .await;
+    }
+
     let settled =
         wait_until_merged_and_vacuumed(&lake, "telemetry", readings.len() as u64, Duration::from_secs(90))
             .await;

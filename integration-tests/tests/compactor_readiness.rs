@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_integration_tests::{
-    Broker, assert_exactly_once, compactor_config, produce_readings, read_lake_rows, telemetry_readings,
-    unique_suffix, wait_for_lake_rows, wait_until,
+    Sandbox, assert_exactly_once, produce_readings, read_lake_rows, telemetry_readings, wait_for_lake_rows,
+    wait_until,
 };
 use sluice_shutdown::CancellationToken;
 
@@ -25,10 +25,8 @@ async fn readyz(address: SocketAddr) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_only_once_assigned_and_a_member_without_partitions_knows_it() {
-    let broker = Broker::start().await.unwrap();
-    let prefix = format!("test-{}", unique_suffix());
-    let lake_dir = tempfile::TempDir::new().unwrap();
-    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    let sandbox = Sandbox::start().await.unwrap();
+    let mut config = sandbox.compactor_config();
     // One partition, two members: the second has nothing to own.
     config.kafka.topics.partitions = 1;
     let first_shutdown = CancellationToken::new();
@@ -43,8 +41,8 @@ async fn ready_only_once_assigned_and_a_member_without_partitions_knows_it() {
         "ready once assigned"
     );
     let readings = telemetry_readings(500, 5, HOUR);
-    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
-    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(30)).await;
+    produce_readings(&sandbox.bootstrap_servers(), &sandbox.topic("telemetry"), &readings).await.unwrap();
+    wait_for_lake_rows(sandbox.lake_dir(), "telemetry", readings.len(), Duration::from_secs(30)).await;
 
     let second_shutdown = CancellationToken::new();
 
@@ -61,10 +59,10 @@ async fn ready_only_once_assigned_and_a_member_without_partitions_knows_it() {
     assert!(both_ready, "after the rebalance both know what they own: one partition, and none");
     // The partition's owner still writes.
     let more: Vec<serde_json::Value> = telemetry_readings(1_000, 5, HOUR)[500..].to_vec();
-    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &more).await.unwrap();
+    produce_readings(&sandbox.bootstrap_servers(), &sandbox.topic("telemetry"), &more).await.unwrap();
     let expected: Vec<serde_json::Value> = readings.iter().chain(&more).cloned().collect();
     let rows =
-        wait_for_lake_rows(lake_dir.path(), "telemetry", expected.len(), Duration::from_secs(60)).await;
+        wait_for_lake_rows(sandbox.lake_dir(), "telemetry", expected.len(), Duration::from_secs(60)).await;
     assert_exactly_once(&rows, &expected);
     second_shutdown.cancel();
     first_shutdown.cancel();
@@ -74,10 +72,8 @@ async fn ready_only_once_assigned_and_a_member_without_partitions_knows_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_member_stopped_during_its_first_join_the_next_is_ready_only_when_it_owns_partitions() {
-    let broker = Broker::start().await.unwrap();
-    let prefix = format!("test-{}", unique_suffix());
-    let lake_dir = tempfile::TempDir::new().unwrap();
-    let config = compactor_config(&broker, &prefix, lake_dir.path());
+    let sandbox = Sandbox::start().await.unwrap();
+    let config = sandbox.compactor_config();
     let readings = telemetry_readings(2_000, 40, HOUR);
 
     // Stopped while its first join is still pending on the broker (Tansu answers a first join
@@ -97,7 +93,7 @@ async fn after_a_member_stopped_during_its_first_join_the_next_is_ready_only_whe
     let _shutdown_guard = shutdown.clone().drop_guard();
     let next = sluice_compactor::start(config.clone(), shutdown.clone()).await.unwrap();
     let health = next.health_address().unwrap();
-    produce_readings(&broker.bootstrap_servers(), &format!("{prefix}.telemetry"), &readings).await.unwrap();
+    produce_readings(&sandbox.bootstrap_servers(), &sandbox.topic("telemetry"), &readings).await.unwrap();
     let watch_until = Instant::now() + Duration::from_secs(40);
     let mut num_samples = 0;
     while Instant::now() < watch_until {
@@ -105,20 +101,20 @@ async fn after_a_member_stopped_during_its_first_join_the_next_is_ready_only_whe
         if readyz(health).await == 200 {
             let ready_after = Instant::now();
             let rows =
-                wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(15))
+                wait_for_lake_rows(sandbox.lake_dir(), "telemetry", readings.len(), Duration::from_secs(15))
                     .await;
             assert_eq!(rows.len(), readings.len(), "said ready, but the readings did not land within 15 s");
             assert!(ready_after.elapsed() < Duration::from_secs(15));
             break;
         }
         // Not ready: then it does not own the partitions either, and nothing lands.
-        assert!(read_lake_rows(lake_dir.path(), "telemetry").unwrap().is_empty(), "rows land while 503");
+        assert!(read_lake_rows(sandbox.lake_dir(), "telemetry").unwrap().is_empty(), "rows land while 503");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(num_samples > 10);
     shutdown.cancel();
     next.wait().await.unwrap();
-    let rows = read_lake_rows(lake_dir.path(), "telemetry").unwrap();
+    let rows = read_lake_rows(sandbox.lake_dir(), "telemetry").unwrap();
     // Either it got its partitions within the watch and everything landed once, or it never
     // claimed to be ready and nothing landed.
     if !rows.is_empty() {
