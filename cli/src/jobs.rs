@@ -1,4 +1,4 @@
-//! `sluice jobs ...`, `sluice tables` and `sluice query`.
+//! `sluice jobs ...`: submit, list, show, delete, follow and backfill SQL jobs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use datafusion::arrow::array::RecordBatch;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -15,21 +15,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice_jobs::events::{JobRunEvent, JobStatusEvent};
 use sluice_jobs::job::{JobDefinition, format_micros, parse_timestamp_micros};
 use sluice_jobs::records::{BackfillRequest, load_windows, request_backfill, satisfies};
-use sluice_query::{Catalog, Scope, plan_query, validate_job};
+use sluice_query::validate_job;
 
-use crate::output::{self, escape_controls, escape_controls_keep_lines};
+use crate::catalog::{open_catalog, runtime};
+use crate::output::{self, OutputFormat, escape_controls, escape_controls_keep_lines};
 use crate::settings::CliSettings;
-
-/// The catalog the configuration describes, as the executor builds it (without its cluster).
-fn open_catalog(config: &CliSettings) -> anyhow::Result<Catalog> {
-    Ok(sluice_query::open_catalog(
-        &config.schemas,
-        &config.object_store,
-        &config.tables,
-        &config.query,
-        config.executor.max_timeout_ms,
-    )?)
-}
 
 /// Exit code for a job the executor or the local check refused.
 const REFUSED: u8 = 3;
@@ -87,17 +77,6 @@ pub(crate) enum JobsCommand {
         #[arg(long)]
         no_wait: bool,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum OutputFormat {
-    Table,
-    Csv,
-    Json,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the runtime")
 }
 
 pub(crate) fn run(config: &CliSettings, command: JobsCommand) -> anyhow::Result<ExitCode> {
@@ -482,65 +461,4 @@ fn backfill(
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-}
-
-pub(crate) fn tables(config: &CliSettings) -> anyhow::Result<ExitCode> {
-    let catalog = open_catalog(config)?;
-    let runtime = runtime()?;
-    let snapshot = runtime.block_on(catalog.snapshot())?;
-    let ctx = runtime.block_on(catalog.session(&snapshot, Scope::All, false))?;
-    for stream in catalog.stream_names() {
-        let files = snapshot.files(&stream);
-        let rows: u64 = files.iter().map(|file| file.num_rows).sum();
-        let bytes: u64 = files.iter().map(|file| file.size_bytes).sum();
-        let version = snapshot
-            .versions()
-            .get(&stream)
-            .map_or_else(|| "no table yet".to_string(), |version| format!("Delta version {version}"));
-        outln!(
-            "{stream} (stream, {version}, {} files, {rows} rows, {bytes} bytes, partitioned by {:?})",
-            files.len(),
-            snapshot.granularity(&stream)
-        );
-        print_columns(&runtime, &ctx, &stream)?;
-    }
-    for reference in catalog.reference_tables() {
-        outln!("{} (reference, {:?} at {})", reference.name, reference.format, reference.path);
-        print_columns(&runtime, &ctx, &reference.name)?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_columns(
-    runtime: &tokio::runtime::Runtime,
-    ctx: &datafusion::prelude::SessionContext,
-    table: &str,
-) -> anyhow::Result<()> {
-    match runtime.block_on(ctx.table_provider(table)) {
-        Ok(provider) => {
-            for field in provider.schema().fields() {
-                outln!(
-                    "  {:<20} {}{}",
-                    field.name(),
-                    field.data_type(),
-                    if field.is_nullable() { "" } else { " NOT NULL" }
-                );
-            }
-        }
-        Err(error) => outln!("  (cannot be read: {})", sluice_query::catalog::describe(&error)),
-    }
-    Ok(())
-}
-
-pub(crate) fn query(config: &CliSettings, sql: &str, format: OutputFormat) -> anyhow::Result<ExitCode> {
-    let catalog: Catalog = open_catalog(config)?;
-    let runtime = runtime()?;
-    let batches: Vec<RecordBatch> = runtime.block_on(async {
-        let snapshot = catalog.snapshot().await?;
-        let ctx = catalog.session(&snapshot, Scope::All, false).await?;
-        let frame = plan_query(&ctx, sql, None).await.map_err(anyhow::Error::msg)?;
-        frame.collect().await.map_err(|error| anyhow::anyhow!(sluice_query::catalog::describe(&error)))
-    })?;
-    output::print_batches(&batches, format)?;
-    Ok(ExitCode::SUCCESS)
 }

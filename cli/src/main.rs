@@ -22,10 +22,13 @@ macro_rules! outln {
     }};
 }
 
+mod catalog;
 mod jobs;
 mod output;
+mod query;
 mod settings;
 mod simulate;
+mod tables;
 
 use crate::settings::CliSettings;
 
@@ -92,8 +95,8 @@ sluice query --format csv \"SELECT * FROM telemetry LIMIT 10\""
     )]
     Query {
         sql: String,
-        #[arg(long, value_enum, default_value_t = jobs::OutputFormat::Table)]
-        format: jobs::OutputFormat,
+        #[arg(long, value_enum, default_value_t = output::OutputFormat::Table)]
+        format: output::OutputFormat,
     },
     /// Play a fleet of devices: readings over HTTP (and MQTT) with realistic signals and faults.
     Simulate(Box<simulate::SimulateArgs>),
@@ -153,8 +156,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Jobs(command) => jobs::run(&config, command),
-        Command::Tables => jobs::tables(&config),
-        Command::Query { sql, format } => jobs::query(&config, &sql, format),
+        Command::Tables => tables::run(&config),
+        Command::Query { sql, format } => query::run(&config, &sql, format),
         Command::Simulate(simulate_args) => {
             simulate::run(&simulate_args)?;
             Ok(ExitCode::SUCCESS)

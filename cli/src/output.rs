@@ -6,12 +6,11 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use clap::ValueEnum;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::arrow::util::pretty::pretty_format_batches;
-
-use crate::jobs::OutputFormat;
 
 /// Set when a write to stdout found its reader gone. Writers such as Arrow's CSV writer turn the
 /// I/O error into a message, so the error chain alone cannot tell a closed pipe from a failure.
@@ -101,6 +100,14 @@ pub(crate) fn json_line(value: &serde_json::Value) -> String {
 
 fn needs_escape(character: char) -> bool {
     character.is_control() || matches!(character, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// How results are printed: `--format` of `sluice query` and `sluice jobs results`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 pub(crate) fn print_batches(batches: &[RecordBatch], format: OutputFormat) -> anyhow::Result<()> {
