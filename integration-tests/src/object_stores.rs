@@ -221,11 +221,7 @@ async fn create_azurite_container(
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD;
 
-    let format = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    let date =
-        time::OffsetDateTime::now_utc().format(&format).context("failed to format the request date")?;
+    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
     // The verb, then Content-Encoding, Content-Language, Content-Length, Content-MD5,
     // Content-Type, Date, If-Modified-Since, If-Match, If-None-Match, If-Unmodified-Since and
     // Range (all empty here) each ending in a newline; then the x-ms- headers in name order; then

@@ -124,7 +124,7 @@ pub fn parse_rfc3339_micros(text: &str) -> Result<i64, Rfc3339Error> {
 /// Takes exactly `N` ASCII digits off the front of `input`; `None` when fewer are there.
 fn take_digits<const N: usize>(input: &mut &[u8]) -> Option<u32> {
     // A copy of the slice, so that the parts taken borrow the text and not `input`.
-    let bytes: &[u8] = *input;
+    let bytes = *input;
     let (digits, rest) = bytes.split_first_chunk::<N>()?;
     if !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -135,7 +135,7 @@ fn take_digits<const N: usize>(input: &mut &[u8]) -> Option<u32> {
 
 /// Takes `separator` off the front of `input`.
 fn take_separator(input: &mut &[u8], separator: u8) -> Result<(), Rfc3339Error> {
-    let bytes: &[u8] = *input;
+    let bytes = *input;
     match bytes.split_first() {
         Some((&first, rest)) if first == separator => {
             *input = rest;
@@ -149,7 +149,7 @@ fn take_separator(input: &mut &[u8], separator: u8) -> Result<(), Rfc3339Error> 
 fn take_offset_seconds(input: &mut &[u8]) -> Result<i64, Rfc3339Error> {
     use Rfc3339Error::{PartOutOfRange, UnreadablePart};
 
-    let bytes: &[u8] = *input;
+    let bytes = *input;
     let (is_negative, after_sign) = match bytes.split_first() {
         Some((b'Z' | b'z', rest)) => {
             *input = rest;
