@@ -1,14 +1,19 @@
 //! Sluice compactor: turns the stream topics into an event-time-partitioned Parquet lake in
 //! object storage, exactly once. docs/delivery-semantics.md explains how.
 
+mod beyond_end;
+mod buffer;
 pub mod config;
 mod consumer;
+mod dead_letter;
 mod fault;
+mod flush;
 mod flush_policy;
 mod janitor;
 mod merge;
 mod metrics;
 mod parquet_file;
+mod rebalance;
 mod reset;
 mod supervision;
 
@@ -26,11 +31,13 @@ use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
 
 pub use crate::config::CompactorConfig;
-use crate::consumer::{CompactorLoop, RebalanceContext, StreamInfo};
-pub use crate::consumer::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, LoopError};
+pub use crate::consumer::LoopError;
+use crate::consumer::{CompactorLoop, StreamInfo};
+pub use crate::dead_letter::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
 use crate::janitor::JanitorStreams;
 pub use crate::merge::MergeError;
 pub use crate::parquet_file::{EncodeError, writer_properties};
+use crate::rebalance::RebalanceContext;
 pub use crate::reset::{ResetError, ResetOutcome, reset_position};
 use crate::supervision::{CompactorHealth, spawn_supervised, supervise};
 
