@@ -13,7 +13,7 @@ use futures::StreamExt as _;
 use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use sluice_errors::chain_text;
+use sluice_errors::{ErrorClass, chain_text};
 use sluice_lake::TableCommit;
 
 pub use sluice_jobs::records::*;
@@ -21,38 +21,7 @@ pub use sluice_query::plan_stats::{planned_files, scan_stats, yield_between_batc
 
 use crate::catalog::{Catalog, Scope, Snapshot, describe, plan_query};
 use crate::job::{Engine, JobDefinition};
-/// Why an attempt failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RunError {
-    #[error("{0}")]
-    Query(String),
-    /// Past a bound of the run's (result size, value size, memory): running again gives the
-    /// same answer, so the window fails without retrying.
-    #[error("{0}")]
-    Limit(String),
-    #[error("the run exceeded its timeout of {0:?}")]
-    Timeout(Duration),
-    #[error("failed to read or write the lake: {0}")]
-    Lake(String),
-    /// The query's result cannot be stored as it is: another attempt gives the same answer.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl RunError {
-    /// Whether another attempt may end differently: a file merged away under a running query,
-    /// a store that failed, a timeout on a busy replica may all pass.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Limit(_) | Self::Invalid(_))
-    }
-
-    fn from_datafusion(error: &DataFusionError) -> Self {
-        match error.find_root() {
-            DataFusionError::ResourcesExhausted(_) => Self::Limit(describe(error)),
-            _ => Self::Query(describe(error)),
-        }
-    }
-}
+pub use crate::run_error::RunError;
 
 /// One attempt's work: plan over the window's partitions, run, write the result.
 #[derive(Debug, Clone)]
@@ -122,10 +91,8 @@ impl WindowRun {
         let written = match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(Ok(result)) => result,
             // A panic in a function or operator fails this run, not the replica.
-            Ok(Err(error)) if error.is_panic() => {
-                Err(RunError::Query(format!("the run failed unexpectedly (panic): {}", panic_message(error))))
-            }
-            Ok(Err(error)) => Err(RunError::Query(format!("the run was stopped: {error}"))),
+            Ok(Err(error)) if error.is_panic() => Err(RunError::Panicked(panic_message(error))),
+            Ok(Err(error)) => Err(RunError::Stopped(error.to_string())),
             Err(_) => {
                 task.abort();
                 Err(RunError::Timeout(timeout))
@@ -172,10 +139,10 @@ impl WindowRun {
                 .catalog
                 .session(&snapshot, scope, true)
                 .await
-                .map_err(|error| RunError::Query(chain_text(&error)))?;
+                .map_err(|error| RunError::session(&error))?;
             plan_query(&ctx, &self.job.sql, Some((self.window_start_micros, self.window_end_micros)))
                 .await
-                .map_err(|error| RunError::Query(error.0))
+                .map_err(RunError::planning)
         }
         .instrument(tracing::info_span!("logical_plan"))
         .await?;
@@ -197,17 +164,22 @@ impl WindowRun {
         let schema = crate::result_types::storable_schema(&plan.schema()).map_err(RunError::Invalid)?;
         let (rows_written, bytes_written) = async {
             let stream = match (self.job.engine, self.catalog.remote_engine()) {
-                (Engine::Ballista, Some(cluster)) => {
-                    cluster.execute_stream(Arc::clone(&plan), &session_config).await
-                }
+                (Engine::Ballista, Some(cluster)) => cluster
+                    .execute_stream(Arc::clone(&plan), &session_config)
+                    .await
+                    .map_err(|error| RunError::from_datafusion(&error)),
                 // Refused at submission; a replica whose config lost the cluster since then
-                // says so instead of running a window meant for many machines on one.
-                (Engine::Ballista, None) => Err(DataFusionError::Configuration(
-                    "engine 'ballista' needs ballista.scheduler_url, which this executor lacks".into(),
-                )),
-                (Engine::Local, _) => execute_stream(Arc::clone(&plan), Arc::new(task_ctx)),
-            }
-            .map_err(|error| RunError::from_datafusion(&error))?;
+                // says so instead of running a window meant for many machines on one. Not
+                // poison: the fault is this replica's configuration, not the job's.
+                (Engine::Ballista, None) => Err(RunError::Query {
+                    message: describe(&DataFusionError::Configuration(
+                        "engine 'ballista' needs ballista.scheduler_url, which this executor lacks".into(),
+                    )),
+                    class: ErrorClass::Retryable,
+                }),
+                (Engine::Local, _) => execute_stream(Arc::clone(&plan), Arc::new(task_ctx))
+                    .map_err(|error| RunError::from_datafusion(&error)),
+            }?;
             if plan.schema().field_with_name(RESULT_PARTITION_COLUMN).is_ok() {
                 return Err(RunError::Invalid(format!(
                     "the result has a column named {RESULT_PARTITION_COLUMN}, the partition column of the \
@@ -302,9 +274,7 @@ async fn write_result(
     };
     let limits = catalog.run_limits();
     let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).map_err(|error| RunError::Query(error.to_string()))?,
-        ))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(parquet_error)?))
         .build();
     let lake = catalog.lake();
     let object = object_store::buffered::BufWriter::new(Arc::clone(lake.store()), lake.absolute(path));

@@ -11,6 +11,20 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::config::ExecutorConfig;
+
+/// `executor.state_dir`, or a directory of the group under the temporary directory; a
+/// configured instance id gets its own, so replicas on one machine never read each other's.
+pub fn state_dir(config: &ExecutorConfig) -> PathBuf {
+    let section = &config.executor;
+    let base = if section.state_dir.is_empty() {
+        std::env::temp_dir().join("sluice-executor").join(&section.group_id)
+    } else {
+        PathBuf::from(&section.state_dir)
+    };
+    if section.instance_id.is_empty() { base } else { base.join(&section.instance_id) }
+}
+
 /// The markers of one executor (one state directory).
 #[derive(Debug, Clone)]
 pub struct ValidationMarkers {

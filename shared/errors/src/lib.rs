@@ -1,9 +1,14 @@
-//! One way to print an error with its causes. A log line or an answer that shows only the top
-//! message loses what an operator needs ("failed to read the stream tables" without the S3
-//! status under it), and three hand-written loops printed it three slightly different ways.
+//! One way to print an error with its causes, and one way to say what a loop must do with it.
+//! A log line or an answer that shows only the top message loses what an operator needs
+//! ("failed to read the stream tables" without the S3 status under it), and three hand-written
+//! loops printed it three slightly different ways. [`ErrorClass`] is the retry decision.
+
+mod class;
 
 use std::error::Error;
 use std::fmt;
+
+pub use crate::class::ErrorClass;
 
 /// Displays `error` and each of its sources, `: `-separated, as anyhow's `{:#}` does, so that
 /// lines from errors of every kind read alike: `failed to commit: conflict: version 7 exists`.

@@ -1,0 +1,245 @@
+//! Job definitions as the jobs topic delivers them; the newest value of a key is the job. A
+//! definition is validated (behind a marker on disk, so that one that kills the process is
+//! refused after the restart instead of validated again), then accepted with the window records
+//! the lake has for it, or rejected with the reason; a tombstone deletes the job. Each answer
+//! is a status event. What the scheduler keeps per accepted job is a [`ScheduledJob`], with
+//! the backfill requests it refuses.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use sluice_clock::{Clock, format_micros};
+use sluice_errors::Chain;
+use sluice_jobs::events::JobStatusKind;
+use sluice_query::ValidatedJob;
+
+use crate::catch_up;
+use crate::context::ExecutorContext;
+use crate::runs::{BackfillRequest, WindowState, load_windows};
+use crate::validate_job;
+
+/// A job this replica schedules.
+#[derive(Debug)]
+pub(crate) struct ScheduledJob {
+    pub(crate) job: Arc<ValidatedJob>,
+    /// Where the definition sits in the jobs topic.
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) first_window_micros: i64,
+    pub(crate) windows: BTreeMap<i64, WindowState>,
+    pub(crate) backfills: Vec<BackfillRequest>,
+    /// Windows running on this replica.
+    pub(crate) running: BTreeSet<i64>,
+    /// Windows waiting out a retry backoff, until this clock time.
+    pub(crate) retry_at_micros: HashMap<i64, i64>,
+    /// When this replica last started one of the job's windows: slots go to the job that waited
+    /// longest among those with as few runs going.
+    pub(crate) last_started_opt: Option<Instant>,
+    /// Backfill requests refused (and said so on the status topic) by this process.
+    pub(crate) refused_backfills: BTreeSet<(i64, i64, i64)>,
+}
+
+impl ScheduledJob {
+    /// The job's backfill requests, but those refused.
+    pub(crate) fn backfills_to_run(&self) -> Vec<&BackfillRequest> {
+        self.backfills
+            .iter()
+            .filter(|request| !self.refused_backfills.contains(&backfill_id(request)))
+            .collect()
+    }
+
+    /// Backfill requests with more windows than a backlog may hold are left alone, and the
+    /// refusal is published once per process.
+    pub(crate) async fn refuse_oversized_backfills(&mut self, context: &ExecutorContext, name: &str) {
+        let window_micros = self.job.definition.window_micros;
+        let max_backlog_windows = context.config.executor.max_backlog_windows;
+        for request in &self.backfills {
+            let id = backfill_id(request);
+            if self.refused_backfills.contains(&id) {
+                continue;
+            }
+            if let Some(reason) = catch_up::backfill_refusal(request, window_micros, max_backlog_windows) {
+                tracing::warn!(job = %name, %reason, "backfill refused");
+                self.refused_backfills.insert(id);
+                let event = context.events.status(
+                    name,
+                    JobStatusKind::BackfillRefused,
+                    reason,
+                    self.partition,
+                    self.offset,
+                );
+                context.events.publish_status(event).await;
+            }
+        }
+    }
+}
+
+fn backfill_id(request: &BackfillRequest) -> (i64, i64, i64) {
+    (request.from_micros, request.to_micros, request.requested_at_micros)
+}
+
+/// A definition as read from the jobs topic.
+#[derive(Debug)]
+pub(crate) struct Definition {
+    pub(crate) key_opt: Option<String>,
+    /// None: a tombstone.
+    pub(crate) text_opt: Option<String>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    /// The record's timestamp: a job without `start` begins with the window holding it.
+    pub(crate) submitted_at_micros: i64,
+}
+
+impl Definition {
+    /// A record of the jobs topic; one without a timestamp counts as submitted now.
+    pub(crate) fn read(message: &impl Message, clock: &dyn Clock) -> Self {
+        Self {
+            key_opt: message.key().map(|key| String::from_utf8_lossy(key).into_owned()),
+            text_opt: message.payload().map(|payload| String::from_utf8_lossy(payload).into_owned()),
+            partition: message.partition(),
+            offset: message.offset(),
+            submitted_at_micros: message
+                .timestamp()
+                .to_millis()
+                .map_or_else(|| clock.now_micros(), |millis| millis.saturating_mul(1000)),
+        }
+    }
+}
+
+pub(crate) async fn handle_definition(
+    context: &ExecutorContext,
+    jobs: &mut BTreeMap<String, ScheduledJob>,
+    definition: Definition,
+) {
+    let Definition { key_opt, text_opt, partition, offset, submitted_at_micros } = definition;
+    let Some(key) = key_opt else {
+        tracing::warn!(partition, offset, "job definition without a key ignored; the key is the job name");
+        return;
+    };
+    let Some(text) = text_opt else {
+        // A deleted job's marker would refuse the same text if it came back.
+        if let Err(error) = context.markers.end(&key) {
+            tracing::warn!(job = %key, error = %Chain(&error), "failed to remove a validation marker");
+        }
+        if jobs.remove(&key).is_some() || crate::job::validate_name(&key).is_ok() {
+            tracing::info!(job = %key, "job deleted");
+            let event = context.events.status(&key, JobStatusKind::Deleted, String::new(), partition, offset);
+            context.events.publish_status(event).await;
+        }
+        return;
+    };
+    match validate_with_marker(context, &key, &text).await {
+        Err(reason) => {
+            tracing::warn!(job = %key, %reason, "job rejected");
+            // The newest definition is the job: a rejected one replaces a valid one too.
+            jobs.remove(&key);
+            let event = context.events.status(&key, JobStatusKind::Rejected, reason, partition, offset);
+            context.events.publish_status(event).await;
+        }
+        Ok(job) => {
+            let windows = match load_windows(context.lake(), &key).await {
+                Ok(windows) => windows,
+                Err(error) => {
+                    // Without its records the job cannot know what ran; it is read again
+                    // when the partition is reassigned or the job resubmitted.
+                    tracing::error!(job = %key, error = %Chain(&error), "failed to load run records");
+                    return;
+                }
+            };
+            let definition = &job.definition;
+            let first_window_micros = definition.start_micros_opt.map_or_else(
+                || definition.window_containing(submitted_at_micros),
+                |start| definition.window_containing(start),
+            );
+            // Counted, never enumerated: windows before now that have no outcome yet.
+            let now = context.clock.now_micros();
+            let num_settled = windows
+                .range(first_window_micros..now)
+                .filter(|(_, state)| state.outcome_opt.is_some())
+                .count() as u64;
+            let num_pending = catch_up::window_count(first_window_micros, now, definition.window_micros)
+                .saturating_sub(num_settled);
+            if let Some(reason) = catch_up::backlog_refusal(
+                definition,
+                first_window_micros,
+                num_pending,
+                now,
+                context.config.executor.max_backlog_windows,
+            ) {
+                tracing::warn!(job = %key, %reason, "job rejected");
+                jobs.remove(&key);
+                let event = context.events.status(&key, JobStatusKind::Rejected, reason, partition, offset);
+                context.events.publish_status(event).await;
+                context.metrics.set_jobs(jobs.len());
+                return;
+            }
+            tracing::info!(job = %key, streams = ?job.streams, first_window = %format_micros(first_window_micros), "job accepted");
+            context.metrics.start_job_counters(&key);
+            jobs.insert(
+                key.clone(),
+                ScheduledJob {
+                    job: Arc::new(job),
+                    partition,
+                    offset,
+                    first_window_micros,
+                    windows,
+                    backfills: Vec::new(),
+                    running: BTreeSet::new(),
+                    retry_at_micros: HashMap::new(),
+                    last_started_opt: None,
+                    refused_backfills: BTreeSet::new(),
+                },
+            );
+            let event =
+                context.events.status(&key, JobStatusKind::Accepted, String::new(), partition, offset);
+            context.events.publish_status(event).await;
+        }
+    }
+    context.metrics.set_jobs(jobs.len());
+}
+
+/// Validates with a marker on disk meanwhile, so that a definition that kills the process
+/// (or is being validated when it is killed) is refused after the restart, not validated again.
+async fn validate_with_marker(
+    context: &ExecutorContext,
+    key: &str,
+    text: &str,
+) -> Result<ValidatedJob, String> {
+    if let Some(died) = context.markers.died_validating(key, text) {
+        return Err(died.reason());
+    }
+    if let Err(error) = context.markers.begin(key, text) {
+        tracing::warn!(job = %key, error = %Chain(&error), "failed to write a validation marker; validating without one");
+    }
+    let validated = validate_job(&context.catalog, text, Some(key)).await;
+    if let Err(error) = context.markers.end(key) {
+        tracing::warn!(job = %key, error = %Chain(&error), "failed to remove a validation marker");
+    }
+    validated
+}
+
+/// Jobs of partitions this replica no longer owns stop being scheduled here (running attempts
+/// finish; their claims keep the new owner from starting them twice).
+pub(crate) fn drop_unassigned(
+    consumer: &StreamConsumer,
+    topic: &str,
+    jobs: &mut BTreeMap<String, ScheduledJob>,
+) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let owned: BTreeSet<i32> = assignment
+        .elements()
+        .iter()
+        .filter(|element| element.topic() == topic)
+        .map(|element| element.partition())
+        .collect();
+    jobs.retain(|name, job| {
+        let keep = owned.contains(&job.partition);
+        if !keep {
+            tracing::info!(job = %name, partition = job.partition, "job moved to another replica");
+        }
+        keep
+    });
+}
