@@ -165,6 +165,165 @@ mod tests {
         BackfillRequest { job: "j".into(), from_micros: from, to_micros: to, requested_at_micros: 0 }
     }
 
+    /// A schedule as a job file gives it.
+    fn schedule(cron: &str, time_zone: &str) -> crate::job::Schedule {
+        let text =
+            format!("-- name: j\n-- window: 1h\n-- schedule: {cron}\n-- time_zone: {time_zone}\nSELECT 1");
+        crate::job::JobDefinition::parse(&text, None).unwrap().schedule_opt.unwrap()
+    }
+
+    #[test]
+    fn due_windows_at_the_edges_of_completeness_lateness_skew_and_time_zones() {
+        const HOUR: i64 = 3_600 * SECOND;
+        const DAY: i64 = 24 * HOUR;
+        let at = |text: &str| parse_timestamp_micros(text).unwrap();
+        let hourly_at_five_past = schedule("5 * * * *", "UTC");
+        // Half past midnight in Berlin, read on the day summer time ends there (2026-10-25).
+        let berlin_daily = schedule("30 0 * * *", "Europe/Berlin");
+        struct Case<'a> {
+            why: &'a str,
+            window: i64,
+            lateness: i64,
+            first_window: &'a str,
+            complete_through: &'a str,
+            now: &'a str,
+            schedule_opt: Option<&'a crate::job::Schedule>,
+            due: &'a [&'a str],
+        }
+        let cases = [
+            Case {
+                why: "a window that ends exactly at the watermark is complete",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T09:00:00Z",
+                now: "2026-11-26T09:00:00Z",
+                schedule_opt: None,
+                due: &["2026-11-26T08:00:00Z"],
+            },
+            Case {
+                why: "one microsecond short of its end, it is not",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T08:59:59.999999Z",
+                now: "2026-11-26T10:00:00Z",
+                schedule_opt: None,
+                due: &[],
+            },
+            Case {
+                why: "lateness holds a window back past its end",
+                window: HOUR,
+                lateness: 10 * 60 * SECOND,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T09:09:59Z",
+                now: "2026-11-26T10:00:00Z",
+                schedule_opt: None,
+                due: &[],
+            },
+            Case {
+                why: "and lets it go once the watermark reaches end plus lateness",
+                window: HOUR,
+                lateness: 10 * 60 * SECOND,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T09:10:00Z",
+                now: "2026-11-26T10:00:00Z",
+                schedule_opt: None,
+                due: &["2026-11-26T08:00:00Z"],
+            },
+            Case {
+                why: "a stalled watermark holds every later window however late the clock is",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T07:00:00Z",
+                complete_through: "2026-11-26T09:00:00Z",
+                now: "2026-11-29T09:00:00Z",
+                schedule_opt: None,
+                due: &["2026-11-26T07:00:00Z", "2026-11-26T08:00:00Z"],
+            },
+            Case {
+                why: "late readings do not reopen a window here: restatement decides that",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T10:00:00Z",
+                now: "2026-11-26T10:00:00Z",
+                schedule_opt: None,
+                due: &["2026-11-26T08:00:00Z", "2026-11-26T09:00:00Z"],
+            },
+            Case {
+                why: "a replica whose clock lags the watermark waits for the schedule by its own clock",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T09:30:00Z",
+                now: "2026-11-26T09:04:59.999999Z",
+                schedule_opt: Some(&hourly_at_five_past),
+                due: &[],
+            },
+            Case {
+                why: "and runs it when its clock reaches the firing",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T09:30:00Z",
+                now: "2026-11-26T09:05:00Z",
+                schedule_opt: Some(&hourly_at_five_past),
+                due: &["2026-11-26T08:00:00Z"],
+            },
+            Case {
+                why: "a clock ahead of the watermark runs nothing the watermark has not completed",
+                window: HOUR,
+                lateness: 0,
+                first_window: "2026-11-26T08:00:00Z",
+                complete_through: "2026-11-26T08:30:00Z",
+                now: "2026-11-27T08:00:00Z",
+                schedule_opt: Some(&hourly_at_five_past),
+                due: &[],
+            },
+            Case {
+                // The UTC day 2026-10-25 is 25 local hours in Berlin. Windows stay UTC days;
+                // the schedule is read in local time: the first 00:30 in Berlin after
+                // 2026-10-26T00:00Z (01:00 CET) is 2026-10-27T00:30 CET, 2026-10-26T23:30Z.
+                why: "a daily window across the end of summer time is still one UTC day, run on local time",
+                window: DAY,
+                lateness: 0,
+                first_window: "2026-10-25T00:00:00Z",
+                complete_through: "2026-10-27T00:00:00Z",
+                now: "2026-10-26T23:29:59Z",
+                schedule_opt: Some(&berlin_daily),
+                due: &[],
+            },
+            Case {
+                why: "and is due at that firing, and only that day",
+                window: DAY,
+                lateness: 0,
+                first_window: "2026-10-25T00:00:00Z",
+                complete_through: "2026-10-27T00:00:00Z",
+                now: "2026-10-26T23:30:00Z",
+                schedule_opt: Some(&berlin_daily),
+                due: &["2026-10-25T00:00:00Z"],
+            },
+        ];
+        for case in cases {
+            let scan = WindowScan {
+                window_micros: case.window,
+                lateness_micros: case.lateness,
+                complete_through_micros: at(case.complete_through),
+                now_micros: at(case.now),
+                max_due: 64,
+            };
+            let ranges = ranges_to_scan(at(case.first_window), case.window, &[]);
+            let due: Vec<i64> = scan
+                .due_windows(&ranges, case.schedule_opt, |_, _| Some(()))
+                .into_iter()
+                .map(|(start, ())| start)
+                .collect();
+            let expected: Vec<i64> = case.due.iter().map(|text| at(text)).collect();
+            assert_eq!(due, expected, "{}", case.why);
+        }
+    }
+
     #[test]
     fn counts_never_enumerate_and_never_overflow() {
         assert_eq!(window_count(0, 10 * SECOND, SECOND), 10);
