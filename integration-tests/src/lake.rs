@@ -284,7 +284,7 @@ pub async fn datafusion_rows(lake_dir: &Path, stream: &str) -> anyhow::Result<Ve
     let ctx = catalog.session(&snapshot, sluice_executor::Scope::All, false).await?;
     let sql = format!("SELECT device_id, seq, ts FROM \"{stream}\"");
     let frame =
-        sluice_executor::plan_query(&ctx, &sql, None).await.map_err(|error| anyhow::anyhow!(error.0))?;
+        sluice_executor::plan_query(&ctx, &sql, None).await.map_err(|error| anyhow::anyhow!("{error}"))?;
     let mut rows = Vec::new();
     for batch in frame.collect().await? {
         // Strings come out as views or plain arrays depending on the scan's settings.

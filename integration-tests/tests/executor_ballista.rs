@@ -217,7 +217,7 @@ async fn a_ballista_job_is_refused_where_no_cluster_is_configured() {
     config.object_store.url = lake_dir.path().display().to_string();
     let catalog = sluice_executor::open_catalog(&config).unwrap();
     let job = "-- name: big\n-- window: 1d\n-- engine: ballista\nSELECT count(*) FROM telemetry";
-    let refusal = sluice_executor::validate_job(&catalog, job, None).await.unwrap_err();
+    let refusal = sluice_executor::validate_job(&catalog, job, None).await.unwrap_err().to_string();
     assert!(refusal.contains("ballista.scheduler_url is not set"), "{refusal}");
     let local = job.replace("ballista", "local");
     assert!(sluice_executor::validate_job(&catalog, &local, None).await.is_ok());

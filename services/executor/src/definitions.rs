@@ -7,14 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use sluice_clock::{Clock, format_micros};
 use sluice_errors::Chain;
 use sluice_jobs::events::JobStatusKind;
-use sluice_query::ValidatedJob;
+use sluice_query::{ValidatedJob, ValidationError};
 
 use crate::catch_up;
 use crate::context::ExecutorContext;
@@ -214,11 +214,37 @@ async fn validate_with_marker(
     if let Err(error) = context.markers.begin(key, text) {
         tracing::warn!(job = %key, error = %Chain(&error), "failed to write a validation marker; validating without one");
     }
-    let validated = validate_job(&context.catalog, text, Some(key)).await;
+    let validated = validate_retrying_lake_failures(context, key, text).await;
     if let Err(error) = context.markers.end(key) {
         tracing::warn!(job = %key, error = %Chain(&error), "failed to remove a validation marker");
     }
-    validated
+    validated.map_err(|error| error.to_string())
+}
+
+/// Validation plans against the lake's tables: a store that fails for a moment says nothing
+/// about the definition, and a refusal stands until the job is submitted again, so a lake
+/// failure is tried again a few times before the refusal names it.
+const VALIDATION_ATTEMPTS: u32 = 3;
+const VALIDATION_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+async fn validate_retrying_lake_failures(
+    context: &ExecutorContext,
+    key: &str,
+    text: &str,
+) -> Result<ValidatedJob, ValidationError> {
+    let mut attempt = 1;
+    let mut backoff = VALIDATION_RETRY_BACKOFF;
+    loop {
+        match validate_job(&context.catalog, text, Some(key)).await {
+            Err(error) if error.class().is_retryable() && attempt < VALIDATION_ATTEMPTS => {
+                tracing::warn!(job = %key, attempt, error = %Chain(&error), "failed to read the lake to validate a job; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+                attempt += 1;
+            }
+            validated => return validated,
+        }
+    }
 }
 
 /// Jobs of partitions this replica no longer owns stop being scheduled here (running attempts

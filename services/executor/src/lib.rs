@@ -78,7 +78,7 @@ pub async fn validate_job(
     catalog: &Catalog,
     text: &str,
     key_opt: Option<&str>,
-) -> Result<ValidatedJob, String> {
+) -> Result<ValidatedJob, sluice_query::ValidationError> {
     sluice_query::validate_job(catalog, text, key_opt, catalog.remote_engine().is_some()).await
 }
 

@@ -80,7 +80,7 @@ impl RunError {
     /// (its tables are registered already, so planning reads nothing), and are the same on
     /// every attempt.
     pub(crate) fn planning(error: QueryError) -> Self {
-        Self::Query { message: error.0, class: ErrorClass::Poison }
+        Self::Query { message: error.to_string(), class: ErrorClass::Poison }
     }
 
     /// The session the query runs in could not be set up.
@@ -298,7 +298,7 @@ mod tests {
             (RunError::Lake("503 Slow Down".into()), Retryable),
             (RunError::Panicked("index out of bounds".into()), Retryable),
             (RunError::Query { message: "Job failed".into(), class: Retryable }, Retryable),
-            (RunError::planning(QueryError("column 'humidityy' not found".into())), Poison),
+            (RunError::planning(QueryError::Refused("column 'humidityy' not found".into())), Poison),
             (RunError::Limit("the result has more than 1000000 rows (query.max_result_rows)".into()), Poison),
             (RunError::Invalid("the result has a column named window_start".into()), Poison),
             (RunError::Stopped("task 7 was cancelled".into()), Fatal),

@@ -75,10 +75,18 @@ pub enum CatalogError {
     },
 }
 
-/// Why a query was refused or failed: the message is for the person who wrote the SQL.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct QueryError(pub String);
+/// Why a query was refused or could not be planned. Both are about the SQL alone, so its
+/// Display is the sentence for the person who wrote it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// Not one read-only query, or nested past what the parser and planner can take.
+    #[error("{0}")]
+    Refused(String),
+    /// DataFusion could not parse or plan it (an unknown column, a type mismatch). Shown as
+    /// `describe` words it; not a `source`, since the message already is that error's sentence.
+    #[error("{}", describe(.0))]
+    Planning(DataFusionError),
+}
 
 /// One Delta version of each stream table: the files a query reads.
 #[derive(Debug, Clone, Default)]
@@ -535,19 +543,19 @@ pub async fn plan_query(
 ) -> Result<DataFrame, QueryError> {
     check_read_only(sql)?;
     let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
-    let frame = ctx.sql_with_options(sql, options).await.map_err(|error| QueryError(describe(&error)))?;
+    let frame = ctx.sql_with_options(sql, options).await.map_err(QueryError::Planning)?;
     let Some((start, end)) = window_opt else { return Ok(frame) };
     let frame = frame
         .with_param_values(vec![
             (WINDOW_START_PLACEHOLDER, timestamp_literal(start)),
             (WINDOW_END_PLACEHOLDER, timestamp_literal(end)),
         ])
-        .map_err(|error| QueryError(describe(&error)))?;
+        .map_err(QueryError::Planning)?;
     let scope = ctx.state_ref().read().config().get_extension::<WindowScope>();
     match scope {
         Some(scope) if scope.start_micros == start && scope.end_micros == end => {
             let (state, plan) = frame.into_parts();
-            let plan = scope.drop_implied_bounds(plan).map_err(|error| QueryError(describe(&error)))?;
+            let plan = scope.drop_implied_bounds(plan).map_err(QueryError::Planning)?;
             Ok(DataFrame::new(state, plan))
         }
         _ => Ok(frame),
@@ -558,41 +566,41 @@ pub async fn plan_query(
 pub fn check_read_only(sql: &str) -> Result<(), QueryError> {
     // First, before any tree is built: a tree too deep would abort the process, not fail.
     crate::sql_depth::check_nesting(sql, crate::sql_depth::MAX_QUERY_NESTING)
-        .map_err(|error| QueryError(error.to_string()))?;
+        .map_err(|error| QueryError::Refused(error.to_string()))?;
     let statements = DFParser::parse_sql(sql).map_err(|error| match &error {
         DataFusionError::SQL(parser_error, _)
             if matches!(parser_error.as_ref(), ParserError::RecursionLimitExceeded) =>
         {
-            QueryError(
+            QueryError::Refused(
                 "the query nests parentheses, subqueries or CASE expressions too deeply: the parser's \
                  recursion limit is 50 (a subquery takes two or more); flatten it with CTEs or joins"
                     .to_string(),
             )
         }
-        _ => QueryError(describe(&error)),
+        _ => QueryError::Planning(error),
     })?;
     if statements.len() != 1 {
-        return Err(QueryError(format!(
+        return Err(QueryError::Refused(format!(
             "a job holds exactly one query; found {} statements",
             statements.len()
         )));
     }
     match &statements[0] {
         DfStatement::Statement(statement) if matches!(statement.as_ref(), SqlStatement::Query(_)) => Ok(()),
-        DfStatement::Statement(statement) => Err(QueryError(format!(
+        DfStatement::Statement(statement) => Err(QueryError::Refused(format!(
             "only a read-only query (SELECT) is allowed, not {}",
             statement_kind(&statement.to_string())
         ))),
-        DfStatement::CreateExternalTable(_) => {
-            Err(QueryError("only a read-only query (SELECT) is allowed, not CREATE EXTERNAL TABLE".into()))
-        }
+        DfStatement::CreateExternalTable(_) => Err(QueryError::Refused(
+            "only a read-only query (SELECT) is allowed, not CREATE EXTERNAL TABLE".into(),
+        )),
         DfStatement::CopyTo(_) => {
-            Err(QueryError("only a read-only query (SELECT) is allowed, not COPY".into()))
+            Err(QueryError::Refused("only a read-only query (SELECT) is allowed, not COPY".into()))
         }
         DfStatement::Explain(_) => {
-            Err(QueryError("only a read-only query (SELECT) is allowed, not EXPLAIN".into()))
+            Err(QueryError::Refused("only a read-only query (SELECT) is allowed, not EXPLAIN".into()))
         }
-        other => Err(QueryError(format!(
+        other => Err(QueryError::Refused(format!(
             "only a read-only query (SELECT) is allowed, not {}",
             statement_kind(&other.to_string())
         ))),
@@ -740,7 +748,7 @@ mod tests {
         ];
         for (sql, expected) in refused {
             let error = check_read_only(sql).unwrap_err();
-            assert!(error.0.contains(expected), "{sql}: {error}");
+            assert!(error.to_string().contains(expected), "{sql}: {error}");
         }
     }
 

@@ -19,4 +19,4 @@ pub mod window_read;
 
 pub use crate::catalog::{Catalog, CatalogError, QueryError, Scope, Snapshot, plan_query};
 pub use crate::settings::{OpenCatalogError, QueryConfig, open_catalog};
-pub use crate::validate::{ValidatedJob, validate_job};
+pub use crate::validate::{ValidatedJob, ValidationError, validate_job};
