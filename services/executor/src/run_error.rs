@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use datafusion::error::DataFusionError;
 use sluice_errors::{ErrorClass, chain_text};
-use sluice_query::catalog::{CatalogError, QueryError, describe};
+use sluice_query::catalog::{CatalogError, QueryError, describe, has_io_cause};
 
 /// Why an attempt failed. The message is what the outcome record, the run event and the
 /// `window_failed` status event say.
@@ -132,17 +132,6 @@ pub(crate) fn classify_datafusion(error: &DataFusionError) -> ErrorClass {
         | DataFusionError::Diagnostic(..)
         | DataFusionError::Collection(_) => ErrorClass::Poison,
     }
-}
-
-fn has_io_cause(error: &DataFusionError) -> bool {
-    let mut cause_opt: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(cause) = cause_opt {
-        if cause.is::<object_store::Error>() || cause.is::<std::io::Error>() {
-            return true;
-        }
-        cause_opt = cause.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -612,6 +612,20 @@ fn statement_kind(statement: &str) -> String {
     statement.split_whitespace().take(2).collect::<Vec<_>>().join(" ").to_uppercase()
 }
 
+/// Whether a store or file-system error is among the causes: DataFusion wraps them in
+/// `External`, `ObjectStore`, `IoError` or Parquet's error, at any depth. Such a failure says
+/// nothing about the query, so whoever classifies errors for a retry asks this first.
+pub fn has_io_cause(error: &DataFusionError) -> bool {
+    let mut cause_opt: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = cause_opt {
+        if cause.is::<object_store::Error>() || cause.is::<std::io::Error>() {
+            return true;
+        }
+        cause_opt = cause.source();
+    }
+    false
+}
+
 /// DataFusion errors carry context prefixes ("Error during planning: ..."); the submitter wants
 /// the sentence about their SQL.
 pub fn describe(error: &DataFusionError) -> String {

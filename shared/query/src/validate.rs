@@ -5,13 +5,12 @@
 use std::collections::BTreeSet;
 
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::error::DataFusionError;
 use datafusion::logical_expr::LogicalPlan;
 use sluice_errors::{ErrorClass, chain_text};
 use sluice_jobs::job::{DefinitionError, Engine, JobDefinition};
 use sluice_jobs::records::RESULT_PARTITION_COLUMN;
 
-use crate::catalog::{Catalog, CatalogError, QueryError, Scope, plan_query};
+use crate::catalog::{Catalog, CatalogError, QueryError, Scope, has_io_cause, plan_query};
 
 /// Why a definition was not accepted. Each message is for the submitter; [`Self::class`] says
 /// whether the definition is at fault or the lake was.
@@ -56,19 +55,6 @@ impl ValidationError {
             _ => ErrorClass::Poison,
         }
     }
-}
-
-/// Whether a store or file-system error is among the causes: DataFusion wraps them in
-/// `External`, `ObjectStore`, `IoError` or Parquet's error, at any depth.
-fn has_io_cause(error: &DataFusionError) -> bool {
-    let mut cause_opt: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(cause) = cause_opt {
-        if cause.is::<object_store::Error>() || cause.is::<std::io::Error>() {
-            return true;
-        }
-        cause_opt = cause.source();
-    }
-    false
 }
 
 /// A job that planned: the definition and what it reads.
@@ -118,6 +104,8 @@ pub async fn validate_job(
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use datafusion::error::DataFusionError;
 
     use super::*;
 
