@@ -359,7 +359,7 @@ fn results(
     let catalog = open_catalog(config)?;
     let runtime = runtime()?;
     let lake = catalog.lake();
-    let table = sluice_jobs::records::results_table(name);
+    let table = sluice_lake::layout::results_table(name);
     let Some((version, files)) = runtime.block_on(lake.table_files(&table))? else {
         outln!("no results of {name} yet under {}", config.object_store.url);
         return Ok(ExitCode::SUCCESS);
@@ -379,7 +379,7 @@ fn results(
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let shown = output::first_rows(&batches, limit);
         if format == OutputFormat::Table {
-            let window = sluice_jobs::records::window_of_result_path(path).unwrap_or(path);
+            let window = sluice_lake::layout::window_of_result_path(path).unwrap_or(path);
             let num_shown: usize = shown.iter().map(RecordBatch::num_rows).sum();
             let counted = if num_shown < rows {
                 format!("first {num_shown} of {rows} rows")

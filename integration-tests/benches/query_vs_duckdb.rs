@@ -344,7 +344,7 @@ impl TableWriter {
             PartitionKey::for_event_time(rows.max_event_time_micros, PartitionGranularity::Hour)
         );
         let partition = partition_key.to_string();
-        let path = Lake::data_file(STREAM, &partition, file_name);
+        let path = sluice_lake::layout::data_file(STREAM, &partition, file_name);
         let size_bytes = bytes.len() as u64;
         self.lake.put(&path, bytes).await.unwrap();
         NewFile {

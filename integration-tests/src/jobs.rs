@@ -153,8 +153,8 @@ pub fn read_job_result(
     job: &str,
     window_start_micros: i64,
 ) -> Vec<arrow_array::RecordBatch> {
-    let table_dir = lake_dir.join(sluice_executor::runs::results_table(job));
-    let partition = format!("{}/", sluice_executor::runs::result_partition(window_start_micros));
+    let table_dir = lake_dir.join(sluice_lake::layout::results_table(job));
+    let partition = format!("{}/", sluice_lake::layout::result_partition(window_start_micros));
     let files: Vec<String> = delta_live_files(&table_dir)
         .unwrap_or_else(|error| panic!("{}: {error:#}", table_dir.display()))
         .into_iter()

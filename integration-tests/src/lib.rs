@@ -34,7 +34,7 @@ pub use lake::{
 };
 pub use mqtt::{MqttDevice, wait_for_mqtt_bridge};
 pub use object_stores::{AzuriteServer, S3Server};
-pub use process::free_port;
+pub use process::{Readiness, ServiceBinary, free_port};
 pub use readers::{
     LoopRead, OUTSIDE_READERS, ReadLoop, assert_outside_readers_see, delta_readers_python_path, lake_rows_of,
     loop_keys_sha256, outside_reader_rows, parse_loop_reads,

@@ -285,6 +285,73 @@ impl Drop for ServerProcess {
     }
 }
 
+/// How a [`ServiceBinary`] shows that it is ready on its port.
+#[derive(Debug, Clone, Copy)]
+pub enum Readiness {
+    /// `GET http://127.0.0.1:<port><path>` answers 200.
+    HttpOk(&'static str),
+    /// The port accepts a TCP connection (gRPC servers).
+    Listening,
+}
+
+/// One of this workspace's binaries run as its own process on a port of its own, killed on
+/// drop; for tests that need a real process (its memory, its exit status, a cluster of them).
+#[derive(Debug)]
+pub struct ServiceBinary {
+    pub port: u16,
+    process: ServerProcess,
+}
+
+impl ServiceBinary {
+    /// Starts `command(port)` on a free port, and again on another one while the port turns out
+    /// to be taken (the process exits before it is ready, or another process answers there).
+    pub async fn start(
+        name: &'static str,
+        readiness: Readiness,
+        mut command: impl FnMut(u16) -> anyhow::Result<Command>,
+    ) -> anyhow::Result<Self> {
+        start_on_a_free_port(async |port| {
+            let mut process = ServerProcess::spawn(name, &mut command(port)?)?;
+            let pid = process.pid()?;
+            let client = reqwest::Client::new();
+            process
+                .wait_ready(port, Duration::from_secs(60), || {
+                    let client = client.clone();
+                    async move {
+                        let answered = match readiness {
+                            Readiness::HttpOk(path) => client
+                                .get(format!("http://127.0.0.1:{port}{path}"))
+                                .send()
+                                .await
+                                .is_ok_and(|response| response.status().is_success()),
+                            Readiness::Listening => {
+                                tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+                            }
+                        };
+                        answer_from(pid, port, answered)
+                    }
+                })
+                .await?;
+            Ok(Self { port, process })
+        })
+        .await
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The last lines of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -169,13 +169,13 @@ pub async fn executor_reads_windows_and_commits_results(remote: &RemoteLake) {
     for reading in &readings {
         let start = ts(reading).div_euclid(HOUR) * HOUR;
         if windows.contains(&start) {
-            let partition = sluice_executor::runs::result_partition(start);
+            let partition = sluice_lake::layout::result_partition(start);
             let window = partition.split_once('=').map(|(_, value)| value.to_string()).unwrap_or(partition);
             let device = reading["device_id"].as_str().unwrap_or_default().to_string();
             *expected.entry((window, device)).or_default() += 1;
         }
     }
-    let table = format!("{}/{}", remote.url, sluice_executor::runs::results_table("device_counts"));
+    let table = format!("{}/{}", remote.url, sluice_lake::layout::results_table("device_counts"));
     let rows = outside_reader_rows(
         "deltalake",
         &table,

@@ -25,12 +25,47 @@ pub fn ingest_config(broker: &Broker) -> IngestConfig {
 }
 
 /// An ingest service running in-process; cancelled (and waited for) by [`IngestService::stop`].
+/// A service running in-process: its root token is cancelled when it is dropped, so that a
+/// failing test does not leave it running beside the next one; `stop` waits for its exit.
+#[derive(Debug)]
+struct InProcess<R> {
+    shutdown: CancellationToken,
+    running_opt: Option<R>,
+}
+
+impl<R> InProcess<R> {
+    fn new(shutdown: CancellationToken, running: R) -> Self {
+        Self { shutdown, running_opt: Some(running) }
+    }
+
+    fn running(&self) -> Option<&R> {
+        self.running_opt.as_ref()
+    }
+
+    async fn stop<F, Fut>(&mut self, wait: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(R) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        self.shutdown.cancel();
+        match self.running_opt.take() {
+            Some(running) => wait(running).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl<R> Drop for InProcess<R> {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 #[derive(Debug)]
 pub struct IngestService {
     pub base_url: String,
     pub config: IngestConfig,
-    shutdown: CancellationToken,
-    running_opt: Option<RunningIngest>,
+    service: InProcess<RunningIngest>,
 }
 
 impl IngestService {
@@ -39,7 +74,7 @@ impl IngestService {
         let running =
             sluice_ingest::start(config.clone(), shutdown.clone()).await.context("ingest failed to start")?;
         let base_url = format!("http://{}", running.local_addr());
-        Ok(Self { base_url, config, shutdown, running_opt: Some(running) })
+        Ok(Self { base_url, config, service: InProcess::new(shutdown, running) })
     }
 
     pub fn records_url(&self, stream: &str) -> String {
@@ -55,17 +90,7 @@ impl IngestService {
     }
 
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        if let Some(running) = self.running_opt.take() {
-            running.wait().await?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for IngestService {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.service.stop(|running| async { Ok(running.wait().await?) }).await
     }
 }
 
@@ -95,8 +120,7 @@ pub fn compactor_config(
 /// A compactor running in-process.
 #[derive(Debug)]
 pub struct CompactorService {
-    shutdown: CancellationToken,
-    running_opt: Option<sluice_compactor::RunningCompactor>,
+    service: InProcess<sluice_compactor::RunningCompactor>,
 }
 
 impl CompactorService {
@@ -104,37 +128,27 @@ impl CompactorService {
         let shutdown = CancellationToken::new();
         let running =
             sluice_compactor::start(config, shutdown.clone()).await.context("compactor failed to start")?;
-        Ok(Self { shutdown, running_opt: Some(running) })
+        Ok(Self { service: InProcess::new(shutdown, running) })
     }
 
     /// The streams whose tables this instance's janitor keeps.
     pub fn janitor_streams(&self) -> Vec<String> {
-        self.running_opt.as_ref().map(|running| running.janitor_streams()).unwrap_or_default()
+        self.service.running().map(|running| running.janitor_streams()).unwrap_or_default()
     }
 
     /// Whether the instance owns its share of the partitions and each can make progress.
     pub fn is_ready(&self) -> bool {
-        self.running_opt.as_ref().is_some_and(|running| running.is_ready())
+        self.service.running().is_some_and(|running| running.is_ready())
     }
 
     /// Records that partitions revoked from this instance held uncommitted.
     pub fn revoked_uncommitted_records(&self) -> u64 {
-        self.running_opt.as_ref().map_or(0, |running| running.revoked_uncommitted_records())
+        self.service.running().map_or(0, |running| running.revoked_uncommitted_records())
     }
 
     /// Graceful stop: flushes and commits what is buffered.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        if let Some(running) = self.running_opt.take() {
-            running.wait().await?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for CompactorService {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.service.stop(|running| async { Ok(running.wait().await?) }).await
     }
 }
 
@@ -166,29 +180,18 @@ pub fn executor_config(
 /// An executor running in-process.
 #[derive(Debug)]
 pub struct ExecutorService {
-    shutdown: CancellationToken,
-    task_opt: Option<tokio::task::JoinHandle<Result<(), sluice_executor::ExecutorError>>>,
+    service: InProcess<tokio::task::JoinHandle<Result<(), sluice_executor::ExecutorError>>>,
 }
 
 impl ExecutorService {
     pub fn start(config: sluice_executor::ExecutorConfig) -> Self {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(sluice_executor::run(config, shutdown.clone()));
-        Self { shutdown, task_opt: Some(task) }
+        Self { service: InProcess::new(shutdown, task) }
     }
 
     /// Graceful stop: running windows finish first.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        if let Some(task) = self.task_opt.take() {
-            task.await.context("executor panicked")??;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ExecutorService {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.service.stop(|task| async { Ok(task.await.context("executor panicked")??) }).await
     }
 }

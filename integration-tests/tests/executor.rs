@@ -222,7 +222,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
             schema.field_with_name("readings_unsigned").unwrap().data_type(),
             &arrow_schema::DataType::Int64
         );
-        let stamp = sluice_executor::runs::result_partition(*start);
+        let stamp = sluice_lake::layout::result_partition(*start);
         let rows = sluice_integration_tests::outside_reader_rows(
             "deltalake",
             &lake_dir.path().join("results/half_hour_totals").to_string_lossy(),
@@ -273,7 +273,7 @@ async fn complete_windows_run_once_and_match_values_computed_from_the_readings()
         assert!(successes[0].result_version_opt.is_some_and(|version| version >= 1));
 
         // Outside engines read the window's result and the hour's rows with a partition filter.
-        let stamp = sluice_executor::runs::result_partition(*start);
+        let stamp = sluice_lake::layout::result_partition(*start);
         let window_value = stamp.trim_start_matches("window_start=");
         let results_table = lake_dir.path().join("results/hourly_device_stats");
         let stream_table = lake_dir.path().join("telemetry");

@@ -8,29 +8,32 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use arrow_array::{Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use sluice_executor::events::RunStatus;
 use sluice_integration_tests::{
-    Broker, ExecutorService, compacted_readings, executor_config, free_port, job_run_events, open_local_lake,
-    read_job_result, repo_root, submit_job, telemetry_readings, unique_suffix, windows_succeeded,
-    workspace_binary,
+    Broker, ExecutorService, Readiness, ServiceBinary, compacted_readings, executor_config, free_port,
+    job_run_events, open_local_lake, read_job_result, repo_root, submit_job, telemetry_readings,
+    windows_succeeded, workspace_binary,
 };
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const HOUR: i64 = 3_600_000_000;
 
-/// A Ballista process from the executor binary, configured through `SLUICE_*` variables.
-fn spawn_ballista(role: &str, env: &[(&str, String)], log_dir: &Path) -> Child {
-    let log = std::fs::File::create(log_dir.join(format!("{role}-{}.log", unique_suffix()))).unwrap();
-    let mut command = Command::new(workspace_binary("sluice-executor"));
-    command.arg(role).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.spawn().unwrap()
+/// A Ballista process from the executor binary, configured through `SLUICE_*` variables, on a
+/// port of its own (`env(port)` names it); started again elsewhere when the port was taken.
+async fn start_ballista(
+    role: &'static str,
+    env: impl Fn(u16) -> Vec<(&'static str, String)>,
+) -> ServiceBinary {
+    ServiceBinary::start(role, Readiness::Listening, |port| {
+        let mut command = Command::new(workspace_binary("sluice-executor"));
+        command.arg(role).envs(env(port));
+        Ok(command)
+    })
+    .await
+    .unwrap()
 }
 
 /// Per device: readings, mean temperature, highest sequence number.
@@ -50,21 +53,6 @@ fn per_device(batches: &[RecordBatch]) -> BTreeMap<String, (i64, f64, i64)> {
         }
     }
     rows
-}
-
-/// The scheduler's and workers' stderr, for a failure message.
-fn process_logs(directory: &Path) -> String {
-    let mut logs = String::new();
-    for entry in std::fs::read_dir(directory).unwrap().flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|extension| extension == "log") {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            logs.push_str(&format!("--- {}\n", path.display()));
-            logs.extend(tail.into_iter().rev().map(|line| format!("{line}\n")));
-        }
-    }
-    logs
 }
 
 fn files_under(directory: &Path) -> usize {
@@ -88,35 +76,33 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
     let readings = telemetry_readings(6_000, 20, 3 * HOUR);
     let (compactor, watermark) = compacted_readings(&broker, &prefix, &lake_dir, &readings).await;
 
-    let scheduler_url = format!("http://127.0.0.1:{}", free_port());
-    let _scheduler = spawn_ballista(
-        "ballista-scheduler",
-        &[
-            ("SLUICE_BALLISTA__SCHEDULER_BIND", scheduler_url.trim_start_matches("http://").to_string()),
+    let scheduler = start_ballista("ballista-scheduler", |port| {
+        vec![
+            ("SLUICE_BALLISTA__SCHEDULER_BIND", format!("127.0.0.1:{port}")),
             ("SLUICE_OBJECT_STORE__URL", lake_dir.display().to_string()),
-        ],
-        work_dir.path(),
-    );
+        ]
+    })
+    .await;
+    let scheduler_url = scheduler.base_url();
     let worker_dirs: Vec<_> = (0..2).map(|index| work_dir.path().join(format!("worker-{index}"))).collect();
-    let _workers: Vec<Child> = worker_dirs
-        .iter()
-        .map(|dir| {
-            std::fs::create_dir_all(dir).unwrap();
-            spawn_ballista(
-                "ballista-worker",
-                &[
-                    ("SLUICE_BALLISTA__SCHEDULER_URL", scheduler_url.clone()),
-                    ("SLUICE_BALLISTA__WORKER_PORT", free_port().to_string()),
-                    ("SLUICE_BALLISTA__WORKER_GRPC_PORT", free_port().to_string()),
-                    ("SLUICE_BALLISTA__WORKER_TASK_SLOTS", "2".to_string()),
-                    ("SLUICE_BALLISTA__WORKER_WORK_DIR", dir.display().to_string()),
-                    ("SLUICE_OBJECT_STORE__URL", lake_dir.display().to_string()),
-                    ("SLUICE_SCHEMAS__DIRECTORY", repo_root().join("schemas").display().to_string()),
-                ],
-                work_dir.path(),
-            )
+    let mut workers = Vec::new();
+    for dir in &worker_dirs {
+        std::fs::create_dir_all(dir).unwrap();
+        let worker = start_ballista("ballista-worker", |port| {
+            vec![
+                ("SLUICE_BALLISTA__SCHEDULER_URL", scheduler_url.clone()),
+                ("SLUICE_BALLISTA__WORKER_PORT", port.to_string()),
+                // Taken too, the worker exits before its port answers, and both are chosen again.
+                ("SLUICE_BALLISTA__WORKER_GRPC_PORT", free_port().to_string()),
+                ("SLUICE_BALLISTA__WORKER_TASK_SLOTS", "2".to_string()),
+                ("SLUICE_BALLISTA__WORKER_WORK_DIR", dir.display().to_string()),
+                ("SLUICE_OBJECT_STORE__URL", lake_dir.display().to_string()),
+                ("SLUICE_SCHEMAS__DIRECTORY", repo_root().join("schemas").display().to_string()),
+            ]
         })
-        .collect();
+        .await;
+        workers.push(worker);
+    }
 
     let mut config = executor_config(&broker, &prefix, &lake_dir);
     config.ballista.scheduler_url = scheduler_url.clone();
@@ -155,7 +141,11 @@ async fn ballista_runs_a_window_on_its_workers_with_the_results_of_the_local_eng
     assert!(
         all_ran,
         "every window of both jobs succeeded; Ballista's logs:\n{}",
-        process_logs(work_dir.path())
+        std::iter::once(&scheduler)
+            .chain(&workers)
+            .map(ServiceBinary::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     for start in &windows {

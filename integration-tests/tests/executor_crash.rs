@@ -13,12 +13,13 @@ use std::time::Duration;
 use arrow_array::{Int64Array, StringArray};
 use rand::Rng;
 use sluice_executor::events::RunStatus;
-use sluice_executor::runs::{AttemptRecord, OutcomeStatus, WindowState, attempt_path, load_windows};
+use sluice_executor::runs::{AttemptRecord, OutcomeStatus, WindowState, load_windows};
 use sluice_integration_tests::{
     Broker, compacted_readings, executor_config, job_run_events, now_micros, open_local_lake, submit_job,
     telemetry_readings, unique_suffix, wait_until, workspace_binary,
 };
 use sluice_lake::Lake;
+use sluice_lake::layout::attempt_path;
 use tokio::process::{Child, Command};
 
 const HOUR: i64 = 3_600_000_000;

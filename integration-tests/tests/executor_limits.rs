@@ -134,7 +134,7 @@ async fn values_and_results_past_their_limits_fail_with_reasons_and_memory_stays
         assert!(error.contains(reason), "{name}: {error}");
         // A limit gives the same answer every time: no retries spent on it.
         assert_eq!(outcome.attempt, 1, "{name}: {outcome:?}");
-        assert!(!lake_dir.path().join(sluice_executor::runs::result_path(name, start)).exists(), "{name}");
+        assert!(!lake_dir.path().join(sluice_lake::layout::result_path(name, start)).exists(), "{name}");
     }
     for (name, _) in &at_limit {
         let outcome = outcome(&lake, name, start, Duration::from_secs(120)).await;

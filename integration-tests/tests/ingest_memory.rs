@@ -6,11 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
 use std::io::Write;
-use std::process::Stdio;
-use std::time::Duration;
 
 use reqwest::StatusCode;
-use sluice_integration_tests::{Broker, free_port, repo_root, unique_suffix, wait_until, workspace_binary};
+use sluice_integration_tests::{
+    Broker, Readiness, ServiceBinary, repo_root, unique_suffix, workspace_binary,
+};
 
 fn peak_resident_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -26,37 +26,28 @@ async fn gzip_bombs_of_tiny_values_stay_within_the_in_flight_limit() {
     let broker = Broker::start().await.unwrap();
     let directory = tempfile::TempDir::new().unwrap();
     let config_path = directory.path().join("ingest.toml");
-    let port = free_port();
-    std::fs::write(
-        &config_path,
-        format!(
-            "[http]\nlisten_address = \"127.0.0.1:{port}\"\nmax_in_flight_bytes = {in_flight_limit}\n\
-             [auth]\nenabled = false\n[schemas]\ndirectory = \"{}\"\n\
-             [kafka]\nbootstrap_servers = \"{}\"\ntopic_prefix = \"test-{}\"\n\
-             [telemetry]\nlog_level = \"warn\"\n",
-            repo_root().join("schemas").display(),
-            broker.bootstrap_servers(),
-            unique_suffix()
-        ),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(workspace_binary("sluice-ingest"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let client = reqwest::Client::new();
-    let base_url = format!("http://127.0.0.1:{port}");
-    let ready = wait_until(Duration::from_secs(30), || {
-        let request = client.get(format!("{base_url}/readyz")).send();
-        async move { request.await.is_ok_and(|response| response.status() == StatusCode::OK) }
+    let topic_prefix = format!("test-{}", unique_suffix());
+    let ingest = ServiceBinary::start("sluice-ingest", Readiness::HttpOk("/readyz"), |port| {
+        std::fs::write(
+            &config_path,
+            format!(
+                "[http]\nlisten_address = \"127.0.0.1:{port}\"\nmax_in_flight_bytes = {in_flight_limit}\n\
+                 [auth]\nenabled = false\n[schemas]\ndirectory = \"{}\"\n\
+                 [kafka]\nbootstrap_servers = \"{}\"\ntopic_prefix = \"{topic_prefix}\"\n\
+                 [telemetry]\nlog_level = \"warn\"\n",
+                repo_root().join("schemas").display(),
+                broker.bootstrap_servers(),
+            ),
+        )?;
+        let mut command = tokio::process::Command::new(workspace_binary("sluice-ingest"));
+        command.arg("--config").arg(&config_path);
+        Ok(command)
     })
-    .await;
-    assert!(ready, "ingest became ready");
+    .await
+    .unwrap();
+    let pid = ingest.pid().unwrap();
+    let client = reqwest::Client::new();
+    let base_url = ingest.base_url();
 
     // 16 MiB of `[0,0,...]`, under the body limit once decoded: about 16 KiB on the wire.
     let zeros = format!("[0{}]", ",0".repeat((16 * MIB - 3) / 2));
@@ -104,5 +95,4 @@ async fn gzip_bombs_of_tiny_values_stay_within_the_in_flight_limit() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    child.kill().await.unwrap();
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sluice_ingest::IngestError;
 use sluice_integration_tests::{
-    Broker, Mosquitto, free_port, ingest_config, repo_root, unique_suffix, workspace_binary,
+    Broker, Mosquitto, ingest_config, repo_root, unique_suffix, workspace_binary,
 };
 use sluice_shutdown::CancellationToken;
 
@@ -46,12 +46,11 @@ async fn refused_mqtt_bridge_makes_the_binary_exit_non_zero_with_the_cause_in_it
     std::fs::write(
         &config_path,
         format!(
-            "[http]\nlisten_address = \"127.0.0.1:{http_port}\"\n\
+            "[http]\nlisten_address = \"127.0.0.1:0\"\n\
              [auth]\nenabled = false\n\
              [schemas]\ndirectory = \"{schemas}\"\n\
              [kafka]\nbootstrap_servers = \"{bootstrap}\"\ntopic_prefix = \"test-{suffix}\"\n\
              [mqtt]\nenabled = true\nport = {mqtt_port}\nclient_id = \"ingest-{suffix}\"\n",
-            http_port = free_port(),
             schemas = repo_root().join("schemas").display(),
             bootstrap = broker.bootstrap_servers(),
             suffix = unique_suffix(),

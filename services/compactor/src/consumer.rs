@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use parquet::file::properties::WriterProperties;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
+use sluice_errors::ErrorClass;
 use sluice_kafka::BatchProducer;
-use sluice_lake::{Lake, PartitionGranularity, PartitionKey};
+use sluice_lake::{Lake, LakeError, PartitionGranularity, PartitionKey};
 use sluice_schema::{DecoderSetupError, StreamDecoder, StreamSchema, event_times_micros};
 use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
@@ -64,17 +65,44 @@ impl StreamInfo {
     }
 }
 
-/// Why the loop stopped consuming.
+/// Why the loop stopped consuming. Every variant is [`ErrorClass::Fatal`] for the loop: the
+/// store reads behind a rebalance were already retried, and a partition whose position cannot be
+/// known must not be consumed (its records could land twice). The process exits non-zero, its
+/// partitions move to the group's other members, and Kubernetes restarts it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
-    #[error("{0}")]
-    Rebalance(String),
+    #[error("failed to read the committed position of {stream} partition {partition}")]
+    ReadPosition {
+        stream: String,
+        partition: i32,
+        #[source]
+        source: LakeError,
+    },
+    #[error("failed to assign partitions")]
+    Assign(#[source] rdkafka::error::KafkaError),
+    #[error("cannot decode stream {stream}")]
+    Decoder {
+        stream: String,
+        #[source]
+        source: DecoderSetupError,
+    },
     #[error("failed to subscribe to {topics:?}")]
     Subscribe {
         topics: Vec<String>,
         #[source]
         source: rdkafka::error::KafkaError,
     },
+}
+
+impl LoopError {
+    /// How the service treats it: see the type's documentation.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::ReadPosition { .. } | Self::Assign(_) | Self::Decoder { .. } | Self::Subscribe { .. } => {
+                ErrorClass::Fatal
+            }
+        }
+    }
 }
 
 pub(crate) struct CompactorLoop {

@@ -10,7 +10,7 @@ use sluice_kafka::{BatchProducer, BatchRecord};
 
 use crate::consumer::{CompactorLoop, STORE_RETRY_BACKOFF, StreamInfo, now_micros};
 
-pub use sluice_kafka::headers::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
+pub use sluice_schema::wire::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
 
 /// Where a dead letter came from, as its source header says it.
 pub(crate) fn dead_letter_source(topic: &str, partition: i32, offset: i64) -> String {

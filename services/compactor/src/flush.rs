@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_lake::{CommitRecord, CommittedFile, CommittedPosition, Lake, NewFile};
+use sluice_lake::{CommitRecord, CommittedFile, CommittedPosition, NewFile};
 
 use crate::buffer::PartitionState;
 use crate::consumer::{CompactorLoop, STORE_RETRY_BACKOFF, now_micros};
@@ -172,10 +172,10 @@ impl CompactorLoop {
         let upload_span = tracing::info_span!("upload", partition = key.1, num_files = files.len()).entered();
         let mut new_files: Vec<NewFile> = Vec::with_capacity(files.len());
         for file in files {
-            let file_name = Lake::flush_file_name(key.1, range.start);
+            let file_name = sluice_lake::layout::flush_file_name(key.1, range.start);
             let partition = file.partition.to_string();
             let committed = CommittedFile {
-                path: Lake::data_file(&stream.stream, &partition, &file_name),
+                path: sluice_lake::layout::data_file(&stream.stream, &partition, &file_name),
                 partition,
                 num_rows: file.num_rows as u64,
                 size_bytes: file.bytes.len() as u64,

@@ -189,9 +189,9 @@ async fn merge_files(
             source: arrow_schema::ArrowError::InvalidArgumentError("merge produced no file".into()),
         });
     };
-    let file_name = Lake::merged_file_name();
+    let file_name = sluice_lake::layout::merged_file_name();
     let output = CommittedFile {
-        path: Lake::data_file(&target.stream, partition, &file_name),
+        path: sluice_lake::layout::data_file(&target.stream, partition, &file_name),
         partition: partition.to_string(),
         num_rows: file.num_rows as u64,
         size_bytes: file.bytes.len() as u64,

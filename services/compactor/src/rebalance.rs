@@ -27,7 +27,7 @@ const ASSIGN_LOAD_ATTEMPTS: u32 = 5;
 pub(crate) enum RebalanceEvent {
     Assigned(Vec<(String, i32, Option<CommittedPosition>)>),
     Revoked(Vec<(String, i32)>),
-    Failed(String),
+    Failed(LoopError),
     /// From librdkafka's statistics: per partition, the high watermark of the last fetch
     /// response and the fetch position at the same moment.
     BrokerEnds(Vec<BrokerEnd>),
@@ -104,8 +104,8 @@ impl ConsumerContext for RebalanceContext {
                     let stream = self.streams_by_topic.get(&topic).cloned().unwrap_or_default();
                     let latest = match self.load_latest_commit(&stream, partition) {
                         Ok(latest) => latest,
-                        Err(message) => {
-                            let _ = self.events_tx.send(RebalanceEvent::Failed(message));
+                        Err(error) => {
+                            let _ = self.events_tx.send(RebalanceEvent::Failed(error));
                             let _ = consumer.assign(&TopicPartitionList::new());
                             return;
                         }
@@ -118,9 +118,7 @@ impl ConsumerContext for RebalanceContext {
                     assigned.push((topic, partition, latest));
                 }
                 if let Err(error) = consumer.assign(partitions) {
-                    let _ = self
-                        .events_tx
-                        .send(RebalanceEvent::Failed(format!("failed to assign partitions: {error}")));
+                    let _ = self.events_tx.send(RebalanceEvent::Failed(LoopError::Assign(error)));
                     return;
                 }
                 for (topic, partition, _) in &assigned {
@@ -161,7 +159,11 @@ impl RebalanceContext {
     }
 
     /// Runs inside `poll` on the loop's blocking thread, so waiting on the store is allowed here.
-    fn load_latest_commit(&self, stream: &str, partition: i32) -> Result<Option<CommittedPosition>, String> {
+    fn load_latest_commit(
+        &self,
+        stream: &str,
+        partition: i32,
+    ) -> Result<Option<CommittedPosition>, LoopError> {
         let mut attempt = 0;
         loop {
             match self.handle.block_on(self.lake.latest_commit(stream, partition)) {
@@ -172,9 +174,11 @@ impl RebalanceContext {
                     std::thread::sleep(STORE_RETRY_BACKOFF);
                 }
                 Err(error) => {
-                    return Err(format!(
-                        "failed to read the committed position of {stream} partition {partition}: {error}"
-                    ));
+                    return Err(LoopError::ReadPosition {
+                        stream: stream.to_string(),
+                        partition,
+                        source: error,
+                    });
                 }
             }
         }
@@ -204,7 +208,7 @@ impl CompactorLoop {
                         }
                         tracing::info!(%topic, partition, start_offset = latest.as_ref().map_or(-1, |position| position.end_offset), "partition assigned");
                         let state = PartitionState::new(Arc::clone(stream), latest.as_ref())
-                            .map_err(|error| LoopError::Rebalance(error.to_string()))?;
+                            .map_err(|source| LoopError::Decoder { stream: stream.stream.clone(), source })?;
                         self.metrics.record_position_beyond_end(&stream.stream, partition, 0);
                         partitions.insert((topic, partition), state);
                     }
@@ -226,7 +230,7 @@ impl CompactorLoop {
                         }
                     }
                 }
-                RebalanceEvent::Failed(message) => return Err(LoopError::Rebalance(message)),
+                RebalanceEvent::Failed(error) => return Err(error),
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ use sluice_errors::{ErrorClass, chain_text};
 use sluice_lake::TableCommit;
 
 pub use sluice_jobs::records::*;
+use sluice_lake::layout::{RESULT_PARTITION_COLUMN, result_partition, result_path, results_table};
 pub use sluice_query::plan_stats::{planned_files, scan_stats, yield_between_batches};
 
 use crate::catalog::{Catalog, Scope, Snapshot, describe, plan_query};

@@ -63,6 +63,18 @@ pub(crate) fn next_step<F: FnOnce() -> u64>(
         .then_some((state.revision, attempt.attempt + 1))
 }
 
+/// One window and one replica that the tests of the window step and of the scheduler share.
+#[cfg(test)]
+pub(crate) mod test_window {
+    use super::Replica;
+
+    pub(crate) const HOUR: i64 = 3_600_000_000;
+    /// 2026-12-01T00:00:00Z.
+    pub(crate) const START: i64 = 1_796_083_200_000_000;
+    pub(crate) const WINDOW: (i64, i64) = (START, START + HOUR);
+    pub(crate) const ME: Replica<'static> = Replica { instance_id: "executor-0", incarnation: "b" };
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
@@ -70,11 +82,7 @@ mod tests {
     use sluice_jobs::records::{AttemptRecord, OutcomeRecord, RunStats};
 
     use super::*;
-
-    const HOUR: i64 = 3_600_000_000;
-    const START: i64 = 1_796_083_200_000_000;
-    const WINDOW: (i64, i64) = (START, START + HOUR);
-    const ME: Replica<'static> = Replica { instance_id: "executor-0", incarnation: "b" };
+    use crate::window_step::test_window::{HOUR, ME, START, WINDOW};
 
     fn attempt(owner: &str, incarnation: &str, attempt: u32, lease_until_micros: i64) -> AttemptRecord {
         AttemptRecord {

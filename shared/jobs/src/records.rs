@@ -1,7 +1,7 @@
 //! The records in the lake that make each window of a job run once across replicas and crashes,
 //! and where a job's results live.
 //!
-//! Under `_sluice/jobs/<job>/windows/<window start, µs, 20 digits>/`:
+//! Under `_sluice/jobs/<job>/windows/<window start, µs, 20 digits>/` (paths: `sluice_lake::layout`):
 //! - `<revision>-<attempt>.attempt.json`, created once by whoever starts that attempt: a claim
 //!   with a lease. Nobody starts the next attempt while the lease runs (unless the claim is this
 //!   instance's own, left by a process that died).
@@ -15,7 +15,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sluice_lake::{CommitOutcome, Lake, LakeError, METADATA_DIR};
+use sluice_lake::layout::{attempt_path, backfill_request_path, backfills_dir, outcome_path, windows_dir};
+use sluice_lake::{CommitOutcome, Lake, LakeError};
 
 /// A claim on one attempt of one window revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,56 +83,6 @@ pub struct WindowState {
     pub outcome_opt: Option<OutcomeRecord>,
 }
 
-pub fn windows_dir(job: &str) -> String {
-    format!("{METADATA_DIR}/jobs/{job}/windows")
-}
-
-fn window_dir(job: &str, window_start_micros: i64) -> String {
-    format!("{}/{window_start_micros:020}", windows_dir(job))
-}
-
-pub fn attempt_path(job: &str, window_start_micros: i64, revision: u32, attempt: u32) -> String {
-    format!("{}/{revision:06}-{attempt:04}.attempt.json", window_dir(job, window_start_micros))
-}
-
-pub fn outcome_path(job: &str, window_start_micros: i64, revision: u32) -> String {
-    format!("{}/{revision:06}.outcome.json", window_dir(job, window_start_micros))
-}
-
-/// The partition column of every results table.
-pub const RESULT_PARTITION_COLUMN: &str = "window_start";
-
-/// `results/<job>`: the job's results table.
-pub fn results_table(job: &str) -> String {
-    format!("{}/{job}", sluice_schema::RESULTS_DIR)
-}
-
-/// `window_start=20261126T080000Z`: compact ISO 8601, since colons are awkward in object keys
-/// and file names.
-pub fn result_partition(window_start_micros: i64) -> String {
-    let stamp = chrono::DateTime::from_timestamp_micros(window_start_micros)
-        .map(|time| time.format("%Y%m%dT%H%M%SZ").to_string())
-        .unwrap_or_else(|| window_start_micros.to_string());
-    format!("{RESULT_PARTITION_COLUMN}={stamp}")
-}
-
-/// The window of a result file's path, as its partition names it (`20261126T080000Z`), if the
-/// path is one of a results table.
-pub fn window_of_result_path(path: &str) -> Option<&str> {
-    path.split('/').find_map(|part| part.strip_prefix(RESULT_PARTITION_COLUMN)?.strip_prefix('='))
-}
-
-/// A new result file of a window: a fresh name per attempt, so that a revision never overwrites
-/// a file an older table version still holds.
-pub fn result_path(job: &str, window_start_micros: i64) -> String {
-    format!(
-        "{}/{}/{}.parquet",
-        results_table(job),
-        result_partition(window_start_micros),
-        uuid::Uuid::new_v4().simple()
-    )
-}
-
 /// Reads every window's records of a job.
 pub async fn load_windows(lake: &Lake, job: &str) -> Result<BTreeMap<i64, WindowState>, LakeError> {
     let mut windows: BTreeMap<i64, WindowState> = BTreeMap::new();
@@ -186,10 +137,6 @@ pub struct BackfillRequest {
     pub requested_at_micros: i64,
 }
 
-pub fn backfills_dir(job: &str) -> String {
-    format!("{METADATA_DIR}/jobs/{job}/backfills")
-}
-
 pub async fn load_backfills(lake: &Lake, job: &str) -> Result<Vec<BackfillRequest>, LakeError> {
     let mut requests = Vec::new();
     for path in lake.list_under(&backfills_dir(job)).await? {
@@ -201,12 +148,7 @@ pub async fn load_backfills(lake: &Lake, job: &str) -> Result<Vec<BackfillReques
 }
 
 pub async fn request_backfill(lake: &Lake, request: &BackfillRequest) -> Result<(), LakeError> {
-    let path = format!(
-        "{}/{:020}-{}.json",
-        backfills_dir(&request.job),
-        request.requested_at_micros,
-        uuid::Uuid::new_v4()
-    );
+    let path = backfill_request_path(&request.job, request.requested_at_micros);
     lake.create_record(&path, request).await?;
     Ok(())
 }
@@ -214,19 +156,4 @@ pub async fn request_backfill(lake: &Lake, request: &BackfillRequest) -> Result<
 /// Whether a window has a revision that started after `requested_at` and finished.
 pub fn satisfies(state: &WindowState, requested_at_micros: i64) -> bool {
     state.outcome_opt.as_ref().is_some_and(|outcome| outcome.started_at_micros >= requested_at_micros)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_result_path_names_its_window() {
-        let start = 1_795_680_000_000_000;
-        let path = result_path("hourly_device_stats", start);
-        assert_eq!(window_of_result_path(&path), Some("20261126T080000Z"));
-        assert_eq!(result_partition(start), "window_start=20261126T080000Z");
-        assert_eq!(window_of_result_path("telemetry/dt=2026-11-26/hour=08/a.parquet"), None);
-        assert_eq!(window_of_result_path("results/job/window_startX=1/a.parquet"), None);
-    }
 }

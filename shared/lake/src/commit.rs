@@ -8,9 +8,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-/// Where Sluice keeps what is not a table: run claims and outcomes, backfill requests, the
-/// watermark cache.
-pub const METADATA_DIR: &str = "_sluice";
+use crate::layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -209,22 +207,6 @@ impl Lake {
             .fold(self.root.clone(), |path, part| path.join(part))
     }
 
-    pub fn data_file(stream: &str, partition: &str, file_name: &str) -> String {
-        format!("{stream}/{partition}/{file_name}")
-    }
-
-    /// The name of a flush's file: the Kafka partition and first offset it holds, so that an
-    /// operator can tell where a file came from, and a unique part, because a range re-read after
-    /// a failed commit must not overwrite what a reader of an older version may still open.
-    pub fn flush_file_name(kafka_partition: i32, first_offset: i64) -> String {
-        format!("p{kafka_partition:03}-o{first_offset:020}-{}.parquet", uuid::Uuid::new_v4().simple())
-    }
-
-    /// The name of a merge's output file, unique for the same reason.
-    pub fn merged_file_name() -> String {
-        format!("merged-{}.parquet", uuid::Uuid::new_v4().simple())
-    }
-
     /// Writes bytes to a path relative to the root (data files, merged files, results). Files of at
     /// least the multipart threshold go up as multipart uploads, in parts of that size (5 MiB at
     /// least).
@@ -262,7 +244,7 @@ impl Lake {
     }
 
     fn watermark_path(&self, stream: &str) -> Path {
-        self.absolute(&format!("{METADATA_DIR}/watermarks/{stream}.json"))
+        self.absolute(&layout::watermark_record(stream))
     }
 
     /// Writes the stream's watermark where the executor looks for it, overwriting whatever is

@@ -7,6 +7,12 @@
 //! second `txn` per partition ([`event_time_app_id`]) carries the largest event time committed
 //! in it, so the stream's watermark comes from the log too, survives checkpoints, and costs no
 //! side file.
+//!
+//! Why one file of about 850 lines of code: every way Sluice writes a Delta version (flushes,
+//! merges, result replacements, position resets, VACUUM) goes through the same conflict rules on
+//! the same `txn` actions, and the readers of those actions (positions, watermarks, history) must
+//! agree with the writers byte for byte. Keeping writers and readers of the log in one place is
+//! what keeps them in step; the paths are in `layout.rs`, the records in `commit.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -26,10 +32,8 @@ use object_store::{ObjectStore, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::commit::{CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, Result};
+use crate::layout;
 use crate::sorted_listing::SortedListing;
-
-/// Where a table keeps its log, relative to the table.
-pub const DELTA_LOG_DIR: &str = "_delta_log";
 
 /// Add-action tags with a file's exact event-time range. Delta's own statistics hold the same
 /// bounds for the event-time column, but as text that other writers may truncate; these are what
@@ -618,7 +622,7 @@ impl Lake {
     /// Every commit in a table's log that is still there (log cleanup removes the oldest), in
     /// version order.
     pub async fn history(&self, table: &str) -> Result<Vec<LogCommit>> {
-        let log_dir = self.absolute(&format!("{table}/{DELTA_LOG_DIR}"));
+        let log_dir = self.absolute(&layout::delta_log_dir(table));
         let mut paths: Vec<(i64, Path)> = self
             .store()
             .list(Some(&log_dir))
@@ -697,7 +701,7 @@ impl Lake {
         for object in objects {
             let relative: Vec<String> =
                 object.location.parts().skip(table_parts).map(|part| part.as_ref().to_string()).collect();
-            if relative.first().is_none_or(|first| first == DELTA_LOG_DIR || first.starts_with('_')) {
+            if relative.first().is_none_or(|first| first == layout::DELTA_LOG_DIR || first.starts_with('_')) {
                 continue;
             }
             let relative = relative.join("/");

@@ -4,6 +4,10 @@
 //! Stream tables list their files from one Delta version of the table (a snapshot taken once per
 //! query), never from the directory, so a query sees every committed row once even while the
 //! compactor commits or merges files: the log is the truth (docs/delivery-semantics.md).
+//!
+//! Why one file of about 740 lines of code: the snapshot, the session that registers its tables,
+//! the window filter and the read-only rule are one contract (a query sees one version, only the
+//! window's partitions, and writes nothing), and each piece relies on the others' choices.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

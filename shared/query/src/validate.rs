@@ -8,7 +8,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::logical_expr::LogicalPlan;
 use sluice_errors::{ErrorClass, chain_text};
 use sluice_jobs::job::{DefinitionError, Engine, JobDefinition};
-use sluice_jobs::records::RESULT_PARTITION_COLUMN;
+use sluice_lake::layout::RESULT_PARTITION_COLUMN;
 
 use crate::catalog::{Catalog, CatalogError, QueryError, Scope, has_io_cause, plan_query};
 

@@ -1,5 +1,7 @@
 //! JSON readings to Avro binary. Validation and encoding happen in one pass over the schema's
 //! fields, so a valid reading costs one walk and an invalid one reports every bad field at once.
+//!
+//! The file passes 500 lines only with its tests.
 
 use serde::Serialize;
 use serde_json::{Map, Value};

@@ -1,10 +1,27 @@
 //! The Kafka value format: Avro single-object encoding. Two marker bytes `C3 01`, the writer
 //! schema's CRC-64-AVRO fingerprint as 8 little-endian bytes, then the Avro binary datum. Any
 //! Avro library can read it, and a reader finds the writer schema without a registry service.
+//!
+//! The record headers Sluice writes and reads live here too. Ingest sets them, the compactor reads
+//! them and writes its own dead letters, and users' consumers see them on the dead-letter topic:
+//! one definition beside the value format, so a rename cannot split the writers from the readers.
 
 /// The two bytes that start every single-object encoded datum.
 pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
-const HEADER_LEN: usize = 10;
+const SINGLE_OBJECT_HEADER_LEN: usize = 10;
+
+/// The writer schema (16 hex digits of its CRC-64-AVRO fingerprint).
+pub const SCHEMA_FINGERPRINT_HEADER: &str = "sluice.schema.fingerprint";
+/// The time ingest received the record, epoch microseconds in decimal.
+pub const INGEST_TIME_HEADER: &str = "sluice.ingest.time";
+/// On dead letters: why the record was refused (by ingest) or could not be compacted.
+pub const DEAD_LETTER_REASON_HEADER: &str = "sluice.dlq.reason";
+/// On dead letters: where the record came from (an MQTT topic, an HTTP stream, or
+/// `kafka:<topic>/<partition>@<offset>` for the compactor's).
+pub const DEAD_LETTER_SOURCE_HEADER: &str = "sluice.dlq.source";
+/// On dead letters whose payload was cut to fit the producer's message limit: the size in bytes
+/// of the payload as it arrived (the value holds its first bytes only).
+pub const DEAD_LETTER_ORIGINAL_SIZE_HEADER: &str = "sluice.dlq.original.size";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -17,7 +34,7 @@ pub enum WireError {
 /// The 10-byte header naming a writer schema, for readers that check it (apache-avro's
 /// `GenericSingleObjectReader::builder().header(..)`).
 pub fn single_object_header(fingerprint: u64) -> Vec<u8> {
-    let mut header = Vec::with_capacity(HEADER_LEN);
+    let mut header = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN);
     write_single_object_header(fingerprint, &mut header);
     header
 }
@@ -29,10 +46,10 @@ pub fn write_single_object_header(fingerprint: u64, out: &mut Vec<u8>) {
 
 /// Splits a Kafka value into the writer fingerprint and the Avro datum.
 pub fn split_single_object(value: &[u8]) -> Result<(u64, &[u8]), WireError> {
-    if value.len() < HEADER_LEN {
+    if value.len() < SINGLE_OBJECT_HEADER_LEN {
         return Err(WireError::TooShort { len: value.len() });
     }
-    let (header, datum) = value.split_at(HEADER_LEN);
+    let (header, datum) = value.split_at(SINGLE_OBJECT_HEADER_LEN);
     if header[..2] != SINGLE_OBJECT_MARKER {
         return Err(WireError::BadMarker { found: [header[0], header[1]] });
     }
