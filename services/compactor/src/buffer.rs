@@ -135,8 +135,15 @@ impl PartitionBuffer {
         event_times_micros: &[i64],
         granularity: PartitionGranularity,
     ) {
+        // Consecutive rows nearly always share a partition: one set insert per run of them,
+        // not per row.
+        let mut previous_opt = None;
         for &event_time in event_times_micros {
-            self.open_partitions.insert(PartitionKey::for_event_time(event_time, granularity));
+            let partition = PartitionKey::for_event_time(event_time, granularity);
+            if previous_opt != Some(partition) {
+                self.open_partitions.insert(partition);
+                previous_opt = Some(partition);
+            }
         }
         if let Some(&max) = event_times_micros.iter().max() {
             self.buffered_max_event_time_opt =

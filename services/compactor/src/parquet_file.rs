@@ -1,6 +1,8 @@
 //! One flushed buffer to Parquet files: rows split by event-time partition, each file sorted by
 //! (device_id, ts), with page-level statistics (column and offset indexes) for pruning.
 
+use std::collections::HashMap;
+
 use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
@@ -75,12 +77,62 @@ pub(crate) struct EncodedFlush {
     pub(crate) num_duplicates_dropped: usize,
 }
 
+/// The order of rows in a flush's files: (partition, device_id, ts, seq). Field order is the
+/// comparison order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct SortKey {
+    partition: PartitionKey,
+    /// While keys are built, the device's id in order of first appearance; then its rank.
+    device: u32,
+    event_time: i64,
+    sequence: i64,
+    row: u32,
+}
+
+/// The distinct device ids of a flush, numbered as they first appear.
+#[derive(Debug, Default)]
+struct DeviceIds<'a> {
+    ids: HashMap<&'a str, u32>,
+    names: Vec<&'a str>,
+    /// The previous row's device: a device's readings mostly arrive together (one request, one
+    /// Kafka key), so most rows skip the hash lookup.
+    last_opt: Option<(&'a str, u32)>,
+}
+
+impl<'a> DeviceIds<'a> {
+    fn id_of(&mut self, device: &'a str) -> u32 {
+        if let Some((last, id)) = self.last_opt
+            && last == device
+        {
+            return id;
+        }
+        let next = self.names.len() as u32;
+        let id = *self.ids.entry(device).or_insert_with(|| {
+            self.names.push(device);
+            next
+        });
+        self.last_opt = Some((device, id));
+        id
+    }
+
+    /// For each id, the device's rank in byte order among all the flush's devices.
+    fn ranks(&self) -> Vec<u32> {
+        let mut by_name: Vec<u32> = (0..self.names.len() as u32).collect();
+        by_name.sort_unstable_by_key(|&id| self.names[id as usize]);
+        let mut ranks = vec![0; self.names.len()];
+        for (rank, id) in by_name.into_iter().enumerate() {
+            ranks[id as usize] = rank as u32;
+        }
+        ranks
+    }
+}
+
 /// Splits the rows of `batches` (one schema) by event-time partition and encodes each part as
 /// a sorted Parquet file.
 ///
-/// One permutation orders all rows by (partition, device_id, ts, seq); repeated readings are
-/// then adjacent and dropped, and each partition is a zero-copy slice of one reordered batch, so
-/// the rows are copied once.
+/// One permutation orders all rows by their [`SortKey`]; repeated readings are then adjacent
+/// and dropped, and each partition is a zero-copy slice of one reordered batch, so the rows are
+/// copied once.
 pub(crate) fn encode_partitioned(
     batches: &[RecordBatch],
     granularity: PartitionGranularity,
@@ -96,69 +148,71 @@ pub(crate) fn encode_partitioned(
             other.schema()
         ))));
     }
-    let mut event_times = Vec::new();
-    let mut devices = Vec::new();
-    let mut sequences = Vec::new();
+    // One sort key per row, compared as plain integers: the device is its rank among the
+    // flush's distinct device ids (in byte order, as `str` compares), so the sort never compares
+    // strings. The row number last keeps the first of repeated readings, the one consumed first.
+    let mut keys: Vec<SortKey> = Vec::with_capacity(batches.iter().map(RecordBatch::num_rows).sum());
+    let mut device_ids = DeviceIds::default();
     // Where each batch's rows start in the row numbering of all batches.
     let mut batch_starts = Vec::with_capacity(batches.len());
     for batch in batches {
-        batch_starts.push(event_times.len());
-        event_times.extend(event_times_micros(batch).ok_or(EncodeError::MissingColumn(EVENT_TIME_FIELD))?);
-        let batch_devices = batch
+        batch_starts.push(keys.len());
+        let event_times = event_times_micros(batch).ok_or(EncodeError::MissingColumn(EVENT_TIME_FIELD))?;
+        let devices = batch
             .column_by_name(KEY_FIELD)
             .and_then(|column| column.as_string_opt::<i32>())
             .ok_or(EncodeError::MissingColumn(KEY_FIELD))?;
-        devices.extend((0..batch.num_rows()).map(|row| batch_devices.value(row)));
-        sequences.extend_from_slice(
-            batch
-                .column_by_name(SEQUENCE_FIELD)
-                .and_then(|column| column.as_primitive_opt::<Int64Type>())
-                .ok_or(EncodeError::MissingColumn(SEQUENCE_FIELD))?
-                .values(),
-        );
+        let sequences = batch
+            .column_by_name(SEQUENCE_FIELD)
+            .and_then(|column| column.as_primitive_opt::<Int64Type>())
+            .ok_or(EncodeError::MissingColumn(SEQUENCE_FIELD))?
+            .values();
+        for (row, (&event_time, &sequence)) in event_times.iter().zip(sequences.iter()).enumerate() {
+            // The consumer dead-letters such rows before they are buffered; a file is never
+            // written to a partition that does not hold its rows.
+            let partition = PartitionKey::try_for_event_time(event_time, granularity)?;
+            keys.push(SortKey {
+                partition,
+                device: device_ids.id_of(devices.value(row)),
+                event_time,
+                sequence,
+                row: keys.len() as u32,
+            });
+        }
     }
-    // The consumer dead-letters such rows before they are buffered; a file is never written to
-    // a partition that does not hold its rows.
-    let partitions: Vec<PartitionKey> = event_times
-        .iter()
-        .map(|&event_time| PartitionKey::try_for_event_time(event_time, granularity))
-        .collect::<Result<_, _>>()?;
-    let mut order: Vec<u32> = (0..event_times.len() as u32).collect();
-    order.sort_unstable_by(|&left, &right| {
-        let (left, right) = (left as usize, right as usize);
-        partitions[left]
-            .cmp(&partitions[right])
-            .then_with(|| devices[left].cmp(devices[right]))
-            .then_with(|| event_times[left].cmp(&event_times[right]))
-            .then_with(|| sequences[left].cmp(&sequences[right]))
+    let ranks = device_ids.ranks();
+    for key in &mut keys {
+        key.device = ranks[key.device as usize];
+    }
+    keys.sort_unstable();
+    let num_rows_before = keys.len();
+    // The partition follows from the event time, so equal (device, time, seq) means equal keys.
+    keys.dedup_by(|later, earlier| {
+        later.device == earlier.device
+            && later.event_time == earlier.event_time
+            && later.sequence == earlier.sequence
     });
-    let num_rows_before = order.len();
-    order.dedup_by(|&mut later, &mut earlier| {
-        let (later, earlier) = (later as usize, earlier as usize);
-        sequences[later] == sequences[earlier]
-            && event_times[later] == event_times[earlier]
-            && devices[later] == devices[earlier]
-    });
-    let num_duplicates_dropped = num_rows_before - order.len();
+    let num_duplicates_dropped = num_rows_before - keys.len();
     let batch_refs: Vec<&RecordBatch> = batches.iter().collect();
-    let sorted_locations: Vec<(usize, usize)> = order
+    let sorted_locations: Vec<(usize, usize)> = keys
         .iter()
-        .map(|&row| {
-            let row = row as usize;
+        .map(|key| {
+            let row = key.row as usize;
             let batch_index = batch_starts.partition_point(|&start| start <= row) - 1;
             (batch_index, row - batch_starts[batch_index])
         })
         .collect();
     let sorted = interleave_record_batch(&batch_refs, &sorted_locations)?;
+    drop(sorted_locations);
     let mut files = Vec::new();
     let mut start = 0;
-    while start < order.len() {
-        let partition = partitions[order[start] as usize];
-        let end =
-            start + order[start..].iter().take_while(|&&row| partitions[row as usize] == partition).count();
-        let (min_event_time_micros, max_event_time_micros) = order[start..end]
+    while start < keys.len() {
+        let partition = keys[start].partition;
+        let end = start + keys[start..].iter().take_while(|key| key.partition == partition).count();
+        // Sorted by device first, so the event times of a partition are not in order.
+        let (min_event_time_micros, max_event_time_micros) = keys[start..end]
             .iter()
-            .map(|&row| event_times[row as usize])
+            .map(|key| key.event_time)
             .fold((i64::MAX, i64::MIN), |(min, max), time| (min.min(time), max.max(time)));
         let part = sorted.slice(start, end - start);
         let mut bytes = Vec::new();
@@ -270,5 +324,91 @@ mod tests {
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].partition.to_string(), "dt=2026-11-26");
         assert_eq!(files[0].num_rows, 5);
+    }
+
+    fn readings(rows: &[(&str, i64, i64, i64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device_id", DataType::Utf8, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+            Field::new("seq", DataType::Int64, false),
+            Field::new("temperature", DataType::Int64, false),
+        ]));
+        let devices = StringArray::from(rows.iter().map(|row| row.0).collect::<Vec<_>>());
+        let times = TimestampMicrosecondArray::from(rows.iter().map(|row| row.1).collect::<Vec<_>>())
+            .with_timezone("UTC");
+        let seqs = Int64Array::from(rows.iter().map(|row| row.2).collect::<Vec<_>>());
+        let values = Int64Array::from(rows.iter().map(|row| row.3).collect::<Vec<_>>());
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(devices), Arc::new(times), Arc::new(seqs), Arc::new(values)],
+        )
+        .unwrap()
+    }
+
+    fn file_rows(file: &EncodedFile) -> Vec<(String, i64, i64)> {
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(file.bytes.clone())).unwrap();
+        let mut rows = Vec::new();
+        for batch in reader.build().unwrap() {
+            let batch = batch.unwrap();
+            let devices = batch.column(0).as_string::<i32>();
+            let seqs = batch.column(2).as_primitive::<Int64Type>();
+            let values = batch.column(3).as_primitive::<Int64Type>();
+            rows.extend(
+                (0..batch.num_rows())
+                    .map(|row| (devices.value(row).to_string(), seqs.value(row), values.value(row))),
+            );
+        }
+        rows
+    }
+
+    #[test]
+    fn devices_sort_in_byte_order_and_the_first_of_repeated_readings_is_kept() {
+        let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
+        // Upper case before lower case, a longer id after its prefix, multi-byte characters last
+        // (byte order, as `str` compares); devices interleaved so that rows change device often.
+        let first = readings(&[
+            ("é-1", BASE + 2, 1, 10),
+            ("a", BASE + 2, 7, 11),
+            ("Z", BASE + 1, 1, 12),
+            ("ab", BASE, 1, 13),
+            ("a", BASE + 1, 6, 14),
+        ]);
+        // The same reading of `a` again, with another value: the one consumed first stays.
+        let second = readings(&[("a", BASE + 2, 7, 99), ("Z", BASE + 3, 2, 15)]);
+        let flush = encode_partitioned(&[first, second], PartitionGranularity::Hour, &properties).unwrap();
+        assert_eq!(flush.num_duplicates_dropped, 1);
+        assert_eq!(flush.files.len(), 1);
+        let expected: Vec<(String, i64, i64)> =
+            [("Z", 1, 12), ("Z", 2, 15), ("a", 6, 14), ("a", 7, 11), ("ab", 1, 13), ("é-1", 1, 10)]
+                .into_iter()
+                .map(|(device, seq, value)| (device.to_string(), seq, value))
+                .collect();
+        assert_eq!(file_rows(&flush.files[0]), expected);
+        assert_eq!(
+            (flush.files[0].min_event_time_micros, flush.files[0].max_event_time_micros),
+            (BASE, BASE + 3)
+        );
+    }
+
+    #[test]
+    fn a_reading_outside_the_lake_range_fails_the_flush_instead_of_landing_in_a_wrong_partition() {
+        let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
+        for event_time in [
+            i64::MIN,
+            sluice_lake::MIN_EVENT_TIME_MICROS - 1,
+            sluice_lake::MAX_EVENT_TIME_MICROS + 1,
+            i64::MAX,
+        ] {
+            let batch = readings(&[("a", BASE, 1, 1), ("b", event_time, 1, 1)]);
+            let error = encode_partitioned(&[batch], PartitionGranularity::Hour, &properties).unwrap_err();
+            assert!(matches!(error, EncodeError::EventTime(_)), "{event_time}: {error:?}");
+        }
+        let edges = readings(&[
+            ("a", sluice_lake::MIN_EVENT_TIME_MICROS, 1, 1),
+            ("a", sluice_lake::MAX_EVENT_TIME_MICROS, 2, 2),
+        ]);
+        let files = encode_partitioned(&[edges], PartitionGranularity::Hour, &properties).unwrap().files;
+        assert_eq!(files.len(), 2, "the first and the last hour the lake can hold");
     }
 }
