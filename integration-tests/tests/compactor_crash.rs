@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use rand::Rng;
@@ -39,7 +38,8 @@ fn spawn_compactor(
         .arg("--config")
         .arg(config_path)
         .env("SLUICE_COMPACTOR__INSTANCE_ID", format!("crash-test-{instance}"))
-        .stdout(Stdio::null())
+        // Logs go to stdout, aborts and panics to stderr: one file, in the order written.
+        .stdout(log.try_clone().unwrap())
         .stderr(log)
         .kill_on_drop(true);
     if let Some(abort_at) = abort_at_opt {
@@ -159,8 +159,18 @@ async fn uncommitted_files(lake_dir: &std::path::Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// SIGTERM to both: each commits what it buffered and exits 0.
+/// SIGTERM to both: each commits what it buffered and exits 0. An instance started a moment ago
+/// may not have its signal handlers yet, and would die of the signal's default action: each is
+/// first seen consuming (its handlers are installed before it starts to).
 async fn stop_gracefully(instances: &mut [(Child, PathBuf); 2]) {
+    for (_, log_path) in instances.iter() {
+        let consuming = sluice_integration_tests::wait_until(Duration::from_secs(60), || async {
+            std::fs::read_to_string(log_path).is_ok_and(|log| log.contains("compactor consuming"))
+        })
+        .await;
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        assert!(consuming, "the instance consumes within 60 s of its start\n{log}");
+    }
     for (instance, _) in instances.iter() {
         let pid = instance.id().expect("the instance is running").to_string();
         std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
