@@ -213,6 +213,27 @@ impl Default for ShutdownConfig {
     }
 }
 
+impl CompactorConfig {
+    /// The Kafka consumer settings the compactor runs with: the passthrough map, the enforced
+    /// offset settings, then the compactor's tuning wherever the map does not set it. Public so
+    /// that the throughput benchmark's plain consumer fetches exactly as the compactor does.
+    pub fn consumer_client_config(&self) -> rdkafka::ClientConfig {
+        let mut consumer_config = self.kafka.consumer_config(&self.compactor.group_id);
+        // librdkafka 2.x pauses fetching a partition for fetch.queue.backoff.ms (1 s) whenever its
+        // local queue is full; a consumer that decodes and writes is slower than fetching, so it
+        // would starve for a second each time.
+        self.kafka.set_defaults(
+            &mut consumer_config,
+            [
+                ("auto.offset.reset", "earliest"),
+                ("fetch.queue.backoff.ms", "10"),
+                ("statistics.interval.ms", "10000"),
+            ],
+        );
+        consumer_config
+    }
+}
+
 impl Validate for CompactorConfig {
     fn validate(&self) -> Vec<ConfigIssue> {
         let mut issues = Vec::new();
@@ -322,6 +343,17 @@ mod tests {
         config.parquet.compression_level = 40;
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert_eq!(keys, ["flush.max_buffered_bytes", "parquet.compression_level"]);
+    }
+
+    #[test]
+    fn consumer_settings_tune_fetching_unless_the_passthrough_map_says_otherwise() {
+        let mut config = CompactorConfig::default();
+        let shipped = config.consumer_client_config();
+        assert_eq!(shipped.get("group.id"), Some("sluice-compactor"));
+        assert_eq!(shipped.get("enable.auto.commit"), Some("false"));
+        assert_eq!(shipped.get("fetch.queue.backoff.ms"), Some("10"));
+        config.kafka.client.0.insert("fetch.queue.backoff.ms".into(), "100".into());
+        assert_eq!(config.consumer_client_config().get("fetch.queue.backoff.ms"), Some("100"));
     }
 
     #[test]

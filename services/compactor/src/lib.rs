@@ -284,19 +284,8 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         Arc::clone(&metrics),
         janitor_streams.clone(),
     );
-    let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);
-    // Defaults for what the passthrough map did not set. librdkafka 2.x pauses fetching a
-    // partition for fetch.queue.backoff.ms (1 s) whenever its local queue is full; a consumer
-    // that decodes and writes is slower than fetching, so it would starve for a second each time.
-    config.kafka.set_defaults(
-        &mut consumer_config,
-        [
-            ("auto.offset.reset", "earliest"),
-            ("fetch.queue.backoff.ms", "10"),
-            ("statistics.interval.ms", "10000"),
-        ],
-    );
-    let consumer: BaseConsumer<RebalanceContext> = consumer_config
+    let consumer: BaseConsumer<RebalanceContext> = config
+        .consumer_client_config()
         .create_with_context(context)
         .map_err(|source| CompactorError::Client { role: "consumer", source })?;
     let dead_letters = BatchProducer::new(&config.kafka.producer_config())
