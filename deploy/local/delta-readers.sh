@@ -15,6 +15,8 @@ readonly REQUIREMENTS=(
   # pl.read_delta lists a table's files through deltalake, then reads them with Polars' own reader.
   "polars==2.1.0"
   "pyarrow==26.0.1"
+  # The newest DuckDB that has a delta extension on PyPI (duckdb 1.5.6 and 2.0.1 are out, the
+  # extension wheels stop at 1.5.5). The query benchmark against DuckDB runs this same install.
   "duckdb==1.5.5"
   # Each carries one .duckdb_extension file built for duckdb 1.5.5: keep the three versions equal.
   "duckdb-extension-delta==1.5.5"

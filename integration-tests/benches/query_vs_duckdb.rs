@@ -1,7 +1,9 @@
 //! The executor against DuckDB on the same Delta tables, with the shipped jobs, in the same run.
 //!
-//! What runs: the example jobs as shipped (`examples/jobs/*.sql`, parsed with the executor's own
-//! `JobDefinition::parse`), each over one window of its `-- window:` length: the window that
+//! What runs: the example jobs as shipped (`examples/jobs/*.sql`) and the benchmark's own queries
+//! (integration-tests/benches/queries/*.sql: a join with the reference table, a day-long window
+//! sort, a join back to an aggregate, a tiny group by), all parsed with the executor's own
+//! `JobDefinition::parse`, each over one window of its `-- window:` length: the window that
 //! contains 2026-11-25T12:34:56Z, aligned as the executor aligns windows (12:34-12:35 for `1m`,
 //! 12:00-13:00 for `1h`, the whole day for `1d`).
 //!
@@ -19,33 +21,44 @@
 //!   is the worst case (merges behind all day: at 00:30 only the last hour or two would be).
 //!
 //! plus a device registry (CSV) registered as the reference table `devices`, as the commented
-//! example in deploy/config/executor.toml declares it. No shipped job joins it today; it is there
-//! because a deployment that has one pays for it in every session (Sluice infers its schema from
-//! the file when it builds the session), and DuckDB gets the same file as a view.
+//! example in deploy/config/executor.toml declares it. One benchmark query joins it; for the
+//! others it is there because a deployment that has one pays for it in every session (Sluice
+//! infers its schema from the file when it builds the session), and DuckDB gets the same file as
+//! a view.
 //!
-//! Sluice runs a job the way a window run does, with the executor's default configuration
-//! (`open_catalog(ExecutorConfig::default())` with the lake and the registry: memory limit,
-//! target partitions, footer and statistics caches as shipped) on a `RunRuntime` with as many
-//! threads as the executor gives it: snapshot of the table, window session, `plan_query` (which
-//! binds `$window_start`/`$window_end`), physical plan, `yield_between_batches`, then the result
-//! collected as Arrow record batches (not written). DuckDB 1.5.5 runs the same job in one
-//! persistent Python process (integration-tests/readers/duckdb_bench.py) over `delta_scan` of
-//! the same table, result fetched as one Arrow table.
+//! Sluice runs a query the way a window run does, with the executor's default configuration
+//! (`sluice_executor::open_catalog` on `ExecutorConfig::default()` with the lake and the
+//! registry: the memory limit, target partitions, run limits, footer and statistics caches as
+//! shipped) on a `RunRuntime` with as many threads as the executor gives it: snapshot of the
+//! table, window session, `plan_query` (which binds `$window_start`/`$window_end`), physical
+//! plan, `yield_between_batches`, then the result collected as Arrow record batches (not
+//! written). DuckDB runs the same query in one persistent Python process
+//! (integration-tests/readers/duckdb_bench.py), result fetched as one Arrow table: by default
+//! DuckDB 1.5.5 from deploy/local/delta-readers.sh (the newest DuckDB with a delta extension
+//! that installs here: the extension must match DuckDB's version exactly, and 1.5.6 and 2.0.x
+//! have none) over `delta_scan` of the same table; with `--duckdb-reader files`, over
+//! `read_parquet` of exactly the files Sluice reads, which any DuckDB can run
+//! (`--duckdb-pythonpath DIR` puts another DuckDB, e.g. 2.0.1, before that install).
 //!
 //! Fairness rules (docs/benchmarks.md):
 //! - Same rows, same predicates. DuckDB's `telemetry` is a view of the window built from the
 //!   executor's own `WindowRead` over the same table version's file list: the same partitions,
-//!   and a row filter on `ts` wherever the partitions hold rows outside the window. The job's
-//!   own `ts >= $window_start AND ts < $window_end`, which the executor's planner drops because
-//!   the window view implies them (window_bounds.rs), are dropped for DuckDB too; the placeholders
-//!   left are bound as `TIMESTAMPTZ` literals, the type the executor binds.
-//! - Results in the same form: Arrow on both sides, materialised whole; both engines must return
-//!   the same number of rows and columns on every run, so a wrong query cannot be fast.
+//!   and the row filter on `ts` exactly where the executor keeps one (never for a window on
+//!   partition boundaries; `window_predicates` says how `delta_scan` is held to that). The
+//!   job's own `ts >= $window_start AND ts < $window_end`, which the executor's planner drops
+//!   because the window view implies them (window_bounds.rs), are dropped for DuckDB too; the
+//!   placeholders left are bound as `TIMESTAMPTZ` literals, the type the executor binds.
+//! - Results in the same form and the same answer: Arrow on both sides, materialised whole.
+//!   Both engines must return the same number of rows and columns on every run, and the same
+//!   values (rows sorted, floating-point within 1e-9; approximate percentiles are estimated
+//!   differently by each engine and only reported) on the cold run and on the last warm run of
+//!   each, so a wrong query cannot be fast.
 //! - Same caches: DuckDB with `parquet_metadata_cache` on (its equivalent of the footer cache the
-//!   executor ships with; `enable_object_cache` is a no-op in 1.5.5), otherwise its defaults.
-//!   The cold run of each job and layout is made with fresh caches on both sides (a new Catalog,
-//!   a new DuckDB database) and reported apart from the warm median; the table's files are read
-//!   once beforehand so that both find them in the OS page cache (cold caches, not a cold disk).
+//!   executor ships with; `enable_object_cache` is a no-op in 1.5.5 and gone in 2.0), otherwise
+//!   its defaults. The cold run of each query and layout is made with fresh caches on both sides
+//!   (a new Catalog, a new DuckDB database) and reported apart from the warm median; the
+//!   table's files are read once beforehand so that both find them in the OS page cache (cold
+//!   caches, not a cold disk).
 //! - Same clock: both start at query submission, before the table's log is read (Sluice at the
 //!   snapshot, DuckDB when `execute` gets the SQL text: `delta_scan` reads the log while
 //!   binding), and stop when the whole result is in memory as Arrow.
@@ -54,17 +67,26 @@
 //!   partitions and run threads).
 //!
 //! `cargo bench -p sluice-integration-tests --bench query_vs_duckdb -- [--rows N] [--devices N]
-//! [--only JOB]... [--layout merged|unmerged] [--explain]`
+//! [--only QUERY]... [--layout merged|unmerged] [--explain] [--duckdb-reader delta_scan|files]
+//! [--duckdb-pythonpath DIR]`
+//!
+//! Output: a table for people, and per query and layout one line
+//! `RESULT query=.. kind=job|bench window=.. layout=.. sluice_cold_ms=.. duckdb_cold_ms=..
+//! sluice_median_ms=.. duckdb_median_ms=.. ratio=.. cold_ratio=.. runs=.. rows=.. ...
+//! check=equal|different approx_max_rel_diff=..` (`ratio` is Sluice's median over DuckDB's:
+//! below 1 when Sluice is faster), and `SETUP ...` lines with both engines' settings. Results
+//! that differ are listed at the end and fail the benchmark.
 //!
 //! The data set is written once under the temporary directory and reused by later runs with the
 //! same `--rows`/`--devices`; writing it takes a few minutes (estimated: about 1,800 commits of
 //! tens of milliseconds each, plus encoding 23 million rows; it prints the time it took).
-//! `--explain` prints each job's SQL as DuckDB ran it, Sluice's phase medians and its plan with
+//! `--explain` prints each query's SQL as DuckDB ran it, Sluice's phase medians and its plan with
 //! the metrics of its last run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "benchmark harness")]
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -72,13 +94,21 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow_array::cast::AsArray as _;
+use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{
-    ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array as _, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
-use arrow_schema::SchemaRef;
+use arrow_schema::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::display::DisplayableExecutionPlan;
+use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+use datafusion::sql::sqlparser::ast::{Query as SqlQuery, SelectItem, SetExpr, Statement as SqlStatement};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::properties::WriterProperties;
 use sluice_compactor::config::ParquetConfig;
 use sluice_executor::catalog::{ReferenceFormat, ReferenceTable};
@@ -118,12 +148,14 @@ const FLUSH_AGE_MICROS: i64 = 60_000_000;
 /// The partitions' flushes do not fall due at the same instants: each is this much after the
 /// previous partition's, so flushes straddle minutes and hours as they do in a running compactor.
 const FLUSH_OFFSET_MICROS: i64 = 15_000_000;
+/// The benchmark's own queries, in the job format, run beside the example jobs.
+const BENCHMARK_QUERIES_DIR: &str = "integration-tests/benches/queries";
 /// Where the device registry is, under each layout's lake root, as the executor's config names it.
 const REGISTRY_PATH: &str = "reference/devices.csv";
 /// The telemetry columns this generator fills, in the stream schema's order.
 const TELEMETRY_COLUMNS: [&str; 9] =
     ["device_id", "ts", "seq", "site", "temperature", "humidity", "battery", "rssi", "status"];
-/// Warm runs per job, layout and engine after the cold one: at least `MIN_RUNS`, more for short
+/// Warm runs per query, layout and engine after the cold one: at least `MIN_RUNS`, more for short
 /// jobs until `MIN_MEASURING` has passed or `MAX_RUNS` are done. The medians count.
 const MIN_RUNS: usize = 5;
 const MAX_RUNS: usize = 25;
@@ -540,33 +572,109 @@ fn read_all_files(directory: &Path) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The jobs, and what DuckDB runs for them
+// The queries, and what DuckDB runs for them
 
-/// The shipped example jobs, parsed as the executor parses a submitted job.
-fn shipped_jobs(only: &[String]) -> Vec<JobDefinition> {
-    let directory = repo_root().join("examples/jobs");
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&directory)
-        .unwrap()
+/// Whether a query is a shipped example job or one the benchmark adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueryKind {
+    /// `examples/jobs/*.sql`, as shipped.
+    ExampleJob,
+    /// `integration-tests/benches/queries/*.sql`: shapes no example job has (a join with the
+    /// reference table, a day-long window sort, a join back to an aggregate, a tiny group by),
+    /// kept from the benchmark's earlier queries.
+    BenchmarkQuery,
+}
+
+impl QueryKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::ExampleJob => "job",
+            Self::BenchmarkQuery => "bench",
+        }
+    }
+}
+
+/// One query of the benchmark, in the job format (its window from its `-- window:` header).
+struct Query {
+    kind: QueryKind,
+    job: JobDefinition,
+    /// Result columns computed by an approximate aggregate (`approx_percentile_cont`): each
+    /// engine estimates them its own way, so they are reported, not required to agree.
+    approximate_columns: BTreeSet<String>,
+}
+
+/// The `*.sql` files of a directory, parsed as the executor parses a submitted job.
+fn parse_jobs(directory: &Path) -> Vec<JobDefinition> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(directory)
+        .unwrap_or_else(|error| panic!("{}: {error}", directory.display()))
         .flatten()
         .map(|entry| entry.path())
         .filter(|path| path.extension().is_some_and(|extension| extension == "sql"))
         .collect();
     paths.sort();
-    let jobs: Vec<JobDefinition> = paths
+    paths
         .iter()
         .map(|path| {
             let text = std::fs::read_to_string(path).unwrap();
             JobDefinition::parse(&text, None).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
         })
-        .collect();
+        .collect()
+}
+
+/// The example jobs, then the benchmark's own queries; only those `--only` names, if any.
+fn load_queries(only: &[String]) -> Vec<Query> {
+    let mut queries: Vec<Query> = Vec::new();
+    for (kind, directory) in
+        [(QueryKind::ExampleJob, "examples/jobs"), (QueryKind::BenchmarkQuery, BENCHMARK_QUERIES_DIR)]
+    {
+        for job in parse_jobs(&repo_root().join(directory)) {
+            assert!(
+                !queries.iter().any(|query| query.job.name == job.name),
+                "two queries are named {}: --only could not tell them apart",
+                job.name
+            );
+            let approximate_columns = approximate_columns(&job.sql);
+            queries.push(Query { kind, job, approximate_columns });
+        }
+    }
     for name in only {
         assert!(
-            jobs.iter().any(|job| &job.name == name),
-            "--only {name}: no such job in examples/jobs (jobs: {})",
-            jobs.iter().map(|job| job.name.as_str()).collect::<Vec<_>>().join(", ")
+            queries.iter().any(|query| &query.job.name == name),
+            "--only {name}: no such query in examples/jobs or {BENCHMARK_QUERIES_DIR} (queries: {})",
+            queries.iter().map(|query| query.job.name.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
-    jobs.into_iter().filter(|job| only.is_empty() || only.contains(&job.name)).collect()
+    queries.into_iter().filter(|query| only.is_empty() || only.contains(&query.job.name)).collect()
+}
+
+/// The aliases, lowercased as both engines name result columns, of the select items that call
+/// an `approx_*` function, in the final SELECT and in the CTEs before it (a CTE's estimate that
+/// the final SELECT passes on keeps its name).
+fn approximate_columns(sql: &str) -> BTreeSet<String> {
+    let statements =
+        DFParser::parse_sql(sql).unwrap_or_else(|error| panic!("the query does not parse: {error}\n{sql}"));
+    let mut names = BTreeSet::new();
+    if let Some(DfStatement::Statement(statement)) = statements.front()
+        && let SqlStatement::Query(query) = statement.as_ref()
+    {
+        collect_approximate_aliases(query, &mut names);
+    }
+    names
+}
+
+fn collect_approximate_aliases(query: &SqlQuery, names: &mut BTreeSet<String>) {
+    for cte in query.with.iter().flat_map(|with| &with.cte_tables) {
+        collect_approximate_aliases(&cte.query, names);
+    }
+    if let SetExpr::Select(select) = query.body.as_ref() {
+        for item in &select.projection {
+            if let SelectItem::ExprWithAlias { expr, alias } = item
+                && expr.to_string().to_ascii_lowercase().contains("approx_")
+            {
+                names.insert(alias.value.to_ascii_lowercase());
+            }
+        }
+    }
 }
 
 fn window_of(job: &JobDefinition) -> Window {
@@ -574,28 +682,96 @@ fn window_of(job: &JobDefinition) -> Window {
     Window { start_micros, end_micros: start_micros + job.window_micros }
 }
 
+/// `1d`, `1h`, `1m`, `90s`: the window's length for the table.
+fn window_label(window_micros: i64) -> String {
+    let seconds = window_micros / 1_000_000;
+    if seconds % 86_400 == 0 {
+        format!("{}d", seconds / 86_400)
+    } else if seconds % 3_600 == 0 {
+        format!("{}h", seconds / 3_600)
+    } else if seconds % 60 == 0 {
+        format!("{}m", seconds / 60)
+    } else {
+        format!("{seconds}s")
+    }
+}
+
 fn timestamp_literal(micros: i64) -> String {
     format!("TIMESTAMPTZ '{}'", format_micros(micros))
 }
 
+/// How DuckDB reads the table (`--duckdb-reader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DuckDbReader {
+    /// `delta_scan` of the table with the delta extension (the default): DuckDB reads the
+    /// table's log inside its clock on every query, as Sluice loads the table's version inside
+    /// its own, and picks the files itself by partition and `ts` statistics.
+    DeltaScan,
+    /// `read_parquet` of exactly the files Sluice reads of the same table version, listed for
+    /// it when its database is opened: works with any DuckDB (2.0 has no delta extension yet),
+    /// and the row filter is then Sluice's to the letter. Reading no log in its clock, DuckDB
+    /// is spared work Sluice does: this reader leans against Sluice.
+    Files,
+}
+
+impl DuckDbReader {
+    fn parse(text: &str) -> Self {
+        match text {
+            "delta_scan" => Self::DeltaScan,
+            "files" => Self::Files,
+            other => panic!("--duckdb-reader {other}: delta_scan or files"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::DeltaScan => "delta_scan",
+            Self::Files => "files",
+        }
+    }
+}
+
+/// What each engine reads of the stream table for one window, and whether it filters rows on
+/// `ts`.
+struct WindowPredicates {
+    /// The predicate of DuckDB's `telemetry` view.
+    duckdb_filter: String,
+    /// Whether the executor's window view keeps its row filter on `ts` (catalog.rs
+    /// `window_filter`: only where a file it reads also holds rows outside the window).
+    sluice_filters_rows: bool,
+    /// Whether DuckDB's view has the row filter on `ts`.
+    duckdb_filters_rows: bool,
+    /// The files Sluice reads (by the recorded event-time ranges of the version's files), as
+    /// paths on this machine: what the `files` reader gives DuckDB.
+    sluice_files: Vec<String>,
+}
+
 /// The predicate of DuckDB's `telemetry` view for a window: the rows of the executor's window
-/// view, from the executor's own `WindowRead` over the same table version's files. The same
-/// partitions are named. DuckDB gets the row filter on `ts` wherever the partitions hold rows
-/// outside the window: it needs it for the right rows, and its `delta_scan` skips files on it by
-/// their statistics, as the executor skips them by their recorded ranges (and filters rows only
-/// where a file it reads crosses the window's bounds). Where the window is on partition
-/// boundaries neither filters a row.
+/// view, from the executor's own `WindowRead` over the same table version's files.
+///
+/// Same partitions: the filter names the partitions the executor's names. Same row filter:
+/// the executor filters rows on `ts` only where a file it reads also holds rows outside the
+/// window, which never happens for a window on partition boundaries (an hour or a day of an
+/// hourly stream): there both get a partition filter alone. Where the executor does filter,
+/// DuckDB gets the same `ts >= start AND ts < end`. With `delta_scan`, which does not know the
+/// executor's recorded ranges, DuckDB gets the row filter wherever the window's partitions hold
+/// rows outside it: it needs it for the same rows, and `delta_scan` skips files by their `ts`
+/// statistics on it, as the executor skips them by their recorded ranges. The two rules agree
+/// on every window and layout of this benchmark; where they do not, the table says so
+/// (`sluice_row_filter`, `duckdb_row_filter`).
 ///
 /// The partitions are written in the form DuckDB's `delta_scan` prunes files with. It skips files
 /// on `dt = 'D'`, on `dt = 'D' AND hour = 'H'` and on ranges of `hour`, but not on ORs or IN lists
 /// of (dt, hour) pairs, which read whole days (checked with 1.5.5: a two-hour OR read 288 of 576
 /// files, the range 24). The executor's form for a day, 24 ORed hours, would cost DuckDB the
 /// pruning, so a day is `dt = 'D'`: the same partitions, the same rows.
-fn duckdb_window_filter(
+fn window_predicates(
+    lake_directory: &Path,
     files: &[CommittedFile],
     granularity: PartitionGranularity,
     window: Window,
-) -> String {
+    reader: DuckDbReader,
+) -> WindowPredicates {
     let Window { start_micros, end_micros } = window;
     let read = WindowRead::new(granularity, start_micros, end_micros);
     let day_filters: Vec<String> = read
@@ -621,14 +797,26 @@ fn duckdb_window_filter(
         }
         _ => "false".to_string(),
     };
-    if !read.partitions_hold_other_rows(files) {
-        return partition_filter;
-    }
-    format!(
-        "{partition_filter} AND ts >= {} AND ts < {}",
-        timestamp_literal(start_micros),
-        timestamp_literal(end_micros)
-    )
+    let sluice_filters_rows = read.filters_rows(files);
+    let duckdb_filters_rows = match reader {
+        DuckDbReader::DeltaScan => read.partitions_hold_other_rows(files),
+        DuckDbReader::Files => sluice_filters_rows,
+    };
+    let duckdb_filter = if duckdb_filters_rows {
+        format!(
+            "{partition_filter} AND ts >= {} AND ts < {}",
+            timestamp_literal(start_micros),
+            timestamp_literal(end_micros)
+        )
+    } else {
+        partition_filter
+    };
+    let sluice_files = files
+        .iter()
+        .filter(|file| read.reads(file))
+        .map(|file| lake_directory.join(&file.path).display().to_string())
+        .collect();
+    WindowPredicates { duckdb_filter, sluice_filters_rows, duckdb_filters_rows, sluice_files }
 }
 
 /// Replaces every `<left> <operator> <right>` in `sql` (any spacing; `left` and `right` whole
@@ -719,11 +907,17 @@ struct DuckDb {
 }
 
 impl DuckDb {
-    fn start() -> Self {
+    /// DuckDB from the outside readers' install (deploy/local/delta-readers.sh), or from
+    /// `python_path_opt` put before it (another DuckDB; pyarrow still comes from that install).
+    fn start(python_path_opt: Option<&str>) -> Self {
         let output =
             Command::new(repo_root().join("deploy/local/delta-readers.sh")).arg("path").output().unwrap();
         assert!(output.status.success(), "delta-readers.sh: {}", String::from_utf8_lossy(&output.stderr));
-        let python_path = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        let readers_path = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        let python_path = match python_path_opt {
+            Some(first) => format!("{first}:{readers_path}"),
+            None => readers_path,
+        };
         let mut child = Command::new("python3")
             .arg(repo_root().join("integration-tests/readers/duckdb_bench.py"))
             .env("PYTHONPATH", python_path)
@@ -750,14 +944,24 @@ impl DuckDb {
         answer
     }
 
-    /// A fresh database (every DuckDB cache empty) whose `telemetry` view is the window.
-    fn open(&mut self, lake_directory: &Path, window_filter: &str) -> serde_json::Value {
-        self.request(&serde_json::json!({
+    /// A fresh database (every DuckDB cache empty) whose `telemetry` view is the window: over
+    /// `delta_scan` of the layout's table, or over `read_parquet` of `files`.
+    fn open(
+        &mut self,
+        lake_directory: &Path,
+        reader: DuckDbReader,
+        predicates: &WindowPredicates,
+    ) -> serde_json::Value {
+        let mut request = serde_json::json!({
             "op": "open",
-            "table": lake_directory.join(STREAM),
-            "window_filter": window_filter,
+            "window_filter": predicates.duckdb_filter,
             "registry": lake_directory.join(REGISTRY_PATH),
-        }))
+        });
+        match reader {
+            DuckDbReader::DeltaScan => request["table"] = serde_json::json!(lake_directory.join(STREAM)),
+            DuckDbReader::Files => request["files"] = serde_json::json!(predicates.sluice_files),
+        }
+        self.request(&request)
     }
 
     /// One run; the SQL DuckDB ran comes back with it.
@@ -769,6 +973,17 @@ impl DuckDb {
             columns: answer["columns"].as_u64().unwrap() as usize,
         };
         (measured, answer["sql"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// The last run's result, written to Parquet by DuckDB's process outside its clock and read
+    /// back here.
+    fn last_result(&mut self, scratch_file: &Path) -> CanonicalResult {
+        self.request(&serde_json::json!({ "op": "write_result", "path": scratch_file }));
+        let file = std::fs::File::open(scratch_file).unwrap();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+        let schema = Arc::clone(builder.schema());
+        let batches: Vec<RecordBatch> = builder.build().unwrap().collect::<Result<_, _>>().unwrap();
+        CanonicalResult::new(&schema, &batches)
     }
 }
 
@@ -800,18 +1015,21 @@ fn executor_config(lake_directory: &Path) -> ExecutorConfig {
     }
 }
 
-/// A catalog as the executor opens it; a new one has empty footer and statistics caches.
+/// A catalog as the executor opens it (`sluice_executor::open_catalog`, the function the
+/// service calls at start); a new one has empty footer and statistics caches.
 fn fresh_catalog(lake_directory: &Path) -> Catalog {
     open_catalog(&executor_config(lake_directory)).expect("the executor's catalog")
 }
 
-/// What one Sluice run measured, and its plan (for `--explain`).
+/// What one Sluice run measured, its plan (for `--explain`) and its result.
 struct SluiceRun {
     measured: Measured,
     files_read: u64,
     /// Time at the end of: snapshot, session, logical plan, physical plan, execution.
     phases: [Duration; 5],
     plan: Arc<dyn ExecutionPlan>,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
 }
 
 /// One run of a job over a window, as a window run does it up to its result (which is collected
@@ -834,15 +1052,18 @@ async fn run_window(catalog: Catalog, sql: Arc<str>, window: Window) -> SluiceRu
     let batches =
         datafusion::physical_plan::collect(Arc::clone(&plan), task_ctx).await.expect("the job's result");
     let done = started.elapsed();
+    let schema = plan.schema();
     SluiceRun {
         measured: Measured {
             seconds: done.as_secs_f64(),
             rows: batches.iter().map(RecordBatch::num_rows).sum(),
-            columns: plan.schema().fields().len(),
+            columns: schema.fields().len(),
         },
         files_read: scan_stats(&plan).files_read,
         phases: [snapshot_done, session_done, logical_done, physical_done, done],
         plan,
+        schema,
+        batches,
     }
 }
 
@@ -853,6 +1074,203 @@ fn run_sluice(runtime: &RunRuntime, catalog: &Catalog, sql: &Arc<str>, window: W
     handle
         .block_on(handle.spawn(run_window(catalog.clone(), Arc::clone(sql), window)))
         .expect("the Sluice run")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The results, compared value by value
+
+/// Relative difference allowed between two engines' values of a column both compute exactly:
+/// sums and averages added up in another order differ in the last bits, nothing more.
+const FLOAT_TOLERANCE: f64 = 1e-9;
+
+/// One result in a form in which both engines' answers compare: each column exact (compared as
+/// text: strings as they are, integers and scale-0 decimals as digits, so that DuckDB's HUGEINT
+/// sums meet DataFusion's Int64, timestamps as epoch microseconds whatever their unit or zone
+/// name) or floating-point (compared within a tolerance), and the rows sorted, since a job's
+/// rows come in no set order unless it sorts them.
+#[derive(Debug)]
+struct CanonicalResult {
+    /// Lowercased: DataFusion lowercases unquoted names, DuckDB keeps them as written.
+    column_names: Vec<String>,
+    float_columns: Vec<bool>,
+    rows: Vec<CanonicalRow>,
+}
+
+#[derive(Debug, Clone)]
+struct CanonicalRow {
+    exact: Vec<Option<String>>,
+    floats: Vec<Option<f64>>,
+}
+
+impl CanonicalResult {
+    fn new(schema: &SchemaRef, batches: &[RecordBatch]) -> Self {
+        let float_columns: Vec<bool> =
+            schema.fields().iter().map(|field| is_floating_point(field.data_type())).collect();
+        let mut rows = Vec::new();
+        for batch in batches {
+            let mut exact_columns: Vec<Vec<Option<String>>> = Vec::new();
+            let mut float_values: Vec<Vec<Option<f64>>> = Vec::new();
+            for (column, is_float) in batch.columns().iter().zip(&float_columns) {
+                if *is_float {
+                    float_values.push(floating_point_values(column));
+                } else {
+                    exact_columns.push(exact_values(column));
+                }
+            }
+            for row in 0..batch.num_rows() {
+                rows.push(CanonicalRow {
+                    exact: exact_columns.iter().map(|values| values[row].clone()).collect(),
+                    floats: float_values.iter().map(|values| values[row]).collect(),
+                });
+            }
+        }
+        rows.sort_by(compare_rows);
+        let column_names = schema.fields().iter().map(|field| field.name().to_ascii_lowercase()).collect();
+        Self { column_names, float_columns, rows }
+    }
+
+    fn float_column_names(&self) -> Vec<&str> {
+        self.column_names
+            .iter()
+            .zip(&self.float_columns)
+            .filter(|(_, is_float)| **is_float)
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+}
+
+fn is_floating_point(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => true,
+        DataType::Decimal128(_, scale) | DataType::Decimal256(_, scale) => *scale > 0,
+        _ => false,
+    }
+}
+
+fn floating_point_values(column: &ArrayRef) -> Vec<Option<f64>> {
+    let as_f64 = cast(column.as_ref(), &DataType::Float64).expect("a floating-point column casts to f64");
+    as_f64.as_primitive::<Float64Type>().iter().collect()
+}
+
+fn exact_values(column: &ArrayRef) -> Vec<Option<String>> {
+    let normalized: ArrayRef = match column.data_type() {
+        DataType::Timestamp(unit, _) => {
+            let raw = cast(column.as_ref(), &DataType::Int64).expect("timestamps cast to integers");
+            let micros: Int64Array = raw.as_primitive::<Int64Type>().unary(|value: i64| match unit {
+                TimeUnit::Second => value.saturating_mul(1_000_000),
+                TimeUnit::Millisecond => value.saturating_mul(1_000),
+                TimeUnit::Microsecond => value,
+                TimeUnit::Nanosecond => value.div_euclid(1_000),
+            });
+            Arc::new(micros)
+        }
+        DataType::Decimal128(_, 0) | DataType::Decimal256(_, 0) => {
+            cast(column.as_ref(), &DataType::Int64).unwrap_or_else(|_| Arc::clone(column))
+        }
+        _ => Arc::clone(column),
+    };
+    let options = FormatOptions::default();
+    let formatter = ArrayFormatter::try_new(normalized.as_ref(), &options).expect("a column that formats");
+    (0..normalized.len())
+        .map(|row| normalized.is_valid(row).then(|| formatter.value(row).to_string()))
+        .collect()
+}
+
+fn compare_rows(left: &CanonicalRow, right: &CanonicalRow) -> Ordering {
+    left.exact.cmp(&right.exact).then_with(|| {
+        left.floats
+            .iter()
+            .zip(&right.floats)
+            .map(|(left_opt, right_opt)| match (left_opt, right_opt) {
+                (Some(left_value), Some(right_value)) => left_value.total_cmp(right_value),
+                _ => left_opt.is_some().cmp(&right_opt.is_some()),
+            })
+            .find(|ordering| ordering.is_ne())
+            .unwrap_or(Ordering::Equal)
+    })
+}
+
+/// Relative to the larger magnitude, or absolute below 1; infinite where only one side is
+/// finite or a NaN.
+fn relative_difference(left: f64, right: f64) -> f64 {
+    if left.total_cmp(&right).is_eq() || (left.is_nan() && right.is_nan()) {
+        0.0
+    } else if !left.is_finite() || !right.is_finite() {
+        f64::INFINITY
+    } else {
+        (left - right).abs() / left.abs().max(right.abs()).max(1.0)
+    }
+}
+
+/// How one result compares with the expected one.
+#[derive(Debug, Clone, Default)]
+struct Comparison {
+    /// The first difference in shape, in an exact column or in a float column beyond
+    /// `FLOAT_TOLERANCE`, if any.
+    difference_opt: Option<String>,
+    /// The largest relative difference in an approximate aggregate's column (reported only).
+    approximate_max_difference: f64,
+}
+
+impl Comparison {
+    /// Both comparisons of a query and layout as one: the first difference, the largest gap.
+    fn merge(self, other: Self) -> Self {
+        Self {
+            difference_opt: self.difference_opt.or(other.difference_opt),
+            approximate_max_difference: self.approximate_max_difference.max(other.approximate_max_difference),
+        }
+    }
+}
+
+fn compare_results(
+    expected: &CanonicalResult,
+    actual: &CanonicalResult,
+    approximate_columns: &BTreeSet<String>,
+) -> Comparison {
+    let shape_difference_opt =
+        if expected.column_names != actual.column_names || expected.float_columns != actual.float_columns {
+            Some(format!(
+                "columns {:?} (floating-point: {:?}) against {:?} ({:?})",
+                expected.column_names, expected.float_columns, actual.column_names, actual.float_columns
+            ))
+        } else if expected.rows.len() != actual.rows.len() {
+            Some(format!("{} rows against {}", expected.rows.len(), actual.rows.len()))
+        } else {
+            None
+        };
+    if let Some(difference) = shape_difference_opt {
+        return Comparison { difference_opt: Some(difference), approximate_max_difference: 0.0 };
+    }
+    let float_names = expected.float_column_names();
+    let mut difference_opt = None;
+    let mut approximate_max_difference: f64 = 0.0;
+    for (index, (expected_row, actual_row)) in expected.rows.iter().zip(&actual.rows).enumerate() {
+        let mut differs = expected_row.exact != actual_row.exact;
+        for ((expected_opt, actual_opt), name) in
+            expected_row.floats.iter().zip(&actual_row.floats).zip(&float_names)
+        {
+            match (expected_opt, actual_opt) {
+                (Some(expected_value), Some(actual_value)) => {
+                    let difference = relative_difference(*expected_value, *actual_value);
+                    if approximate_columns.contains(*name) {
+                        approximate_max_difference = approximate_max_difference.max(difference);
+                    } else if difference > FLOAT_TOLERANCE {
+                        differs = true;
+                    }
+                }
+                (None, None) => {}
+                _ => differs = true,
+            }
+        }
+        if differs && difference_opt.is_none() {
+            difference_opt = Some(format!(
+                "row {index} of {} in sorted order: {expected_row:?} against {actual_row:?} (columns {:?})",
+                expected.rows.len(),
+                expected.column_names
+            ));
+        }
+    }
+    Comparison { difference_opt, approximate_max_difference }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -867,11 +1285,11 @@ fn flag_values(args: &[String], flag: &str) -> Vec<String> {
 }
 
 /// Both engines' answers to one run must agree with each other and with every other run.
-fn check(job: &str, layout: Layout, engine: &str, measured: &Measured, expected: &Measured) {
+fn check(query: &str, layout: Layout, engine: &str, measured: &Measured, expected: &Measured) {
     assert_eq!(
         (measured.rows, measured.columns),
         (expected.rows, expected.columns),
-        "{job} on {}: {engine} returned {} rows and {} columns, expected {} and {}",
+        "{query} on {}: {engine} returned {} rows and {} columns, expected {} and {}",
         layout.name(),
         measured.rows,
         measured.columns,
@@ -883,7 +1301,7 @@ fn check(job: &str, layout: Layout, engine: &str, measured: &Measured, expected:
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let fleet = Fleet::new(bench_arg("--rows", 20_000_000), bench_arg("--devices", 10_000));
-    let jobs = shipped_jobs(&flag_values(&args, "--only"));
+    let queries = load_queries(&flag_values(&args, "--only"));
     let layout_names = flag_values(&args, "--layout");
     let layouts: Vec<Layout> = Layout::ALL
         .into_iter()
@@ -891,6 +1309,11 @@ fn main() {
         .collect();
     assert!(!layouts.is_empty(), "--layout takes merged or unmerged");
     let explain = args.iter().any(|arg| arg == "--explain");
+    let reader = flag_values(&args, "--duckdb-reader")
+        .last()
+        .map(String::as_str)
+        .map_or(DuckDbReader::DeltaScan, DuckDbReader::parse);
+    let python_path_opt = flag_values(&args, "--duckdb-pythonpath").last().cloned();
 
     // The executor runs windows on as many threads as its target partitions (scheduler.rs).
     let shipped = ExecutorConfig::default();
@@ -905,41 +1328,77 @@ fn main() {
         fleet.devices, fleet.readings_per_hour
     ));
     runtime.handle().block_on(prepare(&directory, &fleet, &schema));
-    let mut duckdb = DuckDb::start();
+    let mut duckdb = DuckDb::start(python_path_opt.as_deref());
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    let duckdb_result_file = scratch.path().join("duckdb-result.parquet");
 
     // Process warm-up, thrown away: the first query of a process pays for one-time set-up
-    // (DataFusion's, DuckDB's first Arrow export imports pyarrow) that belongs to no job.
-    if let (Some(job), Some(layout)) = (jobs.first(), layouts.first()) {
+    // (DataFusion's; DuckDB's first Arrow export imports pyarrow, its first result file
+    // pyarrow.parquet) that belongs to no query.
+    if let (Some(query), Some(layout)) = (queries.first(), layouts.first()) {
         let lake_directory = directory.join(layout.name());
-        let window = window_of(job);
-        duckdb.open(&lake_directory, &duckdb_window_filter(&[], PartitionGranularity::Hour, window));
-        duckdb.run(&duckdb_sql(&job.sql, window));
-        run_sluice(&runtime, &fresh_catalog(&lake_directory), &Arc::from(job.sql.as_str()), window);
+        let window = window_of(&query.job);
+        let snapshot = runtime.handle().block_on(fresh_catalog(&lake_directory).snapshot()).unwrap();
+        let predicates = window_predicates(
+            &lake_directory,
+            snapshot.files(STREAM),
+            snapshot.granularity(STREAM),
+            window,
+            reader,
+        );
+        duckdb.open(&lake_directory, reader, &predicates);
+        duckdb.run(&duckdb_sql(&query.job.sql, window));
+        duckdb.last_result(&duckdb_result_file);
+        run_sluice(&runtime, &fresh_catalog(&lake_directory), &Arc::from(query.job.sql.as_str()), window);
     }
 
     println!(
         "{} rows: {} devices x {} readings per hour x {HOURS_IN_WEEK} hours; Sluice: executor defaults \
-         (target_partitions {}, memory_limit_bytes {}), {num_threads} run threads",
+         (target_partitions {}, memory_limit_bytes {}), {num_threads} run threads; DuckDB reads with {}",
         fleet.num_rows(),
         fleet.devices,
         fleet.readings_per_hour,
         shipped.query.target_partitions,
         shipped.query.memory_limit_bytes,
+        reader.name(),
+    );
+    println!(
+        "SETUP rows={} devices={} readings_per_hour={} sluice_target_partitions={} \
+         sluice_memory_limit_bytes={} sluice_run_threads={num_threads} duckdb_reader={}",
+        fleet.num_rows(),
+        fleet.devices,
+        fleet.readings_per_hour,
+        shipped.query.target_partitions,
+        shipped.query.memory_limit_bytes,
+        reader.name(),
     );
     let mut settings_shown = false;
     println!(
-        "{:<24} {:<9} {:>10} {:>10} {:>10} {:>10} {:>13} {:>5} {:>6} {:>6}",
-        "job", "layout", "sluice", "duckdb", "sluice", "duckdb", "duckdb/sluice", "runs", "rows", "files"
+        "{:<24} {:<5} {:<6} {:<9} {:>10} {:>10} {:>10} {:>10} {:>13} {:>5} {:>6} {:>6}  check",
+        "query",
+        "kind",
+        "window",
+        "layout",
+        "sluice",
+        "duckdb",
+        "sluice",
+        "duckdb",
+        "sluice/duckdb",
+        "runs",
+        "rows",
+        "files"
     );
     println!(
-        "{:<24} {:<9} {:>10} {:>10} {:>10} {:>10} {:>13}",
-        "", "", "cold ms", "cold ms", "median ms", "median ms", "(>1: Sluice)"
+        "{:<24} {:<5} {:<6} {:<9} {:>10} {:>10} {:>10} {:>10} {:>13}",
+        "", "", "", "", "cold ms", "cold ms", "median ms", "median ms", "(<1: Sluice)"
     );
+    let mut differences: Vec<String> = Vec::new();
     for layout in &layouts {
         let lake_directory = directory.join(layout.name());
         read_all_files(&lake_directory);
         let snapshot = runtime.handle().block_on(fresh_catalog(&lake_directory).snapshot()).unwrap();
         let files = snapshot.files(STREAM);
+        let granularity = snapshot.granularity(STREAM);
         let query_day_files = files
             .iter()
             .filter(|file| (QUERY_DAY..QUERY_DAY + DAY).contains(&file.min_event_time_micros))
@@ -950,16 +1409,23 @@ fn main() {
             snapshot.versions().get(STREAM).copied().unwrap_or(-1),
             files.len()
         );
-        for (index, job) in jobs.iter().enumerate() {
+        for (index, query) in queries.iter().enumerate() {
+            let job = &query.job;
             let window = window_of(job);
-            let window_filter = duckdb_window_filter(files, snapshot.granularity(STREAM), window);
+            let predicates = window_predicates(&lake_directory, files, granularity, window, reader);
             let sql_for_duckdb = duckdb_sql(&job.sql, window);
             let sql: Arc<str> = Arc::from(job.sql.as_str());
 
-            // Cold: new caches on both sides, the engine that goes first alternating by job.
-            let opened = duckdb.open(&lake_directory, &window_filter);
+            // Cold: new caches on both sides, the engine that goes first alternating by query.
+            let opened = duckdb.open(&lake_directory, reader, &predicates);
             if !settings_shown {
-                println!("DuckDB {}: {}", opened["version"].as_str().unwrap_or("?"), opened["settings"]);
+                let version = opened["version"].as_str().unwrap_or("?");
+                println!(
+                    "DuckDB {version} ({}): {}",
+                    opened["reader"].as_str().unwrap_or("?"),
+                    opened["settings"]
+                );
+                println!("SETUP duckdb_version={version} duckdb_settings={}", opened["settings"]);
                 settings_shown = true;
             }
             let catalog = fresh_catalog(&lake_directory);
@@ -979,6 +1445,13 @@ fn main() {
                     layout.name()
                 );
             }
+            // Value by value: equal counts alone would let two different answers pass.
+            let expected_result = CanonicalResult::new(&sluice_cold.schema, &sluice_cold.batches);
+            let mut comparison = compare_results(
+                &expected_result,
+                &duckdb.last_result(&duckdb_result_file),
+                &query.approximate_columns,
+            );
 
             // Warm: the same catalog and database, runs alternating, the order swapped each round.
             let (mut sluice_seconds, mut duckdb_seconds) = (Vec::new(), Vec::new());
@@ -999,20 +1472,80 @@ fn main() {
                 sluice_phases.push(sluice_run.phases);
                 last_sluice_run = sluice_run;
             }
+            // The last warm run of each engine too, value by value: a cache that made a run wrong
+            // would show here.
+            comparison = comparison
+                .merge(compare_results(
+                    &expected_result,
+                    &duckdb.last_result(&duckdb_result_file),
+                    &query.approximate_columns,
+                ))
+                .merge(compare_results(
+                    &expected_result,
+                    &CanonicalResult::new(&last_sluice_run.schema, &last_sluice_run.batches),
+                    &query.approximate_columns,
+                ));
+            let check_text = match &comparison.difference_opt {
+                Some(_) => "DIFFERENT".to_string(),
+                None if query.approximate_columns.is_empty() => "equal".to_string(),
+                None => format!("equal, estimates within {:.1e}", comparison.approximate_max_difference),
+            };
+            let approximate_text = if query.approximate_columns.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.3e}", comparison.approximate_max_difference)
+            };
+
             let runs = sluice_seconds.len();
             let (sluice_median, duckdb_median) = (median(sluice_seconds), median(duckdb_seconds));
+            let window_text = window_label(job.window_micros);
             println!(
-                "{:<24} {:<9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>13.2} {runs:>5} {:>6} {:>6}",
+                "{:<24} {:<5} {:<6} {:<9} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>13.2} {runs:>5} \
+                 {:>6} {:>6}  {check_text}",
                 job.name,
+                query.kind.name(),
+                window_text,
                 layout.name(),
                 expected.seconds * 1e3,
                 duckdb_cold.seconds * 1e3,
                 sluice_median * 1e3,
                 duckdb_median * 1e3,
-                duckdb_median / sluice_median,
+                sluice_median / duckdb_median,
                 expected.rows,
                 last_sluice_run.files_read,
             );
+            println!(
+                "RESULT query={} kind={} window={window_text} layout={} sluice_cold_ms={:.3} \
+                 duckdb_cold_ms={:.3} sluice_median_ms={:.3} duckdb_median_ms={:.3} ratio={:.4} \
+                 cold_ratio={:.4} runs={runs} rows={} columns={} sluice_files_read={} files_in_window={} \
+                 sluice_row_filter={} duckdb_row_filter={} duckdb_reader={} check={} \
+                 approx_max_rel_diff={approximate_text}",
+                job.name,
+                query.kind.name(),
+                layout.name(),
+                expected.seconds * 1e3,
+                duckdb_cold.seconds * 1e3,
+                sluice_median * 1e3,
+                duckdb_median * 1e3,
+                sluice_median / duckdb_median,
+                expected.seconds / duckdb_cold.seconds,
+                expected.rows,
+                expected.columns,
+                last_sluice_run.files_read,
+                predicates.sluice_files.len(),
+                predicates.sluice_filters_rows,
+                predicates.duckdb_filters_rows,
+                reader.name(),
+                if comparison.difference_opt.is_some() { "different" } else { "equal" },
+            );
+            if let Some(difference) = &comparison.difference_opt {
+                eprintln!(
+                    "error: {} on {}: the engines' results differ: {difference}",
+                    job.name,
+                    layout.name()
+                );
+                differences.push(format!("{} on {}: {difference}", job.name, layout.name()));
+            }
             if explain {
                 let phase_names = ["snapshot", "session", "logical plan", "physical plan", "done"];
                 let phase_medians: Vec<String> = phase_names
@@ -1025,16 +1558,20 @@ fn main() {
                     })
                     .collect();
                 eprintln!(
-                    "--- {} on {} [{}, {})\nDuckDB view: {window_filter}\nDuckDB SQL:\n{duckdb_ran}\n\
+                    "--- {} on {} [{}, {})\nDuckDB view ({}): {}\nDuckDB SQL:\n{duckdb_ran}\n\
                      Sluice phases (median time at the end of each): {}\nSluice plan of the last run:\n{}",
                     job.name,
                     layout.name(),
                     format_micros(window.start_micros),
                     format_micros(window.end_micros),
+                    reader.name(),
+                    predicates.duckdb_filter,
                     phase_medians.join(", "),
                     DisplayableExecutionPlan::with_metrics(last_sluice_run.plan.as_ref()).indent(true)
                 );
             }
         }
     }
+    // After the whole table, so that one query's wrong answer does not cost the others' numbers.
+    assert!(differences.is_empty(), "the engines' results differ:\n{}", differences.join("\n"));
 }
