@@ -90,6 +90,11 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's process id while it runs, for benchmarks that account its CPU time.
+    pub fn pid(&self) -> Option<u32> {
+        self.process_opt.as_ref().and_then(ServerProcess::id)
+    }
+
     /// Kills the broker (SIGKILL), as a crash or network loss would look to clients.
     pub async fn kill(&mut self) {
         if let Some(mut process) = self.process_opt.take() {
