@@ -90,7 +90,7 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// The broker's process id while it runs: benchmarks read its memory use from /proc.
+    /// The broker's process id while it runs: benchmarks read its memory use and CPU time from /proc.
     pub fn pid(&self) -> Option<u32> {
         self.process_opt.as_ref().and_then(ServerProcess::id)
     }

@@ -25,11 +25,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 pub use crate::config::IngestConfig;
-pub use crate::producer::ProduceError;
 pub use crate::producer::{
     DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_RESERVED_BYTES,
     DEAD_LETTER_SOURCE_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
 };
+pub use crate::producer::{ProduceError, producer_client_config};
 pub use crate::records::RECORD_OVERHEAD_BYTES;
 pub use crate::tls::TlsError;
 

@@ -148,6 +148,24 @@ pub(crate) enum DeadLetterWritten {
     Truncated,
 }
 
+/// The librdkafka settings of ingest's producer: the shared durable producer settings, ingest's
+/// tuning where `kafka.client` does not set it, and the delivery timeout. Public so that the
+/// ingest benchmark's ceiling produces with exactly these settings, not a copy that can drift.
+pub fn producer_client_config(kafka: &KafkaConfig, settings: &ProducerConfig) -> ClientConfig {
+    let mut client_config = kafka.producer_config();
+    kafka.set_defaults(
+        &mut client_config,
+        [
+            ("linger.ms", settings.linger_ms.to_string()),
+            ("queue.buffering.max.kbytes", settings.queue_max_kbytes.to_string()),
+            ("compression.type", "lz4".to_string()),
+        ],
+    );
+    // The delivery timeout bounds every request's wait, so it is not left to the passthrough.
+    client_config.set("message.timeout.ms", settings.delivery_timeout_ms.to_string());
+    client_config
+}
+
 #[derive(Clone)]
 pub(crate) struct RecordProducer {
     /// The producer in use and its generation; swapped for a new one (next generation) when it
@@ -183,17 +201,7 @@ impl RecordProducer {
         settings: &ProducerConfig,
         metrics: Arc<IngestMetrics>,
     ) -> Result<Self, ProduceError> {
-        let mut client_config = kafka.producer_config();
-        kafka.set_defaults(
-            &mut client_config,
-            [
-                ("linger.ms", settings.linger_ms.to_string()),
-                ("queue.buffering.max.kbytes", settings.queue_max_kbytes.to_string()),
-                ("compression.type", "lz4".to_string()),
-            ],
-        );
-        // The delivery timeout bounds every request's wait, so it is not left to the passthrough.
-        client_config.set("message.timeout.ms", settings.delivery_timeout_ms.to_string());
+        let client_config = producer_client_config(kafka, settings);
         let max_message_bytes = max_message_bytes_of(&client_config);
         let producer = BatchProducer::new(&client_config).map_err(ProduceError::Create)?;
         let answer_deadline =
