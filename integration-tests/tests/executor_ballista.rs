@@ -15,7 +15,7 @@ use sluice_executor::events::RunStatus;
 use sluice_integration_tests::{
     Broker, ExecutorService, Readiness, ServiceBinary, compacted_readings, executor_config, free_port,
     job_run_events, open_local_lake, read_job_result, repo_root, submit_job, telemetry_readings,
-    windows_succeeded, workspace_binary,
+    unique_suffix, windows_succeeded, workspace_binary,
 };
 use tokio::process::Command;
 

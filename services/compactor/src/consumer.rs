@@ -75,8 +75,9 @@ pub enum LoopError {
     ReadPosition {
         stream: String,
         partition: i32,
+        // Boxed: the error travels through every `Result` of the loop, most of them `Ok`.
         #[source]
-        source: LakeError,
+        source: Box<LakeError>,
     },
     #[error("failed to assign partitions")]
     Assign(#[source] rdkafka::error::KafkaError),

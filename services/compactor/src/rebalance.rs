@@ -177,7 +177,7 @@ impl RebalanceContext {
                     return Err(LoopError::ReadPosition {
                         stream: stream.to_string(),
                         partition,
-                        source: error,
+                        source: Box::new(error),
                     });
                 }
             }

@@ -7,7 +7,7 @@
 mod arrow;
 mod decode;
 mod json;
-mod wire;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
