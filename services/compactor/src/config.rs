@@ -63,10 +63,14 @@ pub struct FlushConfig {
     pub target_file_bytes: usize,
     /// ... or when its oldest buffered record is this old, so data is queryable within it.
     pub max_age_ms: u64,
-    /// Bound on all buffers together; past it the largest buffer is flushed first.
+    /// Bound on all buffers and the flushes in flight together; past it the largest buffer is
+    /// flushed first, and consumption waits for flushes to finish.
     pub max_buffered_bytes: usize,
     /// Bound on distinct event-time partitions buffered per Kafka partition (late data).
     pub max_open_partitions: usize,
+    /// Threads that encode, upload and commit flushes while the loop goes on consuming; 0 means
+    /// one per core the process may run on.
+    pub workers: usize,
 }
 
 impl Default for FlushConfig {
@@ -76,7 +80,19 @@ impl Default for FlushConfig {
             max_age_ms: 60_000,
             max_buffered_bytes: 512 * 1024 * 1024,
             max_open_partitions: 48,
+            workers: 0,
         }
+    }
+}
+
+impl FlushConfig {
+    /// How many flush workers to start: `workers`, or with 0 the cores this process may run on
+    /// (its CPU affinity and cgroup quota count), 1 if that cannot be read.
+    pub fn num_workers(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     }
 }
 
@@ -322,6 +338,14 @@ mod tests {
         config.parquet.compression_level = 40;
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert_eq!(keys, ["flush.max_buffered_bytes", "parquet.compression_level"]);
+    }
+
+    #[test]
+    fn flush_workers_default_to_the_cores() {
+        let mut flush = FlushConfig::default();
+        assert!(flush.num_workers() >= 1);
+        flush.workers = 3;
+        assert_eq!(flush.num_workers(), 3);
     }
 
     #[test]
