@@ -29,7 +29,8 @@ impl CompactorLoop {
     ) {
         if state.buffer.has_uncommitted() {
             // Rows read before the broker lost its records exist nowhere else now. With a flush
-            // of the partition still in flight they go once that answered, when they are due.
+            // of the partition still in flight they go once that one committed, when they are
+            // due; if it fails, nothing may be committed past its range and they are lost with it.
             self.flush_partition(&(topic.to_string(), partition), state, pool);
         }
         state.beyond_end_opt = Some(broker_end);

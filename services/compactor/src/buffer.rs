@@ -690,7 +690,7 @@ mod tests {
     }
 
     #[test]
-    fn a_revoke_while_a_flush_is_in_flight_drops_only_what_came_after_it() {
+    fn what_a_revoke_while_a_flush_is_in_flight_drops_is_only_what_came_after_the_hand_off() {
         let now = Instant::now();
         let mut buffer = decoded_buffer(now);
         buffer.hand_off(7).expect("a range to flush");

@@ -11,6 +11,9 @@ use sluice_lake::{ObjectStoreConfig, PartitionGranularity};
 use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
 
+/// The most flush workers a compactor starts.
+pub const MAX_FLUSH_WORKERS: usize = 64;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompactorConfig {
@@ -245,6 +248,14 @@ impl Validate for CompactorConfig {
         }
         if flush.max_age_ms == 0 {
             issues.push(ConfigIssue::new("flush.max_age_ms", "must be greater than 0"));
+        }
+        // Each worker holds a flush's Arrow rows, their sorted copy and the Parquet output beside
+        // the budgeted bytes; far more workers than cores only multiplies that memory.
+        if flush.workers > MAX_FLUSH_WORKERS {
+            issues.push(ConfigIssue::new(
+                "flush.workers",
+                format!("must be at most {MAX_FLUSH_WORKERS} (0: one per core)"),
+            ));
         }
         if flush.max_buffered_bytes < flush.target_file_bytes {
             issues.push(ConfigIssue::new(

@@ -61,26 +61,37 @@ impl CompactorLoop {
             }
         }
         self.flush_keys(partitions, pool, &due);
-        // A buffer whose partition has a flush in flight cannot go yet: it counts, like the
-        // flushes in flight, as memory no flush chosen now frees.
-        let mut num_other_bytes = pool.num_in_flight_bytes();
-        let mut sizes: Vec<((String, i32), usize)> = Vec::with_capacity(partitions.len());
-        for (key, state) in partitions.iter() {
-            if state.buffer.has_flush_in_flight() {
-                num_other_bytes += state.buffer.num_value_bytes();
-            } else {
-                sizes.push((key.clone(), state.buffer.num_value_bytes()));
+        loop {
+            // A buffer whose partition has a flush in flight cannot go yet: it counts, like the
+            // flushes in flight, as memory no flush chosen now frees.
+            let mut num_other_bytes = pool.num_in_flight_bytes();
+            let mut sizes: Vec<((String, i32), usize)> = Vec::with_capacity(partitions.len());
+            for (key, state) in partitions.iter() {
+                if state.buffer.has_flush_in_flight() {
+                    num_other_bytes += state.buffer.num_value_bytes();
+                } else {
+                    sizes.push((key.clone(), state.buffer.num_value_bytes()));
+                }
             }
-        }
-        // Sorted by key so that equal sizes are chosen the same way every time.
-        sizes.sort();
-        for key in policy.over_budget(&sizes, num_other_bytes) {
-            if let Some(state) = partitions.get_mut(&key) {
-                self.flush_partition(&key, state, pool);
+            // Sorted by key so that equal sizes are chosen the same way every time.
+            sizes.sort();
+            for key in policy.over_budget(&sizes, num_other_bytes) {
+                if let Some(state) = partitions.get_mut(&key) {
+                    self.flush_partition(&key, state, pool);
+                }
             }
+            let num_buffered_bytes: usize =
+                partitions.values().map(|state| state.buffer.num_value_bytes()).sum();
+            let num_held_bytes = num_buffered_bytes + pool.num_in_flight_bytes();
+            if !policy.is_over_budget(num_held_bytes) || !pool.has_flushes_in_flight() {
+                self.metrics.set_buffered_bytes(num_held_bytes);
+                return;
+            }
+            // Consumption waits for an answer; the partition it frees is chosen again at once,
+            // so that the workers are not left idle until every flush in flight answered.
+            pool.wait_for_outcome(OUTCOME_WAIT);
+            self.apply_outcomes(partitions, pool);
         }
-        let num_held_bytes = self.wait_for_memory(partitions, pool, policy);
-        self.metrics.set_buffered_bytes(num_held_bytes);
     }
 
     /// Hands off the buffers of `keys` whose partitions have no flush in flight; those of one
@@ -154,27 +165,6 @@ impl CompactorLoop {
         self.decode_pending(&key.0, key.1, state);
         let taken = state.buffer.hand_off(flush_id)?;
         Some(FlushPart { key: key.clone(), taken })
-    }
-
-    /// Waits for flushes to answer, applying their answers, while buffers and flushes in flight
-    /// together hold more than `flush.max_buffered_bytes`: consumption waits meanwhile. Returns
-    /// the bytes held then.
-    fn wait_for_memory(
-        &self,
-        partitions: &mut HashMap<(String, i32), PartitionState>,
-        pool: &mut FlushPool,
-        policy: FlushPolicy,
-    ) -> usize {
-        loop {
-            let num_buffered_bytes: usize =
-                partitions.values().map(|state| state.buffer.num_value_bytes()).sum();
-            let num_held_bytes = num_buffered_bytes + pool.num_in_flight_bytes();
-            if !policy.is_over_budget(num_held_bytes) || !pool.has_flushes_in_flight() {
-                return num_held_bytes;
-            }
-            pool.wait_for_outcome(OUTCOME_WAIT);
-            self.apply_outcomes(partitions, pool);
-        }
     }
 
     /// At shutdown: hands off every buffer and waits until every flush answered. A partition

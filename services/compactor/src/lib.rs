@@ -287,6 +287,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         Arc::clone(&metrics),
         janitor_streams.clone(),
         flushes_in_flight.clone(),
+        rebalance::revoke_flush_wait(config.kafka.client.0.get("max.poll.interval.ms").map(String::as_str)),
     );
     let mut consumer_config = config.kafka.consumer_config(&config.compactor.group_id);
     // Defaults for what the passthrough map did not set. librdkafka 2.x pauses fetching a

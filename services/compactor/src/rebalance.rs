@@ -26,11 +26,22 @@ use crate::janitor::JanitorStreams;
 use crate::metrics::CompactorMetrics;
 
 const ASSIGN_LOAD_ATTEMPTS: u32 = 5;
-/// Longest a revoke waits for the flushes in flight. A flush normally answers within seconds;
-/// this stays well below librdkafka's default `max.poll.interval.ms` (5 minutes), past which the
-/// group would drop this member. Correctness does not depend on it: a flush that commits after
-/// the next owner read its position makes one of the two commits stale.
-const REVOKE_FLUSH_WAIT: Duration = Duration::from_secs(120);
+/// Longest a revoke waits for the flushes in flight. A flush normally answers within seconds.
+/// Correctness does not depend on the wait: a flush that commits after the next owner read its
+/// position makes one of the two commits stale.
+const MAX_REVOKE_FLUSH_WAIT: Duration = Duration::from_secs(120);
+/// librdkafka's `max.poll.interval.ms` when the configuration does not set it.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
+/// How long a revoke may wait for flushes: the rebalance callback runs inside `poll` and counts
+/// toward `max.poll.interval.ms`, past which the group drops this member in the middle of the
+/// revoke; half of it leaves room for the rest of the callback.
+pub(crate) fn revoke_flush_wait(max_poll_interval_ms_opt: Option<&str>) -> Duration {
+    let max_poll_interval_ms = max_poll_interval_ms_opt
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+    MAX_REVOKE_FLUSH_WAIT.min(Duration::from_millis(max_poll_interval_ms / 2))
+}
 
 #[derive(Debug)]
 pub(crate) enum RebalanceEvent {
@@ -59,6 +70,7 @@ pub(crate) struct RebalanceContext {
     metrics: Arc<CompactorMetrics>,
     janitor_streams: JanitorStreams,
     flushes_in_flight: FlushesInFlight,
+    revoke_flush_wait: Duration,
 }
 
 impl ClientContext for RebalanceContext {
@@ -150,9 +162,9 @@ impl ConsumerContext for RebalanceContext {
                 // read positions that include every flush this instance handed off. Without the
                 // wait, a flush landing after such a read would make the new owner's first commit
                 // stale (or its own), and a range would be read twice.
-                if !self.flushes_in_flight.wait_until_none(REVOKE_FLUSH_WAIT) {
+                if !self.flushes_in_flight.wait_until_none(self.revoke_flush_wait) {
                     tracing::warn!(
-                        wait_secs = REVOKE_FLUSH_WAIT.as_secs(),
+                        wait_ms = self.revoke_flush_wait.as_millis() as u64,
                         "flushes still in flight at a revoke; the partitions' next owners may read positions from before them"
                     );
                 }
@@ -174,10 +186,19 @@ impl RebalanceContext {
         metrics: Arc<CompactorMetrics>,
         janitor_streams: JanitorStreams,
         flushes_in_flight: FlushesInFlight,
+        revoke_flush_wait: Duration,
     ) -> (Self, Receiver<RebalanceEvent>) {
         let (events_tx, events_rx) = std::sync::mpsc::channel();
-        let context =
-            Self { lake, handle, streams_by_topic, events_tx, metrics, janitor_streams, flushes_in_flight };
+        let context = Self {
+            lake,
+            handle,
+            streams_by_topic,
+            events_tx,
+            metrics,
+            janitor_streams,
+            flushes_in_flight,
+            revoke_flush_wait,
+        };
         (context, events_rx)
     }
 
@@ -262,5 +283,19 @@ impl CompactorLoop {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoke_waits_for_flushes_at_most_half_the_poll_interval() {
+        assert_eq!(revoke_flush_wait(None), Duration::from_secs(120));
+        assert_eq!(revoke_flush_wait(Some("600000")), Duration::from_secs(120));
+        assert_eq!(revoke_flush_wait(Some("60000")), Duration::from_secs(30));
+        assert_eq!(revoke_flush_wait(Some(" 1000 ")), Duration::from_millis(500));
+        assert_eq!(revoke_flush_wait(Some("not a number")), Duration::from_secs(120));
     }
 }
