@@ -13,6 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::buffer::PartitionState;
 use crate::consumer::CompactorLoop;
+use crate::flush_pool::FlushPool;
 use crate::rebalance::BrokerEnd;
 
 impl CompactorLoop {
@@ -24,10 +25,13 @@ impl CompactorLoop {
         partition: i32,
         state: &mut PartitionState,
         broker_end: i64,
+        pool: &mut FlushPool,
     ) {
         if state.buffer.has_uncommitted() {
-            // Rows read before the broker lost its records exist nowhere else now.
-            self.flush_partition(&(topic.to_string(), partition), state);
+            // Rows read before the broker lost its records exist nowhere else now. With a flush
+            // of the partition still in flight they go once that one committed, when they are
+            // due; if it fails, nothing may be committed past its range and they are lost with it.
+            self.flush_partition(&(topic.to_string(), partition), state, pool);
         }
         state.beyond_end_opt = Some(broker_end);
         let mut paused = TopicPartitionList::new();
@@ -70,6 +74,7 @@ impl CompactorLoop {
         &self,
         partitions: &mut HashMap<(String, i32), PartitionState>,
         broker_ends: Vec<BrokerEnd>,
+        pool: &mut FlushPool,
     ) {
         for end in broker_ends {
             let key = (end.topic, end.partition);
@@ -85,7 +90,7 @@ impl CompactorLoop {
                         && end.fetch_position > end.high_watermark
                         && end.high_watermark < state.buffer.next_offset();
                     if beyond && state.seen_beyond_end {
-                        self.stop_beyond_end(&key.0, key.1, state, end.high_watermark);
+                        self.stop_beyond_end(&key.0, key.1, state, end.high_watermark, pool);
                     }
                     state.seen_beyond_end = beyond;
                 }
@@ -108,9 +113,13 @@ impl CompactorLoop {
     }
 
     /// A partition waiting beyond the broker's end goes on once its committed position changed:
-    /// `sluice-compactor reset-position` recorded a new one.
+    /// `sluice-compactor reset-position` recorded a new one. One with a flush in flight waits for
+    /// its answer, which moves the position itself.
     pub(crate) fn check_for_new_positions(&self, partitions: &mut HashMap<(String, i32), PartitionState>) {
-        for (key, state) in partitions.iter_mut().filter(|(_, state)| state.beyond_end_opt.is_some()) {
+        for (key, state) in partitions
+            .iter_mut()
+            .filter(|(_, state)| state.beyond_end_opt.is_some() && !state.buffer.has_flush_in_flight())
+        {
             let latest = match self.handle.block_on(self.lake.latest_commit(&state.stream.stream, key.1)) {
                 Ok(latest) => latest,
                 Err(error) => {

@@ -1,8 +1,9 @@
 //! What an assigned Kafka partition holds between two commits: the records not decoded yet, the
 //! decoded rows, and the bookkeeping the flush policy and the commit read (value bytes, the age
-//! of the oldest record, the offset range, the event-time partitions touched). Free of I/O and
-//! of the clock, so that what a record adds, what a flush takes and what a revoke drops are
-//! tested without a broker or a store; the consumer loop decodes, dead-letters and commits.
+//! of the oldest record, the offset range, the event-time partitions touched), and which flush of
+//! the partition a worker holds. Free of I/O and of the clock, so that what a record adds, what a
+//! flush takes, what its answer changes and what a revoke drops are tested without a broker or a
+//! store; the consumer loop decodes and dead-letters, the flush workers commit.
 //!
 //! The tests make this file longer than the others: they stay next to the bookkeeping they pin.
 
@@ -66,10 +67,11 @@ impl PendingValues {
 pub(crate) struct PartitionBuffer {
     pending: PendingValues,
     batches: Vec<RecordBatch>,
-    /// Avro bytes consumed since the last commit (pending and decoded): a cheap proxy for memory.
+    /// Avro bytes consumed since the last hand-off (pending and decoded): a cheap proxy for
+    /// memory.
     num_value_bytes: usize,
-    /// The partition's position in the table as this writer last saw it: a commit must find it
-    /// unchanged.
+    /// The position the next flush starts from, which its commit must find in the table: the
+    /// table's as this writer last read it, or the end of the flush handed off before.
     committed_opt: Option<i64>,
     /// Start of the range the next commit covers; `None` until the first record of a partition
     /// that has no commit yet.
@@ -81,6 +83,26 @@ pub(crate) struct PartitionBuffer {
     num_dead_lettered: u64,
     committed_max_event_time_opt: Option<i64>,
     buffered_max_event_time_opt: Option<i64>,
+    /// The flush handed to a worker and not answered yet. At most one per partition: the next
+    /// flush starts from this one's end, which only its answer confirms.
+    in_flight_opt: Option<u64>,
+    /// A flush failed and the committed position could not be read again: nothing more of this
+    /// partition is buffered or committed until a position is read.
+    stopped: bool,
+}
+
+/// What a flush takes from a buffer: the rows, and what its commit record says about them.
+#[derive(Debug)]
+pub(crate) struct HandedOff {
+    pub(crate) batches: Vec<RecordBatch>,
+    pub(crate) range: Range<i64>,
+    /// The partition's position the commit must find in the table.
+    pub(crate) previous_end_offset_opt: Option<i64>,
+    pub(crate) num_dead_lettered: u64,
+    /// The latest event time of the partition once this flush is committed.
+    pub(crate) max_event_time_micros_opt: Option<i64>,
+    /// Its share of `flush.max_buffered_bytes` until the flush answers.
+    pub(crate) num_value_bytes: usize,
 }
 
 impl PartitionBuffer {
@@ -104,10 +126,13 @@ impl PartitionBuffer {
         self.first_buffered_at_opt = None;
         self.num_dead_lettered = 0;
         self.buffered_max_event_time_opt = None;
+        // A flush still running is no longer this buffer's: its answer changes nothing here.
+        self.in_flight_opt = None;
+        self.stopped = false;
     }
 
     /// Sets a consumed record aside for decoding. `now` is called only for the first record
-    /// since the last commit, whose arrival starts the buffer's age.
+    /// since the last hand-off, whose arrival starts the buffer's age.
     pub(crate) fn push_record(
         &mut self,
         offset: i64,
@@ -115,6 +140,9 @@ impl PartitionBuffer {
         value: &[u8],
         now: impl FnOnce() -> Instant,
     ) {
+        if self.stopped {
+            return;
+        }
         // A partition without a commit starts where its first record is, which need not be 0:
         // the topic's retention may have deleted the records before it.
         self.range_start_opt.get_or_insert(offset);
@@ -166,6 +194,9 @@ impl PartitionBuffer {
     /// The offsets the next commit covers: from the committed position (or the first record) to
     /// after the last record consumed; `None` when nothing was consumed since.
     pub(crate) fn uncommitted_range(&self) -> Option<Range<i64>> {
+        if self.stopped {
+            return None;
+        }
         self.range_start_opt.filter(|&start| self.next_offset > start).map(|start| start..self.next_offset)
     }
 
@@ -173,17 +204,65 @@ impl PartitionBuffer {
         self.uncommitted_range().is_some()
     }
 
-    /// Hands the decoded rows to a flush; the range stays until the commit resets the buffer.
-    pub(crate) fn take_batches(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.batches)
+    /// Hands the buffered range to flush `flush_id` and continues after it as though it were
+    /// committed: the next flush states this one's end as the position it starts from, so the
+    /// partition's commits chain whichever worker makes them. `None` when nothing is uncommitted,
+    /// while an earlier flush is in flight (its answer decides where the next one starts), or
+    /// while records wait to be decoded (the range would cover them without their rows).
+    pub(crate) fn hand_off(&mut self, flush_id: u64) -> Option<HandedOff> {
+        if self.in_flight_opt.is_some() || !self.pending.is_empty() {
+            return None;
+        }
+        let range = self.uncommitted_range()?;
+        let max_event_time_micros_opt = self.max_event_time_micros_opt();
+        let handed_off = HandedOff {
+            batches: std::mem::take(&mut self.batches),
+            range: range.clone(),
+            previous_end_offset_opt: self.committed_opt,
+            num_dead_lettered: self.num_dead_lettered,
+            max_event_time_micros_opt,
+            num_value_bytes: self.num_value_bytes,
+        };
+        self.committed_opt = Some(range.end);
+        self.range_start_opt = Some(range.end);
+        self.committed_max_event_time_opt = max_event_time_micros_opt;
+        self.buffered_max_event_time_opt = None;
+        self.num_value_bytes = 0;
+        self.num_dead_lettered = 0;
+        self.open_partitions.clear();
+        self.first_buffered_at_opt = None;
+        self.in_flight_opt = Some(flush_id);
+        Some(handed_off)
+    }
+
+    /// Whether a flush of this partition is with a worker: the next one waits for its answer.
+    pub(crate) fn has_flush_in_flight(&self) -> bool {
+        self.in_flight_opt.is_some()
+    }
+
+    /// Whether `flush_id` is the flush in flight here. An answer to any other flush (one of an
+    /// earlier assignment of the partition, or one a rewind already gave up on) changes nothing.
+    pub(crate) fn is_in_flight(&self, flush_id: u64) -> bool {
+        self.in_flight_opt == Some(flush_id)
+    }
+
+    /// The flush in flight committed: the buffer already continues after it, and the next flush
+    /// may go. A flush that failed or lost to another writer is answered with
+    /// [`Self::reset_to`] the table's position instead.
+    pub(crate) fn flush_committed(&mut self) {
+        self.in_flight_opt = None;
     }
 
     /// Drops the rows and the range, so that nothing of this partition can be committed any
-    /// more: a flush failed and the committed position could not be read again.
+    /// more, not even of records consumed later: a flush failed and the committed position could
+    /// not be read again.
     pub(crate) fn drop_range(&mut self) {
         self.pending.clear();
         self.batches.clear();
+        self.num_value_bytes = 0;
         self.range_start_opt = None;
+        self.in_flight_opt = None;
+        self.stopped = true;
     }
 
     pub(crate) fn num_buffered_rows(&self) -> usize {
@@ -206,10 +285,6 @@ impl PartitionBuffer {
 
     pub(crate) fn next_offset(&self) -> i64 {
         self.next_offset
-    }
-
-    pub(crate) fn num_dead_lettered(&self) -> u64 {
-        self.num_dead_lettered
     }
 
     /// The latest event time the table holds for this partition once the buffer is committed.
@@ -495,45 +570,135 @@ mod tests {
             let mut buffer = buffer_with(Some(position(10, None)), records, now);
             buffer.finish_decoding(num_dead_lettered, unread_from_opt);
             assert!(buffer.pending().is_empty(), "{case}");
-            assert_eq!(buffer.num_dead_lettered(), num_dead_lettered, "{case}");
+            assert_eq!(buffer.num_dead_lettered, num_dead_lettered, "{case}");
             assert_eq!(buffer.uncommitted_range(), range, "{case}");
         }
     }
 
-    #[test]
-    fn a_flush_takes_the_rows_and_the_commit_resets_the_buffer() {
-        let now = Instant::now();
-        let mut buffer = buffer_with(Some(position(100, Some(1))), &[(100, 3), (103, 4)], now);
+    /// A buffer after 100 with records 100, 101 and 103, decoded: two rows in two hours and one
+    /// dead letter.
+    fn decoded_buffer(now: Instant) -> PartitionBuffer {
+        let mut buffer = buffer_with(Some(position(100, Some(1))), &[(100, 3), (101, 0), (103, 4)], now);
         buffer.push_rows(rows(1), &[HOUR_MICROS], PartitionGranularity::Hour);
         buffer.push_rows(rows(1), &[2 * HOUR_MICROS], PartitionGranularity::Hour);
-        buffer.finish_decoding(0, None);
+        buffer.finish_decoding(1, None);
+        buffer
+    }
 
-        let range = buffer.uncommitted_range();
-        assert_eq!(range, Some(100..104));
-        let taken = buffer.take_batches();
-        assert_eq!(taken.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
-        assert_eq!(buffer.num_buffered_rows(), 0);
-        // Until the commit, the range and what the commit record says stay as they were.
-        assert_eq!(buffer.uncommitted_range(), range);
-        assert_eq!(buffer.committed_opt(), Some(100));
-        assert_eq!(buffer.max_event_time_micros_opt(), Some(2 * HOUR_MICROS));
-        assert_eq!(buffer.num_value_bytes(), 7);
+    #[test]
+    fn a_hand_off_takes_the_rows_and_the_buffer_continues_after_them() {
+        let now = Instant::now();
+        let mut buffer = decoded_buffer(now);
+        let taken = buffer.hand_off(7).expect("a range to flush");
+        assert_eq!(taken.range, 100..104);
+        assert_eq!(taken.previous_end_offset_opt, Some(100));
+        assert_eq!(taken.batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+        assert_eq!(taken.num_dead_lettered, 1);
+        assert_eq!(taken.max_event_time_micros_opt, Some(2 * HOUR_MICROS));
+        assert_eq!(taken.num_value_bytes, 7);
 
-        buffer.reset_to(Some(&position(104, Some(2 * HOUR_MICROS))));
+        // The buffer continues after the flush as though it were committed.
+        assert!(buffer.has_flush_in_flight());
+        assert!(buffer.is_in_flight(7));
         assert_eq!(buffer.uncommitted_range(), None);
         assert_eq!(buffer.committed_opt(), Some(104));
         assert_eq!(buffer.next_offset(), 104);
+        assert_eq!(buffer.num_buffered_rows(), 0);
         assert_eq!(buffer.num_value_bytes(), 0);
+        assert_eq!(buffer.num_dead_lettered, 0);
         assert_eq!(buffer.max_event_time_micros_opt(), Some(2 * HOUR_MICROS));
-        assert_eq!(buffer.buffer_state().num_open_partitions, 0);
-        assert_eq!(buffer.num_dead_lettered(), 0);
+        assert_eq!(
+            buffer.buffer_state(),
+            BufferState {
+                first_buffered_at_opt: None,
+                num_open_partitions: 0,
+                num_value_bytes: 0,
+                has_uncommitted: false,
+            }
+        );
     }
 
     #[test]
     fn a_flush_of_an_empty_buffer_takes_nothing() {
         let mut buffer = PartitionBuffer::new(Some(&position(5, None)));
         assert_eq!(buffer.uncommitted_range(), None);
-        assert!(buffer.take_batches().is_empty());
+        assert!(buffer.hand_off(1).is_none());
+        assert!(!buffer.has_flush_in_flight());
+    }
+
+    #[test]
+    fn records_not_decoded_yet_keep_the_buffer_from_a_flush() {
+        let now = Instant::now();
+        let mut buffer = buffer_with(Some(position(0, None)), &[(0, 1)], now);
+        assert!(buffer.hand_off(1).is_none(), "the range would cover a record without its row");
+        assert!(!buffer.has_flush_in_flight());
+        buffer.finish_decoding(0, None);
+        assert_eq!(buffer.hand_off(1).map(|taken| taken.range), Some(0..1));
+    }
+
+    #[test]
+    fn the_next_flush_waits_for_the_answer_and_starts_where_the_one_in_flight_ends() {
+        let now = Instant::now();
+        let mut buffer = decoded_buffer(now);
+        buffer.hand_off(7).expect("a range to flush");
+        // Records read while the flush is in flight form the next range.
+        buffer.push_record(104, b"", &[1; 5], || now);
+        buffer.push_rows(rows(1), &[3 * HOUR_MICROS], PartitionGranularity::Hour);
+        buffer.finish_decoding(0, None);
+        assert_eq!(buffer.uncommitted_range(), Some(104..105));
+        assert_eq!(buffer.num_value_bytes(), 5);
+        assert_eq!(buffer.buffer_state().first_buffered_at_opt, Some(now));
+        assert!(buffer.hand_off(8).is_none(), "one flush per partition in flight");
+        assert!(buffer.is_in_flight(7));
+
+        buffer.flush_committed();
+        assert!(!buffer.has_flush_in_flight());
+        let next = buffer.hand_off(8).expect("the next range");
+        assert_eq!(next.range, 104..105);
+        assert_eq!(next.previous_end_offset_opt, Some(104), "the position the first flush committed");
+        assert_eq!(next.max_event_time_micros_opt, Some(3 * HOUR_MICROS));
+        assert_eq!(next.num_dead_lettered, 0, "the first flush's dead letters are its own");
+        assert!(buffer.is_in_flight(8));
+    }
+
+    #[test]
+    fn a_flush_that_failed_rewinds_to_the_table_and_drops_what_came_after_it() {
+        let now = Instant::now();
+        // Failed or stale: the loop reads the table's position again and starts from it.
+        for (table_position, case) in [
+            (position(100, Some(1)), "the commit did not land"),
+            (position(104, Some(2 * HOUR_MICROS)), "its outcome was unknown and it landed"),
+        ] {
+            let mut buffer = decoded_buffer(now);
+            buffer.hand_off(7).expect("a range to flush");
+            assert!(!buffer.is_in_flight(6), "{case}: an answer to another flush is not this one's");
+            buffer.push_record(104, b"", b"v", || now);
+            buffer.reset_to(Some(&table_position));
+            assert!(!buffer.has_flush_in_flight(), "{case}");
+            assert!(!buffer.is_in_flight(7), "{case}: a late answer changes nothing");
+            assert_eq!(buffer.uncommitted_range(), None, "{case}");
+            assert_eq!(buffer.committed_opt(), Some(table_position.end_offset), "{case}");
+            assert_eq!(buffer.next_offset(), table_position.end_offset, "{case}");
+            assert_eq!(buffer.num_uncommitted_records(), 0, "{case}");
+            assert_eq!(buffer.num_value_bytes(), 0, "{case}");
+            assert_eq!(
+                buffer.max_event_time_micros_opt(),
+                table_position.max_event_time_micros_opt,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_a_revoke_while_a_flush_is_in_flight_drops_is_only_what_came_after_the_hand_off() {
+        let now = Instant::now();
+        let mut buffer = decoded_buffer(now);
+        buffer.hand_off(7).expect("a range to flush");
+        assert_eq!(buffer.num_uncommitted_records(), 0, "the flush's rows are the worker's");
+        buffer.push_record(104, b"", b"v", || now);
+        buffer.push_record(105, b"", b"v", || now);
+        buffer.push_rows(rows(1), &[0], PartitionGranularity::Day);
+        assert_eq!(buffer.num_uncommitted_records(), 3);
     }
 
     #[test]
@@ -565,7 +730,27 @@ mod tests {
         buffer.drop_range();
         assert!(!buffer.has_uncommitted());
         assert_eq!(buffer.num_uncommitted_records(), 0);
+        assert_eq!(buffer.num_value_bytes(), 0, "no longer memory the budget counts");
         assert!(buffer.pending().is_empty());
         assert_eq!(buffer.committed_opt(), Some(20));
+        // A record consumed later must not start a range that skips the dropped ones.
+        buffer.push_record(22, b"", b"v", || now);
+        buffer.finish_decoding(0, None);
+        assert!(!buffer.has_uncommitted());
+        assert!(buffer.hand_off(1).is_none());
+        // A position read again lets the partition go on from there.
+        buffer.reset_to(Some(&position(20, None)));
+        buffer.push_record(20, b"", b"v", || now);
+        assert_eq!(buffer.uncommitted_range(), Some(20..21));
+    }
+
+    #[test]
+    fn a_dropped_range_forgets_its_flush_in_flight() {
+        let now = Instant::now();
+        let mut buffer = decoded_buffer(now);
+        buffer.hand_off(7).expect("a range to flush");
+        buffer.drop_range();
+        assert!(!buffer.has_flush_in_flight());
+        assert!(!buffer.is_in_flight(7));
     }
 }

@@ -11,6 +11,9 @@ use sluice_lake::{ObjectStoreConfig, PartitionGranularity};
 use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
 
+/// The most flush workers a compactor starts.
+pub const MAX_FLUSH_WORKERS: usize = 64;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompactorConfig {
@@ -63,10 +66,14 @@ pub struct FlushConfig {
     pub target_file_bytes: usize,
     /// ... or when its oldest buffered record is this old, so data is queryable within it.
     pub max_age_ms: u64,
-    /// Bound on all buffers together; past it the largest buffer is flushed first.
+    /// Bound on all buffers and the flushes in flight together; past it the largest buffer is
+    /// flushed first, and consumption waits for flushes to finish.
     pub max_buffered_bytes: usize,
     /// Bound on distinct event-time partitions buffered per Kafka partition (late data).
     pub max_open_partitions: usize,
+    /// Threads that encode, upload and commit flushes while the loop goes on consuming; 0 means
+    /// one per core the process may run on.
+    pub workers: usize,
 }
 
 impl Default for FlushConfig {
@@ -76,7 +83,19 @@ impl Default for FlushConfig {
             max_age_ms: 60_000,
             max_buffered_bytes: 512 * 1024 * 1024,
             max_open_partitions: 48,
+            workers: 0,
         }
+    }
+}
+
+impl FlushConfig {
+    /// How many flush workers to start: `workers`, or with 0 the cores this process may run on
+    /// (its CPU affinity and cgroup quota count), 1 if that cannot be read.
+    pub fn num_workers(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     }
 }
 
@@ -251,6 +270,14 @@ impl Validate for CompactorConfig {
         if flush.max_age_ms == 0 {
             issues.push(ConfigIssue::new("flush.max_age_ms", "must be greater than 0"));
         }
+        // Each worker holds a flush's Arrow rows, their sorted copy and the Parquet output beside
+        // the budgeted bytes; far more workers than cores only multiplies that memory.
+        if flush.workers > MAX_FLUSH_WORKERS {
+            issues.push(ConfigIssue::new(
+                "flush.workers",
+                format!("must be at most {MAX_FLUSH_WORKERS} (0: one per core)"),
+            ));
+        }
         if flush.max_buffered_bytes < flush.target_file_bytes {
             issues.push(ConfigIssue::new(
                 "flush.max_buffered_bytes",
@@ -354,6 +381,14 @@ mod tests {
         assert_eq!(shipped.get("fetch.queue.backoff.ms"), Some("10"));
         config.kafka.client.0.insert("fetch.queue.backoff.ms".into(), "100".into());
         assert_eq!(config.consumer_client_config().get("fetch.queue.backoff.ms"), Some("100"));
+    }
+
+    #[test]
+    fn flush_workers_default_to_the_cores() {
+        let mut flush = FlushConfig::default();
+        assert!(flush.num_workers() >= 1);
+        flush.workers = 3;
+        assert_eq!(flush.num_workers(), 3);
     }
 
     #[test]

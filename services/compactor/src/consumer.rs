@@ -1,13 +1,15 @@
-//! The consumer loop: reads the stream topics, buffers rows per Kafka partition, and flushes
-//! each buffer as one Delta commit (files at their final paths, then one commit adding them and
-//! moving the partition's position).
+//! The consumer loop: reads the stream topics, buffers rows per Kafka partition, and hands each
+//! buffer to the flush workers, which write it as one Delta commit (files at their final paths,
+//! then one commit adding them and moving the partition's position).
 //!
-//! It runs on one blocking thread and calls the object store through the runtime handle. That
-//! keeps every state change in one place: rdkafka runs the rebalance callback inside `poll` on
-//! this thread, so a revoked partition's buffer is dropped before the loop can flush it, and an
-//! assigned partition starts at the position its table's latest version holds, read from the
-//! store before the assignment takes effect. Kafka's own committed offsets are written afterwards for
-//! lag dashboards only; they are never read back.
+//! The loop runs on one blocking thread and calls the object store through the runtime handle.
+//! It keeps every state change in one place: it polls, decodes, dead-letters, decides when a
+//! buffer is due and applies the workers' answers, while the workers (`flush_pool`) only encode,
+//! upload and commit what they were handed. rdkafka runs the rebalance callback inside `poll`
+//! on this thread, so a revoked partition's buffer is dropped before the loop can flush it, and
+//! an assigned partition starts at the position its table's latest version holds, read from the
+//! store before the assignment takes effect. Kafka's own committed offsets are written afterwards
+//! for lag dashboards only; they are never read back.
 //!
 //! The loop's other concerns have their own modules, each an `impl CompactorLoop` where it acts
 //! on the loop: `rebalance` (assignment and revocation), `buffer` (what a partition holds, free
@@ -32,7 +34,9 @@ use tokio::runtime::Handle;
 use crate::buffer::PartitionState;
 use crate::config::FlushConfig;
 use crate::dead_letter::dead_letter_source;
+use crate::flush::FlushWriter;
 use crate::flush_policy::FlushPolicy;
+use crate::flush_pool::{FlushPool, FlushesInFlight};
 use crate::metrics::CompactorMetrics;
 use crate::rebalance::{RebalanceContext, RebalanceEvent};
 use crate::supervision::CompactorHealth;
@@ -93,15 +97,24 @@ pub enum LoopError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    #[error("failed to start the flush workers")]
+    StartFlushWorkers(#[source] std::io::Error),
+    /// A bug in encoding or committing: the partitions of the flush read their ranges again
+    /// from the table when the process restarts.
+    #[error("a flush panicked: {message}")]
+    FlushPanicked { message: String },
 }
 
 impl LoopError {
     /// How the service treats it: see the type's documentation.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::ReadPosition { .. } | Self::Assign(_) | Self::Decoder { .. } | Self::Subscribe { .. } => {
-                ErrorClass::Fatal
-            }
+            Self::ReadPosition { .. }
+            | Self::Assign(_)
+            | Self::Decoder { .. }
+            | Self::Subscribe { .. }
+            | Self::StartFlushWorkers(_)
+            | Self::FlushPanicked { .. } => ErrorClass::Fatal,
         }
     }
 }
@@ -117,40 +130,66 @@ pub(crate) struct CompactorLoop {
     pub(crate) metrics: Arc<CompactorMetrics>,
     pub(crate) health: CompactorHealth,
     pub(crate) writer_id: String,
+    /// Shared with the rebalance callback, which waits for the flushes in flight on a revoke.
+    pub(crate) flushes_in_flight: FlushesInFlight,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl CompactorLoop {
-    /// Consumes until shutdown, then flushes and commits what is buffered.
+    /// Consumes until shutdown, then flushes and commits what is buffered and waits for every
+    /// flush in flight.
     pub(crate) fn run(self) -> Result<(), LoopError> {
+        let num_flush_workers = self.flush.num_workers();
+        let writer = FlushWriter {
+            lake: self.lake.clone(),
+            handle: self.handle.clone(),
+            writer_id: self.writer_id.clone(),
+        };
+        let mut pool = FlushPool::start(
+            num_flush_workers,
+            FlushPolicy::new(&self.flush),
+            self.flushes_in_flight.clone(),
+            move |job| writer.run(job),
+        )
+        .map_err(LoopError::StartFlushWorkers)?;
         let topics: Vec<String> = self.streams.keys().cloned().collect();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        self.consumer
-            .subscribe(&topic_refs)
-            .map_err(|source| LoopError::Subscribe { topics: topics.clone(), source })?;
-        tracing::info!(?topics, writer_id = %self.writer_id, "compactor consuming");
+        if let Err(source) = self.consumer.subscribe(&topic_refs) {
+            pool.stop();
+            return Err(LoopError::Subscribe { topics, source });
+        }
+        tracing::info!(?topics, writer_id = %self.writer_id, num_flush_workers, "compactor consuming");
         self.health.set_consuming(true);
         let mut partitions: HashMap<(String, i32), PartitionState> = HashMap::new();
         let mut last_trigger_check = Instant::now();
         let mut last_position_check = Instant::now();
         let result = loop {
+            // Answers first: a partition whose flush answered may hand off its next one, and a
+            // failed flush rewinds its partition before more of it is buffered.
+            self.apply_outcomes(&mut partitions, &mut pool);
+            if let Some(message) = pool.take_panic_message() {
+                break Err(LoopError::FlushPanicked { message });
+            }
             if self.shutdown.is_cancelled() {
                 break Ok(());
             }
             let polled = self.consumer.poll(POLL_TIMEOUT);
-            if let Err(error) = self.apply_rebalance_events(&mut partitions) {
+            if let Err(error) = self.apply_rebalance_events(&mut partitions, &mut pool) {
                 break Err(error);
             }
             match polled {
                 Some(Ok(message)) => {
                     let key = (message.topic().to_string(), message.partition());
                     if let Some(state) = partitions.get_mut(&key) {
-                        if !self.buffer_message(state, &message) {
+                        if !self.buffer_message(state, &message, &mut pool) {
                             // Shutdown interrupted a dead-letter write; the record is read again later.
                             break Ok(());
                         }
-                        if FlushPolicy::new(&self.flush).is_full(state.buffer.num_value_bytes()) {
-                            self.flush_partition(&key, state);
+                        // With a flush in flight the buffer grows past the size until it answered.
+                        if !state.buffer.has_flush_in_flight()
+                            && FlushPolicy::new(&self.flush).is_full(state.buffer.num_value_bytes())
+                        {
+                            self.flush_partition(&key, state, &mut pool);
                         }
                     }
                 }
@@ -161,7 +200,7 @@ impl CompactorLoop {
             }
             if last_trigger_check.elapsed() >= TRIGGER_CHECK_INTERVAL {
                 last_trigger_check = Instant::now();
-                self.flush_due(&mut partitions);
+                self.flush_due(&mut partitions, &mut pool);
             }
             if last_position_check.elapsed() >= NEW_POSITION_CHECK_INTERVAL {
                 last_position_check = Instant::now();
@@ -170,12 +209,8 @@ impl CompactorLoop {
         };
         self.health.set_consuming(false);
         // Flush what is buffered: the range is committed now rather than read again later.
-        let buffered: Vec<(String, i32)> = partitions
-            .iter()
-            .filter(|(_, state)| state.buffer.has_uncommitted())
-            .map(|(key, _)| key.clone())
-            .collect();
-        self.flush_keys(&mut partitions, &buffered);
+        self.flush_remaining(&mut partitions, &mut pool);
+        pool.stop();
         self.consumer.unsubscribe();
         tracing::info!("compactor stopped consuming");
         result
@@ -184,7 +219,12 @@ impl CompactorLoop {
     /// Adds one record to its partition's buffer; every [`DECODE_CHUNK_VALUES`] records the
     /// buffer is decoded and the undecodable ones dead-lettered. Returns false when shutdown
     /// interrupted a dead-letter write.
-    fn buffer_message(&self, state: &mut PartitionState, message: &BorrowedMessage<'_>) -> bool {
+    fn buffer_message(
+        &self,
+        state: &mut PartitionState,
+        message: &BorrowedMessage<'_>,
+        pool: &mut FlushPool,
+    ) -> bool {
         let offset = message.offset();
         if state.beyond_end_opt.is_some() {
             // Fetched before the pause took effect; read again from the position recorded next.
@@ -197,7 +237,7 @@ impl CompactorLoop {
             // nothing, topic recreated). Skipping them would lose the readings the new log holds,
             // so the partition stops and waits for an operator. If the statistics show that the
             // broker does hold the position after all, it goes on by itself.
-            self.stop_beyond_end(message.topic(), message.partition(), state, offset);
+            self.stop_beyond_end(message.topic(), message.partition(), state, offset, pool);
             return true;
         }
         let payload = message.payload().unwrap_or_default();

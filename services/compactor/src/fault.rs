@@ -11,8 +11,10 @@ pub(crate) const ABORT_AT_VARIABLE: &str = "SLUICE_COMPACTOR_ABORT_AT";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultPoint {
     /// A flush's files are uploaded to their final paths; its Delta commit is not made yet.
+    /// Reached on a flush worker.
     AfterUpload,
-    /// A flush's Delta commit landed; the loop has not moved its position or Kafka's offset yet.
+    /// A flush's Delta commit landed; its worker has not answered the loop yet, so the loop has
+    /// not let the partition's next flush go nor moved Kafka's offset.
     AfterCommit,
 }
 

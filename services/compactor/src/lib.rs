@@ -9,6 +9,7 @@ mod dead_letter;
 mod fault;
 mod flush;
 mod flush_policy;
+mod flush_pool;
 mod janitor;
 mod merge;
 mod metrics;
@@ -34,6 +35,7 @@ pub use crate::config::CompactorConfig;
 pub use crate::consumer::LoopError;
 use crate::consumer::{CompactorLoop, StreamInfo};
 pub use crate::dead_letter::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER};
+use crate::flush_pool::FlushesInFlight;
 use crate::janitor::JanitorStreams;
 pub use crate::merge::MergeError;
 pub use crate::parquet_file::{EncodeError, writer_properties};
@@ -277,12 +279,15 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
     let metrics = Arc::new(metrics::CompactorMetrics::new());
     metrics.start_counters(streams.values().map(|info| info.stream.as_str()));
     let janitor_streams = JanitorStreams::default();
+    let flushes_in_flight = FlushesInFlight::default();
     let (context, events_rx) = RebalanceContext::new(
         lake.clone(),
         handle.clone(),
         streams_by_topic,
         Arc::clone(&metrics),
         janitor_streams.clone(),
+        flushes_in_flight.clone(),
+        rebalance::revoke_flush_wait(config.kafka.client.0.get("max.poll.interval.ms").map(String::as_str)),
     );
     let consumer: BaseConsumer<RebalanceContext> = config
         .consumer_client_config()
@@ -340,10 +345,12 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         metrics: Arc::clone(&metrics),
         health: health.clone(),
         writer_id,
+        flushes_in_flight,
         shutdown: shutdown.clone(),
     };
     // The loop blocks on Kafka and calls the store through the runtime handle: it lives on a
-    // blocking thread. It reports readiness itself once the group assigned it partitions.
+    // blocking thread, and starts its flush workers there. It reports readiness itself once the
+    // group assigned it partitions.
     let worker = tokio::task::spawn_blocking(move || compactor_loop.run().map_err(CompactorError::from));
     let mut tasks = vec![supervise("consumer", worker, health.clone(), Arc::clone(&metrics), shutdown)];
     tasks.extend(background);

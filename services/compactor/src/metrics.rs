@@ -148,6 +148,7 @@ impl CompactorMetrics {
         self.watermark.record(watermark_micros / 1_000_000, &[KeyValue::new("stream", stream.to_string())]);
     }
 
+    /// Buffers and flushes in flight together: what `flush.max_buffered_bytes` bounds.
     pub(crate) fn set_buffered_bytes(&self, bytes: usize) {
         self.buffered_bytes.record(bytes as u64, &[]);
     }

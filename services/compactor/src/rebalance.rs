@@ -1,13 +1,16 @@
 //! Kafka group rebalances. rdkafka calls the context inside `poll` on the loop's blocking thread:
 //! on assignment it reads each partition's committed position from its table and starts the
 //! partition there before the assignment takes effect; on revocation it hands the janitor's
-//! partition 0 back first. The loop then applies the events this sends: a partition's state is
-//! created on assignment and its uncommitted buffer dropped on revocation, before the loop can
-//! flush it. The context also forwards librdkafka's statistics (lag, broker ends).
+//! partition 0 back first and waits for the flushes in flight, so that the partitions' next
+//! owners read positions that include them. The loop then applies the events this sends: a
+//! partition's state is created on assignment and its uncommitted buffer dropped on revocation,
+//! before the loop can flush it. The context also forwards librdkafka's statistics (lag, broker
+//! ends).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
+use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -18,10 +21,27 @@ use tokio::runtime::Handle;
 
 use crate::buffer::PartitionState;
 use crate::consumer::{CompactorLoop, LoopError, STORE_RETRY_BACKOFF};
+use crate::flush_pool::{FlushPool, FlushesInFlight};
 use crate::janitor::JanitorStreams;
 use crate::metrics::CompactorMetrics;
 
 const ASSIGN_LOAD_ATTEMPTS: u32 = 5;
+/// Longest a revoke waits for the flushes in flight. A flush normally answers within seconds.
+/// Correctness does not depend on the wait: a flush that commits after the next owner read its
+/// position makes one of the two commits stale.
+const MAX_REVOKE_FLUSH_WAIT: Duration = Duration::from_secs(120);
+/// librdkafka's `max.poll.interval.ms` when the configuration does not set it.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
+/// How long a revoke may wait for flushes: the rebalance callback runs inside `poll` and counts
+/// toward `max.poll.interval.ms`, past which the group drops this member in the middle of the
+/// revoke; half of it leaves room for the rest of the callback.
+pub(crate) fn revoke_flush_wait(max_poll_interval_ms_opt: Option<&str>) -> Duration {
+    let max_poll_interval_ms = max_poll_interval_ms_opt
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+    MAX_REVOKE_FLUSH_WAIT.min(Duration::from_millis(max_poll_interval_ms / 2))
+}
 
 #[derive(Debug)]
 pub(crate) enum RebalanceEvent {
@@ -49,6 +69,8 @@ pub(crate) struct RebalanceContext {
     events_tx: Sender<RebalanceEvent>,
     metrics: Arc<CompactorMetrics>,
     janitor_streams: JanitorStreams,
+    flushes_in_flight: FlushesInFlight,
+    revoke_flush_wait: Duration,
 }
 
 impl ClientContext for RebalanceContext {
@@ -136,6 +158,16 @@ impl ConsumerContext for RebalanceContext {
                         self.janitor_streams.revoked(stream, *partition);
                     }
                 }
+                // The group hands the partitions on only after `unassign`: their next owners then
+                // read positions that include every flush this instance handed off. Without the
+                // wait, a flush landing after such a read would make the new owner's first commit
+                // stale (or its own), and a range would be read twice.
+                if !self.flushes_in_flight.wait_until_none(self.revoke_flush_wait) {
+                    tracing::warn!(
+                        wait_ms = self.revoke_flush_wait.as_millis() as u64,
+                        "flushes still in flight at a revoke; the partitions' next owners may read positions from before them"
+                    );
+                }
                 let _ = self.events_tx.send(RebalanceEvent::Revoked(elements));
                 if let Err(error) = consumer.unassign() {
                     tracing::warn!(error = %sluice_errors::Chain(&error), "failed to unassign revoked partitions");
@@ -153,9 +185,21 @@ impl RebalanceContext {
         streams_by_topic: HashMap<String, String>,
         metrics: Arc<CompactorMetrics>,
         janitor_streams: JanitorStreams,
+        flushes_in_flight: FlushesInFlight,
+        revoke_flush_wait: Duration,
     ) -> (Self, Receiver<RebalanceEvent>) {
         let (events_tx, events_rx) = std::sync::mpsc::channel();
-        (Self { lake, handle, streams_by_topic, events_tx, metrics, janitor_streams }, events_rx)
+        let context = Self {
+            lake,
+            handle,
+            streams_by_topic,
+            events_tx,
+            metrics,
+            janitor_streams,
+            flushes_in_flight,
+            revoke_flush_wait,
+        };
+        (context, events_rx)
     }
 
     /// Runs inside `poll` on the loop's blocking thread, so waiting on the store is allowed here.
@@ -187,10 +231,13 @@ impl RebalanceContext {
 
 impl CompactorLoop {
     /// Applies what the rebalance callback sent since the last poll: a partition assigned gets
-    /// a fresh state at its committed position, one revoked loses what it had not committed.
+    /// a fresh state at its committed position, one revoked loses what it had not committed. The
+    /// answer to a revoked partition's flush, arriving later, changes no state (a partition
+    /// assigned again has a new one, which did not hand that flush off).
     pub(crate) fn apply_rebalance_events(
         &self,
         partitions: &mut HashMap<(String, i32), PartitionState>,
+        pool: &mut FlushPool,
     ) -> Result<(), LoopError> {
         while let Ok(event) = self.events_rx.try_recv() {
             match event {
@@ -216,7 +263,9 @@ impl CompactorLoop {
                     // and this one knows it has nothing to do.
                     self.health.set_assigned(true);
                 }
-                RebalanceEvent::BrokerEnds(broker_ends) => self.apply_broker_ends(partitions, broker_ends),
+                RebalanceEvent::BrokerEnds(broker_ends) => {
+                    self.apply_broker_ends(partitions, broker_ends, pool)
+                }
                 RebalanceEvent::Revoked(revoked) => {
                     self.health.set_assigned(false);
                     for key in revoked {
@@ -234,5 +283,19 @@ impl CompactorLoop {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoke_waits_for_flushes_at_most_half_the_poll_interval() {
+        assert_eq!(revoke_flush_wait(None), Duration::from_secs(120));
+        assert_eq!(revoke_flush_wait(Some("600000")), Duration::from_secs(120));
+        assert_eq!(revoke_flush_wait(Some("60000")), Duration::from_secs(30));
+        assert_eq!(revoke_flush_wait(Some(" 1000 ")), Duration::from_millis(500));
+        assert_eq!(revoke_flush_wait(Some("not a number")), Duration::from_secs(120));
     }
 }
