@@ -189,8 +189,9 @@ mod tests {
     #[test]
     fn flushes_in_flight_count_against_the_budget() {
         let policy = policy();
+        type Buffers<'a> = &'a [(&'a str, usize)];
         // (buffers, bytes in flight or waiting for a flush in flight, chosen, case)
-        let cases: [(&[(&str, usize)], usize, &[&str], &str); 5] = [
+        let cases: [(Buffers<'_>, usize, &[&str], &str); 5] = [
             (&[("a", 100 * MIB)], 412 * MIB, &[], "exactly at the budget with a flush in flight"),
             (&[("a", 100 * MIB), ("b", 50 * MIB)], 412 * MIB, &["a"], "the largest goes"),
             (&[("a", 100 * MIB), ("b", 50 * MIB)], 600 * MIB, &["a", "b"], "in flight alone is over it"),
