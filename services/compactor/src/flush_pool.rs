@@ -314,7 +314,7 @@ impl<F: Fn(FlushJob) -> FlushOutcome> Worker<F> {
             let run_flush = &self.run_flush;
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(move || (**run_flush)(job)))
                 .unwrap_or_else(|payload| {
-                    let message = panic_message(&*payload);
+                    let message = sluice_errors::panic_message(&*payload);
                     tracing::error!(%stream, flush_id, %message, "a flush panicked");
                     FlushOutcome::failed(flush_id, stream, keys, message)
                 });
@@ -323,14 +323,6 @@ impl<F: Fn(FlushJob) -> FlushOutcome> Worker<F> {
             self.in_flight.finished();
         }
     }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|message| (*message).to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 #[cfg(test)]

@@ -137,12 +137,7 @@ fn panic_message(join_error: tokio::task::JoinError) -> String {
     if join_error.is_cancelled() {
         return "the task was cancelled".to_string();
     }
-    let payload = join_error.into_panic();
-    payload
-        .downcast_ref::<&str>()
-        .map(|message| (*message).to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string())
+    sluice_errors::panic_message(join_error.into_panic().as_ref())
 }
 
 #[cfg(test)]

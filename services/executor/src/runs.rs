@@ -92,7 +92,9 @@ impl WindowRun {
         let written = match tokio::time::timeout_at(deadline, &mut task).await {
             Ok(Ok(result)) => result,
             // A panic in a function or operator fails this run, not the replica.
-            Ok(Err(error)) if error.is_panic() => Err(RunError::Panicked(panic_message(error))),
+            Ok(Err(error)) if error.is_panic() => {
+                Err(RunError::Panicked(sluice_errors::panic_message(error.into_panic().as_ref())))
+            }
             Ok(Err(error)) => Err(RunError::Stopped(error.to_string())),
             Err(_) => {
                 task.abort();
@@ -248,15 +250,6 @@ impl Drop for RunRuntime {
             runtime.shutdown_background();
         }
     }
-}
-
-fn panic_message(error: tokio::task::JoinError) -> String {
-    let payload = error.into_panic();
-    payload
-        .downcast_ref::<&str>()
-        .map(|message| (*message).to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".to_string())
 }
 
 /// Streams the plan's output into the result file as it comes, never holding the whole result:

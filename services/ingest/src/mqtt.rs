@@ -25,7 +25,6 @@ use crate::producer::{
     DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
 };
 use crate::records::{self, BodyFormat, RejectedRecord};
-use crate::tasks::panic_message;
 use sluice_errors::chain_text;
 
 const TRANSPORT: &str = "mqtt";
@@ -229,7 +228,7 @@ impl MqttBridge {
             let result = match handled {
                 Ok(result) => result,
                 Err(panic) => {
-                    let message = panic_message(panic.as_ref());
+                    let message = sluice_errors::panic_message(panic.as_ref());
                     tracing::error!(topic = %incoming.publish.topic, panic = %message, "ingest panicked on an MQTT message; dead-lettering it");
                     self.metrics.record_task_failure("mqtt_message");
                     self.handle_panicked(&incoming, &message).await

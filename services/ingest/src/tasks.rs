@@ -51,7 +51,10 @@ impl Supervisor {
                 Ok(Err(error)) => this.fail(name, sluice_errors::chain_text(&error)),
                 Err(join_error) => {
                     let cause = if join_error.is_panic() {
-                        format!("panicked: {}", panic_message(join_error.into_panic().as_ref()))
+                        format!(
+                            "panicked: {}",
+                            sluice_errors::panic_message(join_error.into_panic().as_ref())
+                        )
                     } else {
                         "was cancelled".to_string()
                     };
@@ -74,15 +77,6 @@ impl Supervisor {
     pub(crate) fn failure(&self) -> Option<TaskFailure> {
         self.failure.lock().ok().and_then(|failure| failure.clone())
     }
-}
-
-/// The message a panic was raised with.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|text| (*text).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 #[cfg(test)]

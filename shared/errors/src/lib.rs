@@ -5,6 +5,7 @@
 
 mod class;
 
+use std::any::Any;
 use std::error::Error;
 use std::fmt;
 
@@ -37,8 +38,20 @@ pub fn chain_text<E: Error + ?Sized>(error: &E) -> String {
     Chain(error).to_string()
 }
 
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`), for
+/// the log line or error that reports a task, job or message that panicked.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|message| (*message).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
     use super::*;
 
     #[derive(Debug)]
@@ -78,5 +91,15 @@ mod tests {
     fn an_error_without_causes_is_its_message() {
         let error = Layer { message: "timed out", source_opt: None };
         assert_eq!(Chain(&error).to_string(), "timed out");
+    }
+
+    #[test]
+    fn a_panic_reads_as_its_message_whatever_it_was_raised_with() {
+        let literal = std::panic::catch_unwind(|| panic!("index out of bounds")).unwrap_err();
+        assert_eq!(panic_message(literal.as_ref()), "index out of bounds");
+        let formatted = std::panic::catch_unwind(|| panic!("row {}", 7)).unwrap_err();
+        assert_eq!(panic_message(formatted.as_ref()), "row 7");
+        let other = std::panic::catch_unwind(|| std::panic::panic_any(42_u8)).unwrap_err();
+        assert_eq!(panic_message(other.as_ref()), "a panic without a message");
     }
 }
