@@ -35,7 +35,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sluice_compactor::CompactorConfig;
 use sluice_compactor::config::FlushConfig;
 use sluice_integration_tests::{
-    Broker, CompactorService, bench_arg, compactor_config, now_micros, repo_root, unique_suffix,
+    Broker, CompactorService, bench_arg, bench_text_arg, compactor_config, now_micros, repo_root,
+    unique_suffix,
 };
 use sluice_kafka::{BatchDelivery, BatchProducer, BatchRecord, KafkaConfig};
 use sluice_lake::{CommitRecord, Lake};
@@ -74,7 +75,7 @@ enum FlushPreset {
 
 impl FlushPreset {
     fn from_args() -> Self {
-        match text_arg("--flush").as_deref() {
+        match bench_text_arg("--flush").as_deref() {
             None | Some("default") => Self::Shipped,
             Some("small") => Self::Small,
             Some(other) => panic!("--flush {other}: use `default` (the shipped settings) or `small`"),
@@ -99,12 +100,6 @@ impl FlushPreset {
             },
         }
     }
-}
-
-/// A `--name value` text argument, for the ones `bench_arg` cannot parse as a number.
-fn text_arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|candidate| candidate == name).and_then(|index| args.get(index + 1).cloned())
 }
 
 /// One telemetry reading: `NUM_DEVICES` devices in turn, event times ending at `now` for the last.
@@ -443,7 +438,7 @@ async fn main() {
     let preset = FlushPreset::from_args();
     let row_group_rows =
         bench_arg("--row-group-rows", sluice_compactor::config::ParquetConfig::default().row_group_rows);
-    let cpus_opt = text_arg("--cpus");
+    let cpus_opt = bench_text_arg("--cpus");
 
     let broker = Broker::start().await.unwrap();
     let prefix = format!("bench-{}", unique_suffix());

@@ -16,12 +16,8 @@
 use std::time::{Duration, Instant};
 
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use sluice_integration_tests::bench_text_arg;
 use sluice_lake::{CommitRecord, CommittedFile, Lake, NewFile, TableSettings};
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|arg| arg == name).and_then(|index| args.get(index + 1)).cloned()
-}
 
 async fn build(lake: &Lake, commits: usize) {
     let columns = Schema::new(vec![
@@ -125,12 +121,12 @@ fn median(mut times: Vec<Duration>) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let sizes: Vec<usize> = arg("--commits")
+    let sizes: Vec<usize> = bench_text_arg("--commits")
         .unwrap_or_else(|| "100,1000,10000".into())
         .split(',')
         .map(|size| size.parse().unwrap())
         .collect();
-    let loads: usize = arg("--loads").map_or(20, |loads| loads.parse().unwrap());
+    let loads: usize = bench_text_arg("--loads").map_or(20, |loads| loads.parse().unwrap());
     println!(
         "commits  build (s)  files  load (ms)  position (ms)  no-checkpoint load (ms)  no-checkpoint position (ms)  load ratio  load / first"
     );

@@ -39,7 +39,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use sluice_ingest::{INGEST_TIME_HEADER, IngestConfig, SCHEMA_FINGERPRINT_HEADER};
 use sluice_integration_tests::{
-    Broker, Readiness, ServiceBinary, bench_arg, now_micros, repo_root, unique_suffix,
+    Broker, IngestToml, Readiness, ServiceBinary, bench_arg, bench_text_arg, ingest_toml, now_micros,
+    release_binary, repo_root, unique_suffix,
 };
 use sluice_kafka::{BatchProducer, BatchRecord, KafkaConfig, ensure_topics};
 use sluice_schema::StreamSchema;
@@ -86,10 +87,13 @@ async fn bench() {
     let config_dir = tempfile::TempDir::new().unwrap();
     let config_path = config_dir.path().join("ingest.toml");
     let topic_prefix = format!("bench-{}", unique_suffix());
+    // ingest.toml as the chart renders it for a deployment with tokens and a collector
+    // (helm/sluice/templates/secret.yaml with helm/sluice/ci/s3-ingress-hpa-values.yaml).
     let ingest = ServiceBinary::start("sluice-ingest", Readiness::HttpOk("/readyz"), |port| {
         let toml = ingest_toml(&IngestToml {
             port,
             token_sha256: &token_sha256,
+            stream: STREAM,
             bootstrap_servers: &broker.bootstrap_servers(),
             topic_prefix: &topic_prefix,
             otlp_endpoint: &telemetry.endpoint,
@@ -207,61 +211,9 @@ async fn bench() {
     telemetry.report(&ingest);
 }
 
-/// ingest.toml as the Helm chart renders it for a deployment with tokens and a collector
-/// (helm/sluice/templates/secret.yaml with helm/sluice/ci/s3-ingress-hpa-values.yaml), pointed at
-/// this run's servers on 127.0.0.1. Keys not written here keep the service's defaults.
-struct IngestToml<'a> {
-    port: u16,
-    token_sha256: &'a str,
-    bootstrap_servers: &'a str,
-    topic_prefix: &'a str,
-    otlp_endpoint: &'a str,
-    partitions_opt: Option<usize>,
-}
-
-fn ingest_toml(settings: &IngestToml<'_>) -> String {
-    let topics = settings
-        .partitions_opt
-        .map(|partitions| format!("\n[kafka.topics]\npartitions = {partitions}\n"))
-        .unwrap_or_default();
-    // The delivery timeout and grace period are the old benchmark's: longer than deployed, so
-    // that a slow moment of the shared machine does not fail a request. Neither changes the work
-    // done per record.
-    format!(
-        "[http]\nlisten_address = \"127.0.0.1:{port}\"\n\n\
-         [auth]\nenabled = true\n\n\
-         [[auth.tokens]]\nname = \"bench-clients\"\ntoken_sha256 = \"{token_sha256}\"\n\
-         streams = [\"{STREAM}\"]\n\n\
-         [schemas]\ndirectory = \"{schemas}\"\n\n\
-         [kafka]\nbootstrap_servers = \"{bootstrap_servers}\"\ntopic_prefix = \"{topic_prefix}\"\n{topics}\n\
-         [producer]\ndelivery_timeout_ms = 30000\n\n\
-         [telemetry]\nlog_format = \"json\"\nlog_level = \"info\"\notlp_endpoint = \"{otlp_endpoint}\"\n\
-         otlp_protocol = \"grpc\"\n\n\
-         [shutdown]\ngrace_period_ms = 40000\n",
-        port = settings.port,
-        token_sha256 = settings.token_sha256,
-        schemas = repo_root().join("schemas").display(),
-        bootstrap_servers = settings.bootstrap_servers,
-        topic_prefix = settings.topic_prefix,
-        otlp_endpoint = settings.otlp_endpoint,
-    )
-}
-
-/// A workspace binary in this benchmark's profile directory (target/release), when built.
-fn release_binary(name: &str) -> Option<PathBuf> {
-    std::env::current_exe()
-        .ok()
-        .and_then(|bench| Some(bench.parent()?.parent()?.join(name)))
-        .filter(|path| path.exists())
-}
-
 /// A `--name value` argument that must be given.
 fn required_arg(name: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|arg| arg == name)
-        .and_then(|index| args.get(index + 1).cloned())
-        .unwrap_or_else(|| panic!("{name} is required"))
+    bench_text_arg(name).unwrap_or_else(|| panic!("{name} is required"))
 }
 
 /// Reading `index` of a fleet's history: 1,000 devices, 4 sites, a few measurements each, a

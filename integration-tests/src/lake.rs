@@ -88,12 +88,86 @@ pub fn delta_live_files(table_dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(live.into_iter().collect())
 }
 
-/// The (device_id, seq, ts) of every row of one Parquet file.
-fn parquet_rows(bytes: bytes::Bytes) -> anyhow::Result<Vec<LakeRow>> {
+/// What one version of a local Delta table's log made readable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogVersion {
+    pub version: u64,
+    /// The log entry's modification time, microseconds since the epoch. The store writes an entry
+    /// to a staging file and hard-links it into place complete, so this is when a reader could
+    /// first find it (to the kernel's coarse file clock, a few milliseconds).
+    pub written_at_micros: i64,
+    /// When [`DeltaLogReader::read_next`] found the entry: an upper bound of the same moment.
+    pub found_at_micros: i64,
+    /// The rows of the files its `add` actions with `dataChange: true` name. A merge's output
+    /// (`dataChange: false`) holds rows an earlier version made readable, and is left out.
+    pub added_rows: Vec<LakeRow>,
+}
+
+/// Reads a local Delta table's log version by version, from version 0, as it grows.
+#[derive(Debug)]
+pub struct DeltaLogReader {
+    table_dir: PathBuf,
+    next_version: u64,
+}
+
+impl DeltaLogReader {
+    pub fn new(table_dir: &Path) -> Self {
+        Self { table_dir: table_dir.to_path_buf(), next_version: 0 }
+    }
+
+    /// The version [`DeltaLogReader::read_next`] looks for: how many were read.
+    pub fn next_version(&self) -> u64 {
+        self.next_version
+    }
+
+    /// The next version, or `None` while its log entry does not exist. Versions are numbered
+    /// without gaps, so the next one's file is all there is to look for.
+    pub fn read_next(&mut self) -> anyhow::Result<Option<LogVersion>> {
+        let version = self.next_version;
+        let entry = self.table_dir.join("_delta_log").join(format!("{version:020}.json"));
+        let modified = match std::fs::metadata(&entry) {
+            Ok(metadata) => metadata.modified()?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context(format!("failed to stat {}", entry.display())));
+            }
+        };
+        let found_at_micros = crate::now_micros();
+        let written_at_micros = modified
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| i64::try_from(since.as_micros()).unwrap_or(i64::MAX));
+        let mut added_rows = Vec::new();
+        let text =
+            std::fs::read_to_string(&entry).with_context(|| format!("failed to read {}", entry.display()))?;
+        for line in text.lines().filter(|line| !line.trim().is_empty()) {
+            let action: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("a line of {} is not JSON", entry.display()))?;
+            let add = &action["add"];
+            if add["dataChange"].as_bool() != Some(true) {
+                continue;
+            }
+            let relative = add["path"].as_str().context("an add action without a path")?;
+            let file = self.table_dir.join(relative);
+            let contents =
+                std::fs::read(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            added_rows.extend(parquet_rows(bytes::Bytes::from(contents))?);
+        }
+        self.next_version = version + 1;
+        Ok(Some(LogVersion { version, written_at_micros, found_at_micros, added_rows }))
+    }
+}
+
+/// The (device_id, seq, ts) of every row of one Parquet file of a stream table, reading only
+/// those three columns.
+pub fn parquet_rows(bytes: bytes::Bytes) -> anyhow::Result<Vec<LakeRow>> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Int64Type, TimestampMicrosecondType};
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let projection = ProjectionMask::columns(builder.parquet_schema(), ["device_id", "seq", "ts"]);
     let mut rows = Vec::new();
-    for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
+    for batch in builder.with_projection(projection).build()? {
         let batch = batch?;
         let devices = batch.column_by_name("device_id").context("device_id")?.as_string::<i32>().clone();
         let seqs = batch.column_by_name("seq").context("seq")?.as_primitive::<Int64Type>().clone();

@@ -28,9 +28,10 @@ pub use kafka::{
     telemetry_schema_json,
 };
 pub use lake::{
-    LakeRow, assert_every_reader_sees, assert_exactly_once, datafusion_rows, delta_live_files,
-    open_local_lake, parquet_files_under, read_committed_rows, read_lake_rows, read_live_rows, read_rows_of,
-    settled_watermark, wait_for_lake_rows, wait_until_merged_and_vacuumed,
+    DeltaLogReader, LakeRow, LogVersion, assert_every_reader_sees, assert_exactly_once, datafusion_rows,
+    delta_live_files, open_local_lake, parquet_files_under, parquet_rows, read_committed_rows,
+    read_lake_rows, read_live_rows, read_rows_of, settled_watermark, wait_for_lake_rows,
+    wait_until_merged_and_vacuumed,
 };
 pub use mqtt::{MqttDevice, wait_for_mqtt_bridge};
 pub use object_stores::{AzuriteServer, S3Server};
@@ -43,8 +44,11 @@ pub use readings::telemetry_readings;
 pub use sandbox::Sandbox;
 pub use servers::{Broker, Mosquitto};
 pub use services::{
-    CompactorService, ExecutorService, IngestService, compactor_config, executor_config, ingest_config,
+    CompactorService, CompactorToml, ExecutorService, IngestService, IngestToml, compactor_config,
+    compactor_toml, executor_config, ingest_config, ingest_toml,
 };
 pub use sluice_clock::now_micros;
 pub use sluice_ingest::RunningIngest;
-pub use support::{bench_arg, repo_root, unique_suffix, wait_until, workspace_binary};
+pub use support::{
+    bench_arg, bench_text_arg, release_binary, repo_root, unique_suffix, wait_until, workspace_binary,
+};

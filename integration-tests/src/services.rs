@@ -24,6 +24,85 @@ pub fn ingest_config(broker: &Broker) -> IngestConfig {
     config
 }
 
+/// ingest.toml as the Helm chart renders it for a deployment with bearer tokens
+/// (helm/sluice/templates/secret.yaml), pointed at a benchmark's servers on 127.0.0.1: one token,
+/// by its SHA-256, that may write `stream`; JSON logs at info; traces and metrics over OTLP/gRPC
+/// to `otlp_endpoint`, or none when it is empty (the chart's default). Keys not written here keep
+/// the service's defaults.
+#[derive(Debug)]
+pub struct IngestToml<'a> {
+    pub port: u16,
+    pub token_sha256: &'a str,
+    pub stream: &'a str,
+    pub bootstrap_servers: &'a str,
+    pub topic_prefix: &'a str,
+    pub otlp_endpoint: &'a str,
+    /// `kafka.topics.partitions`; `None` keeps the service's default.
+    pub partitions_opt: Option<usize>,
+}
+
+/// Renders [`IngestToml`].
+pub fn ingest_toml(settings: &IngestToml<'_>) -> String {
+    let topics = settings
+        .partitions_opt
+        .map(|partitions| format!("\n[kafka.topics]\npartitions = {partitions}\n"))
+        .unwrap_or_default();
+    // The delivery timeout and grace period are longer than deployed, so that a slow moment of
+    // the shared machine does not fail a request. Neither changes the work done per record.
+    format!(
+        "[http]\nlisten_address = \"127.0.0.1:{port}\"\n\n\
+         [auth]\nenabled = true\n\n\
+         [[auth.tokens]]\nname = \"bench-clients\"\ntoken_sha256 = \"{token_sha256}\"\n\
+         streams = [\"{stream}\"]\n\n\
+         [schemas]\ndirectory = \"{schemas}\"\n\n\
+         [kafka]\nbootstrap_servers = \"{bootstrap_servers}\"\ntopic_prefix = \"{topic_prefix}\"\n{topics}\n\
+         [producer]\ndelivery_timeout_ms = 30000\n\n\
+         [telemetry]\nlog_format = \"json\"\nlog_level = \"info\"\notlp_endpoint = \"{otlp_endpoint}\"\n\
+         otlp_protocol = \"grpc\"\n\n\
+         [shutdown]\ngrace_period_ms = 40000\n",
+        port = settings.port,
+        token_sha256 = settings.token_sha256,
+        stream = settings.stream,
+        schemas = repo_root().join("schemas").display(),
+        bootstrap_servers = settings.bootstrap_servers,
+        topic_prefix = settings.topic_prefix,
+        otlp_endpoint = settings.otlp_endpoint,
+    )
+}
+
+/// compactor.toml for a benchmark that runs the `sluice-compactor` binary: the shipped defaults
+/// with JSON logs at info (as the chart sets them), pointed at the benchmark's broker and a local
+/// lake directory, `/healthz` and `/readyz` on 127.0.0.1, and `flush.max_age_ms` when given.
+#[derive(Debug)]
+pub struct CompactorToml<'a> {
+    pub port: u16,
+    pub bootstrap_servers: &'a str,
+    pub topic_prefix: &'a str,
+    pub lake_dir: &'a Path,
+    /// `flush.max_age_ms`; `None` keeps the shipped default.
+    pub flush_max_age_ms_opt: Option<u64>,
+}
+
+/// Renders [`CompactorToml`].
+pub fn compactor_toml(settings: &CompactorToml<'_>) -> String {
+    let flush = settings
+        .flush_max_age_ms_opt
+        .map(|max_age_ms| format!("[flush]\nmax_age_ms = {max_age_ms}\n\n"))
+        .unwrap_or_default();
+    format!(
+        "{flush}[schemas]\ndirectory = \"{schemas}\"\n\n\
+         [object_store]\nurl = \"{lake}\"\n\n\
+         [kafka]\nbootstrap_servers = \"{bootstrap_servers}\"\ntopic_prefix = \"{topic_prefix}\"\n\n\
+         [telemetry]\nlog_format = \"json\"\nlog_level = \"info\"\n\n\
+         [health]\nlisten_address = \"127.0.0.1:{port}\"\n",
+        schemas = repo_root().join("schemas").display(),
+        lake = settings.lake_dir.display(),
+        bootstrap_servers = settings.bootstrap_servers,
+        topic_prefix = settings.topic_prefix,
+        port = settings.port,
+    )
+}
+
 /// An ingest service running in-process; cancelled (and waited for) by [`IngestService::stop`].
 /// A service running in-process: its root token is cancelled when it is dropped, so that a
 /// failing test does not leave it running beside the next one; `stop` waits for its exit.

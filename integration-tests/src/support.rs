@@ -19,13 +19,25 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     binary
 }
 
+/// A workspace binary in the running benchmark's profile directory (`target/release` for
+/// `cargo bench`), when it was built: benchmarks run the binaries `cargo build --profile bench`
+/// made, and say so when one is missing instead of building it.
+pub fn release_binary(name: &str) -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|bench| Some(bench.parent()?.parent()?.join(name)))
+        .filter(|path| path.exists())
+}
+
 /// A `--name value` number from a benchmark's command line, or `default`.
 pub fn bench_arg(name: &str, default: usize) -> usize {
+    bench_text_arg(name).and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+/// A `--name value` argument from a benchmark's command line, as given.
+pub fn bench_text_arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|candidate| candidate == name)
-        .and_then(|index| args.get(index + 1)?.parse().ok())
-        .unwrap_or(default)
+    args.iter().position(|candidate| candidate == name).and_then(|index| args.get(index + 1).cloned())
 }
 
 /// A short random suffix for topic prefixes, MQTT client ids and file names.
