@@ -13,9 +13,8 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeReasonCode,
 };
-use serde_json::Value;
 use sluice_kafka::TopicNames;
-use sluice_schema::{KEY_FIELD, SchemaRegistry};
+use sluice_schema::SchemaRegistry;
 use sluice_shutdown::CancellationToken;
 use tokio::sync::mpsc;
 
@@ -24,7 +23,7 @@ use crate::metrics::{IngestMetrics, RejectReason};
 use crate::producer::{
     DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
 };
-use crate::records::{self, BodyFormat, RejectedRecord};
+use crate::records::{self, BodyFormat, DeviceBatchError, RejectedRecord};
 use sluice_errors::chain_text;
 
 const TRANSPORT: &str = "mqtt";
@@ -294,38 +293,25 @@ impl MqttBridge {
             );
             return dead_letter(RejectReason::TooLarge, detail, 1).await;
         }
-        let mut readings =
-            match records::parse_readings(&publish.payload, BodyFormat::Json, &self.record_rules) {
-                Ok(readings) => readings,
-                Err(error) => return dead_letter(RejectReason::Malformed, error.to_string(), 1).await,
-            };
-        let mut rejected = Vec::new();
-        for (index, reading) in readings.iter_mut().enumerate() {
-            if let Ok(Value::Object(object)) = reading {
-                match object.get(KEY_FIELD) {
-                    None => {
-                        object.insert(KEY_FIELD.to_string(), Value::String(device_id.to_string()));
-                    }
-                    Some(Value::String(given)) if given == device_id => {}
-                    Some(given) => rejected.push(RejectedRecord {
-                        index,
-                        field: Some(KEY_FIELD.to_string()),
-                        reason: format!("{given} does not match the device '{device_id}' of the MQTT topic"),
-                    }),
-                }
+        // A reading without a device_id takes the topic's; one naming another device is refused.
+        let encoded = records::encode_device_readings(
+            schema,
+            &publish.payload,
+            device_id,
+            BodyFormat::Json,
+            now_micros(),
+            &self.record_rules,
+        );
+        let batch = match encoded {
+            Ok(batch) => batch,
+            Err(DeviceBatchError::Body(error)) => {
+                return dead_letter(RejectReason::Malformed, error.to_string(), 1).await;
             }
-        }
-        let num_records = readings.len();
-        let batch = match records::encode_batch(schema, &readings, now_micros(), &self.record_rules) {
-            Ok(batch) if rejected.is_empty() => batch,
-            Ok(_) => return dead_letter(RejectReason::Invalid, rejection_text(&rejected), num_records).await,
-            Err(more) => {
-                rejected.extend(more);
-                rejected.sort_by_key(|rejection| rejection.index);
+            Err(DeviceBatchError::Rejected { rejected, num_records }) => {
                 return dead_letter(RejectReason::Invalid, rejection_text(&rejected), num_records).await;
             }
         };
-        drop(readings);
+        let num_records = batch.records.len();
         let outgoing = batch.records.iter().map(|record| OutgoingRecord {
             key: &record.key,
             event_time_micros: record.event_time_micros,

@@ -2,6 +2,13 @@
 //! validation against the stream schema. A batch is all or nothing, so every problem of every
 //! record is collected before anything is produced.
 //!
+//! Readings are parsed straight into the stream schema's field table ([`ReadingFields`]) and
+//! encoded from it, with no `serde_json::Value` per reading: names are matched to the schema's
+//! fields as they are read, names and strings are borrowed from the body (copied only where
+//! serde_json had to unescape them), and one table serves a whole body. Ingest is sized by its CPU
+//! per record, and parsing into `Value`s with their allocations was among its largest costs
+//! (docs/benchmarks.md).
+//!
 //! Memory is bounded by construction rather than by hope: a body is parsed one reading at a time
 //! and each reading is encoded before the next is read, so no JSON tree of a whole body exists; a
 //! reading keeps only scalar values (a nested array or object is never a valid field value, so it
@@ -9,18 +16,21 @@
 //! skipped and refused; and every buffer that grows with the body is charged to a
 //! [`MemoryBudget`] (the in-flight byte limit) before it grows.
 //!
-//! Why one file of about 800 lines of code: the body's serde visitors (body, reading, key, field
-//! value) and the batch builder they feed share one memory allowance and one rejection list, and
-//! the bound on memory holds only if every path that grows a buffer charges it. Split apart, a
-//! visitor could grow a buffer the budget never sees; kept together, one read shows that none does.
+//! Why one file of about 1,000 lines of code (1,700 with its tests): the body's serde visitors
+//! (body, reading, key, field value) and the batch builder they feed share one memory allowance
+//! and one rejection list, and the bound on memory holds only if every path that grows a buffer
+//! charges it. Split apart, a visitor could grow a buffer the budget never sees; kept together,
+//! one read shows that none does.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::ops::Range;
 
 use serde::Serialize;
 use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
-use sluice_schema::{EventTimeLimits, StreamSchema};
+use sluice_schema::{
+    EventTimeLimits, FieldError, JsonScalar, KEY_FIELD, ReadingFields, RecordMeta, StreamSchema,
+};
 
 use crate::producer::{INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER};
 
@@ -36,8 +46,13 @@ pub(crate) const MAX_LISTED_REJECTIONS: usize = 100;
 pub const RECORD_OVERHEAD_BYTES: usize =
     36 + (SCHEMA_FINGERPRINT_HEADER.len() + 16 + 2) + (INGEST_TIME_HEADER.len() + 20 + 2);
 
-/// What a parsed value is charged besides its string bytes: the `Value` and its share of the map
-/// that holds it and of the key (a `BTreeMap<String, Value>` entry is about this size).
+/// What each field of a reading is charged besides the bytes of its name and string value, so
+/// that a reading of a huge number of tiny fields stays bounded (each unknown one keeps its name
+/// for the refusal). A reading holds less than it is charged: known fields go to fixed slots, and
+/// names and strings are mostly borrowed from the body. The charge stays what a field cost when
+/// readings were maps (a `BTreeMap<String, Value>` entry), and strings are charged whether
+/// borrowed or copied, so that readings are refused as too large at exactly the sizes they
+/// always were.
 const VALUE_OVERHEAD_BYTES: usize = 96;
 
 /// Decompressed bytes one read step yields.
@@ -316,17 +331,20 @@ pub(crate) fn encode_body(
         return Err(BatchError::Body(BodyError::OverBudget));
     }
     let mut charged = builder.allocated_bytes();
-    let parsed = for_each_reading(body, format, rules, |index, reading| {
-        builder.add(index, reading.as_ref().map_err(String::as_str));
-        let allocated = builder.allocated_bytes();
-        if allocated > charged {
-            if !budget.grow(allocated - charged) {
-                return Err(BodyError::OverBudget);
+    let parsed = {
+        let mut target = SchemaTarget::new(schema, |index, reading, fields| {
+            builder.add(index, reading, fields);
+            let allocated = builder.allocated_bytes();
+            if allocated > charged {
+                if !budget.grow(allocated - charged) {
+                    return Err(BodyError::OverBudget);
+                }
+                charged = allocated;
             }
-            charged = allocated;
-        }
-        Ok(())
-    });
+            Ok(())
+        });
+        parse_each_reading(body, format, rules, &mut target)
+    };
     let result = match parsed {
         Ok(num_records) => builder.finish(num_records),
         Err(error) => Err(BatchError::Body(error)),
@@ -337,37 +355,66 @@ pub(crate) fn encode_body(
     result
 }
 
-/// Splits a body into readings, for callers that adjust readings before encoding them (MQTT
-/// fills `device_id` from the topic). Each reading is bounded as in [`encode_body`].
-pub(crate) fn parse_readings(
-    body: &[u8],
-    format: BodyFormat,
-    rules: &RecordRules,
-) -> Result<Vec<Result<Value, String>>, BodyError> {
-    let mut readings = Vec::new();
-    for_each_reading(body, format, rules, |_, reading| {
-        readings.push(reading);
-        Ok(())
-    })?;
-    Ok(readings)
+/// Why one device's readings (an MQTT message) were not turned into a batch.
+#[derive(Debug)]
+pub(crate) enum DeviceBatchError {
+    /// The payload as a whole: malformed, or more readings than a request may have.
+    Body(BodyError),
+    /// At least one reading is invalid or names another device; `num_records` is how many the
+    /// payload holds.
+    Rejected { rejected: Vec<RejectedRecord>, num_records: usize },
 }
 
-/// Validates and encodes every reading; any bad one refuses the batch with its rejections (the
-/// first [`MAX_LISTED_REJECTIONS`]).
-pub(crate) fn encode_batch(
+/// Parses and encodes the readings of one device (an MQTT message, whose topic names the
+/// device): a reading without `device_id` gets `device_id`, one naming another device is refused.
+/// All or nothing, like [`encode_body`]. Nothing is charged to a budget: the MQTT bridge bounds
+/// payloads and messages in flight itself.
+pub(crate) fn encode_device_readings<'a>(
     schema: &StreamSchema,
-    readings: &[Result<Value, String>],
+    payload: &'a [u8],
+    device_id: &'a str,
+    format: BodyFormat,
     now_micros: i64,
     rules: &RecordRules,
-) -> Result<EncodedBatch, Vec<RejectedRecord>> {
-    let mut builder = BatchBuilder::new(schema, rules, now_micros, readings.len() * 96);
-    for (index, reading) in readings.iter().enumerate() {
-        builder.add(index, reading.as_ref().map_err(String::as_str));
+) -> Result<EncodedBatch, DeviceBatchError> {
+    let key_position = schema.key_position();
+    let mut builder = BatchBuilder::new(schema, rules, now_micros, payload.len());
+    // Every reading naming another device is listed, apart from the builder's capped list, as
+    // the bridge has always listed them.
+    let mut mismatched = Vec::new();
+    let parsed = {
+        let mut target = SchemaTarget::new(schema, |index, reading, fields| {
+            if matches!(reading, Ok(Parsed::Object)) {
+                match fields.get(key_position) {
+                    None => fields.set(key_position, JsonScalar::Str(Cow::Borrowed(device_id))),
+                    Some(JsonScalar::Str(given)) if given == device_id => {}
+                    Some(given) => mismatched.push(RejectedRecord {
+                        index,
+                        field: Some(KEY_FIELD.to_string()),
+                        reason: format!(
+                            "{} does not match the device '{device_id}' of the MQTT topic",
+                            given.to_value()
+                        ),
+                    }),
+                }
+            }
+            builder.add(index, reading, fields);
+            Ok(())
+        });
+        parse_each_reading(payload, format, rules, &mut target)
+    };
+    let num_records = parsed.map_err(DeviceBatchError::Body)?;
+    match builder.finish(num_records) {
+        Ok(batch) if mismatched.is_empty() => Ok(batch),
+        Ok(_) => Err(DeviceBatchError::Rejected { rejected: mismatched, num_records }),
+        Err(BatchError::Rejected { rejections, .. }) => {
+            mismatched.extend(rejections.listed);
+            // Stable: a reading's refusal for its device comes before its field errors.
+            mismatched.sort_by_key(|rejection| rejection.index);
+            Err(DeviceBatchError::Rejected { rejected: mismatched, num_records })
+        }
+        Err(BatchError::Body(error)) => Err(DeviceBatchError::Body(error)),
     }
-    builder.finish(readings.len()).map_err(|error| match error {
-        BatchError::Rejected { rejections, .. } => rejections.listed,
-        BatchError::Body(error) => vec![RejectedRecord { index: 0, field: None, reason: error.to_string() }],
-    })
 }
 
 /// Encodes readings as they are parsed, collecting rejections; after the first rejection the
@@ -399,23 +446,27 @@ impl<'a> BatchBuilder<'a> {
         self.batch.allocated_bytes(self.key_bytes)
     }
 
-    fn add(&mut self, index: usize, reading: Result<&Value, &str>) {
-        let reading = match reading {
-            Ok(reading) => reading,
-            Err(reason) => {
-                return self.reject([RejectedRecord { index, field: None, reason: reason.to_string() }]);
+    /// Adds the `index`th reading as parsed: an object, whose fields are in `fields`; another
+    /// JSON value, which is refused; or the reason it is neither.
+    fn add(&mut self, index: usize, reading: Result<Parsed<'_>, String>, fields: &ReadingFields<'_>) {
+        match reading {
+            Ok(Parsed::Object) => {
+                let start = self.batch.payload.len();
+                let encoded =
+                    self.schema.encode_fields_within(fields, &self.event_times, &mut self.batch.payload);
+                self.keep(index, start, encoded);
             }
-        };
-        let start = self.batch.payload.len();
-        let meta = match self.schema.encode_json_within(reading, &self.event_times, &mut self.batch.payload) {
+            Ok(Parsed::Other(found)) => self.refuse(index, vec![FieldError::not_an_object(&found)]),
+            Err(reason) => self.reject([RejectedRecord { index, field: None, reason }]),
+        }
+    }
+
+    /// Keeps the record just encoded at `start..`, unless it was refused or is larger than a
+    /// Kafka message may be.
+    fn keep(&mut self, index: usize, start: usize, encoded: Result<RecordMeta, Vec<FieldError>>) {
+        let meta = match encoded {
             Ok(meta) => meta,
-            Err(errors) => {
-                return self.reject(errors.into_iter().map(|error| RejectedRecord {
-                    index,
-                    field: error.field,
-                    reason: error.reason,
-                }));
-            }
+            Err(errors) => return self.refuse(index, errors),
         };
         let record_bytes = (self.batch.payload.len() - start).saturating_add(meta.key.len());
         if record_bytes > self.rules.max_record_bytes() {
@@ -441,6 +492,14 @@ impl<'a> BatchBuilder<'a> {
         });
     }
 
+    fn refuse(&mut self, index: usize, errors: Vec<FieldError>) {
+        self.reject(errors.into_iter().map(|error| RejectedRecord {
+            index,
+            field: error.field,
+            reason: error.reason,
+        }));
+    }
+
     /// Records a refused reading. The batch will be refused, so what was kept is let go (the
     /// payload's capacity stays, as scratch space for validating the rest).
     fn reject(&mut self, rejections: impl IntoIterator<Item = RejectedRecord>) {
@@ -459,44 +518,88 @@ impl<'a> BatchBuilder<'a> {
     }
 }
 
-/// Parses readings one at a time and hands each to `sink` with its index; returns how many there
-/// were. A reading is `Err` with a reason when it could not be parsed (NDJSON) or holds more
-/// than a record can carry.
-fn for_each_reading(
-    body: &[u8],
+/// What one reading of a body parsed to.
+enum Parsed<'de> {
+    /// A JSON object: its fields are in the target's table.
+    Object,
+    /// Any other JSON value, refused as a reading; the refusal names its type.
+    Other(JsonScalar<'de>),
+}
+
+/// Where the body's visitors put a reading's fields as they read them, and what takes each
+/// reading once it is complete.
+trait ReadingTarget<'de> {
+    /// The position of the field `name` in the table, or `None` for a field kept by name.
+    fn position_of(&self, name: &str) -> Option<usize>;
+    /// Empties the table for the next reading.
+    fn clear(&mut self);
+    fn set(&mut self, position: usize, value: JsonScalar<'de>);
+    /// A field without a position. Its value matters only to a target that shows the whole
+    /// object (the tests' `Value` view); the schema's table keeps the name alone.
+    fn add_unknown(&mut self, name: Cow<'de, str>, value: JsonScalar<'de>);
+    /// Takes the `index`th reading: parsed (an object's fields are in the table), or why not.
+    fn reading(&mut self, index: usize, reading: Result<Parsed<'de>, String>) -> Result<(), BodyError>;
+}
+
+/// Readings of one stream: fields go to the slots of the schema's field table as they are read,
+/// and `on_reading` takes each reading with the table. One table serves the whole body.
+struct SchemaTarget<'s, 'de, F> {
+    schema: &'s StreamSchema,
+    fields: ReadingFields<'de>,
+    on_reading: F,
+}
+
+impl<'s, 'de, F> SchemaTarget<'s, 'de, F>
+where
+    F: FnMut(usize, Result<Parsed<'de>, String>, &mut ReadingFields<'de>) -> Result<(), BodyError>,
+{
+    fn new(schema: &'s StreamSchema, on_reading: F) -> Self {
+        Self { schema, fields: ReadingFields::for_schema(schema), on_reading }
+    }
+}
+
+impl<'de, F> ReadingTarget<'de> for SchemaTarget<'_, 'de, F>
+where
+    F: FnMut(usize, Result<Parsed<'de>, String>, &mut ReadingFields<'de>) -> Result<(), BodyError>,
+{
+    fn position_of(&self, name: &str) -> Option<usize> {
+        self.schema.field_position(name)
+    }
+
+    fn clear(&mut self) {
+        self.fields.clear();
+    }
+
+    fn set(&mut self, position: usize, value: JsonScalar<'de>) {
+        self.fields.set(position, value);
+    }
+
+    fn add_unknown(&mut self, name: Cow<'de, str>, _value: JsonScalar<'de>) {
+        self.fields.add_unknown(name);
+    }
+
+    fn reading(&mut self, index: usize, reading: Result<Parsed<'de>, String>) -> Result<(), BodyError> {
+        (self.on_reading)(index, reading, &mut self.fields)
+    }
+}
+
+/// Parses readings one at a time into `target`, which takes each with its index; returns how
+/// many there were. A reading is `Err` with a reason when it could not be parsed (NDJSON) or
+/// holds more than a record can carry. Every reading borrows from `body`: a JSON body is one
+/// deserializer over it, an NDJSON body one per line, and lines are slices of it.
+fn parse_each_reading<'de, T: ReadingTarget<'de>>(
+    body: &'de [u8],
     format: BodyFormat,
     rules: &RecordRules,
-    mut sink: impl FnMut(usize, Result<Value, String>) -> Result<(), BodyError>,
+    target: &mut T,
 ) -> Result<usize, BodyError> {
-    let max_records = rules.max_records;
-    let too_many = || {
-        BodyError::TooLarge(format!(
-            "the body holds more than {max_records} records, the limit of {max_records} per request \
-             (http.max_records_per_request); split it"
-        ))
-    };
-    let mut deliver = |index: usize, parsed: Result<(Value, bool), String>| {
-        if index >= max_records {
-            return Err(too_many());
-        }
-        let reading = match parsed {
-            Ok((_, true)) => Err(rules.too_large_reading_reason()),
-            Ok((value, false)) => Ok(value),
-            Err(reason) => Err(reason),
-        };
-        sink(index, reading)
-    };
     match format {
         BodyFormat::Json => {
             let mut stopped_opt = None;
             let mut num_records = 0;
             let mut deserializer = serde_json::Deserializer::from_slice(body);
-            let seed = BodySeed {
-                max_reading_bytes: rules.max_reading_bytes(),
-                sink: &mut deliver,
-                num_records: &mut num_records,
-                stopped_opt: &mut stopped_opt,
-            };
+            let seed =
+                BodySeed { rules, target, num_records: &mut num_records, stopped_opt: &mut stopped_opt };
             let parsed = seed.deserialize(&mut deserializer).and_then(|()| deserializer.end());
             if let Some(stopped) = stopped_opt {
                 return Err(stopped);
@@ -517,11 +620,11 @@ fn for_each_reading(
                 let mut allowance = Allowance::new(rules.max_reading_bytes());
                 let mut deserializer = serde_json::Deserializer::from_slice(line);
                 let parsed = (&mut deserializer)
-                    .deserialize_any(ReadingVisitor { allowance: &mut allowance })
-                    .and_then(|value| deserializer.end().map(|()| value))
-                    .map(|value| (value, allowance.exceeded))
+                    .deserialize_any(ReadingVisitor { target: &mut *target, allowance: &mut allowance })
+                    .and_then(|parsed| deserializer.end().map(|()| parsed))
+                    .map(|parsed| (parsed, allowance.exceeded))
                     .map_err(|error| format!("line is not valid JSON: {error}"));
-                deliver(num_records, parsed)?;
+                hand_on(&mut *target, rules, num_records, parsed)?;
                 num_records += 1;
             }
             if num_records == 0 {
@@ -530,6 +633,29 @@ fn for_each_reading(
             Ok(num_records)
         }
     }
+}
+
+/// Hands the `index`th reading to `target` (`true` with it: it grew past its allowance and is
+/// refused); past the record limit, parsing stops.
+fn hand_on<'de, T: ReadingTarget<'de>>(
+    target: &mut T,
+    rules: &RecordRules,
+    index: usize,
+    parsed: Result<(Parsed<'de>, bool), String>,
+) -> Result<(), BodyError> {
+    let max_records = rules.max_records;
+    if index >= max_records {
+        return Err(BodyError::TooLarge(format!(
+            "the body holds more than {max_records} records, the limit of {max_records} per request \
+             (http.max_records_per_request); split it"
+        )));
+    }
+    let reading = match parsed {
+        Ok((_, true)) => Err(rules.too_large_reading_reason()),
+        Ok((parsed, false)) => Ok(parsed),
+        Err(reason) => Err(reason),
+    };
+    target.reading(index, reading)
 }
 
 /// Bytes one reading may still allocate; once exceeded, the rest of the reading is skipped.
@@ -555,36 +681,37 @@ impl Allowance {
 
 /// The top of a JSON body: one reading (an object, or any other value, which is then refused as
 /// a reading), or an array of readings.
-struct BodySeed<'a, D> {
-    max_reading_bytes: usize,
-    sink: &'a mut D,
+struct BodySeed<'a, T> {
+    rules: &'a RecordRules,
+    target: &'a mut T,
     num_records: &'a mut usize,
     stopped_opt: &'a mut Option<BodyError>,
 }
 
-impl<D> BodySeed<'_, D>
-where
-    D: FnMut(usize, Result<(Value, bool), String>) -> Result<(), BodyError>,
-{
+impl<'de, T: ReadingTarget<'de>> BodySeed<'_, T> {
     /// Hands one reading on; a refusal is kept aside and parsing stops with a marker error.
-    fn deliver<E: de::Error>(&mut self, value: Value, exceeded: bool) -> Result<(), E> {
+    fn deliver<E: de::Error>(&mut self, parsed: Parsed<'de>, exceeded: bool) -> Result<(), E> {
         let index = *self.num_records;
         *self.num_records += 1;
-        (self.sink)(index, Ok((value, exceeded))).map_err(|error| {
+        hand_on(&mut *self.target, self.rules, index, Ok((parsed, exceeded))).map_err(|error| {
             *self.stopped_opt = Some(error);
             E::custom("parsing stopped")
         })
     }
 
-    fn scalar<E: de::Error>(mut self, value: Value) -> Result<(), E> {
-        self.deliver(value, false)
+    fn scalar<E: de::Error>(mut self, value: JsonScalar<'de>) -> Result<(), E> {
+        self.deliver(Parsed::Other(value), false)
     }
 }
 
-impl<'de, D> DeserializeSeed<'de> for BodySeed<'_, D>
-where
-    D: FnMut(usize, Result<(Value, bool), String>) -> Result<(), BodyError>,
-{
+impl<T> BodySeed<'_, T> {
+    /// Whether a body that is one string of `len` bytes fits a reading's allowance.
+    fn string_fits(&self, len: usize) -> bool {
+        len + VALUE_OVERHEAD_BYTES <= self.rules.max_reading_bytes()
+    }
+}
+
+impl<'de, T: ReadingTarget<'de>> DeserializeSeed<'de> for BodySeed<'_, T> {
     type Value = ();
 
     fn deserialize<De: de::Deserializer<'de>>(self, deserializer: De) -> Result<(), De::Error> {
@@ -592,10 +719,7 @@ where
     }
 }
 
-impl<'de, D> Visitor<'de> for BodySeed<'_, D>
-where
-    D: FnMut(usize, Result<(Value, bool), String>) -> Result<(), BodyError>,
-{
+impl<'de, T: ReadingTarget<'de>> Visitor<'de> for BodySeed<'_, T> {
     type Value = ();
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -603,161 +727,209 @@ where
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, map: A) -> Result<(), A::Error> {
-        let mut allowance = Allowance::new(self.max_reading_bytes);
-        let value = ReadingVisitor { allowance: &mut allowance }.visit_map(map)?;
-        self.deliver(value, allowance.exceeded)
+        let mut allowance = Allowance::new(self.rules.max_reading_bytes());
+        let parsed =
+            ReadingVisitor { target: &mut *self.target, allowance: &mut allowance }.visit_map(map)?;
+        self.deliver(parsed, allowance.exceeded)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let max_reading_bytes = self.rules.max_reading_bytes();
         loop {
-            let mut allowance = Allowance::new(self.max_reading_bytes);
-            let Some(value) = seq.next_element_seed(ReadingSeed { allowance: &mut allowance })? else {
+            let mut allowance = Allowance::new(max_reading_bytes);
+            let seed = ReadingSeed { target: &mut *self.target, allowance: &mut allowance };
+            let Some(parsed) = seq.next_element_seed(seed)? else {
                 return Ok(());
             };
-            self.deliver(value, allowance.exceeded)?;
+            self.deliver(parsed, allowance.exceeded)?;
         }
     }
 
     fn visit_bool<E: de::Error>(self, value: bool) -> Result<(), E> {
-        self.scalar(Value::Bool(value))
+        self.scalar(JsonScalar::Bool(value))
     }
 
     fn visit_i64<E: de::Error>(self, value: i64) -> Result<(), E> {
-        self.scalar(Value::from(value))
+        self.scalar(JsonScalar::Int(value))
     }
 
     fn visit_u64<E: de::Error>(self, value: u64) -> Result<(), E> {
-        self.scalar(Value::from(value))
+        self.scalar(JsonScalar::from_u64(value))
     }
 
     fn visit_f64<E: de::Error>(self, value: f64) -> Result<(), E> {
-        self.scalar(Value::from(value))
+        self.scalar(JsonScalar::from_f64(value))
     }
 
     fn visit_str<E: de::Error>(mut self, value: &str) -> Result<(), E> {
         // Checked before the copy: a body that is one huge string is not copied.
-        let fits = value.len() + VALUE_OVERHEAD_BYTES <= self.max_reading_bytes;
-        self.deliver(if fits { Value::String(value.to_string()) } else { Value::Null }, !fits)
+        let fits = self.string_fits(value.len());
+        let found = if fits { JsonScalar::Str(Cow::Owned(value.to_string())) } else { JsonScalar::Null };
+        self.deliver(Parsed::Other(found), !fits)
+    }
+
+    fn visit_borrowed_str<E: de::Error>(mut self, value: &'de str) -> Result<(), E> {
+        let fits = self.string_fits(value.len());
+        self.deliver(Parsed::Other(JsonScalar::Str(Cow::Borrowed(value))), !fits)
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.scalar(Value::Null)
+        self.scalar(JsonScalar::Null)
     }
 }
 
 /// One element of the body's array: a reading.
-struct ReadingSeed<'a> {
+struct ReadingSeed<'a, T> {
+    target: &'a mut T,
     allowance: &'a mut Allowance,
 }
 
-impl<'de> DeserializeSeed<'de> for ReadingSeed<'_> {
-    type Value = Value;
+impl<'de, T: ReadingTarget<'de>> DeserializeSeed<'de> for ReadingSeed<'_, T> {
+    type Value = Parsed<'de>;
 
-    fn deserialize<De: de::Deserializer<'de>>(self, deserializer: De) -> Result<Value, De::Error> {
-        deserializer.deserialize_any(ReadingVisitor { allowance: self.allowance })
+    fn deserialize<De: de::Deserializer<'de>>(self, deserializer: De) -> Result<Parsed<'de>, De::Error> {
+        deserializer.deserialize_any(ReadingVisitor { target: self.target, allowance: self.allowance })
     }
 }
 
-/// A reading: an object keeps its fields (scalars only), anything else is kept as a small value
-/// so that the refusal can say what it was.
-struct ReadingVisitor<'a> {
+/// A reading: an object's fields go to the target as they are read (scalars only), anything else
+/// is kept as a scalar so that the refusal can say what it was.
+struct ReadingVisitor<'a, T> {
+    target: &'a mut T,
     allowance: &'a mut Allowance,
 }
 
-impl<'de> Visitor<'de> for ReadingVisitor<'_> {
-    type Value = Value;
+impl<'de, T: ReadingTarget<'de>> Visitor<'de> for ReadingVisitor<'_, T> {
+    type Value = Parsed<'de>;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let allowance = self.allowance;
-        let mut object = Map::new();
-        while let Some(key_opt) = map.next_key_seed(KeySeed { allowance: &mut *allowance })? {
-            match key_opt {
-                Some(key) => {
-                    let value = map.next_value_seed(FieldValueSeed { allowance: &mut *allowance })?;
-                    if !allowance.exceeded {
-                        object.insert(key, value);
-                    }
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Parsed<'de>, A::Error> {
+        let Self { target, allowance } = self;
+        // The table may hold a reading whose parsing failed halfway (a malformed NDJSON line).
+        target.clear();
+        while let Some(key_opt) =
+            map.next_key_seed(KeySeed { target: &*target, allowance: &mut *allowance })?
+        {
+            let Some(key) = key_opt else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            let value = map.next_value_seed(FieldValueSeed { allowance: &mut *allowance })?;
+            if allowance.exceeded {
+                continue;
+            }
+            match key {
+                FieldKey::Known(position) => target.set(position, value),
+                FieldKey::Unknown(name) => target.add_unknown(name, value),
             }
         }
         if allowance.exceeded {
             // Refused as too large: nothing of it is needed.
-            object.clear();
+            target.clear();
         }
-        Ok(Value::Object(object))
+        Ok(Parsed::Object)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
-        FieldValueVisitor { allowance: self.allowance }.visit_seq(seq)
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Parsed<'de>, A::Error> {
+        FieldValueVisitor { allowance: self.allowance }.visit_seq(seq).map(Parsed::Other)
     }
 
-    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Value, E> {
-        Ok(Value::Bool(value))
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Parsed<'de>, E> {
+        Ok(Parsed::Other(JsonScalar::Bool(value)))
     }
 
-    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Value, E> {
-        Ok(Value::from(value))
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Parsed<'de>, E> {
+        Ok(Parsed::Other(JsonScalar::Int(value)))
     }
 
-    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Value, E> {
-        Ok(Value::from(value))
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Parsed<'de>, E> {
+        Ok(Parsed::Other(JsonScalar::from_u64(value)))
     }
 
-    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Value, E> {
-        Ok(Value::from(value))
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Parsed<'de>, E> {
+        Ok(Parsed::Other(JsonScalar::from_f64(value)))
     }
 
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
-        FieldValueVisitor { allowance: self.allowance }.visit_str(value)
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Parsed<'de>, E> {
+        FieldValueVisitor { allowance: self.allowance }.visit_str(value).map(Parsed::Other)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_borrowed_str<E: de::Error>(self, value: &'de str) -> Result<Parsed<'de>, E> {
+        FieldValueVisitor { allowance: self.allowance }.visit_borrowed_str(value).map(Parsed::Other)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Parsed<'de>, E> {
+        Ok(Parsed::Other(JsonScalar::Null))
     }
 }
 
-/// A field name, kept only while the reading's allowance lasts.
-struct KeySeed<'a> {
+/// A field name as read: its position in the target's table, or the name itself.
+enum FieldKey<'de> {
+    Known(usize),
+    Unknown(Cow<'de, str>),
+}
+
+/// A field name, charged to the reading's allowance and matched to its slot as it is read; only
+/// an unknown name is kept. Nothing is read while the allowance lasts no longer.
+struct KeySeed<'a, T> {
+    target: &'a T,
     allowance: &'a mut Allowance,
 }
 
-impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
-    type Value = Option<String>;
+impl<'de, T: ReadingTarget<'de>> DeserializeSeed<'de> for KeySeed<'_, T> {
+    type Value = Option<FieldKey<'de>>;
 
-    fn deserialize<De: de::Deserializer<'de>>(self, deserializer: De) -> Result<Option<String>, De::Error> {
+    fn deserialize<De: de::Deserializer<'de>>(
+        self,
+        deserializer: De,
+    ) -> Result<Option<FieldKey<'de>>, De::Error> {
         deserializer.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for KeySeed<'_> {
-    type Value = Option<String>;
+impl<'de, T: ReadingTarget<'de>> Visitor<'de> for KeySeed<'_, T> {
+    type Value = Option<FieldKey<'de>>;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("a field name")
     }
 
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<Option<String>, E> {
-        Ok(self.allowance.take(value.len() + VALUE_OVERHEAD_BYTES).then(|| value.to_string()))
+    /// A name with escapes, unescaped into serde_json's scratch buffer: copied only if unknown.
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Option<FieldKey<'de>>, E> {
+        if !self.allowance.take(value.len() + VALUE_OVERHEAD_BYTES) {
+            return Ok(None);
+        }
+        Ok(Some(match self.target.position_of(value) {
+            Some(position) => FieldKey::Known(position),
+            None => FieldKey::Unknown(Cow::Owned(value.to_string())),
+        }))
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, value: &'de str) -> Result<Option<FieldKey<'de>>, E> {
+        if !self.allowance.take(value.len() + VALUE_OVERHEAD_BYTES) {
+            return Ok(None);
+        }
+        Ok(Some(match self.target.position_of(value) {
+            Some(position) => FieldKey::Known(position),
+            None => FieldKey::Unknown(Cow::Borrowed(value)),
+        }))
     }
 }
 
-/// A field's value: scalars are kept; an array or object is skipped without being stored and
-/// kept as an empty one, which no schema type accepts and which names its type in the refusal.
+/// A field's value: scalars are kept, strings borrowed from the body unless they had escapes; an
+/// array or object is skipped without being stored and kept as its marker, which no schema type
+/// accepts and which names its type in the refusal.
 struct FieldValueSeed<'a> {
     allowance: &'a mut Allowance,
 }
 
 impl<'de> DeserializeSeed<'de> for FieldValueSeed<'_> {
-    type Value = Value;
+    type Value = JsonScalar<'de>;
 
-    fn deserialize<De: de::Deserializer<'de>>(self, deserializer: De) -> Result<Value, De::Error> {
+    fn deserialize<De: de::Deserializer<'de>>(self, deserializer: De) -> Result<JsonScalar<'de>, De::Error> {
         deserializer.deserialize_any(FieldValueVisitor { allowance: self.allowance })
     }
 }
@@ -767,45 +939,59 @@ struct FieldValueVisitor<'a> {
 }
 
 impl<'de> Visitor<'de> for FieldValueVisitor<'_> {
-    type Value = Value;
+    type Value = JsonScalar<'de>;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("a JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonScalar<'de>, A::Error> {
         // Skipping is iterative in serde_json and stores nothing, however deep the nesting.
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Value::Object(Map::new()))
+        Ok(JsonScalar::Object)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JsonScalar<'de>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Value::Array(Vec::new()))
+        Ok(JsonScalar::Array)
     }
 
-    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Value, E> {
-        Ok(Value::Bool(value))
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<JsonScalar<'de>, E> {
+        Ok(JsonScalar::Bool(value))
     }
 
-    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Value, E> {
-        Ok(Value::from(value))
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<JsonScalar<'de>, E> {
+        Ok(JsonScalar::Int(value))
     }
 
-    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Value, E> {
-        Ok(Value::from(value))
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<JsonScalar<'de>, E> {
+        Ok(JsonScalar::from_u64(value))
     }
 
-    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Value, E> {
-        Ok(Value::from(value))
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<JsonScalar<'de>, E> {
+        Ok(JsonScalar::from_f64(value))
     }
 
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
-        if self.allowance.take(value.len()) { Ok(Value::String(value.to_string())) } else { Ok(Value::Null) }
+    /// A string with escapes, unescaped into serde_json's scratch buffer: copied, as charged.
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<JsonScalar<'de>, E> {
+        if self.allowance.take(value.len()) {
+            Ok(JsonScalar::Str(Cow::Owned(value.to_string())))
+        } else {
+            Ok(JsonScalar::Null)
+        }
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    /// Charged though not copied: see [`VALUE_OVERHEAD_BYTES`] for why.
+    fn visit_borrowed_str<E: de::Error>(self, value: &'de str) -> Result<JsonScalar<'de>, E> {
+        if self.allowance.take(value.len()) {
+            Ok(JsonScalar::Str(Cow::Borrowed(value)))
+        } else {
+            Ok(JsonScalar::Null)
+        }
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<JsonScalar<'de>, E> {
+        Ok(JsonScalar::Null)
     }
 }
 
@@ -814,7 +1000,7 @@ mod tests {
     use std::io::Write;
     use std::path::Path;
 
-    use serde_json::json;
+    use serde_json::{Map, Value, json};
 
     use super::*;
 
@@ -879,6 +1065,97 @@ mod tests {
         fn shrink(&mut self, bytes: usize) {
             self.held -= bytes;
         }
+    }
+
+    /// The tests' view of what the visitors keep: each reading as a `serde_json::Value`, every
+    /// field kept by name as a map entry.
+    struct ValueTarget<F> {
+        object: Map<String, Value>,
+        sink: F,
+    }
+
+    impl<'de, F> ReadingTarget<'de> for ValueTarget<F>
+    where
+        F: FnMut(usize, Result<Value, String>) -> Result<(), BodyError>,
+    {
+        fn position_of(&self, _name: &str) -> Option<usize> {
+            None
+        }
+
+        fn clear(&mut self) {
+            self.object.clear();
+        }
+
+        fn set(&mut self, _position: usize, _value: JsonScalar<'de>) {
+            unreachable!("no field has a position")
+        }
+
+        fn add_unknown(&mut self, name: Cow<'de, str>, value: JsonScalar<'de>) {
+            self.object.insert(name.into_owned(), value.to_value());
+        }
+
+        fn reading(&mut self, index: usize, reading: Result<Parsed<'de>, String>) -> Result<(), BodyError> {
+            let value = reading.map(|parsed| match parsed {
+                Parsed::Object => Value::Object(std::mem::take(&mut self.object)),
+                Parsed::Other(found) => found.to_value(),
+            });
+            (self.sink)(index, value)
+        }
+    }
+
+    /// Parses readings one at a time, as `encode_body` does, and hands each to `sink` as a
+    /// `Value` with its index; returns how many there were.
+    fn for_each_reading(
+        body: &[u8],
+        format: BodyFormat,
+        rules: &RecordRules,
+        sink: impl FnMut(usize, Result<Value, String>) -> Result<(), BodyError>,
+    ) -> Result<usize, BodyError> {
+        parse_each_reading(body, format, rules, &mut ValueTarget { object: Map::new(), sink })
+    }
+
+    /// Every reading of a body as a `Value`, or why it has none.
+    fn parse_readings(
+        body: &[u8],
+        format: BodyFormat,
+        rules: &RecordRules,
+    ) -> Result<Vec<Result<Value, String>>, BodyError> {
+        let mut readings = Vec::new();
+        for_each_reading(body, format, rules, |_, reading| {
+            readings.push(reading);
+            Ok(())
+        })?;
+        Ok(readings)
+    }
+
+    /// Encodes `Value` readings through the same batch builder (and, by the schema's `Value`
+    /// adapter, the same encoder) as the body's readings.
+    fn encode_batch(
+        schema: &StreamSchema,
+        readings: &[Result<Value, String>],
+        now_micros: i64,
+        rules: &RecordRules,
+    ) -> Result<EncodedBatch, Vec<RejectedRecord>> {
+        let mut builder = BatchBuilder::new(schema, rules, now_micros, readings.len() * 96);
+        for (index, reading) in readings.iter().enumerate() {
+            match reading {
+                Ok(value) => {
+                    let start = builder.batch.payload.len();
+                    let encoded =
+                        schema.encode_json_within(value, &builder.event_times, &mut builder.batch.payload);
+                    builder.keep(index, start, encoded);
+                }
+                Err(reason) => {
+                    builder.reject([RejectedRecord { index, field: None, reason: reason.clone() }])
+                }
+            }
+        }
+        builder.finish(readings.len()).map_err(|error| match error {
+            BatchError::Rejected { rejections, .. } => rejections.listed,
+            BatchError::Body(error) => {
+                vec![RejectedRecord { index: 0, field: None, reason: error.to_string() }]
+            }
+        })
     }
 
     fn decode(body: Vec<u8>, encoding: BodyEncoding, max: usize) -> Result<Vec<u8>, BodyError> {
@@ -1183,5 +1460,272 @@ mod tests {
         let second = batch.value(&batch.records[1]);
         assert_eq!(sluice_schema::split_single_object(second).unwrap().0, schema.fingerprint);
         assert_eq!(batch.records[0].value_range.end, batch.records[1].value_range.start);
+    }
+
+    /// A batch in a form tests compare: the payload and each record's key, event time and range.
+    type Records = (Vec<u8>, Vec<(String, i64, Range<usize>)>);
+
+    fn records_of(batch: EncodedBatch) -> Records {
+        let records = batch
+            .records
+            .iter()
+            .map(|record| (record.key.clone(), record.event_time_micros, record.value_range.clone()))
+            .collect();
+        (batch.payload, records)
+    }
+
+    /// What `encode_body` answers for a body: its records, or the listed rejections.
+    fn direct(
+        schema: &StreamSchema,
+        body: &str,
+        format: BodyFormat,
+        rules: &RecordRules,
+    ) -> Result<Records, Vec<RejectedRecord>> {
+        match encode_body(schema, body.as_bytes(), format, rules, NOW, &mut Unmetered) {
+            Ok(batch) => Ok(records_of(batch)),
+            Err(BatchError::Rejected { rejections, .. }) => Err(rejections.listed),
+            Err(BatchError::Body(error)) => panic!("{body}: {error}"),
+        }
+    }
+
+    /// What the same readings give as `serde_json::Value`s through the schema's `Value` adapter.
+    fn through_values(schema: &StreamSchema, readings: &[&str]) -> Result<Records, Vec<RejectedRecord>> {
+        let values: Vec<Result<Value, String>> =
+            readings.iter().map(|reading| Ok(serde_json::from_str(reading).unwrap())).collect();
+        encode_batch(schema, &values, NOW, &rules(100)).map(records_of)
+    }
+
+    /// Readings of every shape: escapes, unicode, duplicates, unknown fields, numbers at their
+    /// limits, nested values, readings that are not objects.
+    const READINGS: &[&str] = &[
+        r#"{"device_id":"dev-1","ts":1795999999000000,"seq":7,"temperature":21.5,"rssi":-70,"status":"WARN"}"#,
+        r#"{"device\u005fid":"d\u00e9v\t1","ts":"2026-11-29T10:00:00Z","s\u0065q":1,"site":"caf\u00e9 \"n\" \ud83d\ude9c"}"#,
+        r#"{"device_id":"日本","ts":1795999999000,"seq":1,"site":"🚜"}"#,
+        r#"{"device_id":"a","ts":1795999999000000,"seq":1,"seq":2,"device_id":"b","site":null,"site":"x"}"#,
+        r#"{"zeta":1,"alpha":2,"zeta":3,"device_id":"a","ts":1795999999000000,"seq":1,"Beta":4,"":5,"z\u0065ta":6}"#,
+        r#"{"device_id":"d","ts":1795999999000000,"seq":-9223372036854775808,"rssi":2147483647,"temperature":-0.0}"#,
+        r#"{"device_id":"d","ts":1795999999000000,"seq":9223372036854775807,"rssi":-2147483648,"humidity":1e308}"#,
+        r#"{"device_id":"d","ts":1795999999000000,"seq":9223372036854775808,"rssi":2147483648}"#,
+        r#"{"device_id":"d","ts":1795999999000000,"seq":1.0,"rssi":-0,"battery":18446744073709551615}"#,
+        r#"{"device_id":"d","ts":99999999999999,"seq":1}"#,
+        r#"{"device_id":"d","ts":100000000000000,"seq":1}"#,
+        r#"{"device_id":"d","ts":"2026-13-01T00:00:00Z","seq":1,"status":"BROKEN"}"#,
+        r#"{"device_id":"","ts":1.5,"seq":null,"site":5,"status":null}"#,
+        r#"{"device_id":"d","ts":1795999999000000,"seq":1,"temperature":[1,[2]],"site":{"a":{}}}"#,
+        r#"{"device_id":[],"ts":{},"seq":{"a":1}}"#,
+        r#"{"":1,"device_id":"d","ts":1795999999000000,"seq":1}"#,
+        "{}",
+        "5",
+        "-0",
+        "18446744073709551615",
+        r#""text""#,
+        r#""esc\u00e9""#,
+        "true",
+        "null",
+        "[1,[2]]",
+        "[]",
+    ];
+
+    /// Every reading gives the same records or the same refusals through the visitors and the
+    /// field table as through `serde_json::Value`, alone or in a batch, as JSON or NDJSON.
+    #[test]
+    fn direct_parsing_agrees_with_the_value_path() {
+        let schema = schema();
+        let rules = rules(100);
+        for &reading in READINGS {
+            let expected = through_values(&schema, &[reading]);
+            assert_eq!(
+                direct(&schema, &format!("[{reading}]"), BodyFormat::Json, &rules),
+                expected,
+                "{reading}"
+            );
+            assert_eq!(
+                direct(&schema, &format!("{reading}\r\n"), BodyFormat::Ndjson, &rules),
+                expected,
+                "{reading}"
+            );
+            if reading.starts_with('{') {
+                assert_eq!(direct(&schema, reading, BodyFormat::Json, &rules), expected, "{reading}");
+            }
+        }
+        let expected = through_values(&schema, READINGS);
+        assert!(expected.as_ref().is_err_and(|rejected| rejected.len() > 20), "{expected:?}");
+        assert_eq!(direct(&schema, &format!("[{}]", READINGS.join(",")), BodyFormat::Json, &rules), expected);
+        assert_eq!(direct(&schema, &READINGS.join("\n"), BodyFormat::Ndjson, &rules), expected);
+        let valid: Vec<&str> =
+            READINGS.iter().copied().filter(|reading| through_values(&schema, &[*reading]).is_ok()).collect();
+        assert!(valid.len() >= 6, "{valid:?}");
+        let expected = through_values(&schema, &valid);
+        assert!(expected.is_ok());
+        assert_eq!(direct(&schema, &format!("[{}]", valid.join(",")), BodyFormat::Json, &rules), expected);
+        assert_eq!(direct(&schema, &valid.join("\n"), BodyFormat::Ndjson, &rules), expected);
+    }
+
+    #[test]
+    fn escaped_keys_and_values_are_read_as_meant() {
+        let schema = schema();
+        let body = r#"{"device\u005fid":"d\u00e9v","ts":1795999999000000,"s\u0065q":1,"s\u0069te":"a\"b\\c\u0000\n"}"#;
+        let (payload, records) = direct(&schema, body, BodyFormat::Json, &rules(10)).unwrap();
+        assert_eq!(records[0].0, "dév");
+        let mut expected = Vec::new();
+        let reading =
+            json!({"device_id": "dév", "ts": 1_795_999_999_000_000i64, "seq": 1, "site": "a\"b\\c\u{0}\n"});
+        schema.encode_json_within(&reading, &rules(10).event_times(NOW), &mut expected).unwrap();
+        assert_eq!(payload, expected);
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last_value_and_count_once() {
+        let schema = schema();
+        let body = r#"{"device_id":"a","ts":1795999999000000,"seq":1,"seq":2,"device_id":"b"}"#;
+        let (payload, records) = direct(&schema, body, BodyFormat::Json, &rules(10)).unwrap();
+        assert_eq!(records[0].0, "b");
+        let mut expected = Vec::new();
+        let reading = json!({"device_id": "b", "ts": 1_795_999_999_000_000i64, "seq": 2});
+        schema.encode_json_within(&reading, &rules(10).event_times(NOW), &mut expected).unwrap();
+        assert_eq!(payload, expected);
+        let body = r#"{"x":1,"device_id":"a","ts":1795999999000000,"seq":1,"x":2,"\u0078":3}"#;
+        let rejected = direct(&schema, body, BodyFormat::Json, &rules(10)).unwrap_err();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].field.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn unknown_fields_are_listed_first_once_each_in_byte_order() {
+        let schema = schema();
+        let body =
+            r#"{"zeta":1,"device_id":5,"alpha":2,"ts":1795999999000000,"seq":1,"Mid":3,"zeta":4,"\u00e9":5}"#;
+        let rejected = direct(&schema, body, BodyFormat::Json, &rules(10)).unwrap_err();
+        let fields: Vec<&str> = rejected.iter().filter_map(|rejection| rejection.field.as_deref()).collect();
+        assert_eq!(fields, ["Mid", "alpha", "zeta", "é", "device_id"]);
+        assert!(rejected[0].reason.contains("unknown field"), "{rejected:?}");
+    }
+
+    /// A reading is charged each name plus [`VALUE_OVERHEAD_BYTES`] and each string value, borrowed
+    /// or copied, as it always was: one exactly at the allowance is parsed (and refused for its
+    /// record size), one byte more is not kept at all.
+    #[test]
+    fn reading_at_the_allowance_is_parsed_and_one_byte_over_is_not() {
+        let schema = schema();
+        let rules = RecordRules { max_message_bytes: 10_000, ..rules(10) };
+        let max_reading_bytes = rules.max_reading_bytes();
+        // Names: device_id, ts, seq, site, each with the overhead; string values: "d" and the site.
+        let charged_besides_site = "device_idtsseqsite".len() + 4 * VALUE_OVERHEAD_BYTES + "d".len();
+        let reading = |site_len: usize, escaped: bool| {
+            // One escape makes serde_json unescape the site into a copy; its length is unchanged.
+            let site =
+                if escaped { format!("\\u0078{}", "x".repeat(site_len - 1)) } else { "x".repeat(site_len) };
+            format!(r#"{{"device_id":"d","ts":{NOW},"seq":1,"site":"{site}"}}"#)
+        };
+        let at_limit = max_reading_bytes - charged_besides_site;
+        for escaped in [false, true] {
+            for (body, format) in [
+                (reading(at_limit, escaped), BodyFormat::Json),
+                (format!("[{}]", reading(at_limit, escaped)), BodyFormat::Json),
+                (format!("{}\n", reading(at_limit, escaped)), BodyFormat::Ndjson),
+            ] {
+                let rejected = direct(&schema, &body, format, &rules).unwrap_err();
+                assert!(rejected[0].reason.starts_with("the record is"), "{escaped}: {:?}", rejected[0]);
+            }
+            for (body, format) in [
+                (reading(at_limit + 1, escaped), BodyFormat::Json),
+                (format!("[{}]", reading(at_limit + 1, escaped)), BodyFormat::Json),
+                (format!("{}\n", reading(at_limit + 1, escaped)), BodyFormat::Ndjson),
+            ] {
+                let rejected = direct(&schema, &body, format, &rules).unwrap_err();
+                assert_eq!(rejected[0].reason, rules.too_large_reading_reason(), "{escaped}");
+            }
+        }
+        // A body that is one string is charged the overhead too, and is refused as a reading either way.
+        let string_body = |len: usize| format!("\"{}\"", "x".repeat(len));
+        let rejected =
+            direct(&schema, &string_body(max_reading_bytes - VALUE_OVERHEAD_BYTES), BodyFormat::Json, &rules)
+                .unwrap_err();
+        assert_eq!(rejected[0].reason, "a reading must be a JSON object, found a string");
+        let rejected = direct(
+            &schema,
+            &string_body(max_reading_bytes - VALUE_OVERHEAD_BYTES + 1),
+            BodyFormat::Json,
+            &rules,
+        )
+        .unwrap_err();
+        assert_eq!(rejected[0].reason, rules.too_large_reading_reason());
+    }
+
+    #[test]
+    fn ndjson_with_crlf_lines_encodes_like_lf() {
+        let schema = schema();
+        let lines = [
+            r#"{"device_id":"a","ts":1795999999000000,"seq":1}"#,
+            r#"{"device_id":"b","ts":1795999999000000,"seq":2,"site":"s\r"}"#,
+            r#"{"device_id":"c","ts":1795999999000000,"seq":3}"#,
+        ];
+        let crlf = format!("{}\r\n", lines.join("\r\n"));
+        let lf = lines.join("\n");
+        let expected = through_values(&schema, &lines);
+        assert_eq!(expected.as_ref().unwrap().1.len(), 3);
+        assert_eq!(direct(&schema, &crlf, BodyFormat::Ndjson, &rules(10)), expected);
+        assert_eq!(direct(&schema, &lf, BodyFormat::Ndjson, &rules(10)), expected);
+        // A line of nothing but CR is blank.
+        assert_eq!(direct(&schema, &format!("\r\n{crlf}\r\n"), BodyFormat::Ndjson, &rules(10)), expected);
+    }
+
+    fn device_batch(payload: &str) -> Result<EncodedBatch, DeviceBatchError> {
+        encode_device_readings(&schema(), payload.as_bytes(), "dev", BodyFormat::Json, NOW, &rules(10))
+    }
+
+    #[test]
+    fn device_readings_take_the_device_of_the_topic() {
+        let schema = schema();
+        // The second names the device, with escapes.
+        let payload = r#"[{"ts":1795999999000000,"seq":1},
+            {"device\u005fid":"d\u0065v","ts":1795999999000000,"seq":2}]"#;
+        let batch = device_batch(payload).unwrap();
+        let expected = through_values(
+            &schema,
+            &[
+                r#"{"device_id":"dev","ts":1795999999000000,"seq":1}"#,
+                r#"{"device_id":"dev","ts":1795999999000000,"seq":2}"#,
+            ],
+        );
+        assert_eq!(Ok(records_of(batch)), expected);
+    }
+
+    /// A reading naming another device is refused with what it named, before the reading's own
+    /// field errors; every such refusal is listed.
+    #[test]
+    fn device_readings_naming_another_device_are_refused() {
+        let payload = r#"[{"device_id":"other","ts":1795999999000000,"seq":1},{"device_id":5,"ts":1795999999000000,"seq":2},
+            {"device_id":[1],"ts":1795999999000000,"seq":3},{"ts":1795999999000000,"seq":"x"},7,{"device_id":1.0,"ts":1795999999000000,"seq":5}]"#;
+        let Err(DeviceBatchError::Rejected { rejected, num_records }) = device_batch(payload) else {
+            panic!("refused as a whole");
+        };
+        assert_eq!(num_records, 6);
+        let listed: Vec<(usize, Option<&str>, &str)> = rejected
+            .iter()
+            .map(|rejection| (rejection.index, rejection.field.as_deref(), rejection.reason.as_str()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (0, Some("device_id"), "\"other\" does not match the device 'dev' of the MQTT topic"),
+                (1, Some("device_id"), "5 does not match the device 'dev' of the MQTT topic"),
+                (1, Some("device_id"), "expected string, found a number"),
+                (2, Some("device_id"), "[] does not match the device 'dev' of the MQTT topic"),
+                (2, Some("device_id"), "expected string, found an array"),
+                (3, Some("seq"), "expected long, found a string"),
+                (4, None, "a reading must be a JSON object, found a number"),
+                (5, Some("device_id"), "1.0 does not match the device 'dev' of the MQTT topic"),
+                (5, Some("device_id"), "expected string, found a number"),
+            ]
+        );
+        let Err(DeviceBatchError::Rejected { rejected, num_records: 1 }) =
+            device_batch(r#"{"device_id":"d\"v","ts":1795999999000000,"seq":1}"#)
+        else {
+            panic!("refused");
+        };
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].reason, r#""d\"v" does not match the device 'dev' of the MQTT topic"#);
+        assert!(matches!(device_batch(r#"[{"ts":1}"#), Err(DeviceBatchError::Body(BodyError::Malformed(_)))));
     }
 }
