@@ -163,6 +163,7 @@ impl CompactorLoop {
         let mut partitions: HashMap<(String, i32), PartitionState> = HashMap::new();
         let mut last_trigger_check = Instant::now();
         let mut last_position_check = Instant::now();
+        let mut key: (String, i32) = (String::new(), -1);
         let result = loop {
             // Answers first: a partition whose flush answered may hand off its next one, and a
             // failed flush rewinds its partition before more of it is buffered.
@@ -179,7 +180,13 @@ impl CompactorLoop {
             }
             match polled {
                 Some(Ok(message)) => {
-                    let key = (message.topic().to_string(), message.partition());
+                    // One key, rewritten when the partition changes: consecutive messages mostly
+                    // share a partition, so the per-message path allocates nothing.
+                    if key.1 != message.partition() || key.0 != message.topic() {
+                        key.0.clear();
+                        key.0.push_str(message.topic());
+                        key.1 = message.partition();
+                    }
                     if let Some(state) = partitions.get_mut(&key) {
                         if !self.buffer_message(state, &message, &mut pool) {
                             // Shutdown interrupted a dead-letter write; the record is read again later.
