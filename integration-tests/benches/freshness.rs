@@ -581,8 +581,12 @@ impl Visibility {
     }
 
     fn record(&mut self, version: &LogVersion) {
-        self.max_poll_lag_micros =
-            self.max_poll_lag_micros.max(version.found_at_micros - version.written_at_micros);
+        // The table's first version is written before the probe starts; only versions that add
+        // readings say how late the probe found what it times.
+        if !version.added_rows.is_empty() {
+            self.max_poll_lag_micros =
+                self.max_poll_lag_micros.max(version.found_at_micros - version.written_at_micros);
+        }
         let visible = Visible { at_micros: version.written_at_micros, version: version.version };
         for row in &version.added_rows {
             let device_opt =
