@@ -171,39 +171,43 @@ impl Deployment {
         let token = format!("bench-{}{}", unique_suffix(), unique_suffix());
         let token_sha256 = hex::encode(Sha256::digest(token.as_bytes()));
         let ingest_config_path = work_dir.path().join("ingest.toml");
-        let ingest = ServiceBinary::start("sluice-ingest", Readiness::HttpOk("/readyz"), |port| {
-            let toml = ingest_toml(&IngestToml {
-                port,
-                token_sha256: &token_sha256,
-                stream: STREAM,
-                bootstrap_servers: &broker.bootstrap_servers(),
-                topic_prefix: &topic_prefix,
-                otlp_endpoint: "",
-                partitions_opt: None,
-            });
-            std::fs::write(&ingest_config_path, toml)?;
-            let mut command = tokio::process::Command::new(&binaries.ingest);
-            command.arg("--config").arg(&ingest_config_path);
-            Ok(command)
-        })
+        let ingest = ServiceBinary::start_with_config(
+            "sluice-ingest",
+            Readiness::HttpOk("/readyz"),
+            &binaries.ingest,
+            &ingest_config_path,
+            |port| {
+                ingest_toml(&IngestToml {
+                    port,
+                    token_sha256: &token_sha256,
+                    stream: STREAM,
+                    bootstrap_servers: &broker.bootstrap_servers(),
+                    topic_prefix: &topic_prefix,
+                    otlp_endpoint: "",
+                    partitions_opt: None,
+                })
+            },
+        )
         .await
         .unwrap();
         // /healthz answers once the compactor serves; /readyz once the group assigned it its
         // partitions, which may take longer than ServiceBinary waits for a start.
         let compactor_config_path = work_dir.path().join("compactor.toml");
-        let compactor = ServiceBinary::start("sluice-compactor", Readiness::HttpOk("/healthz"), |port| {
-            let toml = compactor_toml(&CompactorToml {
-                port,
-                bootstrap_servers: &broker.bootstrap_servers(),
-                topic_prefix: &topic_prefix,
-                lake_dir: &lake_dir,
-                flush_max_age_ms_opt: Some(flush_age_ms),
-            });
-            std::fs::write(&compactor_config_path, toml)?;
-            let mut command = tokio::process::Command::new(&binaries.compactor);
-            command.arg("--config").arg(&compactor_config_path);
-            Ok(command)
-        })
+        let compactor = ServiceBinary::start_with_config(
+            "sluice-compactor",
+            Readiness::HttpOk("/healthz"),
+            &binaries.compactor,
+            &compactor_config_path,
+            |port| {
+                compactor_toml(&CompactorToml {
+                    port,
+                    bootstrap_servers: &broker.bootstrap_servers(),
+                    topic_prefix: &topic_prefix,
+                    lake_dir: &lake_dir,
+                    flush_max_age_ms_opt: Some(flush_age_ms),
+                })
+            },
+        )
         .await
         .unwrap();
         let config: CompactorConfig = sluice_config::load(Some(compactor_config_path.as_path())).unwrap();

@@ -89,21 +89,23 @@ async fn bench() {
     let topic_prefix = format!("bench-{}", unique_suffix());
     // ingest.toml as the chart renders it for a deployment with tokens and a collector
     // (helm/sluice/templates/secret.yaml with helm/sluice/ci/s3-ingress-hpa-values.yaml).
-    let ingest = ServiceBinary::start("sluice-ingest", Readiness::HttpOk("/readyz"), |port| {
-        let toml = ingest_toml(&IngestToml {
-            port,
-            token_sha256: &token_sha256,
-            stream: STREAM,
-            bootstrap_servers: &broker.bootstrap_servers(),
-            topic_prefix: &topic_prefix,
-            otlp_endpoint: &telemetry.endpoint,
-            partitions_opt,
-        });
-        std::fs::write(&config_path, toml)?;
-        let mut command = tokio::process::Command::new(&ingest_binary);
-        command.arg("--config").arg(&config_path);
-        Ok(command)
-    })
+    let ingest = ServiceBinary::start_with_config(
+        "sluice-ingest",
+        Readiness::HttpOk("/readyz"),
+        &ingest_binary,
+        &config_path,
+        |port| {
+            ingest_toml(&IngestToml {
+                port,
+                token_sha256: &token_sha256,
+                stream: STREAM,
+                bootstrap_servers: &broker.bootstrap_servers(),
+                topic_prefix: &topic_prefix,
+                otlp_endpoint: &telemetry.endpoint,
+                partitions_opt,
+            })
+        },
+    )
     .await
     .unwrap();
     let ingest_pid = ingest.pid().unwrap();

@@ -2,7 +2,7 @@
 //! with their output in a log that failures show.
 
 use std::net::TcpListener as StdTcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -338,6 +338,25 @@ impl ServiceBinary {
     }
 
     /// The process id while it runs.
+    /// [`ServiceBinary::start`] for a service that reads its settings from a file: writes
+    /// `config(port)` to `config_path` before each attempt and runs `binary --config config_path`.
+    pub async fn start_with_config(
+        name: &'static str,
+        readiness: Readiness,
+        binary: &Path,
+        config_path: &Path,
+        config: impl Fn(u16) -> String,
+    ) -> anyhow::Result<Self> {
+        Self::start(name, readiness, |port| {
+            std::fs::write(config_path, config(port))
+                .with_context(|| format!("failed to write {}", config_path.display()))?;
+            let mut command = Command::new(binary);
+            command.arg("--config").arg(config_path);
+            Ok(command)
+        })
+        .await
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.process.id()
     }

@@ -27,9 +27,13 @@ async fn gzip_bombs_of_tiny_values_stay_within_the_in_flight_limit() {
     let directory = tempfile::TempDir::new().unwrap();
     let config_path = directory.path().join("ingest.toml");
     let topic_prefix = format!("test-{}", unique_suffix());
-    let ingest = ServiceBinary::start("sluice-ingest", Readiness::HttpOk("/readyz"), |port| {
-        std::fs::write(
-            &config_path,
+    let binary = workspace_binary("sluice-ingest");
+    let ingest = ServiceBinary::start_with_config(
+        "sluice-ingest",
+        Readiness::HttpOk("/readyz"),
+        &binary,
+        &config_path,
+        |port| {
             format!(
                 "[http]\nlisten_address = \"127.0.0.1:{port}\"\nmax_in_flight_bytes = {in_flight_limit}\n\
                  [auth]\nenabled = false\n[schemas]\ndirectory = \"{}\"\n\
@@ -37,12 +41,9 @@ async fn gzip_bombs_of_tiny_values_stay_within_the_in_flight_limit() {
                  [telemetry]\nlog_level = \"warn\"\n",
                 repo_root().join("schemas").display(),
                 broker.bootstrap_servers(),
-            ),
-        )?;
-        let mut command = tokio::process::Command::new(workspace_binary("sluice-ingest"));
-        command.arg("--config").arg(&config_path);
-        Ok(command)
-    })
+            )
+        },
+    )
     .await
     .unwrap();
     let pid = ingest.pid().unwrap();
