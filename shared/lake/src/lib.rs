@@ -8,6 +8,7 @@
 //! docs/delivery-semantics.md has the guarantees.
 
 mod commit;
+mod latest;
 pub mod layout;
 mod partition;
 mod sorted_listing;
@@ -19,6 +20,7 @@ pub use crate::commit::{
     CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
     MergeRecord, PositionReset, PublishedWatermark,
 };
+pub use crate::latest::LatestTables;
 pub use crate::partition::{
     DATE_PARTITION_COLUMN, EventTimeOutOfRange, HOUR_PARTITION_COLUMN, MAX_EVENT_TIME_MICROS,
     MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,

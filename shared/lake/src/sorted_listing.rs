@@ -50,6 +50,7 @@ impl fmt::Display for SortedListing {
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl ObjectStore for SortedListing {
     async fn put_opts(
         &self,

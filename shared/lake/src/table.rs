@@ -1211,6 +1211,64 @@ mod tests {
         assert_eq!(data_changes(&lake, version).await, vec![false; 3], "the same rows in fewer files");
     }
 
+    #[tokio::test]
+    async fn latest_tables_answer_as_a_fresh_load_through_commits_merges_checkpoints_and_a_new_table() {
+        let lake = lake();
+        let latest = crate::LatestTables::default();
+        let both = || async {
+            let fresh = lake.table_files("telemetry").await.unwrap();
+            let kept = latest.table_files(&lake, "telemetry").await.unwrap();
+            assert_eq!(kept, fresh);
+            fresh
+        };
+        assert_eq!(both().await, None, "no table yet");
+        telemetry_table(&lake).await;
+        commit(&lake, None, 0, 10, "a.parquet").await;
+        assert_eq!(both().await.unwrap().1.len(), 1);
+        commit(&lake, Some(10), 10, 20, "b.parquet").await;
+        let (_, inputs) = both().await.unwrap();
+        assert_eq!(inputs.len(), 2, "a commit after the first read");
+        let output = CommittedFile {
+            path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(),
+            num_rows: 20,
+            ..inputs[0].clone()
+        };
+        let merge = MergeRecord {
+            stream: "telemetry".into(),
+            partition: "dt=2026-11-26/hour=08".into(),
+            inputs,
+            output: output.clone(),
+            writer_id: "test".into(),
+            created_at_micros: 0,
+        };
+        lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap();
+        assert_eq!(both().await.unwrap().1, vec![output], "a merge removes its inputs");
+        // Past a checkpoint (every 10 versions): the kept version replays the commits after it.
+        for flush_index in 2..14 {
+            let start = flush_index * 10;
+            commit(&lake, Some(start), start, start + 10, &format!("f{flush_index}.parquet")).await;
+        }
+        let (version, files) = both().await.unwrap();
+        assert_eq!((version, files.len()), (15, 13));
+
+        // The table deleted and made again, at a lower version than the one kept.
+        let table_objects: Vec<Path> = lake
+            .store()
+            .list(Some(&Path::from("lake/telemetry")))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .unwrap();
+        for location in table_objects {
+            lake.store().delete(&location).await.unwrap();
+        }
+        telemetry_table(&lake).await;
+        commit(&lake, None, 0, 10, "again.parquet").await;
+        let (version, files) = both().await.unwrap();
+        assert_eq!(version, 1);
+        assert!(files[0].path.ends_with("again.parquet"), "{files:?}");
+    }
+
     /// The `dataChange` flag of every add and remove in one version of the telemetry table.
     async fn data_changes(lake: &Lake, version: i64) -> Vec<bool> {
         let log = lake.get(&format!("telemetry/_delta_log/{version:020}.json")).await.unwrap();

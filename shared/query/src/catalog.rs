@@ -11,10 +11,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
+use bytes::Bytes;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
@@ -42,16 +44,18 @@ use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
 };
 use sluice_lake::{
-    CommittedFile, DATE_PARTITION_COLUMN, HOUR_PARTITION_COLUMN, Lake, LakeError, PartitionGranularity,
+    CommittedFile, DATE_PARTITION_COLUMN, HOUR_PARTITION_COLUMN, Lake, LakeError, LatestTables,
+    PartitionGranularity,
 };
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaRegistry, to_arrow_schema};
 
 use crate::engine::RemoteEngine;
 use crate::join_order::BuildFromGroupedSide;
 use crate::limits::{RunLimits, bound_value_building_functions};
+use crate::small_files::CoalesceSmallFileBatches;
 pub use crate::tables::{ReferenceFormat, ReferenceTable};
 use crate::window_bounds::WindowScope;
 use crate::window_read::{WindowRead, holds_rows_of};
@@ -165,6 +169,7 @@ pub struct Catalog {
     run_limits: RunLimits,
     remote_engine_opt: Option<Arc<dyn RemoteEngine>>,
     file_caches: FileCaches,
+    latest_tables: Arc<LatestTables>,
 }
 
 /// Parquet footers and the statistics read from them, kept across sessions. A committed file's
@@ -221,6 +226,7 @@ impl Catalog {
             run_limits: RunLimits::default(),
             remote_engine_opt: None,
             file_caches: FileCaches::new(),
+            latest_tables: Arc::new(LatestTables::default()),
         }
     }
 
@@ -279,11 +285,13 @@ impl Catalog {
         &self.reference_tables
     }
 
-    /// Loads the latest version of every stream table.
+    /// Loads the latest version of every stream table, each brought up to date from the version
+    /// this catalog (or a clone of it) read last.
     pub async fn snapshot(&self) -> Result<Snapshot, CatalogError> {
         let mut snapshot = Snapshot::default();
         for stream in self.stream_names() {
-            let (version, files) = self.lake.table_files(&stream).await?.unwrap_or((-1, Vec::new()));
+            let (version, files) =
+                self.latest_tables.table_files(&self.lake, &stream).await?.unwrap_or((-1, Vec::new()));
             if version >= 0 {
                 snapshot.versions.insert(stream.clone(), version);
             }
@@ -324,8 +332,8 @@ impl Catalog {
             .with_config(config)
             .with_runtime_env(runtime.build_arc()?)
             .with_default_features()
-            .with_physical_optimizer_rules(BuildFromGroupedSide::with_default_rules(
-                PhysicalOptimizer::new().rules,
+            .with_physical_optimizer_rules(CoalesceSmallFileBatches::with_rules(
+                BuildFromGroupedSide::with_default_rules(PhysicalOptimizer::new().rules),
             ))
             .build();
         let ctx = SessionContext::new_with_state(state);
@@ -519,13 +527,21 @@ fn window_filter(
     let partition_filter = read
         .partitions()
         .iter()
-        .flat_map(|(date, hours)| {
+        .map(|(date, hours)| {
             let day = col(DATE_PARTITION_COLUMN).eq(lit(date.clone()));
-            let by_hour: Vec<Expr> = hours
-                .iter()
-                .map(|hour| day.clone().and(col(HOUR_PARTITION_COLUMN).eq(lit(format!("{hour:02}")))))
-                .collect();
-            if by_hour.is_empty() { vec![day] } else { by_hour }
+            let hour = |hour: &u8| lit(format!("{hour:02}"));
+            // A window is one interval, so the hours it touches in a day are consecutive: a
+            // range is two terms to evaluate per file where ORed hours were up to 24 (the
+            // two-digit names order as the hours do).
+            match (hours.first(), hours.last()) {
+                (Some(first), Some(last)) if first == last => {
+                    day.and(col(HOUR_PARTITION_COLUMN).eq(hour(first)))
+                }
+                (Some(first), Some(last)) => day
+                    .and(col(HOUR_PARTITION_COLUMN).gt_eq(hour(first)))
+                    .and(col(HOUR_PARTITION_COLUMN).lt_eq(hour(last))),
+                _ => day,
+            }
         })
         .reduce(Expr::or)
         .unwrap_or_else(|| lit(false));
@@ -694,7 +710,11 @@ impl fmt::Display for CommittedFilesStore {
     }
 }
 
+// Every method is the view's own: a default would bypass the inner store's implementation (the
+// local file system reads a file's column chunks with one open; the default `get_ranges` opens
+// and stats the file once per range).
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl ObjectStore for CommittedFilesStore {
     async fn put_opts(&self, _: &Path, _: PutPayload, _: PutOptions) -> object_store::Result<PutResult> {
         Err(Self::read_only("put"))
@@ -712,6 +732,10 @@ impl ObjectStore for CommittedFilesStore {
         self.inner.get_opts(location, options).await
     }
 
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+        self.inner.get_ranges(location, ranges).await
+    }
+
     fn delete_stream(
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
@@ -722,6 +746,19 @@ impl ObjectStore for CommittedFilesStore {
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let metas: Vec<_> =
             self.under(prefix).map(|(location, size)| Ok(Self::meta(location, *size))).collect();
+        futures::stream::iter(metas).boxed()
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let metas: Vec<_> = self
+            .under(prefix)
+            .filter(|(location, _)| *location > offset)
+            .map(|(location, size)| Ok(Self::meta(location, *size)))
+            .collect();
         futures::stream::iter(metas).boxed()
     }
 
@@ -742,6 +779,10 @@ impl ObjectStore for CommittedFilesStore {
 
     async fn copy_opts(&self, _: &Path, _: &Path, _: CopyOptions) -> object_store::Result<()> {
         Err(Self::read_only("copy"))
+    }
+
+    async fn rename_opts(&self, _: &Path, _: &Path, _: RenameOptions) -> object_store::Result<()> {
+        Err(Self::read_only("rename"))
     }
 }
 
@@ -779,6 +820,16 @@ mod tests {
         assert!(!filter.contains("Utf8(\"01\")"), "{filter}");
         let days = window_filter(PartitionGranularity::Hour, &[], start, start + 72 * HOUR).to_string();
         assert!(!days.contains("hour"), "{days}");
+
+        let midnight = start + HOUR;
+        let day = window_filter(PartitionGranularity::Hour, &[], midnight, midnight + 24 * HOUR);
+        assert_eq!(day, col(DATE_PARTITION_COLUMN).eq(lit("2026-11-27")));
+        let hours = window_filter(PartitionGranularity::Hour, &[], midnight + 5 * HOUR, midnight + 8 * HOUR);
+        let expected = col(DATE_PARTITION_COLUMN)
+            .eq(lit("2026-11-27"))
+            .and(col(HOUR_PARTITION_COLUMN).gt_eq(lit("05")))
+            .and(col(HOUR_PARTITION_COLUMN).lt_eq(lit("07")));
+        assert_eq!(hours, expected);
     }
 
     const HOUR: i64 = 3_600_000_000;

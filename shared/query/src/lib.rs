@@ -11,6 +11,7 @@ pub mod limits;
 pub mod plan_stats;
 pub mod result_types;
 pub mod settings;
+mod small_files;
 pub mod sql_depth;
 pub mod tables;
 pub mod validate;

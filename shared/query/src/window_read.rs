@@ -16,6 +16,7 @@ use sluice_lake::{CommittedFile, PartitionGranularity, PartitionKey};
 /// than whole days cost to prune.
 const MAX_HOURS_BY_NAME: i64 = 48;
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
+const HOURS_IN_DAY: usize = 24;
 
 /// The read of one stream for the window `[start, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,13 @@ impl WindowRead {
             let key = PartitionKey::for_event_time(at, step);
             partitions.entry(key.date_string()).or_default().extend(key.hour_opt);
             at = key.end_micros();
+        }
+        // A day read whole is named as the day: one term to prune by instead of 24, and a
+        // listing prefix (`dt=D/`) that ORed hours do not give.
+        for hours in partitions.values_mut() {
+            if hours.len() == HOURS_IN_DAY {
+                hours.clear();
+            }
         }
         Self {
             start_micros,
@@ -130,10 +138,20 @@ mod tests {
         .into();
         assert_eq!(read.partitions(), &expected);
 
-        // 48 hours are named; 49 read whole days.
-        let named =
-            WindowRead::new(PartitionGranularity::Hour, at("2026-11-26T00:00:00Z"), start + 24 * HOUR);
-        assert_eq!(named.partitions().values().map(BTreeSet::len).sum::<usize>(), 48);
+        // Up to 48 hours are named, except that a day read whole is named as the day; 49 read
+        // whole days.
+        let named = WindowRead::new(PartitionGranularity::Hour, start, start + 47 * HOUR);
+        let expected: BTreeMap<String, BTreeSet<u8>> = [
+            ("2026-11-26".to_string(), BTreeSet::from([23])),
+            ("2026-11-27".to_string(), BTreeSet::new()),
+            ("2026-11-28".to_string(), (0..=22).collect()),
+        ]
+        .into();
+        assert_eq!(named.partitions(), &expected);
+        let one_day =
+            WindowRead::new(PartitionGranularity::Hour, at("2026-11-27T00:00:00Z"), start + 24 * HOUR);
+        let expected: BTreeMap<String, BTreeSet<u8>> = [("2026-11-27".to_string(), BTreeSet::new())].into();
+        assert_eq!(one_day.partitions(), &expected);
         let days = WindowRead::new(PartitionGranularity::Hour, start, start + 49 * HOUR);
         assert_eq!(days.partitions().len(), 4);
         assert!(days.partitions().values().all(BTreeSet::is_empty));
