@@ -1243,30 +1243,57 @@ mod tests {
         };
         lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap();
         assert_eq!(both().await.unwrap().1, vec![output], "a merge removes its inputs");
-        // Past a checkpoint (every 10 versions): the kept version replays the commits after it.
+        // Past a checkpoint (every 10 versions) from the kept version 3: rebuilt from it.
         for flush_index in 2..14 {
             let start = flush_index * 10;
             commit(&lake, Some(start), start, start + 10, &format!("f{flush_index}.parquet")).await;
         }
         let (version, files) = both().await.unwrap();
         assert_eq!((version, files.len()), (15, 13));
-
-        // The table deleted and made again, at a lower version than the one kept.
-        let table_objects: Vec<Path> = lake
-            .store()
-            .list(Some(&Path::from("lake/telemetry")))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .unwrap();
-        for location in table_objects {
-            lake.store().delete(&location).await.unwrap();
+        // Two commits after the kept version 15 with no checkpoint between: replayed.
+        for flush_index in 14..16 {
+            let start = flush_index * 10;
+            commit(&lake, Some(start), start, start + 10, &format!("f{flush_index}.parquet")).await;
         }
+        assert_eq!(both().await.unwrap().0, 17);
+
+        // The table deleted and made again: up to a lower version than the one kept, then up to
+        // a higher one, whose log has a commit of the kept version's name.
+        let delete_table = || async {
+            let table_objects: Vec<Path> = lake
+                .store()
+                .list(Some(&Path::from("lake/telemetry")))
+                .map_ok(|meta| meta.location)
+                .try_collect()
+                .await
+                .unwrap();
+            for location in table_objects {
+                lake.store().delete(&location).await.unwrap();
+            }
+        };
+        delete_table().await;
         telemetry_table(&lake).await;
         commit(&lake, None, 0, 10, "again.parquet").await;
         let (version, files) = both().await.unwrap();
         assert_eq!(version, 1);
         assert!(files[0].path.ends_with("again.parquet"), "{files:?}");
+
+        // Kept: version 4 of the second table; the third reaches version 5 without a checkpoint.
+        for flush_index in 1..4 {
+            let start = flush_index * 10;
+            commit(&lake, Some(start), start, start + 10, &format!("again{flush_index}.parquet")).await;
+        }
+        assert_eq!(both().await.unwrap().0, 4);
+        delete_table().await;
+        telemetry_table(&lake).await;
+        for flush_index in 0..5 {
+            let start = flush_index * 10;
+            let previous = (flush_index > 0).then_some(start);
+            commit(&lake, previous, start, start + 10, &format!("third{flush_index}.parquet")).await;
+        }
+        let (version, files) = both().await.unwrap();
+        assert_eq!(version, 5);
+        assert!(files.iter().all(|file| file.path.contains("third")), "{files:?}");
     }
 
     /// The `dataChange` flag of every add and remove in one version of the telemetry table.
