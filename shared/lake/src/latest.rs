@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex as SyncMutex};
 use deltalake_core::DeltaTable;
 use futures::lock::Mutex;
 use object_store::ObjectStoreExt as _;
-use object_store::path::Path;
 
 use crate::commit::{CommittedFile, Lake, LakeError};
 use crate::layout;
+use crate::table::version_of;
 
 type Result<T> = std::result::Result<T, LakeError>;
 
@@ -101,7 +101,7 @@ impl LatestTables {
 
 /// How the store describes the commit file of `version`, or none if there is no such file.
 async fn commit_identity(lake: &Lake, table: &str, version: i64) -> Result<Option<CommitIdentity>> {
-    let commit: Path = lake.absolute(&format!("{}/{version:020}.json", layout::delta_log_dir(table)));
+    let commit = lake.absolute(&layout::delta_commit(table, version));
     match lake.store().head(&commit).await {
         Ok(meta) => {
             Ok(Some(CommitIdentity { e_tag: meta.e_tag, last_modified: meta.last_modified, size: meta.size }))
@@ -109,8 +109,4 @@ async fn commit_identity(lake: &Lake, table: &str, version: i64) -> Result<Optio
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(source) => Err(LakeError::store("head", &commit)(source)),
     }
-}
-
-fn version_of(delta: &DeltaTable) -> i64 {
-    delta.version().and_then(|version| i64::try_from(version).ok()).unwrap_or(-1)
 }

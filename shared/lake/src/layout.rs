@@ -30,6 +30,11 @@ pub fn delta_log_dir(table: &str) -> String {
     format!("{table}/{DELTA_LOG_DIR}")
 }
 
+/// The commit file of one version of a table, `<table>/_delta_log/<version, 20 digits>.json`.
+pub fn delta_commit(table: &str, version: i64) -> String {
+    format!("{}/{version:020}.json", delta_log_dir(table))
+}
+
 /// A data file of a stream table: `<stream>/<partition>/<file name>`, the partition being the
 /// event-time segment (`dt=2026-11-26/hour=08`).
 pub fn data_file(stream: &str, partition: &str, file_name: &str) -> String {
@@ -156,5 +161,6 @@ mod tests {
             format!("telemetry/dt=2026-11-26/hour=08/{name}")
         );
         assert_eq!(delta_log_dir("results/hourly"), "results/hourly/_delta_log");
+        assert_eq!(delta_commit("telemetry", 42), "telemetry/_delta_log/00000000000000000042.json");
     }
 }

@@ -497,8 +497,7 @@ impl Lake {
     /// The latest version of a table and its files, or none if the table does not exist yet.
     pub async fn table_files(&self, table: &str) -> Result<Option<(i64, Vec<CommittedFile>)>> {
         let Some(delta) = self.load_table(table).await? else { return Ok(None) };
-        let version = delta.version().and_then(|version| i64::try_from(version).ok()).unwrap_or(-1);
-        Ok(Some((version, self.files_of(&delta, table).await?)))
+        Ok(Some((version_of(&delta), self.files_of(&delta, table).await?)))
     }
 
     /// Replaces one partition of a table (a job's result for one window) with `file` in one
@@ -847,6 +846,11 @@ fn parse_log_commit(version: i64, path: &Path, bytes: &[u8]) -> Result<LogCommit
     Ok(commit)
 }
 
+/// The version a loaded table is at (-1 before its first commit).
+pub(crate) fn version_of(delta: &DeltaTable) -> i64 {
+    delta.version().and_then(|version| i64::try_from(version).ok()).unwrap_or(-1)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -904,6 +908,24 @@ mod tests {
         };
         let stats = format!("{{\"numRecords\":{}}}", end - start);
         (record, vec![NewFile { file, stats_json: stats }])
+    }
+
+    /// A merge of `inputs` (files of `dt=2026-11-26/hour=08`) into the file `output_name` of
+    /// `num_rows` rows.
+    fn merge_of(inputs: Vec<CommittedFile>, output_name: &str, num_rows: u64) -> MergeRecord {
+        let output = CommittedFile {
+            path: format!("telemetry/dt=2026-11-26/hour=08/{output_name}"),
+            num_rows,
+            ..inputs[0].clone()
+        };
+        MergeRecord {
+            stream: "telemetry".into(),
+            partition: "dt=2026-11-26/hour=08".into(),
+            inputs,
+            output,
+            writer_id: "test".into(),
+            created_at_micros: 0,
+        }
     }
 
     async fn commit(lake: &Lake, previous: Option<i64>, start: i64, end: i64, name: &str) -> TableCommit {
@@ -1184,20 +1206,8 @@ mod tests {
         telemetry_table(&lake).await;
         commit(&lake, None, 0, 10, "a.parquet").await;
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
-        let inputs = lake.live_files("telemetry").await.unwrap();
-        let output = CommittedFile {
-            path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(),
-            num_rows: 20,
-            ..inputs[0].clone()
-        };
-        let merge = MergeRecord {
-            stream: "telemetry".into(),
-            partition: "dt=2026-11-26/hour=08".into(),
-            inputs: inputs.clone(),
-            output: output.clone(),
-            writer_id: "test".into(),
-            created_at_micros: 0,
-        };
+        let merge = merge_of(lake.live_files("telemetry").await.unwrap(), "m.parquet", 20);
+        let output = merge.output.clone();
         assert!(matches!(
             lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap(),
             TableCommit::Committed { .. }
@@ -1228,21 +1238,9 @@ mod tests {
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
         let (_, inputs) = both().await.unwrap();
         assert_eq!(inputs.len(), 2, "a commit after the first read");
-        let output = CommittedFile {
-            path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(),
-            num_rows: 20,
-            ..inputs[0].clone()
-        };
-        let merge = MergeRecord {
-            stream: "telemetry".into(),
-            partition: "dt=2026-11-26/hour=08".into(),
-            inputs,
-            output: output.clone(),
-            writer_id: "test".into(),
-            created_at_micros: 0,
-        };
+        let merge = merge_of(inputs, "m.parquet", 20);
         lake.create_merge(&merge, "{\"numRecords\":20}").await.unwrap();
-        assert_eq!(both().await.unwrap().1, vec![output], "a merge removes its inputs");
+        assert_eq!(both().await.unwrap().1, vec![merge.output], "a merge removes its inputs");
         // Past a checkpoint (every 10 versions) from the kept version 3: rebuilt from it.
         for flush_index in 2..14 {
             let start = flush_index * 10;
@@ -1298,7 +1296,7 @@ mod tests {
 
     /// The `dataChange` flag of every add and remove in one version of the telemetry table.
     async fn data_changes(lake: &Lake, version: i64) -> Vec<bool> {
-        let log = lake.get(&format!("telemetry/_delta_log/{version:020}.json")).await.unwrap();
+        let log = lake.get(&layout::delta_commit("telemetry", version)).await.unwrap();
         std::str::from_utf8(&log)
             .unwrap()
             .lines()
@@ -1316,19 +1314,7 @@ mod tests {
         telemetry_table(&lake).await;
         commit(&lake, None, 0, 10, "a.parquet").await;
         commit(&lake, Some(10), 10, 20, "b.parquet").await;
-        let inputs = lake.live_files("telemetry").await.unwrap();
-        let merge = MergeRecord {
-            stream: "telemetry".into(),
-            partition: "dt=2026-11-26/hour=08".into(),
-            inputs: inputs.clone(),
-            output: CommittedFile {
-                path: "telemetry/dt=2026-11-26/hour=08/m.parquet".into(),
-                num_rows: 19,
-                ..inputs[0].clone()
-            },
-            writer_id: "test".into(),
-            created_at_micros: 0,
-        };
+        let merge = merge_of(lake.live_files("telemetry").await.unwrap(), "m.parquet", 19);
         let TableCommit::Committed { version } =
             lake.create_merge(&merge, "{\"numRecords\":19}").await.unwrap()
         else {
@@ -1440,15 +1426,8 @@ mod tests {
         }
         commit(&lake, None, 0, 10, "a.parquet").await;
         let inputs = lake.live_files("telemetry").await.unwrap();
-        let output = CommittedFile { path: format!("{dir}/b.parquet"), ..inputs[0].clone() };
-        let merge = MergeRecord {
-            stream: "telemetry".into(),
-            partition: "dt=2026-11-26/hour=08".into(),
-            inputs,
-            output,
-            writer_id: "test".into(),
-            created_at_micros: 0,
-        };
+        let num_rows = inputs[0].num_rows;
+        let merge = merge_of(inputs, "b.parquet", num_rows);
         lake.create_merge(&merge, "{}").await.unwrap();
         let hour = std::time::Duration::from_secs(3600);
         assert_eq!(lake.vacuum("telemetry", hour, hour).await.unwrap(), 0, "all too young");

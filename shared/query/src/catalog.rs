@@ -696,6 +696,20 @@ impl CommittedFilesStore {
             .filter(move |(location, _)| prefix.is_none_or(|prefix| location.prefix_matches(prefix)))
     }
 
+    /// The files under `prefix`, in path order, after `offset_opt` when one is given.
+    fn listing(
+        &self,
+        prefix: Option<&Path>,
+        offset_opt: Option<&Path>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let metas: Vec<_> = self
+            .under(prefix)
+            .filter(|(location, _)| offset_opt.is_none_or(|offset| *location > offset))
+            .map(|(location, size)| Ok(Self::meta(location, *size)))
+            .collect();
+        futures::stream::iter(metas).boxed()
+    }
+
     fn read_only(operation: &str) -> object_store::Error {
         object_store::Error::NotImplemented {
             operation: operation.to_string(),
@@ -744,9 +758,7 @@ impl ObjectStore for CommittedFilesStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let metas: Vec<_> =
-            self.under(prefix).map(|(location, size)| Ok(Self::meta(location, *size))).collect();
-        futures::stream::iter(metas).boxed()
+        self.listing(prefix, None)
     }
 
     fn list_with_offset(
@@ -754,12 +766,7 @@ impl ObjectStore for CommittedFilesStore {
         prefix: Option<&Path>,
         offset: &Path,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let metas: Vec<_> = self
-            .under(prefix)
-            .filter(|(location, _)| *location > offset)
-            .map(|(location, size)| Ok(Self::meta(location, *size)))
-            .collect();
-        futures::stream::iter(metas).boxed()
+        self.listing(prefix, Some(offset))
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
