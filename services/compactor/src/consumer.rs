@@ -41,7 +41,14 @@ use crate::metrics::CompactorMetrics;
 use crate::rebalance::{RebalanceContext, RebalanceEvent};
 use crate::supervision::CompactorHealth;
 
+/// How long a poll waits when the previous one found nothing; while records flow, a poll does
+/// not wait, and then neither librdkafka nor the loop reads the clock for a timeout.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// Records buffered between two rounds of the loop's periodic work (flush answers, shutdown,
+/// the clock-driven checks). A profile at a million records a second found 14% of the loop's
+/// time in `clock_gettime` when that work ran for every record; 256 records take well under a
+/// millisecond, and the work also runs whenever a poll finds nothing.
+const RECORDS_BETWEEN_CHECKS: u32 = 256;
 const TRIGGER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a partition waiting beyond the broker's end looks for a new position in the lake.
 const NEW_POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -164,22 +171,31 @@ impl CompactorLoop {
         let mut last_trigger_check = Instant::now();
         let mut last_position_check = Instant::now();
         let mut key: (String, i32) = (String::new(), -1);
+        let mut num_records_since_checks = RECORDS_BETWEEN_CHECKS;
+        let mut poll_timeout = POLL_TIMEOUT;
         let result = loop {
-            // Answers first: a partition whose flush answered may hand off its next one, and a
-            // failed flush rewinds its partition before more of it is buffered.
-            self.apply_outcomes(&mut partitions, &mut pool);
-            if let Some(message) = pool.take_panic_message() {
-                break Err(LoopError::FlushPanicked { message });
+            let checks_due = num_records_since_checks >= RECORDS_BETWEEN_CHECKS;
+            if checks_due {
+                num_records_since_checks = 0;
+                // Answers first: a partition whose flush answered may hand off its next one, and
+                // a failed flush rewinds its partition (dropping what was buffered after the
+                // range it handed off) before more of it is buffered.
+                self.apply_outcomes(&mut partitions, &mut pool);
+                if let Some(message) = pool.take_panic_message() {
+                    break Err(LoopError::FlushPanicked { message });
+                }
+                if self.shutdown.is_cancelled() {
+                    break Ok(());
+                }
             }
-            if self.shutdown.is_cancelled() {
-                break Ok(());
-            }
-            let polled = self.consumer.poll(POLL_TIMEOUT);
+            let polled = self.consumer.poll(poll_timeout);
+            poll_timeout = if matches!(polled, Some(Ok(_))) { Duration::ZERO } else { POLL_TIMEOUT };
             if let Err(error) = self.apply_rebalance_events(&mut partitions, &mut pool) {
                 break Err(error);
             }
             match polled {
                 Some(Ok(message)) => {
+                    num_records_since_checks += 1;
                     // One key, rewritten when the partition changes: consecutive messages mostly
                     // share a partition, so the per-message path allocates nothing.
                     if key.1 != message.partition() || key.0 != message.topic() {
@@ -201,9 +217,13 @@ impl CompactorLoop {
                     }
                 }
                 Some(Err(error)) => {
+                    num_records_since_checks = RECORDS_BETWEEN_CHECKS;
                     tracing::warn!(error = %sluice_errors::Chain(&error), "Kafka consumer error")
                 }
-                None => {}
+                None => num_records_since_checks = RECORDS_BETWEEN_CHECKS,
+            }
+            if !checks_due {
+                continue;
             }
             if last_trigger_check.elapsed() >= TRIGGER_CHECK_INTERVAL {
                 last_trigger_check = Instant::now();
