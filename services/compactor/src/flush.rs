@@ -258,6 +258,10 @@ impl CompactorLoop {
             latest.as_ref().map_or(Offset::Beginning, |position| Offset::Offset(position.end_offset));
         if let Err(error) = self.consumer.seek(&key.0, key.1, offset, Duration::from_secs(10)) {
             tracing::error!(topic = %key.0, partition = key.1, error = %sluice_errors::Chain(&error), "failed to seek; stopping");
+            // The consumer still reads after the failed range: records it hands out before the
+            // loop stops would follow the table's position with a gap, so nothing of this
+            // partition is committed on the way out.
+            state.buffer.drop_range();
             self.shutdown.cancel();
             return;
         }
