@@ -134,8 +134,8 @@ impl<'a> DeviceIds<'a> {
 /// places each row in its (partition, device) group in the order the rows came, and only a group
 /// whose readings came out of order is sorted. A device's readings nearly always come in order
 /// (one Kafka key, one partition), and a comparison sort of the whole flush, over keys of 40
-/// bytes, took a fifth of a flush worker's time in a profile. `devices` are ranks below
-/// `num_devices`. With more groups than rows (many partitions, many devices, few rows) the
+/// bytes, took a fifth of a flush worker's time in a profile. Each key's `device` is a rank
+/// below `num_devices`. With more groups than rows (many partitions, many devices, few rows) the
 /// counts would cost more than they save, and the whole flush is sorted instead.
 fn sort_keys(keys: &mut Vec<SortKey>, num_devices: usize) {
     let mut partitions: Vec<PartitionKey> = Vec::new();
@@ -445,9 +445,9 @@ mod tests {
         );
     }
 
-    /// Keys of `num_rows` rows over `num_devices` devices and three hours, each device's
-    /// readings in time order except where `out_of_order_every` swaps one with its predecessor,
-    /// with a reading repeated now and then.
+    /// Keys of `num_rows` rows over `num_devices` devices, each device's readings a random step
+    /// of up to 18 s after its latest one, except that every `out_of_order_every`th reading goes
+    /// back by twice its step (out of time order within its group); every 97th has sequence 1.
     fn keys(num_rows: u32, num_devices: u32, out_of_order_every: u32) -> Vec<SortKey> {
         // A fixed linear congruential sequence: the same keys in every run.
         let mut state: u64 = 0x2545_f491_4f6c_dd1d;
