@@ -10,11 +10,14 @@ use clap::Subcommand;
 use datafusion::arrow::array::RecordBatch;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_jobs::events::{JobRunEvent, JobStatusEvent};
+use sluice_jobs::audit::load_audit;
+use sluice_jobs::events::{JobRunEvent, JobStatusEvent, JobStatusKind};
 use sluice_jobs::job::{JobDefinition, format_micros, parse_timestamp_micros};
 use sluice_jobs::records::{BackfillRequest, load_windows, request_backfill, satisfies};
+use sluice_jobs::signing::{RequestSignature, SignedAction, SigningKey};
 use sluice_query::validate_job;
 
 use crate::catalog::{open_catalog, runtime};
@@ -34,13 +37,19 @@ pub(crate) enum JobsCommand {
         /// Wait this many seconds for the executor to accept or reject it (0: do not wait).
         #[arg(long, default_value_t = 0)]
         wait: u64,
+        #[command(flatten)]
+        signing: SigningArgs,
     },
     /// Every job in the jobs topic, with its latest status.
     List,
     /// A job's definition, status and windows.
     Show { name: String },
     /// Delete a job (a tombstone in the jobs topic); its results stay in the lake.
-    Delete { name: String },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        signing: SigningArgs,
+    },
     /// A job's run history from the job-runs topic, oldest first.
     Runs {
         name: String,
@@ -76,16 +85,52 @@ pub(crate) enum JobsCommand {
         /// Request it and return at once.
         #[arg(long)]
         no_wait: bool,
+        #[command(flatten)]
+        signing: SigningArgs,
     },
+    /// The audit trail: every definition, deletion and backfill request an executor saw, with
+    /// its verdict, oldest first.
+    #[command(after_help = "Example:\n  sluice jobs audit --job hourly_device_stats")]
+    Audit {
+        /// Only the entries of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only the newest this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// The private key a request is signed with (`sluice keys generate` makes one).
+#[derive(Debug, clap::Args)]
+pub(crate) struct SigningArgs {
+    /// Sign with the Ed25519 private key in this PEM file; executors that enforce signing refuse
+    /// requests without one.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// The name the executors' signing.trusted_keys give the key [default: the file's name
+    /// without its extension].
+    #[arg(long, value_name = "NAME", requires = "key")]
+    key_name: Option<String>,
+}
+
+impl SigningArgs {
+    fn load(&self) -> anyhow::Result<Option<SigningKey>> {
+        let Some(path) = &self.key else { return Ok(None) };
+        crate::keys::load_key(path, self.key_name.as_deref()).map(Some)
+    }
 }
 
 pub(crate) fn run(config: &CliSettings, command: JobsCommand) -> anyhow::Result<ExitCode> {
     match command {
-        JobsCommand::Submit { file, wait } => submit(config, &file, wait),
+        JobsCommand::Submit { file, wait, signing } => submit(config, &file, wait, signing.load()?.as_ref()),
         JobsCommand::List => list(config),
         JobsCommand::Show { name } => show(config, &name),
-        JobsCommand::Delete { name } => {
-            produce(config, &name, None)?;
+        JobsCommand::Delete { name, signing } => {
+            let signature_opt = signing
+                .load()?
+                .map(|key| key.sign(SignedAction::Delete, &name, &[], sluice_clock::now_micros()));
+            produce(config, &name, None, signature_opt.as_ref())?;
             outln!("deleted {name} (a tombstone in {})", config.kafka.topic_names().jobs());
             Ok(ExitCode::SUCCESS)
         }
@@ -93,13 +138,24 @@ pub(crate) fn run(config: &CliSettings, command: JobsCommand) -> anyhow::Result<
         JobsCommand::Results { name, windows, limit, format } => {
             results(config, &name, windows, limit.unwrap_or(usize::MAX), format)
         }
-        JobsCommand::Backfill { name, from, to, timeout, no_wait } => {
-            backfill(config, &name, &from, &to, Duration::from_secs(timeout), no_wait)
-        }
+        JobsCommand::Backfill { name, from, to, timeout, no_wait, signing } => backfill(
+            config,
+            &name,
+            (&from, &to),
+            Duration::from_secs(timeout),
+            no_wait,
+            signing.load()?.as_ref(),
+        ),
+        JobsCommand::Audit { job, limit } => audit(config, job.as_deref(), limit),
     }
 }
 
-fn submit(config: &CliSettings, file: &PathBuf, wait_secs: u64) -> anyhow::Result<ExitCode> {
+fn submit(
+    config: &CliSettings,
+    file: &PathBuf,
+    wait_secs: u64,
+    key_opt: Option<&SigningKey>,
+) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let catalog = open_catalog(config)?;
     let validated = runtime()?.block_on(validate_job(&catalog, &text, None, config.ballista.is_configured()));
@@ -111,7 +167,10 @@ fn submit(config: &CliSettings, file: &PathBuf, wait_secs: u64) -> anyhow::Resul
         }
     };
     let name = job.definition.name.clone();
-    let (partition, offset) = produce(config, &name, Some(text.as_bytes()))?;
+    // The exact bytes produced are the bytes signed.
+    let signature_opt =
+        key_opt.map(|key| key.sign(SignedAction::Submit, &name, text.as_bytes(), sluice_clock::now_micros()));
+    let (partition, offset) = produce(config, &name, Some(text.as_bytes()), signature_opt.as_ref())?;
     outln!(
         "submitted {name} to {} (partition {partition}, offset {offset})",
         config.kafka.topic_names().jobs()
@@ -127,15 +186,21 @@ fn submit(config: &CliSettings, file: &PathBuf, wait_secs: u64) -> anyhow::Resul
             if !status.reason.is_empty() {
                 outln!("  {}", escape_controls(&status.reason));
             }
-            let refused = status.status == sluice_jobs::events::JobStatusKind::Rejected;
+            let refused = matches!(status.status, JobStatusKind::Rejected | JobStatusKind::Refused);
             return Ok(if refused { ExitCode::from(REFUSED) } else { ExitCode::SUCCESS });
         }
     }
     bail!("no executor answered within {wait_secs} s; is sluice-executor running?")
 }
 
-/// Produces a definition (or a tombstone) and waits for the broker's acknowledgement.
-fn produce(config: &CliSettings, name: &str, payload_opt: Option<&[u8]>) -> anyhow::Result<(i32, i64)> {
+/// Produces a definition (or a tombstone), with its signature in the headers, and waits for the
+/// broker's acknowledgement.
+fn produce(
+    config: &CliSettings,
+    name: &str,
+    payload_opt: Option<&[u8]>,
+    signature_opt: Option<&RequestSignature>,
+) -> anyhow::Result<(i32, i64)> {
     sluice_jobs::job::validate_name(name).map_err(anyhow::Error::msg)?;
     let producer: BaseProducer =
         config.kafka.producer_config().create().context("failed to create the Kafka producer")?;
@@ -143,6 +208,12 @@ fn produce(config: &CliSettings, name: &str, payload_opt: Option<&[u8]>) -> anyh
     let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&topic).key(name);
     if let Some(payload) = payload_opt {
         record = record.payload(payload);
+    }
+    if let Some(signature) = signature_opt {
+        let headers = signature.headers().iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(Header { key, value: Some(value.as_bytes()) })
+        });
+        record = record.headers(headers);
     }
     producer.send(record).map_err(|(error, _)| error).context("failed to queue the job")?;
     producer.flush(Duration::from_secs(30)).with_context(|| {
@@ -396,10 +467,10 @@ fn results(
 fn backfill(
     config: &CliSettings,
     name: &str,
-    from: &str,
-    to: &str,
+    (from, to): (&str, &str),
     timeout: Duration,
     no_wait: bool,
+    key_opt: Option<&SigningKey>,
 ) -> anyhow::Result<ExitCode> {
     let from_micros = parse_timestamp_micros(from).map_err(anyhow::Error::msg)?;
     let to_micros = parse_timestamp_micros(to).map_err(anyhow::Error::msg)?;
@@ -411,8 +482,13 @@ fn backfill(
     let job = JobDefinition::parse(text, Some(name))
         .map_err(|error| anyhow::anyhow!("the job is invalid: {error}"))?;
     let first = job.window_containing(from_micros);
-    let request_check =
-        BackfillRequest { job: name.to_string(), from_micros, to_micros, requested_at_micros: 0 };
+    let request_check = BackfillRequest {
+        job: name.to_string(),
+        from_micros,
+        to_micros,
+        requested_at_micros: 0,
+        signature_opt: None,
+    };
     // The executor refuses such a request too; refusing here spares listing its windows.
     if let Some(reason) = sluice_jobs::catch_up::backfill_refusal(
         &request_check,
@@ -425,12 +501,16 @@ fn backfill(
         (0..).map(|index| first + index * job.window_micros).take_while(|start| *start < to_micros).collect();
     let catalog = open_catalog(config)?;
     let runtime = runtime()?;
-    let request = BackfillRequest {
+    let mut request = BackfillRequest {
         job: name.to_string(),
         from_micros,
         to_micros,
         requested_at_micros: sluice_clock::now_micros(),
+        signature_opt: None,
     };
+    request.signature_opt = key_opt.map(|key| {
+        key.sign(SignedAction::Backfill, name, &request.signed_body(), request.requested_at_micros)
+    });
     runtime.block_on(request_backfill(catalog.lake(), &request))?;
     outln!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));
     if no_wait {
@@ -461,4 +541,43 @@ fn backfill(
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+fn audit(config: &CliSettings, job_opt: Option<&str>, limit: usize) -> anyhow::Result<ExitCode> {
+    let catalog = open_catalog(config)?;
+    let entries = runtime()?.block_on(load_audit(catalog.lake()))?;
+    let entries: Vec<_> =
+        entries.into_iter().filter(|entry| job_opt.is_none_or(|job| entry.job == job)).collect();
+    if entries.is_empty() {
+        outln!(
+            "no audit entries{} under {}",
+            job_opt.map(|job| format!(" of {job}")).unwrap_or_default(),
+            config.object_store.url
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "{:<27} {:<8} {:<8} {:<28} {:<16} {:<24} {:<12} REASON",
+        "AT",
+        "VERDICT",
+        "ACTION",
+        "JOB",
+        "KEY",
+        "SOURCE",
+        "SQL SHA-256"
+    );
+    for entry in &entries[entries.len().saturating_sub(limit)..] {
+        outln!(
+            "{:<27} {:<8} {:<8} {:<28} {:<16} {:<24} {:<12} {}",
+            format_micros(entry.at_micros),
+            entry.verdict.as_str(),
+            entry.action.as_str(),
+            escape_controls(&entry.job),
+            escape_controls(entry.key_name_opt.as_deref().unwrap_or("-")),
+            escape_controls(&entry.source),
+            entry.sql_sha256_opt.as_deref().map_or("-", |sha| &sha[..sha.len().min(12)]),
+            escape_controls(&entry.reason),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -24,6 +24,7 @@ macro_rules! outln {
 
 mod catalog;
 mod jobs;
+mod keys;
 mod output;
 mod query;
 mod settings;
@@ -83,9 +84,12 @@ enum Command {
         #[arg(long)]
         dead_letters: bool,
     },
-    /// Submit, list, inspect, delete and backfill SQL jobs.
+    /// Submit, list, inspect, delete and backfill SQL jobs, and read their audit trail.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Make the keys job requests are signed with.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
     /// List the tables SQL can read: streams (with their committed files) and reference tables.
     Tables,
     /// Run one read-only query over everything committed in the lake.
@@ -156,6 +160,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Jobs(command) => jobs::run(&config, command),
+        Command::Keys(command) => keys::run(command),
         Command::Tables => tables::run(&config),
         Command::Query { sql, format } => query::run(&config, &sql, format),
         Command::Simulate(simulate_args) => {

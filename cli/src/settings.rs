@@ -29,6 +29,9 @@ pub(crate) struct CliSettings {
     health: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shutdown: Option<serde_json::Value>,
+    /// The trusted public keys: the CLI signs with a private key (`--key`), the executor checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signing: Option<serde_json::Value>,
 }
 
 /// The executor's limits the CLI applies the same way before a request reaches it.

@@ -253,6 +253,8 @@ pub fn executor_config(
     config.kafka.client.0.insert("heartbeat.interval.ms".into(), "500".into());
     config.shutdown.grace_period_ms = 10_000;
     config.health.listen_address = "127.0.0.1:0".into();
+    // As the local demo runs; tests/executor_signing.rs turns it on with keys of its own.
+    config.signing.enforce = false;
     config
 }
 

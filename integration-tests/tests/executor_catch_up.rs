@@ -70,8 +70,13 @@ async fn absurd_backlogs_are_refused_and_an_accepted_catch_up_runs_every_window_
     // A backfill over more windows than a backlog may hold is refused; a small one runs, and the
     // years between it and the job's start are never visited.
     let requested_at_micros = now_micros();
-    let huge =
-        BackfillRequest { job: "catch_up".into(), from_micros: 0, to_micros: today, requested_at_micros };
+    let huge = BackfillRequest {
+        job: "catch_up".into(),
+        from_micros: 0,
+        to_micros: today,
+        requested_at_micros,
+        signature_opt: None,
+    };
     request_backfill(&lake, &huge).await.unwrap();
     let refused = job_status_event(&broker, &prefix, "catch_up", JobStatusKind::BackfillRefused).await;
     assert!(
@@ -85,6 +90,7 @@ async fn absurd_backlogs_are_refused_and_an_accepted_catch_up_runs_every_window_
         from_micros,
         to_micros: from_micros + 2 * DAY,
         requested_at_micros,
+        signature_opt: None,
     };
     request_backfill(&lake, &small).await.unwrap();
     assert!(

@@ -86,6 +86,12 @@ fn chart_lints_renders_validates_and_its_configs_load() {
                 assert!(rendered.contains(kind), "{kind} rendered with the CI values");
             }
             assert!(rendered.contains("eks.amazonaws.com/role-arn"));
+            // The hook signs each job with the key from the Secret the executors trust.
+            assert!(
+                rendered.contains("--key /etc/sluice-signing/signing.key --key-name \"helm-hook\"")
+                    && rendered.contains("secretName: sluice-jobs-key"),
+                "the jobs hook signs"
+            );
             for role in ["ballista-scheduler", "ballista-worker"] {
                 assert!(
                     rendered.contains(&format!("\"/etc/sluice/executor.toml\", \"{role}\"]")),
@@ -108,12 +114,53 @@ fn chart_lints_renders_validates_and_its_configs_load() {
                 &output,
                 &format!("{service} --print-config with the rendered {}", config.display()),
             );
+            if service == "sluice-executor" {
+                // The chart enforces signing unless told otherwise.
+                assert!(printed.contains("enforce = true"), "{printed}");
+            }
             if values.is_some() {
                 assert!(printed.contains("otel-collector.observability"), "{service}: {printed}");
                 if service == "sluice-executor" {
                     assert!(printed.contains("http://sluice-test-ballista-scheduler:50050"), "{printed}");
+                    assert!(printed.contains("helm-hook") && printed.contains("ops-alice"), "{printed}");
                 }
             }
         }
     }
+}
+
+/// Jobs in values with signing enforced but no key for the hook would be refused one by one after
+/// the release; the chart refuses to render instead, and says what to set.
+#[test]
+fn jobs_without_a_signing_key_for_the_hook_are_refused_at_render_time() {
+    let helm = tool("bin").join("helm");
+    let chart = repo_root().join("helm/sluice");
+    let work = tempfile::TempDir::new().unwrap();
+    let values = work.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "jobs:\n  hourly: |\n    -- window: 1h\n    SELECT count(*) AS n FROM telemetry\n",
+    )
+    .unwrap();
+    let output = Command::new(&helm)
+        .args(["template", "sluice-test"])
+        .arg(&chart)
+        .arg("-f")
+        .arg(&values)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "rendered without a hook key");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("signing.hookKey.secretName"), "{stderr}");
+    // The local-demo escape hatch: enforcement off, explicitly.
+    let output = Command::new(&helm)
+        .args(["template", "sluice-test"])
+        .arg(&chart)
+        .arg("-f")
+        .arg(&values)
+        .args(["--set", "signing.enforce=false"])
+        .output()
+        .unwrap();
+    let rendered = succeeded(&output, "helm template with signing.enforce=false");
+    assert!(rendered.contains("enforce = false") && !rendered.contains("--key "), "{rendered}");
 }

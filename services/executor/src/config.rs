@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Validate};
 use sluice_health::HealthConfig;
+use sluice_jobs::signing::SigningConfig;
 use sluice_kafka::KafkaConfig;
 use sluice_lake::ObjectStoreConfig;
 use sluice_schema::SchemasConfig;
@@ -27,6 +28,8 @@ pub struct ExecutorConfig {
     pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
     pub ballista: BallistaSection,
+    /// Who may submit, delete and backfill jobs: docs/operations.md, "Security".
+    pub signing: SigningConfig,
 }
 
 /// Beside the compactor's 8081 and ingest's 8080 when all run on one machine.
@@ -47,6 +50,7 @@ impl Default for ExecutorConfig {
             health: default_health(),
             shutdown: ShutdownConfig::default(),
             ballista: BallistaSection::default(),
+            signing: SigningConfig::default(),
         }
     }
 }
@@ -206,6 +210,9 @@ impl Validate for ExecutorConfig {
             issues.push(ConfigIssue::new("ballista.scheduler_bind", "must be an IP address and port"));
         }
         issues.extend(self.tables.validate("tables"));
+        for (key, message) in self.signing.issues("signing") {
+            issues.push(ConfigIssue::new(key, message));
+        }
         issues
     }
 }

@@ -9,6 +9,7 @@ use sluice_lake::Lake;
 use sluice_query::Catalog;
 
 use crate::config::ExecutorConfig;
+use crate::job_auth::JobAuth;
 use crate::metrics::ExecutorMetrics;
 use crate::publisher::EventPublisher;
 use crate::runs::RunRuntime;
@@ -31,6 +32,8 @@ pub(crate) struct ExecutorContext {
     /// This process of the replica: a claim of the same replica by another incarnation is one a
     /// previous process left when it died.
     pub(crate) incarnation: String,
+    /// Whether a job request may act; remembers the audit table's decisions.
+    pub(crate) auth: JobAuth,
 }
 
 impl ExecutorContext {

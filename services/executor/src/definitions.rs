@@ -11,13 +11,17 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers as _;
 use sluice_clock::{Clock, format_micros};
 use sluice_errors::Chain;
 use sluice_jobs::events::JobStatusKind;
 use sluice_query::{ValidatedJob, ValidationError};
 
+use sluice_jobs::signing::{Refusal, RequestSignature, SignedAction};
+
 use crate::catch_up;
 use crate::context::ExecutorContext;
+use crate::job_auth::{Decision, JobRequest};
 use crate::runs::{BackfillRequest, WindowState, load_windows};
 use crate::validate_job;
 
@@ -30,7 +34,8 @@ pub(crate) struct ScheduledJob {
     pub(crate) offset: i64,
     pub(crate) first_window_micros: i64,
     pub(crate) windows: BTreeMap<i64, WindowState>,
-    pub(crate) backfills: Vec<BackfillRequest>,
+    /// Backfill requests with the paths of their records.
+    pub(crate) backfills: Vec<(String, BackfillRequest)>,
     /// Windows running on this replica.
     pub(crate) running: BTreeSet<i64>,
     /// Windows waiting out a retry backoff, until this clock time.
@@ -38,32 +43,75 @@ pub(crate) struct ScheduledJob {
     /// When this replica last started one of the job's windows: slots go to the job that waited
     /// longest among those with as few runs going.
     pub(crate) last_started_opt: Option<Instant>,
-    /// Backfill requests refused (and said so on the status topic) by this process.
-    pub(crate) refused_backfills: BTreeSet<(i64, i64, i64)>,
+    /// Backfill requests (their records' paths) refused, and said so on the status topic, by
+    /// this process.
+    pub(crate) refused_backfills: BTreeSet<String>,
+    /// Backfill requests whose signature was accepted (and audited).
+    pub(crate) authorized_backfills: BTreeSet<String>,
 }
 
 impl ScheduledJob {
-    /// The job's backfill requests, but those refused.
+    /// The job's backfill requests that were authorized and not refused.
     pub(crate) fn backfills_to_run(&self) -> Vec<&BackfillRequest> {
         self.backfills
             .iter()
-            .filter(|request| !self.refused_backfills.contains(&backfill_id(request)))
+            .filter(|(path, _)| {
+                self.authorized_backfills.contains(path) && !self.refused_backfills.contains(path)
+            })
+            .map(|(_, request)| request)
             .collect()
     }
 
-    /// Backfill requests with more windows than a backlog may hold are left alone, and the
-    /// refusal is published once per process.
-    pub(crate) async fn refuse_oversized_backfills(&mut self, context: &ExecutorContext, name: &str) {
+    /// Backfill requests that no trusted key signed for this job, or with more windows than a
+    /// backlog may hold, are left alone, and the refusal is published once per process. One
+    /// whose decision cannot be recorded yet waits for the next tick.
+    pub(crate) async fn judge_backfills(&mut self, context: &ExecutorContext, name: &str) {
         let window_micros = self.job.definition.window_micros;
         let max_backlog_windows = context.config.executor.max_backlog_windows;
-        for request in &self.backfills {
-            let id = backfill_id(request);
-            if self.refused_backfills.contains(&id) {
+        for (path, request) in &self.backfills {
+            if self.refused_backfills.contains(path) {
                 continue;
+            }
+            if !self.authorized_backfills.contains(path) {
+                let body = request.signed_body();
+                let decided = context
+                    .auth
+                    .decide(
+                        context,
+                        JobRequest {
+                            action: SignedAction::Backfill,
+                            job: name,
+                            body: &body,
+                            source: path.clone(),
+                            signature: Ok(request.signature_opt.clone()),
+                        },
+                    )
+                    .await;
+                match decided {
+                    Ok(Decision::Accepted) => {
+                        self.authorized_backfills.insert(path.clone());
+                    }
+                    Ok(Decision::Refused(reason)) => {
+                        self.refused_backfills.insert(path.clone());
+                        let event = context.events.status(
+                            name,
+                            JobStatusKind::BackfillRefused,
+                            format!("not authorized: {reason}"),
+                            self.partition,
+                            self.offset,
+                        );
+                        context.events.publish_status(event).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::error!(job = %name, error = %Chain(&error), "failed to record a backfill request in the audit table; it waits");
+                        continue;
+                    }
+                }
             }
             if let Some(reason) = catch_up::backfill_refusal(request, window_micros, max_backlog_windows) {
                 tracing::warn!(job = %name, %reason, "backfill refused");
-                self.refused_backfills.insert(id);
+                self.refused_backfills.insert(path.clone());
                 let event = context.events.status(
                     name,
                     JobStatusKind::BackfillRefused,
@@ -77,34 +125,67 @@ impl ScheduledJob {
     }
 }
 
-fn backfill_id(request: &BackfillRequest) -> (i64, i64, i64) {
-    (request.from_micros, request.to_micros, request.requested_at_micros)
-}
-
 /// A definition as read from the jobs topic.
 #[derive(Debug)]
 pub(crate) struct Definition {
     pub(crate) key_opt: Option<String>,
-    /// None: a tombstone.
-    pub(crate) text_opt: Option<String>,
+    /// The SQL file's bytes, as signed; none: a tombstone.
+    pub(crate) payload_opt: Option<Vec<u8>>,
+    pub(crate) topic: String,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     /// The record's timestamp: a job without `start` begins with the window holding it.
     pub(crate) submitted_at_micros: i64,
+    /// The submitter's signature from the record's headers.
+    pub(crate) signature: Result<Option<RequestSignature>, Refusal>,
 }
 
 impl Definition {
     /// A record of the jobs topic; one without a timestamp counts as submitted now.
     pub(crate) fn read(message: &impl Message, clock: &dyn Clock) -> Self {
+        let signature = match message.headers() {
+            Some(headers) => {
+                RequestSignature::from_headers(headers.iter().map(|header| (header.key, header.value)))
+            }
+            None => Ok(None),
+        };
         Self {
             key_opt: message.key().map(|key| String::from_utf8_lossy(key).into_owned()),
-            text_opt: message.payload().map(|payload| String::from_utf8_lossy(payload).into_owned()),
+            payload_opt: message.payload().map(<[u8]>::to_vec),
+            topic: message.topic().to_string(),
             partition: message.partition(),
             offset: message.offset(),
             submitted_at_micros: message
                 .timestamp()
                 .to_millis()
                 .map_or_else(|| clock.now_micros(), |millis| millis.saturating_mul(1000)),
+            signature,
+        }
+    }
+}
+
+/// Whether the request may act, recorded in the audit table; `false` when it may not (the
+/// refusal is published) or its decision cannot be recorded (it is read again when the
+/// partition is reassigned or the request sent again).
+async fn authorized(context: &ExecutorContext, request: JobRequest<'_>, partition: i32, offset: i64) -> bool {
+    let (action, job) = (request.action, request.job.to_string());
+    match context.auth.decide(context, request).await {
+        Ok(Decision::Accepted) => true,
+        Ok(Decision::Refused(reason)) => {
+            // The job as it was goes on: an unauthorized request changes nothing.
+            let event = context.events.status(
+                &job,
+                JobStatusKind::Refused,
+                format!("{action} not authorized: {reason}"),
+                partition,
+                offset,
+            );
+            context.events.publish_status(event).await;
+            false
+        }
+        Err(error) => {
+            tracing::error!(%job, %action, error = %Chain(&error), "failed to record a job request in the audit table; it is not acted on");
+            false
         }
     }
 }
@@ -114,11 +195,23 @@ pub(crate) async fn handle_definition(
     jobs: &mut BTreeMap<String, ScheduledJob>,
     definition: Definition,
 ) {
-    let Definition { key_opt, text_opt, partition, offset, submitted_at_micros } = definition;
+    let Definition { key_opt, payload_opt, topic, partition, offset, submitted_at_micros, signature } =
+        definition;
     let Some(key) = key_opt else {
         tracing::warn!(partition, offset, "job definition without a key ignored; the key is the job name");
         return;
     };
+    let request = JobRequest {
+        action: if payload_opt.is_some() { SignedAction::Submit } else { SignedAction::Delete },
+        job: &key,
+        body: payload_opt.as_deref().unwrap_or_default(),
+        source: format!("{topic}/{partition}@{offset}"),
+        signature,
+    };
+    if !authorized(context, request, partition, offset).await {
+        return;
+    }
+    let text_opt = payload_opt.map(|payload| String::from_utf8_lossy(&payload).into_owned());
     let Some(text) = text_opt else {
         // A deleted job's marker would refuse the same text if it came back.
         if let Err(error) = context.markers.end(&key) {
@@ -191,6 +284,7 @@ pub(crate) async fn handle_definition(
                     retry_at_micros: HashMap::new(),
                     last_started_opt: None,
                     refused_backfills: BTreeSet::new(),
+                    authorized_backfills: BTreeSet::new(),
                 },
             );
             let event =

@@ -7,6 +7,7 @@ pub mod config;
 mod context;
 mod definitions;
 pub mod distributed;
+mod job_auth;
 mod metrics;
 mod publisher;
 mod run_error;
@@ -18,7 +19,7 @@ mod window_step;
 
 // The job contract and the query layer live in shared crates (the CLI uses them without the
 // service); re-exported under their old paths for the tests and benchmarks that name them.
-pub use sluice_jobs::{catch_up, cron, events, job};
+pub use sluice_jobs::{audit, catch_up, cron, events, job, signing};
 use sluice_query::result_types;
 pub use sluice_query::{catalog, engine, limits, plan_stats, sql_depth, tables, window_read};
 

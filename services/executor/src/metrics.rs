@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
+use sluice_jobs::audit::Verdict;
 use sluice_jobs::events::RunStatus;
 use sluice_jobs::records::RunStats;
+use sluice_jobs::signing::{Refusal, SignedAction};
 use sluice_telemetry::{Counter, Gauge, Histogram};
 
 #[derive(Debug)]
@@ -19,6 +21,7 @@ pub(crate) struct ExecutorMetrics {
     jobs: Gauge<u64>,
     due_windows: Gauge<u64>,
     producer_replacements: Counter<u64>,
+    unauthorized_requests: Counter<u64>,
 }
 
 /// The `status` label of `sluice_executor_runs`: what the alert rules match on.
@@ -62,6 +65,11 @@ impl ExecutorMetrics {
                 .with_unit("{producer}")
                 .with_description("Event producers replaced after a fatal Kafka error")
                 .build(),
+            unauthorized_requests: meter
+                .u64_counter("sluice_executor_unauthorized_requests")
+                .with_unit("{request}")
+                .with_description("Job requests no trusted key authorized, by action, reason and verdict (refused; accepted only with signing.enforce off)")
+                .build(),
         }
     }
 
@@ -93,6 +101,41 @@ impl ExecutorMetrics {
 
     pub(crate) fn set_due_windows(&self, num_windows: usize) {
         self.due_windows.record(num_windows as u64, &[]);
+    }
+
+    /// A request whose signature did not pass; `reason` is `Refusal::kind`.
+    pub(crate) fn record_refused_request(
+        &self,
+        action: SignedAction,
+        reason: &'static str,
+        verdict: Verdict,
+    ) {
+        self.unauthorized_requests.add(
+            1,
+            &[
+                KeyValue::new("action", action.as_str()),
+                KeyValue::new("reason", reason),
+                KeyValue::new("verdict", verdict.as_str()),
+            ],
+        );
+    }
+
+    /// Exports the refusal counter at zero for every action and reason with the verdict this
+    /// replica gives, so that an alert on `increase()` sees the first refusal of each.
+    pub(crate) fn start_refusal_counter(&self, enforced: bool) {
+        let verdict = if enforced { Verdict::Refused } else { Verdict::Accepted };
+        for action in SignedAction::ALL {
+            for reason in Refusal::KINDS {
+                self.unauthorized_requests.add(
+                    0,
+                    &[
+                        KeyValue::new("action", action.as_str()),
+                        KeyValue::new("reason", reason),
+                        KeyValue::new("verdict", verdict.as_str()),
+                    ],
+                );
+            }
+        }
     }
 
     pub(crate) fn record_producer_replaced(&self) {

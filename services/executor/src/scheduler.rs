@@ -20,6 +20,7 @@ use crate::catch_up;
 use crate::config::ExecutorConfig;
 use crate::context::ExecutorContext;
 use crate::definitions::{Definition, ScheduledJob, drop_unassigned, handle_definition};
+use crate::job_auth::JobAuth;
 use crate::metrics::ExecutorMetrics;
 use crate::publisher::EventPublisher;
 use crate::run_slots::{LostAttempt, RunSlots};
@@ -110,6 +111,7 @@ impl Scheduler {
             clock,
             instance_id,
             incarnation: uuid::Uuid::new_v4().to_string(),
+            auth: JobAuth::default(),
         });
         Ok(Self { context, consumer, jobs_topic, shutdown })
     }
@@ -120,6 +122,15 @@ impl Scheduler {
         let Self { context, consumer, jobs_topic, shutdown } = self;
         let section = &context.config.executor;
         tracing::info!(instance = %context.instance_id, topic = %jobs_topic, "executor started");
+        let signing = &context.config.signing;
+        context.metrics.start_refusal_counter(signing.enforce);
+        if !signing.enforce {
+            tracing::warn!(
+                "signing.enforce is off: job requests run without a trusted signature (refusals are only audited)"
+            );
+        } else if signing.trusted_keys.is_empty() {
+            tracing::warn!("signing.trusted_keys is empty: every job request will be refused");
+        }
         let mut attempts = RunSlots::new(section.max_concurrent_runs);
         let mut jobs: BTreeMap<String, ScheduledJob> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(section.tick_interval_ms));
@@ -266,7 +277,7 @@ async fn schedule(
         }
         let job = Arc::clone(&scheduled.job);
         let definition = &job.definition;
-        scheduled.refuse_oversized_backfills(context, name).await;
+        scheduled.judge_backfills(context, name).await;
         // Complete through: the lowest watermark of the streams read, or the clock for jobs
         // that read only reference tables.
         let mut complete_through = now;
@@ -429,6 +440,7 @@ mod tests {
             retry_at_micros: HashMap::new(),
             last_started_opt: None,
             refused_backfills: BTreeSet::new(),
+            authorized_backfills: BTreeSet::new(),
         };
         BTreeMap::from([("hourly".to_string(), scheduled)])
     }

@@ -157,6 +157,7 @@ mod tests {
             from_micros,
             to_micros,
             requested_at_micros,
+            signature_opt: None,
         };
         let cases = [
             (vec![], None, "no request"),

@@ -162,7 +162,13 @@ mod tests {
     const SECOND: i64 = 1_000_000;
 
     fn request(from: i64, to: i64) -> BackfillRequest {
-        BackfillRequest { job: "j".into(), from_micros: from, to_micros: to, requested_at_micros: 0 }
+        BackfillRequest {
+            job: "j".into(),
+            from_micros: from,
+            to_micros: to,
+            requested_at_micros: 0,
+            signature_opt: None,
+        }
     }
 
     /// A schedule as a job file gives it.

@@ -28,6 +28,9 @@ pub enum JobStatusKind {
     WindowFailed,
     /// A backfill request was refused (the reason says why); the job itself runs on.
     BackfillRefused,
+    /// A definition or deletion no trusted key authorized (the reason says why); nothing
+    /// changed, and the job as it was, if any, runs on.
+    Refused,
 }
 
 /// A status event, keyed by job name.

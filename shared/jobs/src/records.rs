@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use sluice_lake::layout::{attempt_path, backfill_request_path, backfills_dir, outcome_path, windows_dir};
 use sluice_lake::{CommitOutcome, Lake, LakeError};
 
+use crate::signing::RequestSignature;
+
 /// A claim on one attempt of one window revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptRecord {
@@ -135,13 +137,29 @@ pub struct BackfillRequest {
     pub from_micros: i64,
     pub to_micros: i64,
     pub requested_at_micros: i64,
+    /// The submitter's signature over [`BackfillRequest::signed_body`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature_opt: Option<RequestSignature>,
 }
 
-pub async fn load_backfills(lake: &Lake, job: &str) -> Result<Vec<BackfillRequest>, LakeError> {
+impl BackfillRequest {
+    /// What a backfill's signature covers besides the action and the job: the range and the
+    /// time of the request, which also names its record.
+    pub fn signed_body(&self) -> Vec<u8> {
+        format!(
+            "from_micros={}\nto_micros={}\nrequested_at_micros={}\n",
+            self.from_micros, self.to_micros, self.requested_at_micros
+        )
+        .into_bytes()
+    }
+}
+
+/// A job's backfill requests, each with the path of its record (what names it in the audit).
+pub async fn load_backfills(lake: &Lake, job: &str) -> Result<Vec<(String, BackfillRequest)>, LakeError> {
     let mut requests = Vec::new();
     for path in lake.list_under(&backfills_dir(job)).await? {
         if let Some(request) = lake.read_record::<BackfillRequest>(&path).await? {
-            requests.push(request);
+            requests.push((path, request));
         }
     }
     Ok(requests)

@@ -11,11 +11,22 @@
 //! _sluice/jobs/<job>/windows/<start, µs, 20 digits>/    run claims and outcomes of each window
 //! _sluice/jobs/<job>/backfills/                         backfill and restatement requests
 //! _sluice/watermarks/<stream>.json                      a cache of the watermark the log gives
+//! _sluice/audit/jobs/                                   the audit table of job requests (Delta)
 //! ```
 
 /// Sluice's own records (run claims, outcomes, requests, watermark caches). Stream names cannot
 /// start with `_` (sluice-schema refuses them), so no table can collide with it.
 pub const METADATA_DIR: &str = "_sluice";
+
+/// The Delta table that records every job definition, deletion and backfill request the
+/// executor saw, with its verdict. Under `_sluice/`, so no stream or job can name it.
+pub const JOBS_AUDIT_TABLE: &str = "_sluice/audit/jobs";
+
+/// A new file of the audit table: named by its time and a random part, so that replicas
+/// appending at once never write the same object.
+pub fn audit_file(at_micros: i64, unique: &str) -> String {
+    format!("{JOBS_AUDIT_TABLE}/{:020}-{unique}.parquet", at_micros.max(0))
+}
 
 /// The Delta log of a table, `<table>/_delta_log`.
 pub const DELTA_LOG_DIR: &str = "_delta_log";

@@ -546,6 +546,34 @@ impl Lake {
         self.commit(table, &delta, actions, &CommitInfoEntry::default(), operation).await
     }
 
+    /// Adds one file to an unpartitioned table, creating the table on first use, in a commit of
+    /// its own; returns the version. Appends never conflict with each other, so a commit that lost
+    /// the race for a version is built again on the newer one.
+    pub async fn append_file(
+        &self,
+        table: &str,
+        file: &CommittedFile,
+        stats_json: &str,
+        data_columns: &ArrowSchema,
+    ) -> Result<i64> {
+        for _ in 0..SCHEMA_ATTEMPTS {
+            let delta = self.ensure_table(table, data_columns, &[], TableSettings::default()).await?;
+            let now_millis = crate::commit::now_micros() / 1_000;
+            let actions = vec![Action::Add(add_action(table, file, Some(stats_json), now_millis, true))];
+            let operation =
+                DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
+            if let TableCommit::Committed { version } =
+                self.commit(table, &delta, actions, &CommitInfoEntry::default(), operation).await?
+            {
+                return Ok(version);
+            }
+        }
+        Err(LakeError::Delta {
+            table: table.to_string(),
+            source: Box::new(DeltaTableError::generic("every attempt to append lost to a concurrent commit")),
+        })
+    }
+
     /// The files of the stream table's latest version, in path order.
     pub async fn live_files(&self, stream: &str) -> Result<Vec<CommittedFile>> {
         match self.load_table(stream).await? {
