@@ -16,8 +16,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice_jobs::audit::load_audit;
 use sluice_jobs::events::{JobRunEvent, JobStatusEvent, JobStatusKind};
 use sluice_jobs::job::{JobDefinition, format_micros, parse_timestamp_micros};
-use sluice_jobs::records::{BackfillRequest, load_windows, request_backfill, satisfies};
-use sluice_jobs::signing::{RequestSignature, SignedAction, SigningKey};
+use sluice_jobs::records::{BackfillRequest, load_windows, request_backfill_at, satisfies};
+use sluice_jobs::signing::{SignedAction, SigningKey, topic_place};
 use sluice_query::validate_job;
 
 use crate::catalog::{open_catalog, runtime};
@@ -127,10 +127,7 @@ pub(crate) fn run(config: &CliSettings, command: JobsCommand) -> anyhow::Result<
         JobsCommand::List => list(config),
         JobsCommand::Show { name } => show(config, &name),
         JobsCommand::Delete { name, signing } => {
-            let signature_opt = signing
-                .load()?
-                .map(|key| key.sign(SignedAction::Delete, &name, &[], sluice_clock::now_micros()));
-            produce(config, &name, None, signature_opt.as_ref())?;
+            produce(config, &name, None, signing.load()?.as_ref())?;
             outln!("deleted {name} (a tombstone in {})", config.kafka.topic_names().jobs());
             Ok(ExitCode::SUCCESS)
         }
@@ -167,10 +164,7 @@ fn submit(
         }
     };
     let name = job.definition.name.clone();
-    // The exact bytes produced are the bytes signed.
-    let signature_opt =
-        key_opt.map(|key| key.sign(SignedAction::Submit, &name, text.as_bytes(), sluice_clock::now_micros()));
-    let (partition, offset) = produce(config, &name, Some(text.as_bytes()), signature_opt.as_ref())?;
+    let (partition, offset) = produce(config, &name, Some(text.as_bytes()), key_opt)?;
     outln!(
         "submitted {name} to {} (partition {partition}, offset {offset})",
         config.kafka.topic_names().jobs()
@@ -193,13 +187,13 @@ fn submit(
     bail!("no executor answered within {wait_secs} s; is sluice-executor running?")
 }
 
-/// Produces a definition (or a tombstone), with its signature in the headers, and waits for the
+/// Produces a definition (or a tombstone), signed with `key_opt` when given, and waits for the
 /// broker's acknowledgement.
 fn produce(
     config: &CliSettings,
     name: &str,
     payload_opt: Option<&[u8]>,
-    signature_opt: Option<&RequestSignature>,
+    key_opt: Option<&SigningKey>,
 ) -> anyhow::Result<(i32, i64)> {
     sluice_jobs::job::validate_name(name).map_err(anyhow::Error::msg)?;
     let producer: BaseProducer =
@@ -209,11 +203,22 @@ fn produce(
     if let Some(payload) = payload_opt {
         record = record.payload(payload);
     }
-    if let Some(signature) = signature_opt {
+    if let Some(key) = key_opt {
+        // A signature names the partition, so the record goes to the one chosen here: the one
+        // librdkafka's default partitioner gives the key, where unsigned revisions of the job are.
+        let partition = job_partition(&producer, &topic, name, config)?;
+        let action = if payload_opt.is_some() { SignedAction::Submit } else { SignedAction::Delete };
+        let signature = key.sign(
+            action,
+            name,
+            &topic_place(&topic, partition),
+            payload_opt.unwrap_or_default(),
+            sluice_clock::now_micros(),
+        );
         let headers = signature.headers().iter().fold(OwnedHeaders::new(), |headers, (key, value)| {
             headers.insert(Header { key, value: Some(value.as_bytes()) })
         });
-        record = record.headers(headers);
+        record = record.headers(headers).partition(partition);
     }
     producer.send(record).map_err(|(error, _)| error).context("failed to queue the job")?;
     producer.flush(Duration::from_secs(30)).with_context(|| {
@@ -226,6 +231,26 @@ fn produce(
         .max_by_key(|record| record.offset)
         .context("the job was acknowledged but cannot be read back")?;
     Ok((latest.partition, latest.offset))
+}
+
+/// The partition of the jobs topic a job's records go to: CRC-32 of the name modulo the
+/// partitions, as librdkafka's default partitioner (`consistent_random`) puts a keyed record.
+fn job_partition(
+    producer: &BaseProducer,
+    topic: &str,
+    name: &str,
+    config: &CliSettings,
+) -> anyhow::Result<i32> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("failed to reach Kafka at {}", config.kafka.bootstrap_servers))?;
+    let partitions = metadata.topics().iter().map(|entry| entry.partitions().len()).sum::<usize>();
+    if partitions == 0 {
+        bail!("topic {topic} has no partitions; is sluice-executor running (it creates the topic)?");
+    }
+    let partitions = u32::try_from(partitions).context("too many partitions")?;
+    Ok(i32::try_from(crc32fast::hash(name.as_bytes()) % partitions).unwrap_or(0))
 }
 
 struct TopicRecord {
@@ -508,10 +533,12 @@ fn backfill(
         requested_at_micros: sluice_clock::now_micros(),
         signature_opt: None,
     };
+    // The record's path is part of what is signed: a copy elsewhere does not verify.
+    let path = sluice_lake::layout::backfill_request_path(name, request.requested_at_micros);
     request.signature_opt = key_opt.map(|key| {
-        key.sign(SignedAction::Backfill, name, &request.signed_body(), request.requested_at_micros)
+        key.sign(SignedAction::Backfill, name, &path, &request.signed_body(), request.requested_at_micros)
     });
-    runtime.block_on(request_backfill(catalog.lake(), &request))?;
+    runtime.block_on(request_backfill_at(catalog.lake(), &path, &request))?;
     outln!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));
     if no_wait {
         return Ok(ExitCode::SUCCESS);

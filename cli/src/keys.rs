@@ -36,20 +36,21 @@ pub(crate) fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Generate { out, name, force } => {
             let name = name.unwrap_or_else(|| default_name(&out));
             let (pem, public_key) = SigningKey::generate()?;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).mode(0o600);
             if force {
-                options.create(true).truncate(true);
+                // A new file renamed over the old one: nothing that had the old file open (or a
+                // symlink at its place pointing elsewhere) gets to see the new key.
+                let unique = format!(".{}.tmp", rand::random::<u32>());
+                let temporary = out.with_file_name(format!(
+                    "{}{unique}",
+                    out.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
+                ));
+                write_private(&temporary, &pem)?;
+                std::fs::rename(&temporary, &out)
+                    .with_context(|| format!("cannot replace {}", out.display()))?;
             } else {
-                options.create_new(true);
+                write_private(&out, &pem)
+                    .with_context(|| format!("{} (--force replaces an existing key)", out.display()))?;
             }
-            let mut file = options.open(&out).with_context(|| {
-                format!("cannot create {} (--force replaces an existing key)", out.display())
-            })?;
-            // `mode` applies only to a file this call creates; a replaced one is narrowed here.
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            file.write_all(pem.as_bytes())?;
-            file.sync_all()?;
             outln!("wrote the private key to {} (mode 0600); keep it secret", out.display());
             outln!("public key: {public_key}");
             outln!();
@@ -67,6 +68,19 @@ pub(crate) fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Creates a file that must not exist yet (a symlink there counts), readable by its owner only.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
 }
 
 fn default_name(path: &Path) -> String {

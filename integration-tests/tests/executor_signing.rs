@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_executor::audit::{AuditEntry, Verdict, load_audit};
 use sluice_executor::events::JobStatusKind;
 use sluice_executor::runs::{BackfillRequest, load_windows, request_backfill};
-use sluice_executor::signing::{SignedAction, SigningKey, TrustedKey, sha256_hex};
+use sluice_executor::signing::{SignedAction, SigningKey, TrustedKey, sha256_hex, topic_place};
 use sluice_integration_tests::{
     ExecutorService, Sandbox, job_status_event, now_micros, open_local_lake, submit_job, wait_until,
     workspace_binary,
@@ -48,6 +48,17 @@ async fn produce_signed(
     payload_opt: Option<&[u8]>,
     headers: &[(&str, String)],
 ) {
+    produce_to(sandbox, 0, name, payload_opt, headers).await;
+}
+
+/// Produces a record to one partition of the jobs topic with exactly these headers.
+async fn produce_to(
+    sandbox: &Sandbox,
+    partition: i32,
+    name: &str,
+    payload_opt: Option<&[u8]>,
+    headers: &[(&str, String)],
+) {
     let producer: FutureProducer =
         sluice_kafka::KafkaConfig { bootstrap_servers: sandbox.bootstrap_servers(), ..Default::default() }
             .producer_config()
@@ -57,7 +68,8 @@ async fn produce_signed(
     let headers = headers.iter().fold(OwnedHeaders::new(), |all, (key, value)| {
         all.insert(Header { key, value: Some(value.as_bytes()) })
     });
-    let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&topic).key(name).headers(headers);
+    let mut record: FutureRecord<'_, str, [u8]> =
+        FutureRecord::to(&topic).key(name).headers(headers).partition(partition);
     if let Some(payload) = payload_opt {
         record = record.payload(payload);
     }
@@ -124,6 +136,8 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
     ];
     let executor = ExecutorService::start(config.clone());
     let key_args = ["--key", alice_file.to_str().unwrap()];
+    // Where the records this test produces go, as their signatures name it.
+    let place = topic_place(&sandbox.topic("jobs"), 0);
 
     // Signed by a key trusted for the job: accepted, and it runs.
     let jobs_dir = tempfile::TempDir::new().unwrap();
@@ -147,57 +161,66 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
 
     // Signed, then changed: the SQL, the job it names, the action.
     let text = job("signed_changed", "SELECT 1 AS one");
-    let signature = alice.sign(SignedAction::Submit, "signed_changed", text.as_bytes(), now_micros());
+    let signature = alice.sign(SignedAction::Submit, "signed_changed", &place, text.as_bytes(), now_micros());
     let changed = job("signed_changed", "SELECT 2 AS two");
     produce_signed(&sandbox, "signed_changed", Some(changed.as_bytes()), &signature.headers()).await;
     refused_with(&sandbox, "signed_changed", "does not verify").await;
-    let other_job = alice.sign(SignedAction::Submit, "signed_other", text.as_bytes(), now_micros());
+    let other_job = alice.sign(SignedAction::Submit, "signed_other", &place, text.as_bytes(), now_micros());
     produce_signed(&sandbox, "signed_moved", Some(text.as_bytes()), &other_job.headers()).await;
     refused_with(&sandbox, "signed_moved", "does not verify").await;
+    // Signed for partition 0, put on partition 1: a copy that would live on another replica.
+    let text = job("signed_partition", "SELECT 1 AS one");
+    let for_zero =
+        alice.sign(SignedAction::Submit, "signed_partition", &place, text.as_bytes(), now_micros());
+    produce_to(&sandbox, 1, "signed_partition", Some(text.as_bytes()), &for_zero.headers()).await;
+    refused_with(&sandbox, "signed_partition", "does not verify").await;
 
     // A key of the right name that is not the trusted one, and a name nobody trusts.
     let (mallory_pem, _) = SigningKey::generate().unwrap();
     let mallory = SigningKey::from_pem("alice", &mallory_pem).unwrap();
     let text = job("signed_mallory", "SELECT 1 AS one");
-    let forged = mallory.sign(SignedAction::Submit, "signed_mallory", text.as_bytes(), now_micros());
+    let forged = mallory.sign(SignedAction::Submit, "signed_mallory", &place, text.as_bytes(), now_micros());
     produce_signed(&sandbox, "signed_mallory", Some(text.as_bytes()), &forged.headers()).await;
     refused_with(&sandbox, "signed_mallory", "does not verify with the public key of 'alice'").await;
     let carol = SigningKey::from_pem("carol", &mallory_pem).unwrap();
     let text = job("signed_carol", "SELECT 1 AS one");
-    let unknown = carol.sign(SignedAction::Submit, "signed_carol", text.as_bytes(), now_micros());
+    let unknown = carol.sign(SignedAction::Submit, "signed_carol", &place, text.as_bytes(), now_micros());
     produce_signed(&sandbox, "signed_carol", Some(text.as_bytes()), &unknown.headers()).await;
     refused_with(&sandbox, "signed_carol", "'carol', which the executor does not trust").await;
 
     // Out of its scope: a job bob's globs do not cover, and an action his key may not take.
     let text = job("signed_by_bob", "SELECT 1 AS one");
-    let out_of_scope = bob.sign(SignedAction::Submit, "signed_by_bob", text.as_bytes(), now_micros());
+    let out_of_scope = bob.sign(SignedAction::Submit, "signed_by_bob", &place, text.as_bytes(), now_micros());
     produce_signed(&sandbox, "signed_by_bob", Some(text.as_bytes()), &out_of_scope.headers()).await;
     refused_with(&sandbox, "signed_by_bob", "may not submit job 'signed_by_bob'").await;
     let text = job("bob_job", "SELECT 1 AS one");
-    let in_scope = bob.sign(SignedAction::Submit, "bob_job", text.as_bytes(), now_micros());
+    let in_scope = bob.sign(SignedAction::Submit, "bob_job", &place, text.as_bytes(), now_micros());
     produce_signed(&sandbox, "bob_job", Some(text.as_bytes()), &in_scope.headers()).await;
     job_status_event(&sandbox.broker, &sandbox.prefix, "bob_job", JobStatusKind::Accepted).await;
-    let delete = bob.sign(SignedAction::Delete, "bob_job", &[], now_micros());
+    let delete = bob.sign(SignedAction::Delete, "bob_job", &place, &[], now_micros());
     produce_signed(&sandbox, "bob_job", None, &delete.headers()).await;
     refused_with(&sandbox, "bob_job", "may not delete job 'bob_job'").await;
 
     // Signed too long ago, and the neighbours of the limit's other side: the future.
     let text = job("signed_old", "SELECT 1 AS one");
-    let old = alice.sign(SignedAction::Submit, "signed_old", text.as_bytes(), now_micros() - 2 * DAY);
+    let old = alice.sign(SignedAction::Submit, "signed_old", &place, text.as_bytes(), now_micros() - 2 * DAY);
     produce_signed(&sandbox, "signed_old", Some(text.as_bytes()), &old.headers()).await;
     refused_with(&sandbox, "signed_old", "signed 172").await;
-    let future = alice.sign(SignedAction::Submit, "signed_future", text.as_bytes(), now_micros() + DAY);
+    let future =
+        alice.sign(SignedAction::Submit, "signed_future", &place, text.as_bytes(), now_micros() + DAY);
     produce_signed(&sandbox, "signed_future", Some(text.as_bytes()), &future.headers()).await;
     refused_with(&sandbox, "signed_future", "in the future").await;
 
     // Garbled headers: part of a signature, and a time that is not a number.
-    let headers = alice.sign(SignedAction::Submit, "signed_garbled", text.as_bytes(), now_micros()).headers();
+    let headers =
+        alice.sign(SignedAction::Submit, "signed_garbled", &place, text.as_bytes(), now_micros()).headers();
     produce_signed(&sandbox, "signed_garbled", Some(text.as_bytes()), &headers[..1]).await;
     refused_with(&sandbox, "signed_garbled", "malformed").await;
 
     // The accepted record, sent again as it was: a replay.
     let replayed_text = job("signed_replayed", "SELECT 1 AS one");
-    let replay = alice.sign(SignedAction::Submit, "signed_replayed", replayed_text.as_bytes(), now_micros());
+    let replay =
+        alice.sign(SignedAction::Submit, "signed_replayed", &place, replayed_text.as_bytes(), now_micros());
     produce_signed(&sandbox, "signed_replayed", Some(replayed_text.as_bytes()), &replay.headers()).await;
     job_status_event(&sandbox.broker, &sandbox.prefix, "signed_replayed", JobStatusKind::Accepted).await;
     produce_signed(&sandbox, "signed_replayed", Some(replayed_text.as_bytes()), &replay.headers()).await;
@@ -237,6 +260,28 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
     )
     .await;
     assert_eq!(code, 0, "the signed backfill ran: {printed}");
+    // The accepted request's record rewritten to another range, its signature kept: judged again,
+    // and refused.
+    let backfills_dir = sandbox.lake_dir().join("_sluice/jobs/signed_kept/backfills");
+    let signed_record = std::fs::read_dir(&backfills_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| std::fs::read_to_string(path).unwrap().contains("signature"))
+        .expect("the signed backfill's record");
+    let mut rewritten: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&signed_record).unwrap()).unwrap();
+    rewritten["to_micros"] = serde_json::json!(start + 60_000_000);
+    std::fs::write(&signed_record, serde_json::to_vec(&rewritten).unwrap()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            job_status_event(&sandbox.broker, &sandbox.prefix, "signed_kept", JobStatusKind::BackfillRefused)
+                .await
+                .reason
+                .contains("does not verify")
+        })
+        .await,
+        "the rewritten backfill was not refused"
+    );
 
     // An unsigned deletion changes nothing: the job runs on. A signed one deletes.
     submit_job(&sandbox.bootstrap_servers(), &sandbox.prefix, "signed_kept", None).await.unwrap();
@@ -272,6 +317,7 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
             (SignedAction::Submit, Verdict::Accepted, Some("alice")),
             (SignedAction::Backfill, Verdict::Refused, None),
             (SignedAction::Backfill, Verdict::Accepted, Some("alice")),
+            (SignedAction::Backfill, Verdict::Refused, None),
             (SignedAction::Delete, Verdict::Refused, None),
             (SignedAction::Submit, Verdict::Refused, None),
         ],
@@ -283,6 +329,7 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
         ("signed_unsigned", "not signed"),
         ("signed_changed", "does not verify"),
         ("signed_moved", "does not verify"),
+        ("signed_partition", "does not verify"),
         ("signed_mallory", "does not verify"),
         ("signed_carol", "does not trust"),
         ("signed_by_bob", "may not submit"),
@@ -308,7 +355,7 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
     // The CLI prints it.
     let (code, printed) = sluice(&sandbox, &["jobs", "audit", "--job", "signed_kept"]).await;
     assert_eq!(code, 0, "{printed}");
-    assert_eq!(printed.lines().filter(|line| line.contains("signed_kept")).count(), 5, "{printed}");
+    assert_eq!(printed.lines().filter(|line| line.contains("signed_kept")).count(), 6, "{printed}");
     assert!(
         printed.contains("accepted") && printed.contains("refused") && printed.contains("alice"),
         "{printed}"
@@ -332,5 +379,19 @@ async fn with_enforcement_off_unsigned_jobs_run_and_are_audited() {
     assert_eq!(entries.len(), 1, "{entries:#?}");
     assert_eq!(entries[0].verdict, Verdict::Accepted);
     assert!(entries[0].reason.contains("signing.enforce is off") && entries[0].reason.contains("not signed"));
+    executor.stop().await.unwrap();
+
+    // Enforcement turned on: what ran only because it was off is judged again, and refused.
+    let mut enforcing = sandbox.executor_config();
+    enforcing.signing.enforce = true;
+    let executor = ExecutorService::start(enforcing);
+    let event = job_status_event(&sandbox.broker, &sandbox.prefix, "unsigned", JobStatusKind::Refused).await;
+    assert!(event.reason.contains("not signed"), "{}", event.reason);
+    let audit = load_audit(&lake).await.unwrap();
+    let verdicts: Vec<Verdict> = entries_of(&audit, "unsigned").iter().map(|entry| entry.verdict).collect();
+    assert_eq!(verdicts, [Verdict::Accepted, Verdict::Refused]);
+    let ran = windows_run(&lake, "unsigned").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(windows_run(&lake, "unsigned").await, ran, "the refused job still runs");
     executor.stop().await.unwrap();
 }

@@ -88,8 +88,8 @@ fn chart_lints_renders_validates_and_its_configs_load() {
             assert!(rendered.contains("eks.amazonaws.com/role-arn"));
             // The hook signs each job with the key from the Secret the executors trust.
             assert!(
-                rendered.contains("--key /etc/sluice-signing/signing.key --key-name \"helm-hook\"")
-                    && rendered.contains("secretName: sluice-jobs-key"),
+                rendered.contains("--key /etc/sluice-signing/'signing.key' --key-name 'helm-hook'")
+                    && rendered.contains("secretName: \"sluice-jobs-key\""),
                 "the jobs hook signs"
             );
             for role in ["ballista-scheduler", "ballista-worker"] {

@@ -6,18 +6,19 @@
 //! the backfill requests it refuses.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers as _;
+use rdkafka::message::Headers;
 use sluice_clock::{Clock, format_micros};
 use sluice_errors::Chain;
 use sluice_jobs::events::JobStatusKind;
 use sluice_query::{ValidatedJob, ValidationError};
 
-use sluice_jobs::signing::{Refusal, RequestSignature, SignedAction};
+use sluice_jobs::signing::{Refusal, RequestSignature, SignedAction, sha256_hex, topic_place};
 
 use crate::catch_up;
 use crate::context::ExecutorContext;
@@ -43,11 +44,21 @@ pub(crate) struct ScheduledJob {
     /// When this replica last started one of the job's windows: slots go to the job that waited
     /// longest among those with as few runs going.
     pub(crate) last_started_opt: Option<Instant>,
-    /// Backfill requests (their records' paths) refused, and said so on the status topic, by
-    /// this process.
+    /// Backfill requests refused, and said so on the status topic, by this process; each by
+    /// [`backfill_id`], so that a record rewritten after its decision is judged again.
     pub(crate) refused_backfills: BTreeSet<String>,
-    /// Backfill requests whose signature was accepted (and audited).
+    /// Backfill requests whose signature was accepted (and audited), by [`backfill_id`].
     pub(crate) authorized_backfills: BTreeSet<String>,
+}
+
+/// A backfill request as this process remembers its decision: the record's path and a digest
+/// of what it holds now.
+fn backfill_id(path: &str, request: &BackfillRequest) -> String {
+    let signature = request.signature_opt.as_ref().map_or("", |signature| signature.signature.as_str());
+    let mut content = request.signed_body();
+    content.extend_from_slice(signature.as_bytes());
+    content.extend_from_slice(request.job.as_bytes());
+    format!("{path}#{}", sha256_hex(&content))
 }
 
 impl ScheduledJob {
@@ -55,8 +66,9 @@ impl ScheduledJob {
     pub(crate) fn backfills_to_run(&self) -> Vec<&BackfillRequest> {
         self.backfills
             .iter()
-            .filter(|(path, _)| {
-                self.authorized_backfills.contains(path) && !self.refused_backfills.contains(path)
+            .filter(|(path, request)| {
+                let id = backfill_id(path, request);
+                self.authorized_backfills.contains(&id) && !self.refused_backfills.contains(&id)
             })
             .map(|(_, request)| request)
             .collect()
@@ -69,10 +81,11 @@ impl ScheduledJob {
         let window_micros = self.job.definition.window_micros;
         let max_backlog_windows = context.config.executor.max_backlog_windows;
         for (path, request) in &self.backfills {
-            if self.refused_backfills.contains(path) {
+            let id = backfill_id(path, request);
+            if self.refused_backfills.contains(&id) {
                 continue;
             }
-            if !self.authorized_backfills.contains(path) {
+            if !self.authorized_backfills.contains(&id) {
                 let body = request.signed_body();
                 let decided = context
                     .auth
@@ -81,6 +94,7 @@ impl ScheduledJob {
                         JobRequest {
                             action: SignedAction::Backfill,
                             job: name,
+                            place: path.clone(),
                             body: &body,
                             source: path.clone(),
                             signature: Ok(request.signature_opt.clone()),
@@ -89,10 +103,10 @@ impl ScheduledJob {
                     .await;
                 match decided {
                     Ok(Decision::Accepted) => {
-                        self.authorized_backfills.insert(path.clone());
+                        self.authorized_backfills.insert(id.clone());
                     }
                     Ok(Decision::Refused(reason)) => {
-                        self.refused_backfills.insert(path.clone());
+                        self.refused_backfills.insert(id);
                         let event = context.events.status(
                             name,
                             JobStatusKind::BackfillRefused,
@@ -111,7 +125,7 @@ impl ScheduledJob {
             }
             if let Some(reason) = catch_up::backfill_refusal(request, window_micros, max_backlog_windows) {
                 tracing::warn!(job = %name, %reason, "backfill refused");
-                self.refused_backfills.insert(path.clone());
+                self.refused_backfills.insert(id);
                 let event = context.events.status(
                     name,
                     JobStatusKind::BackfillRefused,
@@ -143,12 +157,7 @@ pub(crate) struct Definition {
 impl Definition {
     /// A record of the jobs topic; one without a timestamp counts as submitted now.
     pub(crate) fn read(message: &impl Message, clock: &dyn Clock) -> Self {
-        let signature = match message.headers() {
-            Some(headers) => {
-                RequestSignature::from_headers(headers.iter().map(|header| (header.key, header.value)))
-            }
-            None => Ok(None),
-        };
+        let signature = signature_in(message.headers());
         Self {
             key_opt: message.key().map(|key| String::from_utf8_lossy(key).into_owned()),
             payload_opt: message.payload().map(<[u8]>::to_vec),
@@ -162,6 +171,19 @@ impl Definition {
             signature,
         }
     }
+}
+
+/// The signature in a record's headers. rust-rdkafka panics on a header name that is not UTF-8
+/// (`CStr::to_str().unwrap()`): one such record, read again after every restart, must not stop
+/// the executor each time.
+fn signature_in<H: Headers>(headers_opt: Option<&H>) -> Result<Option<RequestSignature>, Refusal> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| match headers_opt {
+        Some(headers) => {
+            RequestSignature::from_headers(headers.iter().map(|header| (header.key, header.value)))
+        }
+        None => Ok(None),
+    }))
+    .unwrap_or_else(|_| Err(Refusal::Malformed("a header name is not UTF-8".to_string())))
 }
 
 /// Whether the request may act, recorded in the audit table; `false` when it may not (the
@@ -201,17 +223,31 @@ pub(crate) async fn handle_definition(
         tracing::warn!(partition, offset, "job definition without a key ignored; the key is the job name");
         return;
     };
+    let place = topic_place(&topic, partition);
     let request = JobRequest {
         action: if payload_opt.is_some() { SignedAction::Submit } else { SignedAction::Delete },
         job: &key,
+        source: format!("{place}@{offset}"),
+        place,
         body: payload_opt.as_deref().unwrap_or_default(),
-        source: format!("{topic}/{partition}@{offset}"),
         signature,
     };
     if !authorized(context, request, partition, offset).await {
         return;
     }
-    let text_opt = payload_opt.map(|payload| String::from_utf8_lossy(&payload).into_owned());
+    // The text validated and run is the text signed: a payload that is not UTF-8 would run as
+    // something else after a lossy conversion.
+    let text_opt = match payload_opt.map(String::from_utf8).transpose() {
+        Ok(text_opt) => text_opt,
+        Err(_) => {
+            let reason = "the job file is not UTF-8 text".to_string();
+            tracing::warn!(job = %key, %reason, "job rejected");
+            jobs.remove(&key);
+            let event = context.events.status(&key, JobStatusKind::Rejected, reason, partition, offset);
+            context.events.publish_status(event).await;
+            return;
+        }
+    };
     let Some(text) = text_opt else {
         // A deleted job's marker would refuse the same text if it came back.
         if let Err(error) = context.markers.end(&key) {
@@ -362,4 +398,33 @@ pub(crate) fn drop_unassigned(
         }
         keep
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{Header, OwnedHeaders};
+
+    use super::*;
+
+    /// Headers whose name cannot be read, as rust-rdkafka's borrowed headers behave on a name
+    /// that is not UTF-8.
+    struct UnreadableName;
+
+    impl Headers for UnreadableName {
+        fn count(&self) -> usize {
+            1
+        }
+
+        fn try_get(&self, _idx: usize) -> Option<Header<'_, &[u8]>> {
+            panic!("called `Result::unwrap()` on an `Err` value: Utf8Error");
+        }
+    }
+
+    #[test]
+    fn a_header_that_cannot_be_read_refuses_the_record_instead_of_stopping_the_executor() {
+        assert!(matches!(signature_in(Some(&UnreadableName)), Err(Refusal::Malformed(_))));
+        assert_eq!(signature_in(None::<&OwnedHeaders>), Ok(None));
+        let other = OwnedHeaders::new().insert(Header { key: "trace", value: Some("x") });
+        assert_eq!(signature_in(Some(&other)), Ok(None));
+    }
 }

@@ -48,6 +48,9 @@ pub struct AuditEntry {
     pub key_name_opt: Option<String>,
     /// SHA-256 (hex) of the SQL file of a definition.
     pub sql_sha256_opt: Option<String>,
+    /// SHA-256 (hex) of what the request asks (`signing::request_sha256`): a decision holds only
+    /// for the request it was made on, not for another put at the same place.
+    pub request_sha256: String,
     /// SHA-256 (hex) of the signature: the same signature on another request is a replay.
     pub signature_sha256_opt: Option<String>,
     /// When the request says it was signed, µs since the epoch.
@@ -71,6 +74,7 @@ pub fn audit_schema() -> SchemaRef {
         Field::new("job", DataType::Utf8, false),
         Field::new("key_name", DataType::Utf8, true),
         Field::new("sql_sha256", DataType::Utf8, true),
+        Field::new("request_sha256", DataType::Utf8, false),
         Field::new("signature_sha256", DataType::Utf8, true),
         Field::new("signed_at", timestamp_type(), true),
         Field::new("verdict", DataType::Utf8, false),
@@ -95,6 +99,7 @@ fn to_batch(entries: &[AuditEntry]) -> Result<RecordBatch, arrow_schema::ArrowEr
             strings(|entry| Some(&entry.job)),
             strings(|entry| entry.key_name_opt.as_deref()),
             strings(|entry| entry.sql_sha256_opt.as_deref()),
+            strings(|entry| Some(&entry.request_sha256)),
             strings(|entry| entry.signature_sha256_opt.as_deref()),
             times(|entry| entry.signed_at_micros_opt),
             strings(|entry| Some(entry.verdict.as_str())),
@@ -196,9 +201,10 @@ fn from_batch(batch: &RecordBatch, path: &str) -> Result<Vec<AuditEntry>, AuditE
     };
     let (at, executor, source, action, job) =
         (times("at")?, strings("executor")?, strings("source")?, strings("action")?, strings("job")?);
-    let (key_name, sql_sha256, signature_sha256, signed_at, verdict, reason) = (
+    let (key_name, sql_sha256, request_sha256, signature_sha256, signed_at, verdict, reason) = (
         strings("key_name")?,
         strings("sql_sha256")?,
+        strings("request_sha256")?,
         strings("signature_sha256")?,
         times("signed_at")?,
         strings("verdict")?,
@@ -227,6 +233,7 @@ fn from_batch(batch: &RecordBatch, path: &str) -> Result<Vec<AuditEntry>, AuditE
                 job: job.value(row).to_string(),
                 key_name_opt: optional(key_name, row),
                 sql_sha256_opt: optional(sql_sha256, row),
+                request_sha256: request_sha256.value(row).to_string(),
                 signature_sha256_opt: optional(signature_sha256, row),
                 signed_at_micros_opt: signed_at.is_valid(row).then(|| signed_at.value(row)),
                 verdict,
@@ -255,6 +262,7 @@ mod tests {
             job: "hourly".into(),
             key_name_opt: (verdict == Verdict::Accepted).then(|| "alice".to_string()),
             sql_sha256_opt: Some("ab".repeat(32)),
+            request_sha256: "cd".repeat(32),
             signature_sha256_opt: None,
             signed_at_micros_opt: Some(at_micros - 5),
             verdict,

@@ -166,8 +166,18 @@ pub async fn load_backfills(lake: &Lake, job: &str) -> Result<Vec<(String, Backf
 }
 
 pub async fn request_backfill(lake: &Lake, request: &BackfillRequest) -> Result<(), LakeError> {
-    let path = backfill_request_path(&request.job, request.requested_at_micros);
-    lake.create_record(&path, request).await?;
+    request_backfill_at(lake, &backfill_request_path(&request.job, request.requested_at_micros), request)
+        .await
+}
+
+/// Writes a request at a path made by `layout::backfill_request_path` beforehand: a signed
+/// request names its path in its signature.
+pub async fn request_backfill_at(
+    lake: &Lake,
+    path: &str,
+    request: &BackfillRequest,
+) -> Result<(), LakeError> {
+    lake.create_record(path, request).await?;
     Ok(())
 }
 

@@ -2,10 +2,12 @@
 //! with the submitter's Ed25519 key, and the executor runs only what a trusted key signed for a
 //! job in its scope.
 //!
-//! A signature covers the action, the job name, the time of signing and the exact bytes of the
-//! request's body (the SQL file of a definition; nothing for a deletion; the range of a backfill),
-//! so that none of them can be changed or moved to another job without the key. The time bounds
-//! how long a copied request stays usable; the executor also refuses a signature it has seen on
+//! A signature covers the action, the job name, where the request is put (the jobs topic and
+//! partition of a definition or deletion; the record's path for a backfill), the time of signing
+//! and the exact bytes of the request's body (the SQL file of a definition; nothing for a
+//! deletion; the range of a backfill), so that none of them can be changed, and the request cannot
+//! be moved to another job, partition or deployment topic, without the key. The time bounds how
+//! long a copied request stays usable; the executor also refuses a signature it has seen on
 //! another request (the audit table remembers them across restarts).
 //!
 //! On the jobs topic the signature travels in three record headers ([`SIGNATURE_HEADER`],
@@ -126,21 +128,41 @@ impl RequestSignature {
     }
 }
 
+/// SHA-256 (hex) of what a request asks, whoever signed it: its action, job, place and body.
+/// A decision recorded for a request holds only for a request with the same fingerprint.
+pub fn request_sha256(action: SignedAction, job: &str, place: &str, body: &[u8]) -> String {
+    sha256_hex(&signed_message(action, job, place, 0, body))
+}
+
 /// SHA-256, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Where a definition or deletion is put: the jobs topic and partition it is produced to.
+pub fn topic_place(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
 /// The bytes a signature covers.
-fn signed_message(action: SignedAction, job: &str, signed_at_micros: i64, body: &[u8]) -> Vec<u8> {
-    // Job names hold no newline (`job::validate_name`) and the time is decimal, so the fields
-    // before the body cannot run into each other; the body is last and taken whole.
-    let mut message = Vec::with_capacity(DOMAIN.len() + job.len() + body.len() + 40);
+fn signed_message(
+    action: SignedAction,
+    job: &str,
+    place: &str,
+    signed_at_micros: i64,
+    body: &[u8],
+) -> Vec<u8> {
+    // Each field before the body is length-prefixed, so none can run into the next whatever it
+    // holds; the body is last and taken whole.
+    let mut message = Vec::with_capacity(DOMAIN.len() + job.len() + place.len() + body.len() + 48);
     message.extend_from_slice(DOMAIN);
     message.extend_from_slice(action.as_str().as_bytes());
     message.push(b'\n');
-    message.extend_from_slice(job.as_bytes());
-    message.push(b'\n');
+    for field in [job, place] {
+        message.extend_from_slice(format!("{}:", field.len()).as_bytes());
+        message.extend_from_slice(field.as_bytes());
+        message.push(b'\n');
+    }
     message.extend_from_slice(signed_at_micros.to_string().as_bytes());
     message.push(b'\n');
     message.extend_from_slice(body);
@@ -218,10 +240,11 @@ impl SigningKey {
         &self,
         action: SignedAction,
         job: &str,
+        place: &str,
         body: &[u8],
         signed_at_micros: i64,
     ) -> RequestSignature {
-        let signature = self.pair.sign(&signed_message(action, job, signed_at_micros, body));
+        let signature = self.pair.sign(&signed_message(action, job, place, signed_at_micros, body));
         RequestSignature {
             key_name: self.name.clone(),
             signed_at_micros,
@@ -307,6 +330,7 @@ impl SigningConfig {
         signature_opt: Option<&RequestSignature>,
         action: SignedAction,
         job: &str,
+        place: &str,
         body: &[u8],
         now_micros: i64,
     ) -> Result<String, Refusal> {
@@ -319,7 +343,7 @@ impl SigningConfig {
         let signature_bytes = BASE64
             .decode(&signature.signature)
             .map_err(|_| Refusal::Malformed(format!("header {SIGNATURE_HEADER} is not base64")))?;
-        let message = signed_message(action, job, signature.signed_at_micros, body);
+        let message = signed_message(action, job, place, signature.signed_at_micros, body);
         if UnparsedPublicKey::new(&ED25519, public_key).verify(&message, &signature_bytes).is_err() {
             return Err(Refusal::BadSignature { key: key.name.clone() });
         }
@@ -362,7 +386,7 @@ pub enum Refusal {
     #[error("signed by key '{0}', which the executor does not trust (signing.trusted_keys)")]
     UnknownKey(String),
     #[error(
-        "the signature does not verify with the public key of '{key}': the request was changed, or signed by another key"
+        "the signature does not verify with the public key of '{key}': the request was changed or moved, or signed by another key"
     )]
     BadSignature { key: String },
     #[error("key '{key}' may not {action} job '{job}' (its jobs and actions in signing.trusted_keys)")]
@@ -440,6 +464,7 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_764_000_000_000_000;
+    const PLACE: &str = "sluice.jobs/0";
 
     fn key(name: &str) -> (SigningKey, String) {
         let (pem, public) = SigningKey::generate().unwrap();
@@ -463,9 +488,9 @@ mod tests {
         let (alice, public) = key("alice");
         let trust = config("alice", &public, &["hourly_*"], &SignedAction::ALL);
         let sql = b"-- window: 1h\nSELECT 1";
-        let signature = alice.sign(SignedAction::Submit, "hourly_stats", sql, NOW);
+        let signature = alice.sign(SignedAction::Submit, "hourly_stats", PLACE, sql, NOW);
         assert_eq!(
-            trust.verify(Some(&signature), SignedAction::Submit, "hourly_stats", sql, NOW),
+            trust.verify(Some(&signature), SignedAction::Submit, "hourly_stats", PLACE, sql, NOW),
             Ok("alice".into())
         );
         let bad = |refusal: Result<String, Refusal>| {
@@ -475,14 +500,17 @@ mod tests {
             Some(&signature),
             SignedAction::Submit,
             "hourly_stats",
+            PLACE,
             b"-- window: 1h\nSELECT 2",
             NOW,
         ));
-        bad(trust.verify(Some(&signature), SignedAction::Submit, "hourly_other", sql, NOW));
-        bad(trust.verify(Some(&signature), SignedAction::Delete, "hourly_stats", sql, NOW));
+        bad(trust.verify(Some(&signature), SignedAction::Submit, "hourly_other", PLACE, sql, NOW));
+        bad(trust.verify(Some(&signature), SignedAction::Delete, "hourly_stats", PLACE, sql, NOW));
         let mut moved = signature.clone();
         moved.signed_at_micros += 1;
-        bad(trust.verify(Some(&moved), SignedAction::Submit, "hourly_stats", sql, NOW));
+        bad(trust.verify(Some(&signature), SignedAction::Submit, "hourly_stats", "sluice.jobs/1", sql, NOW));
+        bad(trust.verify(Some(&signature), SignedAction::Submit, "hourly_stats", "staging.jobs/0", sql, NOW));
+        bad(trust.verify(Some(&moved), SignedAction::Submit, "hourly_stats", PLACE, sql, NOW));
     }
 
     #[test]
@@ -491,53 +519,64 @@ mod tests {
         let (mallory, _) = key("alice");
         let trust = config("alice", &public, &["hourly_*"], &[SignedAction::Submit]);
         let verify = |signature: &RequestSignature, action, job: &str| {
-            trust.verify(Some(signature), action, job, b"x", NOW)
+            trust.verify(Some(signature), action, job, PLACE, b"x", NOW)
         };
-        assert_eq!(trust.verify(None, SignedAction::Submit, "hourly_a", b"x", NOW), Err(Refusal::Unsigned));
+        assert_eq!(
+            trust.verify(None, SignedAction::Submit, "hourly_a", PLACE, b"x", NOW),
+            Err(Refusal::Unsigned)
+        );
         let (bob, _) = key("bob");
         assert_eq!(
-            verify(&bob.sign(SignedAction::Submit, "hourly_a", b"x", NOW), SignedAction::Submit, "hourly_a"),
+            verify(
+                &bob.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", NOW),
+                SignedAction::Submit,
+                "hourly_a"
+            ),
             Err(Refusal::UnknownKey("bob".into()))
         );
         // The right name is not enough without the key.
         assert!(matches!(
             verify(
-                &mallory.sign(SignedAction::Submit, "hourly_a", b"x", NOW),
+                &mallory.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", NOW),
                 SignedAction::Submit,
                 "hourly_a"
             ),
             Err(Refusal::BadSignature { .. })
         ));
         assert!(matches!(
-            verify(&alice.sign(SignedAction::Submit, "daily_a", b"x", NOW), SignedAction::Submit, "daily_a"),
+            verify(
+                &alice.sign(SignedAction::Submit, "daily_a", PLACE, b"x", NOW),
+                SignedAction::Submit,
+                "daily_a"
+            ),
             Err(Refusal::OutOfScope { .. })
         ));
         assert!(matches!(
             verify(
-                &alice.sign(SignedAction::Delete, "hourly_a", b"x", NOW),
+                &alice.sign(SignedAction::Delete, "hourly_a", PLACE, b"x", NOW),
                 SignedAction::Delete,
                 "hourly_a"
             ),
             Err(Refusal::OutOfScope { .. })
         ));
         let max_age = 86_400_000_000;
-        let at_limit = alice.sign(SignedAction::Submit, "hourly_a", b"x", NOW - max_age);
+        let at_limit = alice.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", NOW - max_age);
         assert_eq!(verify(&at_limit, SignedAction::Submit, "hourly_a"), Ok("alice".into()));
-        let past_limit = alice.sign(SignedAction::Submit, "hourly_a", b"x", NOW - max_age - 1);
+        let past_limit = alice.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", NOW - max_age - 1);
         assert!(matches!(
             verify(&past_limit, SignedAction::Submit, "hourly_a"),
             Err(Refusal::Expired { .. })
         ));
-        let skewed = alice.sign(SignedAction::Submit, "hourly_a", b"x", NOW + 300_000_000);
+        let skewed = alice.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", NOW + 300_000_000);
         assert_eq!(verify(&skewed, SignedAction::Submit, "hourly_a"), Ok("alice".into()));
-        let ahead = alice.sign(SignedAction::Submit, "hourly_a", b"x", NOW + 300_000_001);
+        let ahead = alice.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", NOW + 300_000_001);
         assert!(matches!(
             verify(&ahead, SignedAction::Submit, "hourly_a"),
             Err(Refusal::FromTheFuture { .. })
         ));
         // The extremes of the signing time neither overflow nor pass.
         for extreme in [i64::MIN, i64::MAX] {
-            let signature = alice.sign(SignedAction::Submit, "hourly_a", b"x", extreme);
+            let signature = alice.sign(SignedAction::Submit, "hourly_a", PLACE, b"x", extreme);
             assert!(verify(&signature, SignedAction::Submit, "hourly_a").is_err());
         }
     }
@@ -545,7 +584,7 @@ mod tests {
     #[test]
     fn headers_round_trip_and_partial_or_garbled_ones_are_refused() {
         let (alice, _) = key("alice");
-        let signature = alice.sign(SignedAction::Submit, "j", b"x", NOW);
+        let signature = alice.sign(SignedAction::Submit, "j", PLACE, b"x", NOW);
         let headers = signature.headers();
         let parsed = RequestSignature::from_headers(
             headers.iter().map(|(name, value)| (*name, Some(value.as_bytes()))),
@@ -579,7 +618,7 @@ mod tests {
                 signed_at_micros: NOW,
                 signature: garbage.into(),
             };
-            assert!(trust.verify(Some(&signature), SignedAction::Submit, "j", b"x", NOW).is_err());
+            assert!(trust.verify(Some(&signature), SignedAction::Submit, "j", PLACE, b"x", NOW).is_err());
         }
         assert!(matches!(SigningKey::from_pem("k", "nothing"), Err(KeyError::NotPem)));
         let not_a_key = format!("{PEM_BEGIN}\n{}\n{PEM_END}\n", BASE64.encode(b"not a key"));
@@ -602,9 +641,9 @@ mod tests {
         let reloaded = SigningKey::from_pem("k", &pem).unwrap();
         assert_eq!(reloaded.public_key(), public);
         let trust = config("k", &public, &["*"], &SignedAction::ALL);
-        let signature = reloaded.sign(SignedAction::Backfill, "j", b"range", NOW);
+        let signature = reloaded.sign(SignedAction::Backfill, "j", PLACE, b"range", NOW);
         assert_eq!(
-            trust.verify(Some(&signature), SignedAction::Backfill, "j", b"range", NOW),
+            trust.verify(Some(&signature), SignedAction::Backfill, "j", PLACE, b"range", NOW),
             Ok("k".into())
         );
     }
