@@ -17,7 +17,7 @@ use sluice_jobs::audit::load_audit;
 use sluice_jobs::events::{JobRunEvent, JobStatusEvent, JobStatusKind};
 use sluice_jobs::job::{JobDefinition, format_micros, parse_timestamp_micros};
 use sluice_jobs::records::{BackfillRequest, load_windows, request_backfill_at, satisfies};
-use sluice_jobs::signing::{SignedAction, SigningKey, topic_place};
+use sluice_jobs::signing::{SignedAction, SigningKey, backfill_place, topic_place};
 use sluice_query::validate_job;
 
 use crate::catalog::{open_catalog, runtime};
@@ -536,7 +536,13 @@ fn backfill(
     // The record's path is part of what is signed: a copy elsewhere does not verify.
     let path = sluice_lake::layout::backfill_request_path(name, request.requested_at_micros);
     request.signature_opt = key_opt.map(|key| {
-        key.sign(SignedAction::Backfill, name, &path, &request.signed_body(), request.requested_at_micros)
+        key.sign(
+            SignedAction::Backfill,
+            name,
+            &backfill_place(&config.kafka.topic_names().jobs(), &path),
+            &request.signed_body(),
+            request.requested_at_micros,
+        )
     });
     runtime.block_on(request_backfill_at(catalog.lake(), &path, &request))?;
     outln!("backfill of {name}: {} window(s) from {} requested", windows.len(), format_micros(first));

@@ -39,14 +39,17 @@ pub(crate) fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
             if force {
                 // A new file renamed over the old one: nothing that had the old file open (or a
                 // symlink at its place pointing elsewhere) gets to see the new key.
-                let unique = format!(".{}.tmp", rand::random::<u32>());
+                let unique = format!(".{}-{}.tmp", std::process::id(), sluice_clock::now_micros());
                 let temporary = out.with_file_name(format!(
                     "{}{unique}",
                     out.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
                 ));
                 write_private(&temporary, &pem)?;
-                std::fs::rename(&temporary, &out)
-                    .with_context(|| format!("cannot replace {}", out.display()))?;
+                if let Err(error) = std::fs::rename(&temporary, &out) {
+                    // The new private key must not stay behind under another name.
+                    let _ = std::fs::remove_file(&temporary);
+                    return Err(error).with_context(|| format!("cannot replace {}", out.display()));
+                }
             } else {
                 write_private(&out, &pem)
                     .with_context(|| format!("{} (--force replaces an existing key)", out.display()))?;

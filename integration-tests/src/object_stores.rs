@@ -1,10 +1,12 @@
 //! The object stores a remote lake lives on: an S3-compatible server (moto) and Azurite.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use sha2::{Digest as _, Sha256};
 use tokio::process::Command;
 
 use crate::process::{ServerProcess, StartFailure, answer_from, start_on_a_free_port};
@@ -102,6 +104,80 @@ impl S3Server {
                 Some((name.to_string(), value.clone()))
             })
             .collect()
+    }
+
+    /// Every object key in the bucket (the server is on loopback and checks no credentials).
+    pub async fn list_keys(&self) -> anyhow::Result<Vec<String>> {
+        let client = reqwest::Client::new();
+        let mut keys = Vec::new();
+        let mut token_opt: Option<String> = None;
+        loop {
+            let mut params = vec![("list-type", "2")];
+            if let Some(token) = &token_opt {
+                params.push(("continuation-token", token.as_str()));
+            }
+            let url = reqwest::Url::parse_with_params(
+                &format!("http://127.0.0.1:{}/{}", self.port, self.bucket),
+                &params,
+            )?;
+            let body = client.get(url).send().await?.error_for_status()?.text().await?;
+            keys.extend(xml_values(&body, "Key"));
+            token_opt = xml_values(&body, "NextContinuationToken").into_iter().next();
+            if token_opt.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
+    /// The headers the server answers a HEAD of `key` with, names in lower case. Signed (AWS
+    /// Signature Version 4, the test credentials): S3 answers 403 to an unsigned request for an
+    /// object encrypted with a KMS key.
+    pub async fn object_headers(&self, key: &str) -> anyhow::Result<BTreeMap<String, String>> {
+        let host = format!("127.0.0.1:{}", self.port);
+        let path = format!("/{}/{}", self.bucket, sigv4_uri_encode(key));
+        let now = chrono::Utc::now();
+        let (amz_date, day) = (now.format("%Y%m%dT%H%M%SZ").to_string(), now.format("%Y%m%d").to_string());
+        let empty_sha256 = hex::encode(Sha256::digest(b""));
+        let canonical = format!(
+            "HEAD\n{path}\n\nhost:{host}\nx-amz-content-sha256:{empty_sha256}\nx-amz-date:{amz_date}\n\n\
+             host;x-amz-content-sha256;x-amz-date\n{empty_sha256}"
+        );
+        let scope = format!("{day}/us-east-1/s3/aws4_request");
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+            hex::encode(Sha256::digest(canonical.as_bytes()))
+        );
+        let hmac = |key: &[u8], data: &str| {
+            ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), data.as_bytes())
+                .as_ref()
+                .to_vec()
+        };
+        let mut signing_key = hmac(b"AWS4sluice-test-secret", &day);
+        for part in ["us-east-1", "s3", "aws4_request"] {
+            signing_key = hmac(&signing_key, part);
+        }
+        let signature = hex::encode(hmac(&signing_key, &to_sign));
+        let response = reqwest::Client::new()
+            .head(format!("http://{host}{path}"))
+            .header("x-amz-date", &amz_date)
+            .header("x-amz-content-sha256", &empty_sha256)
+            .header(
+                "authorization",
+                format!(
+                    "AWS4-HMAC-SHA256 Credential=sluice-test/{scope}, \
+                     SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}"
+                ),
+            )
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (name.as_str().to_lowercase(), String::from_utf8_lossy(value.as_bytes()).into_owned())
+            })
+            .collect())
     }
 
     /// A lake under `remote_lake::LAKE_PREFIX` in the bucket.
@@ -266,4 +342,27 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     let outer_pad = key_block.map(|byte| byte ^ 0x5c);
     let inner: [u8; 32] = Sha256::new().chain_update(inner_pad).chain_update(message).finalize().into();
     Sha256::new().chain_update(outer_pad).chain_update(inner).finalize().into()
+}
+
+/// The texts of every `<tag>...</tag>` in an S3 XML answer (keys Sluice writes need no unescaping
+/// beyond `&amp;`).
+fn xml_values(body: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    body.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.replace("&amp;", "&")))
+        .collect()
+}
+
+/// A key as SigV4's canonical URI spells it: every byte but unreserved characters and `/`
+/// percent-encoded.
+fn sigv4_uri_encode(key: &str) -> String {
+    key.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
 }

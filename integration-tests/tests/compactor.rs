@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use sluice_integration_tests::{
@@ -627,22 +628,38 @@ async fn small_files_of_closed_partitions_merge_without_readers_seeing_duplicate
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     let lake = lake(lake_dir.path());
+    // Done merging: every reading committed, and each partition down to one file. Until then a
+    // partition that still takes flushes (the newest hour) is merged again, and its merged-away
+    // files wait out the retention after the check below.
     let merged = sluice_integration_tests::wait_until(Duration::from_secs(60), || {
         let lake = lake.clone();
         async move {
             let committed: u64 =
                 lake.commits("telemetry").await.unwrap().iter().map(|commit| commit.num_rows()).sum();
-            committed == 6_000 && lake.merges("telemetry").await.unwrap().len() >= 2
+            let live = lake.live_files("telemetry").await.unwrap();
+            let partitions: BTreeSet<&str> = live.iter().map(|file| file.partition.as_str()).collect();
+            committed == 6_000
+                && lake.merges("telemetry").await.unwrap().len() >= 2
+                && partitions.len() == live.len()
         }
     })
     .await;
-    // Long enough for VACUUM to delete merged-away files while the readers still run.
-    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    // VACUUM deletes the merged-away files while the readers still run: 2 s of retention after
+    // the last merge, and a janitor pass.
+    let vacuumed = sluice_integration_tests::wait_until(Duration::from_secs(30), || {
+        let (lake, directory) = (lake.clone(), lake_dir.path().join("telemetry"));
+        async move {
+            let live = lake.live_files("telemetry").await.unwrap().len();
+            sluice_integration_tests::parquet_files_under(&directory).len() == live
+        }
+    })
+    .await;
     stop_readers.cancel();
     assert!(log_reader.await.unwrap() > 10);
     let reads = version_reader.await.unwrap();
     compactor.stop().await.unwrap();
-    assert!(merged, "merges happened");
+    assert!(merged, "merges happened, down to one file per partition");
+    assert!(vacuumed, "VACUUM deleted the merged-away files");
 
     // Reads overlapped merges: some merge committed between two reads, and the reads on both
     // sides of it saw the same rows.

@@ -18,7 +18,9 @@ use sluice_errors::Chain;
 use sluice_jobs::events::JobStatusKind;
 use sluice_query::{ValidatedJob, ValidationError};
 
-use sluice_jobs::signing::{Refusal, RequestSignature, SignedAction, sha256_hex, topic_place};
+use sluice_jobs::signing::{
+    Refusal, RequestSignature, SignedAction, backfill_place, sha256_hex, topic_place,
+};
 
 use crate::catch_up;
 use crate::context::ExecutorContext;
@@ -94,7 +96,7 @@ impl ScheduledJob {
                         JobRequest {
                             action: SignedAction::Backfill,
                             job: name,
-                            place: path.clone(),
+                            place: backfill_place(&context.config.kafka.topic_names().jobs(), path),
                             body: &body,
                             source: path.clone(),
                             signature: Ok(request.signature_opt.clone()),

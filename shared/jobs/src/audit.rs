@@ -204,7 +204,8 @@ fn from_batch(batch: &RecordBatch, path: &str) -> Result<Vec<AuditEntry>, AuditE
     let (key_name, sql_sha256, request_sha256, signature_sha256, signed_at, verdict, reason) = (
         strings("key_name")?,
         strings("sql_sha256")?,
-        strings("request_sha256")?,
+        // Absent from files written before the column existed: such a row matches no request.
+        strings("request_sha256").ok(),
         strings("signature_sha256")?,
         times("signed_at")?,
         strings("verdict")?,
@@ -233,7 +234,9 @@ fn from_batch(batch: &RecordBatch, path: &str) -> Result<Vec<AuditEntry>, AuditE
                 job: job.value(row).to_string(),
                 key_name_opt: optional(key_name, row),
                 sql_sha256_opt: optional(sql_sha256, row),
-                request_sha256: request_sha256.value(row).to_string(),
+                request_sha256: request_sha256
+                    .map(|column| column.value(row).to_string())
+                    .unwrap_or_default(),
                 signature_sha256_opt: optional(signature_sha256, row),
                 signed_at_micros_opt: signed_at.is_valid(row).then(|| signed_at.value(row)),
                 verdict,

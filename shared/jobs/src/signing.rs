@@ -144,6 +144,12 @@ pub fn topic_place(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
 
+/// Where a backfill request is put: its record's path in the lake of the deployment whose jobs
+/// topic is `jobs_topic`. The topic names the deployment: every lake has the same relative paths.
+pub fn backfill_place(jobs_topic: &str, path: &str) -> String {
+    format!("{jobs_topic}:{path}")
+}
+
 /// The bytes a signature covers.
 fn signed_message(
     action: SignedAction,
