@@ -217,6 +217,14 @@ async fn only_requests_a_trusted_key_signed_for_the_job_act_and_every_one_is_aud
     produce_signed(&sandbox, "signed_garbled", Some(text.as_bytes()), &headers[..1]).await;
     refused_with(&sandbox, "signed_garbled", "malformed").await;
 
+    // Signed, but not UTF-8: rejected, not run as the lossy text it would turn into.
+    let binary = [0xff_u8, 0xfe, b'\n'];
+    let signed_binary = alice.sign(SignedAction::Submit, "signed_binary", &place, &binary, now_micros());
+    produce_signed(&sandbox, "signed_binary", Some(&binary), &signed_binary.headers()).await;
+    let event =
+        job_status_event(&sandbox.broker, &sandbox.prefix, "signed_binary", JobStatusKind::Rejected).await;
+    assert!(event.reason.contains("not UTF-8"), "{}", event.reason);
+
     // The accepted record, sent again as it was: a replay.
     let replayed_text = job("signed_replayed", "SELECT 1 AS one");
     let replay =

@@ -87,7 +87,9 @@ impl ScheduledJob {
             if self.refused_backfills.contains(&id) {
                 continue;
             }
-            if !self.authorized_backfills.contains(&id) {
+            let refusal_opt = if self.authorized_backfills.contains(&id) {
+                None
+            } else {
                 let body = request.signed_body();
                 let decided = context
                     .auth
@@ -106,37 +108,30 @@ impl ScheduledJob {
                 match decided {
                     Ok(Decision::Accepted) => {
                         self.authorized_backfills.insert(id.clone());
+                        None
                     }
-                    Ok(Decision::Refused(reason)) => {
-                        self.refused_backfills.insert(id);
-                        let event = context.events.status(
-                            name,
-                            JobStatusKind::BackfillRefused,
-                            format!("not authorized: {reason}"),
-                            self.partition,
-                            self.offset,
-                        );
-                        context.events.publish_status(event).await;
-                        continue;
-                    }
+                    Ok(Decision::Refused(reason)) => Some(format!("not authorized: {reason}")),
                     Err(error) => {
                         tracing::error!(job = %name, error = %Chain(&error), "failed to record a backfill request in the audit table; it waits");
                         continue;
                     }
                 }
-            }
-            if let Some(reason) = catch_up::backfill_refusal(request, window_micros, max_backlog_windows) {
-                tracing::warn!(job = %name, %reason, "backfill refused");
-                self.refused_backfills.insert(id);
-                let event = context.events.status(
-                    name,
-                    JobStatusKind::BackfillRefused,
-                    reason,
-                    self.partition,
-                    self.offset,
-                );
-                context.events.publish_status(event).await;
-            }
+            };
+            let Some(reason) = refusal_opt
+                .or_else(|| catch_up::backfill_refusal(request, window_micros, max_backlog_windows))
+            else {
+                continue;
+            };
+            tracing::warn!(job = %name, %reason, "backfill refused");
+            self.refused_backfills.insert(id);
+            let event = context.events.status(
+                name,
+                JobStatusKind::BackfillRefused,
+                reason,
+                self.partition,
+                self.offset,
+            );
+            context.events.publish_status(event).await;
         }
     }
 }
@@ -237,20 +232,7 @@ pub(crate) async fn handle_definition(
     if !authorized(context, request, partition, offset).await {
         return;
     }
-    // The text validated and run is the text signed: a payload that is not UTF-8 would run as
-    // something else after a lossy conversion.
-    let text_opt = match payload_opt.map(String::from_utf8).transpose() {
-        Ok(text_opt) => text_opt,
-        Err(_) => {
-            let reason = "the job file is not UTF-8 text".to_string();
-            tracing::warn!(job = %key, %reason, "job rejected");
-            jobs.remove(&key);
-            let event = context.events.status(&key, JobStatusKind::Rejected, reason, partition, offset);
-            context.events.publish_status(event).await;
-            return;
-        }
-    };
-    let Some(text) = text_opt else {
+    let Some(payload) = payload_opt else {
         // A deleted job's marker would refuse the same text if it came back.
         if let Err(error) = context.markers.end(&key) {
             tracing::warn!(job = %key, error = %Chain(&error), "failed to remove a validation marker");
@@ -262,7 +244,13 @@ pub(crate) async fn handle_definition(
         }
         return;
     };
-    match validate_with_marker(context, &key, &text).await {
+    // The text validated and run is the text signed: a payload that is not UTF-8 would run as
+    // something else after a lossy conversion.
+    let validated = match String::from_utf8(payload) {
+        Ok(text) => validate_with_marker(context, &key, &text).await,
+        Err(_) => Err("the job file is not UTF-8 text".to_string()),
+    };
+    match validated {
         Err(reason) => {
             tracing::warn!(job = %key, %reason, "job rejected");
             // The newest definition is the job: a rejected one replaces a valid one too.

@@ -215,17 +215,15 @@ fn from_batch(batch: &RecordBatch, path: &str) -> Result<Vec<AuditEntry>, AuditE
         |array: &StringArray, row: usize| array.is_valid(row).then(|| array.value(row).to_string());
     (0..batch.num_rows())
         .map(|row| {
-            let action = match action.value(row) {
-                "submit" => SignedAction::Submit,
-                "delete" => SignedAction::Delete,
-                "backfill" => SignedAction::Backfill,
-                _ => return Err(missing("action")),
-            };
-            let verdict = match verdict.value(row) {
-                "accepted" => Verdict::Accepted,
-                "refused" => Verdict::Refused,
-                _ => return Err(missing("verdict")),
-            };
+            // Parsed by the same names they are written with.
+            let action = SignedAction::ALL
+                .into_iter()
+                .find(|known| known.as_str() == action.value(row))
+                .ok_or_else(|| missing("action"))?;
+            let verdict = [Verdict::Accepted, Verdict::Refused]
+                .into_iter()
+                .find(|known| known.as_str() == verdict.value(row))
+                .ok_or_else(|| missing("verdict"))?;
             Ok(AuditEntry {
                 at_micros: at.value(row),
                 executor: executor.value(row).to_string(),
