@@ -13,6 +13,7 @@ pub(crate) fn open_catalog(config: &CliSettings) -> anyhow::Result<Catalog> {
         &config.object_store,
         &config.tables,
         &config.query,
+        &config.encryption,
         config.executor.max_timeout_ms,
     )?)
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Validate};
 use sluice_kafka::KafkaConfig;
 use sluice_lake::ObjectStoreConfig;
+use sluice_lake::encryption::EncryptionConfig;
 use sluice_query::QueryConfig;
 use sluice_query::tables::TablesConfig;
 use sluice_schema::SchemasConfig;
@@ -20,6 +21,8 @@ pub(crate) struct CliSettings {
     pub(crate) tables: TablesConfig,
     pub(crate) schemas: SchemasConfig,
     pub(crate) object_store: ObjectStoreConfig,
+    /// With the key file, `sluice query` decrypts; without it, it refuses encrypted columns.
+    pub(crate) encryption: EncryptionConfig,
     pub(crate) kafka: KafkaConfig,
     pub(crate) ballista: ClusterAddress,
     // The executor's own sections: the CLI has no use for them, the executor checks them.
@@ -72,6 +75,7 @@ impl Validate for CliSettings {
         let mut issues = Vec::new();
         issues.extend(self.kafka.validate("kafka"));
         issues.extend(self.object_store.validate("object_store"));
+        issues.extend(self.encryption.validate("encryption", false));
         issues.extend(self.tables.validate("tables"));
         for (key, value) in [
             ("executor.max_backlog_windows", self.executor.max_backlog_windows),

@@ -44,6 +44,7 @@ fn every_example_job_passes_the_local_check() {
             &object_store,
             &Default::default(),
             &Default::default(),
+            &Default::default(),
             sluice_query::limits::DEFAULT_MAX_TIMEOUT_MS,
         )
         .unwrap();

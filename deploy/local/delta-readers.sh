@@ -21,9 +21,12 @@ readonly REQUIREMENTS=(
   # Each carries one .duckdb_extension file built for duckdb 1.5.5: keep the three versions equal.
   "duckdb-extension-delta==1.5.5"
   "duckdb-extension-httpfs==1.5.5"
+  # AES-GCM for the KMS client with which PyArrow reads Sluice's encrypted columns (the column
+  # encryption test).
+  "cryptography==48.0.0"
 )
 tools_dir="${SLUICE_TOOLS_DIR:-${HOME}/.cache/sluice/tools}"
-target="$tools_dir/delta-readers-deltalake1.6.6-polars2.1.0-pyarrow26.0.1-duckdb1.5.5"
+target="$tools_dir/delta-readers-deltalake1.6.6-polars2.1.0-pyarrow26.0.1-duckdb1.5.5-cryptography48.0.0"
 
 install() {
   [[ -f "$target/.installed" ]] && return 0

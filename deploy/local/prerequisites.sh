@@ -9,6 +9,8 @@ command -v gcc >/dev/null || apt_packages+=(gcc)
 command -v make >/dev/null || apt_packages+=(make)
 command -v pkg-config >/dev/null || apt_packages+=(pkg-config)
 [[ -e /usr/include/zlib.h ]] || apt_packages+=(zlib1g-dev)
+# librdkafka's TLS and SASL_SSL (rdkafka feature `ssl`) link the system OpenSSL.
+[[ -e /usr/include/openssl/ssl.h ]] || apt_packages+=(libssl-dev)
 [[ -x /usr/sbin/mosquitto || -x /usr/bin/mosquitto ]] || apt_packages+=(mosquitto)
 command -v python3 >/dev/null || apt_packages+=(python3)
 command -v curl >/dev/null || apt_packages+=(curl)

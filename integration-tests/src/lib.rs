@@ -10,6 +10,7 @@ mod kafka;
 mod lake;
 mod mqtt;
 mod object_stores;
+mod pki;
 mod process;
 mod readers;
 mod readings;
@@ -18,6 +19,7 @@ mod sandbox;
 mod servers;
 mod services;
 mod support;
+mod tls_proxy;
 
 pub use jobs::{
     compacted_readings, job_run_events, job_status_event, job_status_event_within, read_job_result,
@@ -35,6 +37,7 @@ pub use lake::{
 };
 pub use mqtt::{MqttDevice, wait_for_mqtt_bridge};
 pub use object_stores::{AzuriteServer, S3Server};
+pub use pki::{PemPair, TestCa};
 pub use process::{Readiness, ServiceBinary, free_port};
 pub use readers::{
     LoopRead, OUTSIDE_READERS, ReadLoop, assert_outside_readers_see, delta_readers_python_path, lake_rows_of,
@@ -52,3 +55,4 @@ pub use sluice_ingest::RunningIngest;
 pub use support::{
     bench_arg, bench_text_arg, release_binary, repo_root, unique_suffix, wait_until, workspace_binary,
 };
+pub use tls_proxy::TlsProxy;

@@ -44,24 +44,37 @@ pub struct Broker {
 impl Broker {
     pub async fn start() -> anyhow::Result<Self> {
         let binary = tansu_binary()?;
-        start_on_a_free_port(async |port| Self::start_attempt(&binary, port).await).await
+        start_on_a_free_port(async |port| Self::start_attempt(&binary, port, None).await).await
+    }
+
+    /// A broker whose only advertised listener is `proxy_port`, a TLS proxy's (Tansu serves no
+    /// TLS itself): clients bootstrapped there are sent back there for every request. Clients
+    /// on the broker's own port get the same metadata, so they need TLS too past bootstrap.
+    pub async fn start_advertising(proxy_port: u16) -> anyhow::Result<Self> {
+        let binary = tansu_binary()?;
+        start_on_a_free_port(async |port| Self::start_attempt(&binary, port, Some(proxy_port)).await).await
     }
 
     /// Starts on a given port, for tests that bring a broker back where the old one was.
     pub async fn start_on(port: u16) -> anyhow::Result<Self> {
         let binary = tansu_binary()?;
-        start_on_port(port, async |port| Self::start_attempt(&binary, port).await).await
+        start_on_port(port, async |port| Self::start_attempt(&binary, port, None).await).await
     }
 
-    async fn start_attempt(binary: &Path, port: u16) -> Result<Self, StartFailure> {
+    async fn start_attempt(
+        binary: &Path,
+        port: u16,
+        advertised_port_opt: Option<u16>,
+    ) -> Result<Self, StartFailure> {
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{}", advertised_port_opt.unwrap_or(port));
         // The broker reports its cluster id in every metadata response: a broker answering with
         // this one is the process started here, not another on the same port.
         let cluster_id = format!("sluice-test-{}", unique_suffix());
         let mut process = ServerProcess::spawn(
             "tansu",
             Command::new(binary)
-                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised_url])
                 .args(["--cluster-id", &cluster_id])
                 .args(["--storage-engine", "memory://tansu/"])
                 // Its log is read as text, in error messages.
@@ -138,6 +151,8 @@ fn cluster_id_at(bootstrap: &str) -> Option<String> {
 #[derive(Debug)]
 pub struct Mosquitto {
     pub port: u16,
+    /// The TLS listener's port, when started with one.
+    pub tls_port: Option<u16>,
     // Dropped before its configuration's directory.
     _process: ServerProcess,
     _directory: tempfile::TempDir,
@@ -155,10 +170,26 @@ impl Mosquitto {
             .into_iter()
             .find(|path| Path::new(path).exists())
             .context("mosquitto is not installed (apt-get install mosquitto)")?;
-        start_on_a_free_port(async |port| Self::start_attempt(binary, port, extra).await).await
+        start_on_a_free_port(async |port| Self::start_attempt(binary, port, extra, None).await).await
     }
 
-    async fn start_attempt(binary: &str, port: u16, extra: &str) -> Result<Self, StartFailure> {
+    /// A Mosquitto with its plain listener (`port`, for test devices) and a second one on
+    /// `tls_port` configured by `tls_lines` (`cafile`, `certfile`, `keyfile`, `require_certificate`
+    /// and so on), for the client under test.
+    pub async fn start_with_tls_listener(tls_lines: &str) -> anyhow::Result<Self> {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .context("mosquitto is not installed (apt-get install mosquitto)")?;
+        start_on_a_free_port(async |port| Self::start_attempt(binary, port, "", Some(tls_lines)).await).await
+    }
+
+    async fn start_attempt(
+        binary: &str,
+        port: u16,
+        extra: &str,
+        tls_lines_opt: Option<&str>,
+    ) -> Result<Self, StartFailure> {
         let directory = tempfile::TempDir::new().context("failed to create a temporary directory")?;
         let config_path = directory.path().join("mosquitto.conf");
         let mut config = format!("listener {port} 127.0.0.1\npersistence false\nmax_inflight_messages 20\n");
@@ -167,6 +198,14 @@ impl Mosquitto {
         }
         config.push_str(extra);
         config.push('\n');
+        // Settings after a `listener` line are that listener's, so the TLS one goes last. Its
+        // port is only probed free: if another process takes it first, Mosquitto fails to start
+        // and the attempt is made again on new ports.
+        let tls_port_opt = tls_lines_opt.map(|tls_lines| {
+            let tls_port = crate::free_port();
+            config.push_str(&format!("listener {tls_port} 127.0.0.1\n{tls_lines}\n"));
+            tls_port
+        });
         std::fs::write(&config_path, config).context("failed to write mosquitto.conf")?;
         let mut process =
             ServerProcess::spawn("mosquitto", Command::new(binary).arg("-c").arg(&config_path))?;
@@ -177,6 +216,6 @@ impl Mosquitto {
                 answer_from(pid, port, tokio::net::TcpStream::connect(address).await.is_ok())
             })
             .await?;
-        Ok(Self { port, _process: process, _directory: directory })
+        Ok(Self { port, tls_port: tls_port_opt, _process: process, _directory: directory })
     }
 }

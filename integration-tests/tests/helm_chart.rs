@@ -86,6 +86,9 @@ fn chart_lints_renders_validates_and_its_configs_load() {
                 assert!(rendered.contains(kind), "{kind} rendered with the CI values");
             }
             assert!(rendered.contains("eks.amazonaws.com/role-arn"));
+            // Column keys reach the compactor and the executors, and nothing else.
+            assert_eq!(rendered.matches("mountPath: /etc/sluice-keys").count(), 2, "column keys mounted");
+            assert!(rendered.contains("secretName: \"sluice-column-keys\""));
             // The hook signs each job with the key from the Secret the executors trust.
             assert!(
                 rendered.contains("--key /etc/sluice-signing/'signing.key' --key-name 'helm-hook'")
@@ -120,7 +123,15 @@ fn chart_lints_renders_validates_and_its_configs_load() {
             }
             if values.is_some() {
                 assert!(printed.contains("otel-collector.observability"), "{service}: {printed}");
+                if service != "sluice-ingest" {
+                    assert!(
+                        printed.contains("key_file = \"/etc/sluice-keys/column-keys.toml\"")
+                            && printed.contains("column = \"site\""),
+                        "{service}: {printed}"
+                    );
+                }
                 if service == "sluice-executor" {
+                    assert!(printed.contains("daily_*"), "{printed}");
                     assert!(printed.contains("http://sluice-test-ballista-scheduler:50050"), "{printed}");
                     assert!(printed.contains("helm-hook") && printed.contains("ops-alice"), "{printed}");
                 }
@@ -163,4 +174,67 @@ fn jobs_without_a_signing_key_for_the_hook_are_refused_at_render_time() {
         .unwrap();
     let rendered = succeeded(&output, "helm template with signing.enforce=false");
     assert!(rendered.contains("enforce = false") && !rendered.contains("--key "), "{rendered}");
+}
+
+/// Device certificates from the chart: ingest serves TLS from one Secret and trusts the device CA
+/// (and its revocation list) from another, the probes speak HTTPS, and the rendered ingest.toml
+/// loads with mutual TLS on. Without ingest's own TLS the chart refuses, naming the setting.
+#[test]
+fn device_certificates_mount_their_secrets_probe_over_https_and_load() {
+    let bin = tool("bin");
+    let chart = repo_root().join("helm/sluice");
+    let device_values = [
+        "ingest.tls.secretName=ingest-tls",
+        "ingest.tls.deviceCaSecretName=device-ca",
+        "ingest.tls.deviceRevocationList=true",
+    ];
+    let mut template = Command::new(bin.join("helm"));
+    template.args(["template", "sluice-test"]).arg(&chart);
+    for value in device_values {
+        template.args(["--set", value]);
+    }
+    let rendered = succeeded(&template.output().unwrap(), "helm template with device certificates");
+    let work = tempfile::TempDir::new().unwrap();
+    let manifests = work.path().join("rendered.yaml");
+    std::fs::write(&manifests, &rendered).unwrap();
+    let validate = Command::new(bin.join("kubernetes-validate"))
+        .args(["--strict", "--quiet"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    succeeded(&validate, "kubernetes-validate");
+    assert!(
+        rendered.contains("secretName: \"ingest-tls\"") && rendered.contains("secretName: \"device-ca\"")
+    );
+    assert_eq!(rendered.matches("scheme: HTTPS").count(), 2, "ingest's two probes: {rendered}");
+    assert_eq!(rendered.matches("scheme: HTTP\n").count(), 4, "the other services' probes");
+
+    let ingest_toml = extract_configs(&manifests, work.path())
+        .into_iter()
+        .find(|path| path.ends_with("ingest.toml"))
+        .unwrap();
+    let output = Command::new(workspace_binary("sluice-ingest"))
+        .arg("--config")
+        .arg(&ingest_toml)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    let printed = succeeded(&output, "sluice-ingest --print-config");
+    for line in [
+        "tls_cert_path = \"/etc/sluice-tls/tls.crt\"",
+        "tls_client_ca_path = \"/etc/sluice-device-ca/ca.crt\"",
+        "tls_client_certificates = \"required\"",
+        "tls_client_crl_path = \"/etc/sluice-device-ca/ca.crl\"",
+    ] {
+        assert!(printed.contains(line), "{line} in {printed}");
+    }
+
+    let output = Command::new(bin.join("helm"))
+        .args(["template", "sluice-test"])
+        .arg(&chart)
+        .args(["--set", "ingest.tls.deviceCaSecretName=device-ca"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "rendered device certificates without TLS");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("ingest.tls.secretName"));
 }

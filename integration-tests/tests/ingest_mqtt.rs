@@ -1,6 +1,7 @@
 //! The MQTT bridge against real Mosquitto and a real Tansu broker: readings land keyed by the
 //! topic's device, bad ones go to the dead-letter topic with their reason, and a reading is
-//! acknowledged to MQTT only once Kafka has it, so a Kafka outage loses nothing.
+//! acknowledged to MQTT only once Kafka has it, so a Kafka outage loses nothing. The bridge also
+//! reads over TLS with a client certificate from a Mosquitto listener that requires one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use sluice_ingest::IngestConfig;
 use sluice_integration_tests::{
-    Broker, IngestService, Mosquitto, MqttDevice as Device, consume_topic, consume_topic_within,
+    Broker, IngestService, Mosquitto, MqttDevice as Device, TestCa, consume_topic, consume_topic_within,
     decode_value, ingest_config, now_micros, telemetry_schema_json, unique_suffix, wait_for_mqtt_bridge,
 };
 
@@ -122,6 +123,50 @@ async fn readings_land_keyed_by_topic_device_and_bad_ones_are_dead_lettered() {
     }
     // The original bytes are kept for replay.
     assert!(dead_letters.iter().any(|record| record.payload == b"{not json"));
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_reads_over_tls_with_the_client_certificate_the_broker_requires() {
+    let broker = Broker::start().await.unwrap();
+    let directory = tempfile::TempDir::new().unwrap();
+    let ca = TestCa::new(directory.path(), "mqtt").unwrap();
+    let server = ca.server("mosquitto").unwrap();
+    let bridge = ca.client("bridge", Some("sluice-ingest"), 7).unwrap();
+    // Mosquitto reads these as the user it runs as.
+    for path in [&ca.cert_path, &server.cert_path, &server.key_path] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(directory.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tls_lines = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true",
+        ca.cert_path.display(),
+        server.cert_path.display(),
+        server.key_path.display()
+    );
+    let mosquitto = Mosquitto::start_with_tls_listener(&tls_lines).await.unwrap();
+
+    // A CA file that is not there stops ingest at start, naming it.
+    let mut config = mqtt_ingest_config(&broker, &mosquitto);
+    config.mqtt.port = mosquitto.tls_port.unwrap();
+    config.mqtt.tls = true;
+    config.mqtt.tls_ca_path = Some(directory.path().join("missing-ca.crt"));
+    let error = IngestService::start(config.clone()).await.unwrap_err();
+    assert!(format!("{error:#}").contains("missing-ca.crt"), "{error:#}");
+
+    config.mqtt.tls_ca_path = Some(ca.cert_path.clone());
+    config.mqtt.tls_cert_path = Some(bridge.cert_path.clone());
+    config.mqtt.tls_key_path = Some(bridge.key_path.clone());
+    let ingest = IngestService::start(config).await.unwrap();
+    // Probes are published on the plain listener: they land only once the bridge has subscribed
+    // over the TLS one.
+    wait_for_mqtt_bridge(&mosquitto, &broker, &ingest.stream_topic("telemetry")).await.unwrap();
+    let mut device = Device::connect(mosquitto.port).await;
+    let ts = now_micros() - 1_000_000;
+    device.publish("sluice/telemetry/sprayer-2", json!({"ts": ts, "seq": 1})).await.unwrap();
+    let records = consume_readings(&broker, &ingest.stream_topic("telemetry"), 1).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].key.as_deref(), Some("sprayer-2"));
     ingest.stop().await.unwrap();
 }
 

@@ -1,5 +1,5 @@
-//! Ingest as a service: TLS on the listener, graceful shutdown that finishes requests in flight,
-//! and the binary's configuration handling.
+//! Ingest as a service: TLS on the listener, device certificates (mutual TLS), graceful shutdown
+//! that finishes requests in flight, and the binary's configuration handling.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -8,7 +8,12 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
-use sluice_integration_tests::{Broker, IngestService, consume_topic, ingest_config, now_micros, wait_until};
+use sha2::{Digest, Sha256};
+use sluice_config::Secret;
+use sluice_ingest::config::{ClientCertificates, TokenConfig};
+use sluice_integration_tests::{
+    Broker, IngestService, PemPair, TestCa, consume_topic, ingest_config, now_micros, wait_until,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -56,6 +61,203 @@ async fn https_listener_serves_with_the_configured_certificate() {
     .await
     .unwrap();
     assert_eq!(records.len(), 1);
+    ingest.stop().await.unwrap();
+}
+
+/// A client of the listener at `port` that trusts `ca` and presents `identity_opt`.
+fn tls_client(ca: &TestCa, identity_opt: Option<&PemPair>, port: u16) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", ([127, 0, 0, 1], port).into());
+    if let Some(identity) = identity_opt {
+        builder = builder.identity(reqwest::Identity::from_pem(&identity.identity_pem()).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+async fn post_reading(
+    client: &reqwest::Client,
+    port: u16,
+    readings: serde_json::Value,
+    token_opt: Option<&str>,
+) -> reqwest::Result<(StatusCode, serde_json::Value)> {
+    let mut request =
+        client.post(format!("https://localhost:{port}/v1/streams/telemetry/records")).json(&readings);
+    if let Some(token) = token_opt {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    Ok((status, response.json().await.unwrap_or(serde_json::Value::Null)))
+}
+
+/// A listener with device certificates from `device_ca` (and its revocation list) in `mode`, and
+/// bearer-token authentication on with one token, `token`.
+async fn start_with_device_certificates(
+    broker: &Broker,
+    server: &PemPair,
+    device_ca: &TestCa,
+    crl_path: std::path::PathBuf,
+    mode: ClientCertificates,
+    token: &str,
+) -> IngestService {
+    let mut config = ingest_config(broker);
+    config.http.tls_cert_path = Some(server.cert_path.clone());
+    config.http.tls_key_path = Some(server.key_path.clone());
+    config.http.tls_client_ca_path = Some(device_ca.cert_path.clone());
+    config.http.tls_client_crl_path = Some(crl_path);
+    config.http.tls_client_certificates = mode;
+    config.auth.enabled = true;
+    config.auth.tokens = vec![TokenConfig {
+        name: "gateway".to_string(),
+        token_sha256: Secret::new(hex::encode(Sha256::digest(token.as_bytes()))),
+        streams: vec!["*".to_string()],
+    }];
+    IngestService::start(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_certificate_lets_its_connection_write_only_its_own_device() {
+    let broker = Broker::start().await.unwrap();
+    let directory = tempfile::TempDir::new().unwrap();
+    let server_ca = TestCa::new(directory.path(), "server").unwrap();
+    let server = server_ca.server("ingest").unwrap();
+    let device_ca = TestCa::new(directory.path(), "devices").unwrap();
+    let device_a = device_ca.client("device-a", Some("tractor-7"), 101).unwrap();
+    let revoked = device_ca.client("device-r", Some("stolen-3"), 102).unwrap();
+    let unnamed = device_ca.client("device-u", None, 103).unwrap();
+    let rogue_ca = TestCa::new(directory.path(), "rogue").unwrap();
+    let rogue = rogue_ca.client("rogue-a", Some("tractor-7"), 101).unwrap();
+    let crl_path = device_ca.revocation_list("devices", &[102]).unwrap();
+    let ingest = start_with_device_certificates(
+        &broker,
+        &server,
+        &device_ca,
+        crl_path,
+        ClientCertificates::Required,
+        "gateway-token",
+    )
+    .await;
+    let port: u16 = ingest.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    let now = now_micros();
+
+    // Its own device, no token needed; readings naming it in any number are one write.
+    let device_client = tls_client(&server_ca, Some(&device_a), port);
+    let own = json!([{"device_id": "tractor-7", "ts": now, "seq": 1}, {"device_id": "tractor-7", "ts": now, "seq": 2}]);
+    let (status, body) = post_reading(&device_client, port, own, None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A batch naming another device anywhere is refused as a whole, listing what named it.
+    let mixed = json!([
+        {"device_id": "tractor-7", "ts": now, "seq": 3},
+        {"device_id": "tractor-8", "ts": now, "seq": 1},
+        {"device_id": "tractor-77", "ts": now, "seq": 1}
+    ]);
+    let (status, body) = post_reading(&device_client, port, mixed, Some("gateway-token")).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["num_rejected_records"], 2, "{body}");
+    assert_eq!(body["rejected"][0]["index"], 1, "{body}");
+    assert_eq!(body["rejected"][1]["index"], 2, "{body}");
+    assert!(body["rejected"][0]["reason"].as_str().unwrap().contains("tractor-8"), "{body}");
+
+    // A certificate from the device CA that names no device may write nothing.
+    let unnamed_client = tls_client(&server_ca, Some(&unnamed), port);
+    let reading = json!({"device_id": "tractor-7", "ts": now, "seq": 4});
+    let (status, body) = post_reading(&unnamed_client, port, reading.clone(), None).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("common name"), "{body}");
+
+    // No certificate: 401 even with a valid token, while probes still get answers.
+    let anonymous = tls_client(&server_ca, None, port);
+    let (status, body) =
+        post_reading(&anonymous, port, reading.clone(), Some("gateway-token")).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("device certificate"), "{body}");
+    let probe = anonymous.get(format!("https://localhost:{port}/healthz")).send().await.unwrap();
+    assert_eq!(probe.status(), StatusCode::OK);
+
+    // A revoked certificate, or one from another CA with the same name: the handshake fails, so
+    // no request is ever read.
+    for (what, client) in [
+        ("a revoked certificate", tls_client(&server_ca, Some(&revoked), port)),
+        ("another CA's certificate", tls_client(&server_ca, Some(&rogue), port)),
+    ] {
+        let result = post_reading(&client, port, reading.clone(), Some("gateway-token")).await;
+        assert!(result.is_err(), "{what} was answered: {result:?}");
+    }
+
+    // Only the first two readings reached Kafka.
+    let records = consume_topic(
+        &broker.bootstrap_servers(),
+        &ingest.stream_topic("telemetry"),
+        2,
+        Duration::from_millis(1_000),
+    )
+    .await
+    .unwrap();
+    let keys: Vec<_> = records.iter().map(|record| record.key.clone()).collect();
+    assert_eq!(keys, vec![Some("tractor-7".to_string()), Some("tractor-7".to_string())]);
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_device_certificates_let_token_holders_in_and_still_bind_certified_devices() {
+    let broker = Broker::start().await.unwrap();
+    let directory = tempfile::TempDir::new().unwrap();
+    let server_ca = TestCa::new(directory.path(), "server").unwrap();
+    let server = server_ca.server("ingest").unwrap();
+    let device_ca = TestCa::new(directory.path(), "devices").unwrap();
+    let device_a = device_ca.client("device-a", Some("tractor-7"), 101).unwrap();
+    let revoked = device_ca.client("device-r", Some("stolen-3"), 102).unwrap();
+    let crl_path = device_ca.revocation_list("devices", &[102]).unwrap();
+    let ingest = start_with_device_certificates(
+        &broker,
+        &server,
+        &device_ca,
+        crl_path,
+        ClientCertificates::Optional,
+        "gateway-token",
+    )
+    .await;
+    let port: u16 = ingest.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    let now = now_micros();
+    let anonymous = tls_client(&server_ca, None, port);
+    let other_device = json!({"device_id": "tractor-8", "ts": now, "seq": 1});
+
+    let (status, _) = post_reading(&anonymous, port, other_device.clone(), None).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) =
+        post_reading(&anonymous, port, other_device.clone(), Some("not-the-token")).await.unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) =
+        post_reading(&anonymous, port, other_device.clone(), Some("gateway-token")).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A presented certificate binds its connection even where a token would let it write more.
+    let device_client = tls_client(&server_ca, Some(&device_a), port);
+    let (status, body) =
+        post_reading(&device_client, port, other_device, Some("gateway-token")).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let own = json!({"device_id": "tractor-7", "ts": now, "seq": 1});
+    let (status, body) = post_reading(&device_client, port, own.clone(), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Optional does not mean unchecked: a revoked certificate still fails the handshake.
+    let revoked_client = tls_client(&server_ca, Some(&revoked), port);
+    assert!(post_reading(&revoked_client, port, own, Some("gateway-token")).await.is_err());
+
+    let records = consume_topic(
+        &broker.bootstrap_servers(),
+        &ingest.stream_topic("telemetry"),
+        2,
+        Duration::from_millis(1_000),
+    )
+    .await
+    .unwrap();
+    let mut keys: Vec<_> = records.iter().map(|record| record.key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, vec![Some("tractor-7".to_string()), Some("tractor-8".to_string())]);
     ingest.stop().await.unwrap();
 }
 

@@ -79,6 +79,32 @@ url = {{ .Values.objectStore.url | quote }}
 {{- end }}
 {{- end -}}
 
+{{/* [encryption] for the compactor and the executors, when columns are encrypted. */}}
+{{- define "sluice.encryptionToml" -}}
+{{- with .Values.encryption }}
+{{- if .columns }}
+{{- if not .keySecret.secretName }}
+{{- fail "encryption.columns needs encryption.keySecret.secretName: the Secret with the master keys" }}
+{{- end }}
+{{- if not .footerKey }}
+{{- fail "encryption.columns needs encryption.footerKey: the master key that signs each file's footer" }}
+{{- end }}
+
+[encryption]
+key_file = "/etc/sluice-keys/{{ .keySecret.key }}"
+footer_key = {{ .footerKey | quote }}
+decrypting_jobs = [{{ range $index, $job := .decryptingJobs }}{{ if $index }}, {{ end }}{{ $job | quote }}{{ end }}]
+{{- range .columns }}
+
+[[encryption.columns]]
+stream = {{ .stream | quote }}
+column = {{ .column | quote }}
+key = {{ .key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Extra keys from <service>.config, as TOML tables of strings, booleans and whole numbers. */}}
 {{- define "sluice.extraToml" -}}
 {{- range $section, $keys := . }}

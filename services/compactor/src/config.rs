@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sluice_config::{ConfigIssue, Validate};
 use sluice_health::HealthConfig;
 use sluice_kafka::KafkaConfig;
+use sluice_lake::encryption::EncryptionConfig;
 use sluice_lake::{ObjectStoreConfig, PartitionGranularity};
 use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
@@ -26,6 +27,7 @@ pub struct CompactorConfig {
     pub watermark: WatermarkConfig,
     pub schemas: SchemasConfig,
     pub object_store: ObjectStoreConfig,
+    pub encryption: EncryptionConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
     pub health: HealthConfig,
@@ -259,6 +261,7 @@ impl Validate for CompactorConfig {
         issues.extend(self.kafka.validate("kafka"));
         issues.extend(self.telemetry.validate("telemetry"));
         issues.extend(self.object_store.validate("object_store"));
+        issues.extend(self.encryption.validate("encryption", true));
         issues.extend(self.health.validate("health"));
         if self.compactor.group_id.is_empty() {
             issues.push(ConfigIssue::new("compactor.group_id", "must be set"));

@@ -38,6 +38,7 @@ use crate::flush::FlushWriter;
 use crate::flush_policy::FlushPolicy;
 use crate::flush_pool::{FlushPool, FlushesInFlight};
 use crate::metrics::CompactorMetrics;
+use crate::parquet_file::StreamEncryption;
 use crate::rebalance::{RebalanceContext, RebalanceEvent};
 use crate::supervision::CompactorHealth;
 
@@ -66,6 +67,7 @@ pub(crate) struct StreamInfo {
     pub(crate) writers: Vec<Arc<StreamSchema>>,
     pub(crate) granularity: PartitionGranularity,
     pub(crate) writer_properties: WriterProperties,
+    pub(crate) encryption_opt: Option<StreamEncryption>,
 }
 
 impl StreamInfo {

@@ -373,8 +373,14 @@ impl FlushWriter {
             num_value_bytes: _,
         } = taken;
         let num_rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let encoded = tracing::info_span!("encode_parquet", partition = key.1, num_rows)
-            .in_scope(|| encode_partitioned(&batches, stream.granularity, &stream.writer_properties));
+        let encoded = tracing::info_span!("encode_parquet", partition = key.1, num_rows).in_scope(|| {
+            encode_partitioned(
+                &batches,
+                stream.granularity,
+                &stream.writer_properties,
+                stream.encryption_opt.as_ref(),
+            )
+        });
         drop(batches);
         let (files, num_duplicates_dropped) = match encoded {
             Ok(flush) => (flush.files, flush.num_duplicates_dropped),

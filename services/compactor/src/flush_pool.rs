@@ -354,6 +354,7 @@ mod tests {
             reader,
             granularity: PartitionGranularity::Hour,
             writer_properties: WriterProperties::builder().build(),
+            encryption_opt: None,
         })
     }
 

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::BaseConsumer;
 use sluice_kafka::{BatchProducer, KafkaError, TopicSpec, TopicStatus, ensure_topics};
+use sluice_lake::encryption::{EncryptionError, LakeEncryption};
 use sluice_lake::{Lake, StoreError};
 use sluice_schema::{DecoderSetupError, EVENT_TIME_FIELD, KEY_FIELD, SchemaError, SchemaRegistry};
 use sluice_shutdown::CancellationToken;
@@ -38,6 +39,7 @@ pub use crate::dead_letter::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADE
 use crate::flush_pool::FlushesInFlight;
 use crate::janitor::JanitorStreams;
 pub use crate::merge::MergeError;
+use crate::parquet_file::StreamEncryption;
 pub use crate::parquet_file::{EncodeError, writer_properties};
 use crate::rebalance::RebalanceContext;
 pub use crate::reset::{ResetError, ResetOutcome, reset_position};
@@ -71,6 +73,8 @@ pub enum CompactorError {
     Decoder(#[from] DecoderSetupError),
     #[error("invalid Parquet settings")]
     Parquet(#[from] EncodeError),
+    #[error("failed to set up column encryption")]
+    Encryption(#[from] EncryptionError),
     #[error("the consumer loop failed")]
     Loop(#[from] LoopError),
     #[error("the small-file merge failed")]
@@ -204,6 +208,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         config.compactor.streams.clone()
     };
     let lake = sluice_lake::open_lake(&config.object_store)?;
+    let encryption_opt = LakeEncryption::from_config(&config.encryption, &schemas)?;
     let topic_names = config.kafka.topic_names();
     let mut streams = HashMap::new();
     let mut merge_targets = Vec::new();
@@ -214,6 +219,15 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
         let key_column = reader.fields.iter().position(|field| field.name == KEY_FIELD).unwrap_or(0);
         let event_time_column =
             reader.fields.iter().position(|field| field.name == EVENT_TIME_FIELD).unwrap_or(1);
+        let encryption_opt = encryption_opt
+            .as_ref()
+            .filter(|encryption| !encryption.encrypted_columns(stream).is_empty())
+            .map(|encryption| StreamEncryption { lake: Arc::clone(encryption), stream: stream.clone() });
+        let mut writer_properties =
+            parquet_file::writer_properties(&config.parquet, key_column, event_time_column)?;
+        if let Some(encryption) = &encryption_opt {
+            writer_properties = encryption.writer_properties(writer_properties);
+        }
         let info = StreamInfo {
             stream: stream.clone(),
             topic: topic_names.stream(stream),
@@ -226,11 +240,8 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
                 .get(stream)
                 .copied()
                 .unwrap_or(config.compactor.default_granularity),
-            writer_properties: parquet_file::writer_properties(
-                &config.parquet,
-                key_column,
-                event_time_column,
-            )?,
+            writer_properties,
+            encryption_opt,
         };
         // Every assigned partition builds its own decoder: find a schema arrow-avro cannot decode now.
         info.decoder()?;
@@ -246,6 +257,7 @@ pub async fn start(config: CompactorConfig, shutdown: CancellationToken) -> Resu
             stream: info.stream.clone(),
             granularity: info.granularity,
             writer_properties: info.writer_properties.clone(),
+            encryption_opt: info.encryption_opt.clone(),
         });
         topic_specs.push(config.kafka.stream_topic_spec(stream));
         topic_specs.push(config.kafka.dead_letter_topic_spec(stream));

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use parquet::file::properties::WriterProperties;
 use sluice_lake::{
     CommittedFile, Lake, LakeError, MergeRecord, PartitionGranularity, PartitionKey, TableCommit,
@@ -17,7 +17,7 @@ use sluice_shutdown::CancellationToken;
 
 use crate::config::MergeConfig;
 use crate::consumer::{millis_to_micros, now_micros};
-use crate::parquet_file::{EncodeError, encode_partitioned};
+use crate::parquet_file::{EncodeError, StreamEncryption, encode_partitioned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -47,6 +47,7 @@ pub(crate) struct MergeTarget {
     pub(crate) stream: String,
     pub(crate) granularity: PartitionGranularity,
     pub(crate) writer_properties: WriterProperties,
+    pub(crate) encryption_opt: Option<StreamEncryption>,
 }
 
 /// Runs merges every `interval_ms` until shutdown.
@@ -159,30 +160,40 @@ async fn merge_files(
     }
     let target_for_encoding = target.clone();
     let partition_name = partition.to_string();
-    let encoded =
-        tokio::task::spawn_blocking(move || -> Result<_, MergeError> {
-            let mut batches: Vec<RecordBatch> = Vec::new();
-            for (path, bytes) in contents {
-                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .and_then(|builder| builder.build())
-                    .map_err(|source| MergeError::Read { path: path.clone(), source })?;
-                for batch in reader {
-                    batches.push(batch.map_err(|source| MergeError::Combine {
+    // Merged files are decrypted and written again under fresh data keys; files written before
+    // the stream's columns were encrypted read the same way.
+    let mut read_options = ArrowReaderOptions::new();
+    if let Some(encryption) = &target.encryption_opt {
+        read_options = read_options.with_file_decryption_properties(
+            encryption.lake.decryption().map_err(|source| MergeError::Encode(source.into()))?,
+        );
+    }
+    let encoded = tokio::task::spawn_blocking(move || -> Result<_, MergeError> {
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        for (path, bytes) in contents {
+            let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, read_options.clone())
+                .and_then(|builder| builder.build())
+                .map_err(|source| MergeError::Read { path: path.clone(), source })?;
+            for batch in reader {
+                batches.push(
+                    batch.map_err(|source| MergeError::Combine {
                         partition: partition_name.clone(),
                         source,
-                    })?);
-                }
+                    })?,
+                );
             }
-            // Files written under different schema versions have different columns: encoding
-            // refuses to mix them, and the partition stays as it is.
-            Ok(encode_partitioned(
-                &batches,
-                target_for_encoding.granularity,
-                &target_for_encoding.writer_properties,
-            )?)
-        })
-        .await
-        .map_err(|_| MergeError::Panicked)??;
+        }
+        // Files written under different schema versions have different columns: encoding
+        // refuses to mix them, and the partition stays as it is.
+        Ok(encode_partitioned(
+            &batches,
+            target_for_encoding.granularity,
+            &target_for_encoding.writer_properties,
+            target_for_encoding.encryption_opt.as_ref(),
+        )?)
+    })
+    .await
+    .map_err(|_| MergeError::Panicked)??;
     let Some(file) = encoded.files.into_iter().next() else {
         return Err(MergeError::Combine {
             partition: partition.to_string(),

@@ -1,7 +1,8 @@
 //! One flushed buffer to Parquet files: rows split by event-time partition, each file sorted by
 //! (device_id, ts), with page-level statistics (column and offset indexes) for pruning.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
@@ -14,6 +15,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
+use sluice_lake::encryption::{EncryptionError, LakeEncryption};
 use sluice_lake::{EventTimeOutOfRange, PartitionGranularity, PartitionKey};
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SEQUENCE_FIELD, event_times_micros};
 
@@ -29,6 +31,35 @@ pub enum EncodeError {
     MissingColumn(&'static str),
     #[error("a row cannot be partitioned")]
     EventTime(#[from] EventTimeOutOfRange),
+    #[error("failed to encrypt the file's columns")]
+    Encryption(#[from] EncryptionError),
+}
+
+/// A stream's column encryption, for the files the compactor writes and merges.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamEncryption {
+    pub(crate) lake: Arc<LakeEncryption>,
+    pub(crate) stream: String,
+}
+
+impl StreamEncryption {
+    /// `properties` for the stream's files: an encrypted column's statistics are kept per column
+    /// chunk only, inside its encrypted metadata. Page statistics would add a column index that
+    /// readers without the key cannot parse, and they would then fail on the whole file instead
+    /// of reading its other columns; a bloom filter would be written in the clear.
+    pub(crate) fn writer_properties(&self, properties: WriterProperties) -> WriterProperties {
+        let mut builder = properties.into_builder();
+        for column in self.lake.encrypted_columns(&self.stream) {
+            let path = ColumnPath::from(column);
+            // Nor a dictionary: the plaintext footer tells its page's size, which hints at how
+            // many distinct values the file holds.
+            builder = builder
+                .set_column_statistics_enabled(path.clone(), EnabledStatistics::Chunk)
+                .set_column_dictionary_enabled(path.clone(), false)
+                .set_column_bloom_filter_enabled(path, false);
+        }
+        builder.build()
+    }
 }
 
 /// One Parquet file for one event-time partition.
@@ -199,6 +230,7 @@ pub(crate) fn encode_partitioned(
     batches: &[RecordBatch],
     granularity: PartitionGranularity,
     properties: &WriterProperties,
+    encryption_opt: Option<&StreamEncryption>,
 ) -> Result<EncodedFlush, EncodeError> {
     let Some(first) = batches.first() else {
         return Ok(EncodedFlush { files: Vec::new(), num_duplicates_dropped: 0 });
@@ -269,11 +301,21 @@ pub(crate) fn encode_partitioned(
             .map(|key| key.event_time)
             .fold((i64::MAX, i64::MIN), |(min, max), time| (min.min(time), max.max(time)));
         let part = sorted.slice(start, end - start);
+        let mut file_properties = properties.clone();
+        let mut withheld = BTreeSet::new();
+        if let Some(encryption) = encryption_opt {
+            withheld = encryption.lake.encrypted_columns(&encryption.stream);
+            // Fresh data keys for every file.
+            if let Some(keys) = encryption.lake.file_encryption(&encryption.stream, &part.schema())? {
+                file_properties =
+                    file_properties.into_builder().with_file_encryption_properties(keys).build();
+            }
+        }
         let mut bytes = Vec::new();
-        let mut writer = ArrowWriter::try_new(&mut bytes, part.schema(), Some(properties.clone()))?;
+        let mut writer = ArrowWriter::try_new(&mut bytes, part.schema(), Some(file_properties))?;
         writer.write(&part)?;
         writer.close()?;
-        let stats_json = sluice_lake::delta_stats(std::slice::from_ref(&part));
+        let stats_json = sluice_lake::delta_stats_without(std::slice::from_ref(&part), &withheld);
         files.push(EncodedFile {
             partition,
             bytes,
@@ -325,7 +367,7 @@ mod tests {
     #[test]
     fn rows_split_by_hour_and_sorted_by_device_then_time() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let flush = encode_partitioned(&[batch()], PartitionGranularity::Hour, &properties).unwrap();
+        let flush = encode_partitioned(&[batch()], PartitionGranularity::Hour, &properties, None).unwrap();
         assert_eq!(flush.num_duplicates_dropped, 1);
         let files = flush.files;
         assert_eq!(files.len(), 2);
@@ -354,9 +396,9 @@ mod tests {
     #[test]
     fn rows_of_several_batches_are_sorted_together() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let whole = encode_partitioned(&[batch()], PartitionGranularity::Hour, &properties).unwrap();
+        let whole = encode_partitioned(&[batch()], PartitionGranularity::Hour, &properties, None).unwrap();
         let parts = [batch().slice(0, 2), batch().slice(2, 1), batch().slice(3, 3)];
-        let split = encode_partitioned(&parts, PartitionGranularity::Hour, &properties).unwrap();
+        let split = encode_partitioned(&parts, PartitionGranularity::Hour, &properties, None).unwrap();
         assert_eq!(split.num_duplicates_dropped, 1, "a duplicate in another batch is still found");
         let bytes =
             |flush: &EncodedFlush| flush.files.iter().map(|file| file.bytes.clone()).collect::<Vec<_>>();
@@ -367,14 +409,16 @@ mod tests {
         )
         .unwrap();
         assert!(
-            encode_partitioned(&[batch(), other_schema], PartitionGranularity::Hour, &properties).is_err()
+            encode_partitioned(&[batch(), other_schema], PartitionGranularity::Hour, &properties, None)
+                .is_err()
         );
     }
 
     #[test]
     fn daily_granularity_makes_one_file() {
         let properties = writer_properties(&ParquetConfig::default(), 0, 1).unwrap();
-        let files = encode_partitioned(&[batch()], PartitionGranularity::Day, &properties).unwrap().files;
+        let files =
+            encode_partitioned(&[batch()], PartitionGranularity::Day, &properties, None).unwrap().files;
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].partition.to_string(), "dt=2026-11-26");
         assert_eq!(files[0].num_rows, 5);
@@ -430,7 +474,8 @@ mod tests {
         ]);
         // The same reading of `a` again, with another value: the one consumed first stays.
         let second = readings(&[("a", BASE + 2, 7, 99), ("Z", BASE + 3, 2, 15)]);
-        let flush = encode_partitioned(&[first, second], PartitionGranularity::Hour, &properties).unwrap();
+        let flush =
+            encode_partitioned(&[first, second], PartitionGranularity::Hour, &properties, None).unwrap();
         assert_eq!(flush.num_duplicates_dropped, 1);
         assert_eq!(flush.files.len(), 1);
         let expected: Vec<(String, i64, i64)> =
@@ -505,14 +550,16 @@ mod tests {
             i64::MAX,
         ] {
             let batch = readings(&[("a", BASE, 1, 1), ("b", event_time, 1, 1)]);
-            let error = encode_partitioned(&[batch], PartitionGranularity::Hour, &properties).unwrap_err();
+            let error =
+                encode_partitioned(&[batch], PartitionGranularity::Hour, &properties, None).unwrap_err();
             assert!(matches!(error, EncodeError::EventTime(_)), "{event_time}: {error:?}");
         }
         let edges = readings(&[
             ("a", sluice_lake::MIN_EVENT_TIME_MICROS, 1, 1),
             ("a", sluice_lake::MAX_EVENT_TIME_MICROS, 2, 2),
         ]);
-        let files = encode_partitioned(&[edges], PartitionGranularity::Hour, &properties).unwrap().files;
+        let files =
+            encode_partitioned(&[edges], PartitionGranularity::Hour, &properties, None).unwrap().files;
         assert_eq!(files.len(), 2, "the first and the last hour the lake can hold");
     }
 }

@@ -7,6 +7,7 @@ use sluice_health::HealthConfig;
 use sluice_jobs::signing::SigningConfig;
 use sluice_kafka::KafkaConfig;
 use sluice_lake::ObjectStoreConfig;
+use sluice_lake::encryption::EncryptionConfig;
 use sluice_schema::SchemasConfig;
 use sluice_telemetry::TelemetryConfig;
 
@@ -22,6 +23,8 @@ pub struct ExecutorConfig {
     pub tables: TablesConfig,
     pub schemas: SchemasConfig,
     pub object_store: ObjectStoreConfig,
+    /// Encrypted columns, the keys to read them, and the jobs that may: docs/operations.md.
+    pub encryption: EncryptionConfig,
     pub kafka: KafkaConfig,
     pub telemetry: TelemetryConfig,
     #[serde(default = "default_health")]
@@ -45,6 +48,7 @@ impl Default for ExecutorConfig {
             tables: TablesConfig::default(),
             schemas: SchemasConfig::default(),
             object_store: ObjectStoreConfig::default(),
+            encryption: EncryptionConfig::default(),
             kafka: KafkaConfig::default(),
             telemetry: TelemetryConfig::default(),
             health: default_health(),
@@ -172,6 +176,14 @@ impl Validate for ExecutorConfig {
         issues.extend(self.kafka.validate("kafka"));
         issues.extend(self.telemetry.validate("telemetry"));
         issues.extend(self.object_store.validate("object_store"));
+        issues.extend(self.encryption.validate("encryption", false));
+        if !self.encryption.decrypting_jobs.is_empty() && !self.signing.enforce {
+            issues.push(ConfigIssue::new(
+                "encryption.decrypting_jobs",
+                "decryption is granted by job name, and with signing.enforce off anyone who can write the jobs \
+                 topic names a job as they like: turn signing on",
+            ));
+        }
         issues.extend(self.health.validate("health"));
         let section = &self.executor;
         if section.group_id.is_empty() {

@@ -65,6 +65,7 @@ pub fn open_catalog(config: &ExecutorConfig) -> Result<Catalog, ExecutorError> {
         &config.object_store,
         &config.tables,
         &config.query,
+        &config.encryption,
         config.executor.max_timeout_ms,
     )?;
     Ok(catalog.with_remote_engine(

@@ -20,6 +20,8 @@ pub use sluice_jobs::records::*;
 use sluice_lake::layout::{RESULT_PARTITION_COLUMN, result_partition, result_path, results_table};
 pub use sluice_query::plan_stats::{planned_files, scan_stats, yield_between_batches};
 
+use sluice_query::Reader;
+
 use crate::catalog::{Catalog, Scope, Snapshot, describe, plan_query};
 use crate::job::{Engine, JobDefinition};
 pub use crate::run_error::RunError;
@@ -140,7 +142,7 @@ impl WindowRun {
         let frame = async {
             let ctx = self
                 .catalog
-                .session(&snapshot, scope, true)
+                .session_for(&snapshot, scope, true, Reader::job(&self.job.name, self.job.engine))
                 .await
                 .map_err(|error| RunError::session(&error))?;
             plan_query(&ctx, &self.job.sql, Some((self.window_start_micros, self.window_end_micros)))

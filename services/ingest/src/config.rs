@@ -37,6 +37,16 @@ pub struct HttpConfig {
     /// PEM certificate chain and key; both set turns on TLS.
     pub tls_cert_path: Option<PathBuf>,
     pub tls_key_path: Option<PathBuf>,
+    /// PEM certificates of the CAs that issue device certificates; set turns on mutual TLS, and a
+    /// certificate's subject CN is then the only `device_id` its connection may write.
+    pub tls_client_ca_path: Option<PathBuf>,
+    /// Whether every client must present a device certificate, or may use a bearer token instead.
+    pub tls_client_certificates: ClientCertificates,
+    /// PEM certificate revocation lists of the device CAs; a revoked device's handshake fails,
+    /// and so does every handshake once a list is past its next update.
+    pub tls_client_crl_path: Option<PathBuf>,
+    /// Streams a device certificate may write; `"*"` for all.
+    pub tls_client_streams: Vec<String>,
     /// Open connections at most; past it a new connection is answered 503 and closed at once, so
     /// that clients holding connections cannot use up the process's file descriptors.
     pub max_connections: usize,
@@ -57,12 +67,28 @@ impl Default for HttpConfig {
             max_in_flight_bytes: 256 * 1024 * 1024,
             tls_cert_path: None,
             tls_key_path: None,
+            tls_client_ca_path: None,
+            tls_client_certificates: ClientCertificates::Required,
+            tls_client_crl_path: None,
+            tls_client_streams: vec!["*".to_string()],
             max_connections: 1_024,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             request_body_timeout_ms: 30_000,
         }
     }
+}
+
+/// Mutual TLS for devices, once `http.tls_client_ca_path` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertificates {
+    /// Writing needs a device certificate; a client without one gets 401 (health and readiness
+    /// stay open to it, for probes).
+    Required,
+    /// A client may instead authenticate with a bearer token (`auth`), for fleets moving to
+    /// certificates; one that presents a certificate is still bound to its device.
+    Optional,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +200,15 @@ pub struct MqttConfig {
     /// bytes and its size. The MQTT broker's own packet limit (Mosquitto `max_packet_size`)
     /// bounds what ingest has to read at all.
     pub max_payload_bytes: usize,
+    /// Connect to the MQTT broker over TLS (its TLS listener, usually port 8883).
+    pub tls: bool,
+    /// PEM certificates of the CA(s) that issued the broker's certificate; unset trusts the
+    /// system's CAs.
+    pub tls_ca_path: Option<PathBuf>,
+    /// PEM certificate chain and key the bridge presents, for brokers that require client
+    /// certificates (Mosquitto `require_certificate true`).
+    pub tls_cert_path: Option<PathBuf>,
+    pub tls_key_path: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -190,6 +225,10 @@ impl Default for MqttConfig {
             keep_alive_secs: 30,
             max_in_flight_messages: 1_000,
             max_payload_bytes: 16 * 1024 * 1024,
+            tls: false,
+            tls_ca_path: None,
+            tls_cert_path: None,
+            tls_key_path: None,
         }
     }
 }
@@ -248,6 +287,47 @@ impl Validate for IngestConfig {
             issues.push(ConfigIssue::new(
                 "http.tls_cert_path",
                 "set both http.tls_cert_path and http.tls_key_path, or neither",
+            ));
+        }
+        let mqtt = &self.mqtt;
+        if mqtt.tls_cert_path.is_some() != mqtt.tls_key_path.is_some() {
+            issues.push(ConfigIssue::new(
+                "mqtt.tls_cert_path",
+                "set both mqtt.tls_cert_path and mqtt.tls_key_path, or neither",
+            ));
+        }
+        if !mqtt.tls && (mqtt.tls_ca_path.is_some() || mqtt.tls_cert_path.is_some()) {
+            issues.push(ConfigIssue::new(
+                "mqtt.tls",
+                "mqtt.tls_ca_path or mqtt.tls_cert_path is set but mqtt.tls is false; set mqtt.tls = true",
+            ));
+        }
+        if http.tls_client_ca_path.is_some() && http.tls_cert_path.is_none() {
+            issues.push(ConfigIssue::new(
+                "http.tls_client_ca_path",
+                "device certificates need TLS on the listener: set http.tls_cert_path and http.tls_key_path",
+            ));
+        }
+        if http.tls_client_ca_path.is_some()
+            && http.tls_client_certificates == ClientCertificates::Optional
+            && !self.auth.enabled
+        {
+            issues.push(ConfigIssue::new(
+                "http.tls_client_certificates",
+                "\"optional\" with auth.enabled = false lets a device leave its certificate out and write \
+                 for any device; turn auth on (tokens for clients without certificates) or require certificates",
+            ));
+        }
+        if http.tls_client_streams.is_empty() {
+            issues.push(ConfigIssue::new(
+                "http.tls_client_streams",
+                "device certificates may write no stream; list streams or \"*\"",
+            ));
+        }
+        if http.tls_client_crl_path.is_some() && http.tls_client_ca_path.is_none() {
+            issues.push(ConfigIssue::new(
+                "http.tls_client_crl_path",
+                "revocation lists need device certificates: set http.tls_client_ca_path",
             ));
         }
         for (index, token) in self.auth.tokens.iter().enumerate() {
@@ -368,6 +448,33 @@ mod tests {
         config.http.max_in_flight_bytes = config.http.max_body_bytes;
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert_eq!(keys, ["http.max_in_flight_bytes", "http.max_connections", "http.idle_timeout_ms"]);
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_together_are_named() {
+        let mut config = IngestConfig::default();
+        config.http.tls_client_ca_path = Some("devices-ca.crt".into());
+        config.http.tls_client_crl_path = Some("devices.crl".into());
+        config.mqtt.tls_cert_path = Some("bridge.crt".into());
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["mqtt.tls_cert_path", "mqtt.tls", "http.tls_client_ca_path"]);
+        config.http.tls_cert_path = Some("tls.crt".into());
+        config.http.tls_key_path = Some("tls.key".into());
+        config.mqtt.tls = true;
+        config.mqtt.tls_key_path = Some("bridge.key".into());
+        assert_eq!(config.validate(), Vec::new());
+        config.http.tls_client_certificates = ClientCertificates::Optional;
+        config.auth.enabled = false;
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["http.tls_client_certificates"]);
+        config.auth.enabled = true;
+        config.http.tls_client_streams.clear();
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["http.tls_client_streams"]);
+        config.http.tls_client_streams.push("telemetry".into());
+        config.http.tls_client_ca_path = None;
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["http.tls_client_crl_path"]);
     }
 
     #[test]

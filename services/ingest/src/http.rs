@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde_json::json;
 use sluice_errors::chain_text;
 use sluice_kafka::TopicNames;
-use sluice_schema::SchemaRegistry;
+use sluice_schema::{KEY_FIELD, SchemaRegistry};
 use tokio::sync::Semaphore;
 use tracing::instrument;
 
@@ -23,6 +23,7 @@ use crate::config::HttpConfig;
 use crate::metrics::{IngestMetrics, RejectReason};
 use crate::producer::{OutgoingRecord, ProduceError, RecordProducer, now_micros};
 use crate::records::{self, BatchError, BodyEncoding, BodyError, MemoryBudget, RecordRules};
+use crate::tls::CertifiedClient;
 
 const TRANSPORT: &str = "http";
 /// Seconds a client should wait before retrying after a 503.
@@ -34,6 +35,8 @@ pub(crate) struct HttpState {
     pub(crate) schemas: SchemaRegistry,
     pub(crate) topics: TopicNames,
     pub(crate) authorizer: Authorizer,
+    /// `http.tls_client_certificates = "required"` with a device CA: no token stands in for one.
+    pub(crate) device_certificates_required: bool,
     pub(crate) producer: RecordProducer,
     pub(crate) metrics: Arc<IngestMetrics>,
     pub(crate) supervisor: crate::tasks::Supervisor,
@@ -135,6 +138,7 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 async fn ingest_records(
     State(state): State<Arc<HttpState>>,
     Path(stream): Path<String>,
+    client_opt: Option<Extension<CertifiedClient>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -142,7 +146,9 @@ async fn ingest_records(
     let known_stream = state.schemas.stream(&stream).is_some();
     // Unknown names come from the URL: keep them out of metric labels.
     let stream_label = if known_stream { stream.as_str() } else { "unknown" };
-    let (status, response) = match accept_records(&state, &stream, &headers, body).await {
+    let client_opt = client_opt.map(|Extension(client)| client);
+    let (status, response) = match accept_records(&state, &stream, client_opt.as_ref(), &headers, body).await
+    {
         Ok(num_records) => {
             state.metrics.record_accepted(stream_label, TRANSPORT, num_records);
             (StatusCode::OK, (StatusCode::OK, axum::Json(json!({ "accepted": num_records }))).into_response())
@@ -301,12 +307,46 @@ async fn read_body(
 async fn accept_records(
     state: &HttpState,
     stream: &str,
+    client_opt: Option<&CertifiedClient>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<usize, (Refusal, usize)> {
     let refuse = |refusal: Refusal| (refusal, 0);
     let authorization_opt = header_str(headers, header::AUTHORIZATION);
-    let decision = state.authorizer.authorize(authorization_opt, stream);
+    // A device certificate authenticates its connection for every stream, in place of a token;
+    // what it limits is the device the readings may name.
+    let (decision, device_opt) = match client_opt {
+        None if state.device_certificates_required => {
+            return Err(refuse(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                RejectReason::Unauthenticated,
+                "writing needs a device certificate (http.tls_client_certificates = \"required\"); \
+                 the connection presented none",
+            )));
+        }
+        None => (state.authorizer.authorize(authorization_opt, stream), None),
+        Some(CertifiedClient::Device(device_id)) => {
+            let streams = &state.http.tls_client_streams;
+            if !streams.iter().any(|allowed| allowed == "*" || allowed == stream) {
+                return Err(refuse(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    RejectReason::Forbidden,
+                    format!(
+                        "device certificates may not write stream '{}' (http.tls_client_streams)",
+                        cut(stream)
+                    ),
+                )));
+            }
+            (AuthDecision::Allowed, Some(&**device_id))
+        }
+        Some(CertifiedClient::Unnamed(why)) => {
+            return Err(refuse(Refusal::new(
+                StatusCode::FORBIDDEN,
+                RejectReason::Forbidden,
+                format!("the client certificate names no device: {why}"),
+            )));
+        }
+    };
     if decision == AuthDecision::Unauthenticated {
         let message = if authorization_opt.is_some() {
             "the bearer token is not valid"
@@ -374,6 +414,12 @@ async fn accept_records(
         }
     };
     let num_records = batch.records.len();
+    if let Some(device_id) = device_opt {
+        let refusal_opt = other_devices_refusal(&batch, device_id);
+        if let Some(refusal) = refusal_opt {
+            return Err((refusal, num_records));
+        }
+    }
     let topic = state.topics.stream(stream);
     let outgoing = batch.records.iter().map(|record| OutgoingRecord {
         key: &record.key,
@@ -397,6 +443,43 @@ async fn accept_records(
             Err((Refusal::unavailable(message), num_records))
         }
     }
+}
+
+/// The refusal of a batch from a certified device that names another device, listing (up to the
+/// usual limit) every reading that does. All or nothing, as for invalid readings.
+fn other_devices_refusal(batch: &records::EncodedBatch, device_id: &str) -> Option<Refusal> {
+    let mut rejected = Vec::new();
+    let mut num_rejected_records = 0;
+    for (index, record) in batch.records.iter().enumerate() {
+        if record.key != device_id {
+            num_rejected_records += 1;
+            if rejected.len() < records::MAX_LISTED_REJECTIONS {
+                rejected.push(records::RejectedRecord {
+                    index,
+                    field: Some(KEY_FIELD.to_string()),
+                    reason: format!(
+                        "'{}' is not the device '{}' named by the client certificate",
+                        cut(&record.key),
+                        cut(device_id)
+                    ),
+                });
+            }
+        }
+    }
+    (num_rejected_records > 0).then(|| Refusal {
+        status: StatusCode::FORBIDDEN,
+        reason: RejectReason::Forbidden,
+        body: json!({
+            "error": format!(
+                "{num_rejected_records} of {} records name another device than the client certificate's; \
+                 nothing was written",
+                batch.records.len()
+            ),
+            "rejected": rejected,
+            "num_rejected_records": num_rejected_records,
+            "rejections_truncated": num_rejected_records > rejected.len(),
+        }),
+    })
 }
 
 /// A body error as an answer; over the in-flight budget it depends on what the request holds.

@@ -158,6 +158,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
     let topics = config.kafka.topic_names();
 
     if config.mqtt.enabled {
+        let tls_opt = tls::mqtt_client_config(&config.mqtt)?;
         let bridge = mqtt::MqttBridge {
             config: config.mqtt.clone(),
             record_rules,
@@ -165,6 +166,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
             topics: topics.clone(),
             producer: producer.clone(),
             metrics: Arc::clone(&metrics),
+            tls_opt,
         };
         supervisor.spawn("mqtt_bridge", bridge.run(shutdown.clone()));
     }
@@ -175,6 +177,8 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
         schemas,
         topics,
         authorizer: auth::Authorizer::new(&config.auth),
+        device_certificates_required: config.http.tls_client_ca_path.is_some()
+            && config.http.tls_client_certificates == config::ClientCertificates::Required,
         producer: producer.clone(),
         metrics: Arc::clone(&metrics),
         supervisor: supervisor.clone(),
@@ -186,12 +190,7 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
     let listener =
         TcpListener::bind(address).await.map_err(|source| IngestError::Bind { address, source })?;
     let local_addr = listener.local_addr().map_err(|source| IngestError::Bind { address, source })?;
-    let tls_opt = match (&config.http.tls_cert_path, &config.http.tls_key_path) {
-        (Some(cert_path), Some(key_path)) => {
-            Some(tokio_rustls::TlsAcceptor::from(tls::load_server_config(cert_path, key_path)?))
-        }
-        _ => None,
-    };
+    let tls_opt = tls::load_server_config(&config.http)?.map(tokio_rustls::TlsAcceptor::from);
     let limits = server::ConnectionLimits::from_config(&config.http);
     warn_if_file_descriptors_short(limits.max_connections);
     {
@@ -208,7 +207,8 @@ pub async fn start(config: IngestConfig, shutdown: CancellationToken) -> Result<
             served.map_err(IngestError::Serve)
         });
     }
-    tracing::info!(%local_addr, tls = config.http.tls_cert_path.is_some(), mqtt = config.mqtt.enabled, "ingest ready");
+    tracing::info!(%local_addr, tls = config.http.tls_cert_path.is_some(),
+        device_certificates = config.http.tls_client_ca_path.is_some(), mqtt = config.mqtt.enabled, "ingest ready");
     Ok(RunningIngest {
         local_addr,
         tracker,

@@ -11,7 +11,7 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
-    SubscribeReasonCode,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use sluice_kafka::TopicNames;
 use sluice_schema::SchemaRegistry;
@@ -56,6 +56,8 @@ pub(crate) struct MqttBridge {
     pub(crate) topics: TopicNames,
     pub(crate) producer: RecordProducer,
     pub(crate) metrics: Arc<IngestMetrics>,
+    /// TLS to the MQTT broker (`mqtt.tls`), loaded at start so that a bad file stops ingest there.
+    pub(crate) tls_opt: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A message as received; the payload of an oversized one is already cut to what a dead letter
@@ -91,6 +93,9 @@ impl MqttBridge {
         if !config.username.is_empty() {
             options.set_credentials(&config.username, config.password.expose());
         }
+        if let Some(tls) = &bridge.tls_opt {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(tls))));
+        }
         // Acks go through the client's request channel; it holds one per message in flight.
         let (client, mut event_loop) = AsyncClient::new(options, config.max_in_flight_messages + 16);
         let (work_tx, work_rx) = mpsc::channel::<Incoming>(config.max_in_flight_messages);
@@ -106,7 +111,7 @@ impl MqttBridge {
             .stream_names()
             .map(|stream| format!("{share_prefix}{}/{stream}/+", config.topic_prefix))
             .collect();
-        tracing::info!(host = %config.host, port = config.port, ?filters, "MQTT bridge starting");
+        tracing::info!(host = %config.host, port = config.port, tls = config.tls, ?filters, "MQTT bridge starting");
 
         let mut work_tx_opt = Some(work_tx);
         loop {

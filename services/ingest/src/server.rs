@@ -28,6 +28,7 @@ use tower::ServiceExt;
 
 use crate::config::HttpConfig;
 use crate::metrics::{ConnectionCloseReason, IngestMetrics};
+use crate::tls::CertifiedClient;
 
 /// How long a connection that is being closed (for idleness or shutdown) may take to say goodbye
 /// (an HTTP/2 GOAWAY, the rest of a response) before it is dropped.
@@ -157,11 +158,19 @@ impl Connection {
         self.metrics.add_http_connections(1);
         let activity = Arc::new(Activity::new());
         match tls_opt {
-            None => self.serve(TokioIo::new(stream), activity).await,
+            None => self.serve(TokioIo::new(stream), activity, None).await,
             Some(acceptor) => {
                 // `timeout` saturates a deadline past what an Instant can hold; `+` would panic.
                 match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => self.serve(TokioIo::new(tls_stream), activity).await,
+                    Ok(Ok(tls_stream)) => {
+                        let client_opt = tls_stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(CertifiedClient::from_certificate);
+                        self.serve(TokioIo::new(tls_stream), activity, client_opt).await
+                    }
                     Ok(Err(error)) => {
                         tracing::debug!(error = %sluice_errors::Chain(&error), "TLS handshake failed");
                         self.metrics.record_connection_closed(ConnectionCloseReason::TlsHandshake);
@@ -176,13 +185,17 @@ impl Connection {
         self.metrics.add_http_connections(-1);
     }
 
-    async fn serve<I>(&self, io: TokioIo<I>, activity: Arc<Activity>)
+    /// Serves requests; each carries the connection's certified client, if it presented one.
+    async fn serve<I>(&self, io: TokioIo<I>, activity: Arc<Activity>, client_opt: Option<CertifiedClient>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let router = self.router.clone();
         let request_activity = Arc::clone(&activity);
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            if let Some(client) = &client_opt {
+                request.extensions_mut().insert(client.clone());
+            }
             let busy = Arc::clone(&request_activity).begin();
             let router = router.clone();
             async move {

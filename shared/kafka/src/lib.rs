@@ -465,6 +465,57 @@ mod tests {
         assert_eq!(consumer.get("group.id"), Some("g"));
     }
 
+    /// What docs/operations.md gives for a real cluster: librdkafka accepts each security setup
+    /// at client creation only when it was built with them (the `ssl` feature), so a build
+    /// without TLS or SCRAM fails here rather than at a user's first connection.
+    #[test]
+    fn tls_and_sasl_settings_pass_through_to_clients_that_accept_them() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+
+        let setups: [&[(&str, &str)]; 3] = [
+            &[("security.protocol", "SSL")],
+            &[
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+                ("sasl.username", "sluice-ingest"),
+                ("sasl.password", "secret"),
+            ],
+            &[
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "PLAIN"),
+                ("sasl.username", "KEY"),
+                ("sasl.password", "SECRET"),
+            ],
+        ];
+        for setup in setups {
+            let mut config = KafkaConfig::default();
+            for (key, value) in setup {
+                config.client.0.insert((*key).into(), (*value).into());
+            }
+            assert_eq!(config.validate("kafka"), Vec::new());
+            let producer = config.producer_config().create::<BaseProducer>();
+            assert!(producer.is_ok(), "{setup:?}: {:?}", producer.err());
+            let consumer = config.consumer_config("g").create::<BaseConsumer>();
+            assert!(consumer.is_ok(), "{setup:?}: {:?}", consumer.err());
+        }
+        // What librdkafka cannot use is refused at creation, saying what: a protocol it does not
+        // know, and SASL credentials left out.
+        let refusals: [(&[(&str, &str)], &str); 2] = [
+            (&[("security.protocol", "SASL_TLS")], "SASL_TLS"),
+            (&[("security.protocol", "SASL_SSL"), ("sasl.mechanism", "PLAIN")], "sasl.username"),
+        ];
+        for (setup, named) in refusals {
+            let mut config = KafkaConfig::default();
+            for (key, value) in setup {
+                config.client.0.insert((*key).into(), (*value).into());
+            }
+            let created = config.producer_config().create::<BaseProducer>();
+            let error = created.err().map(|error| error.to_string()).unwrap_or_default();
+            assert!(error.contains(named), "{setup:?}: {error:?}");
+        }
+    }
+
     #[test]
     fn contradicting_passthrough_is_a_named_error() {
         let mut config = KafkaConfig::default();

@@ -8,6 +8,7 @@
 //! docs/delivery-semantics.md has the guarantees.
 
 mod commit;
+pub mod encryption;
 mod latest;
 pub mod layout;
 mod partition;
@@ -25,7 +26,7 @@ pub use crate::partition::{
     DATE_PARTITION_COLUMN, EventTimeOutOfRange, HOUR_PARTITION_COLUMN, MAX_EVENT_TIME_MICROS,
     MIN_EVENT_TIME_MICROS, PartitionGranularity, PartitionKey,
 };
-pub use crate::stats::delta_stats;
+pub use crate::stats::{delta_stats, delta_stats_without};
 pub use crate::store::{ObjectStoreConfig, StoreError, StoreOptions, open_lake, open_store};
 pub use crate::table::{
     CommittedPosition, FlushesCommitted, LogCommit, NewFile, TableCommit, TableSettings, event_time_app_id,

@@ -4,6 +4,8 @@
 //! JSON (NaN, infinities, long strings) the column's bounds are left out, which only costs
 //! skipping.
 
+use std::collections::BTreeSet;
+
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType, TimestampMillisecondType,
@@ -19,6 +21,12 @@ const MAX_STRING_BOUND_CHARS: usize = 32;
 
 /// The statistics JSON of a file holding exactly the rows of `batches` (one schema).
 pub fn delta_stats(batches: &[RecordBatch]) -> String {
+    delta_stats_without(batches, &BTreeSet::new())
+}
+
+/// The same, saying nothing of the columns in `withheld` (encrypted ones: their bounds and null
+/// counts would tell what the file's encryption hides), as if they had no statistics.
+pub fn delta_stats_without(batches: &[RecordBatch], withheld: &BTreeSet<&str>) -> String {
     let Some(first) = batches.first() else {
         return json!({ "numRecords": 0 }).to_string();
     };
@@ -27,6 +35,9 @@ pub fn delta_stats(batches: &[RecordBatch]) -> String {
     let mut max_values = Map::new();
     let mut null_count = Map::new();
     for (index, field) in schema.fields().iter().enumerate() {
+        if withheld.contains(field.name().as_str()) {
+            continue;
+        }
         let columns: Vec<&dyn Array> = batches.iter().map(|batch| batch.column(index).as_ref()).collect();
         let nulls: usize = columns.iter().map(|column| column.null_count()).sum();
         null_count.insert(field.name().clone(), json!(nulls));
@@ -144,6 +155,21 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn withheld_columns_have_no_bounds_and_no_null_count() {
+        let withheld = BTreeSet::from(["value"]);
+        let stats: Value = serde_json::from_str(&delta_stats_without(
+            &[batch(vec![Some(2.5), None], vec!["b", "a"])],
+            &withheld,
+        ))
+        .unwrap();
+        assert_eq!(stats["numRecords"], 2);
+        for section in ["minValues", "maxValues", "nullCount"] {
+            assert!(stats[section].get("value").is_none(), "{section}: {stats}");
+            assert!(stats[section].get("device_id").is_some(), "{section}: {stats}");
+        }
     }
 
     #[test]

@@ -46,12 +46,14 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
 };
+use sluice_lake::encryption::LakeEncryption;
 use sluice_lake::{
     CommittedFile, DATE_PARTITION_COLUMN, HOUR_PARTITION_COLUMN, Lake, LakeError, LatestTables,
     PartitionGranularity,
 };
 use sluice_schema::{EVENT_TIME_FIELD, KEY_FIELD, SchemaRegistry, to_arrow_schema};
 
+use crate::encryption::{FACTORY_ID, LakeDecryption, Reader, UndecryptableColumns, encrypted_columns};
 use crate::engine::RemoteEngine;
 use crate::join_order::BuildFromGroupedSide;
 use crate::limits::{RunLimits, bound_value_building_functions};
@@ -169,6 +171,9 @@ pub struct Catalog {
     run_limits: RunLimits,
     remote_engine_opt: Option<Arc<dyn RemoteEngine>>,
     file_caches: FileCaches,
+    /// Decrypting sessions' own: statistics they read of encrypted columns stay out of the rest's.
+    decrypting_file_caches: FileCaches,
+    encryption_opt: Option<Arc<LakeEncryption>>,
     latest_tables: Arc<LatestTables>,
 }
 
@@ -226,8 +231,20 @@ impl Catalog {
             run_limits: RunLimits::default(),
             remote_engine_opt: None,
             file_caches: FileCaches::new(),
+            decrypting_file_caches: FileCaches::new(),
+            encryption_opt: None,
             latest_tables: Arc::new(LatestTables::default()),
         }
+    }
+
+    /// Column encryption of the lake: which sessions decrypt, and which are refused the columns.
+    pub fn with_encryption(mut self, encryption_opt: Option<Arc<LakeEncryption>>) -> Self {
+        self.encryption_opt = encryption_opt;
+        self
+    }
+
+    pub fn encryption(&self) -> Option<&Arc<LakeEncryption>> {
+        self.encryption_opt.as_ref()
     }
 
     /// DataFusion's parallelism inside one query (0: one per core).
@@ -303,14 +320,30 @@ impl Catalog {
     /// A session whose tables are the streams (as of `snapshot`, limited to `scope`) and the
     /// reference tables. Reference tables that cannot be read are an error only when
     /// `require_reference_tables` is set; otherwise they are left out (a job that names one is
-    /// then refused with "table not found").
+    /// then refused with "table not found"). It decrypts nothing: [`Catalog::session_for`] says
+    /// for whom to.
     pub async fn session(
         &self,
         snapshot: &Snapshot,
         scope: Scope,
         require_reference_tables: bool,
     ) -> Result<SessionContext, CatalogError> {
-        let mut runtime = RuntimeEnvBuilder::new().with_cache_manager(self.file_caches.config());
+        self.session_for(snapshot, scope, require_reference_tables, Reader::Plaintext).await
+    }
+
+    /// The same for `reader`: encrypted columns are decrypted only for a reader allowed to, and
+    /// [`plan_query`] refuses other readers' queries of them.
+    pub async fn session_for(
+        &self,
+        snapshot: &Snapshot,
+        scope: Scope,
+        require_reference_tables: bool,
+        reader: Reader<'_>,
+    ) -> Result<SessionContext, CatalogError> {
+        let decrypting_opt =
+            self.encryption_opt.as_ref().filter(|encryption| reader.decrypts(encryption)).map(Arc::clone);
+        let caches = if decrypting_opt.is_some() { &self.decrypting_file_caches } else { &self.file_caches };
+        let mut runtime = RuntimeEnvBuilder::new().with_cache_manager(caches.config());
         if self.memory_limit_bytes > 0 {
             runtime = runtime.with_memory_limit(self.memory_limit_bytes, 1.0);
         }
@@ -328,9 +361,27 @@ impl Catalog {
             let streams = streams.clone();
             config = config.with_extension(Arc::new(WindowScope { start_micros, end_micros, streams }));
         }
+        if let Some(encryption) = self.encryption_opt.as_ref().filter(|_| decrypting_opt.is_none()) {
+            let mut undecryptable = UndecryptableColumns::new(encryption, reader);
+            for stream in encryption.encrypted_streams() {
+                let url = self.stream_table_url(stream)?;
+                undecryptable.tables.insert(
+                    url.as_str().to_string(),
+                    (stream.to_string(), encrypted_columns(encryption, stream)),
+                );
+            }
+            config = config.with_extension(Arc::new(undecryptable));
+        }
+        let runtime = runtime.build_arc()?;
+        if let Some(encryption) = &decrypting_opt {
+            runtime.register_parquet_encryption_factory(
+                FACTORY_ID,
+                Arc::new(LakeDecryption { encryption: Arc::clone(encryption) }),
+            );
+        }
         let state = SessionStateBuilder::new()
             .with_config(config)
-            .with_runtime_env(runtime.build_arc()?)
+            .with_runtime_env(runtime)
             .with_default_features()
             .with_physical_optimizer_rules(CoalesceSmallFileBatches::with_rules(
                 BuildFromGroupedSide::with_default_rules(PhysicalOptimizer::new().rules),
@@ -346,7 +397,10 @@ impl Catalog {
         for stream in &streams {
             let Some(schema) = self.registry.stream(stream) else { continue };
             let granularity = snapshot.granularity(stream);
-            let table = self.stream_table(stream, stream_columns(schema), granularity)?;
+            let decrypts = decrypting_opt
+                .as_ref()
+                .is_some_and(|encryption| !encryption.encrypted_columns(stream).is_empty());
+            let table = self.stream_table(stream, stream_columns(schema), granularity, caches, decrypts)?;
             match scope {
                 Scope::All => {
                     ctx.register_table(stream.as_str(), Arc::new(table))?;
@@ -391,26 +445,39 @@ impl Catalog {
         if self.root.as_ref().is_empty() { relative.to_string() } else { format!("{}/{relative}", self.root) }
     }
 
+    fn stream_table_url(&self, stream: &str) -> Result<ListingTableUrl, DataFusionError> {
+        ListingTableUrl::parse(format!("{COMMITTED_URL}{}/", self.relative_to_store(stream)))
+    }
+
+    /// `decrypts`: the table's files are read with the lake's keys (the stream has encrypted
+    /// columns and the session may decrypt them).
     fn stream_table(
         &self,
         stream: &str,
         file_schema: SchemaRef,
         granularity: PartitionGranularity,
+        caches: &FileCaches,
+        decrypts: bool,
     ) -> Result<ListingTable, DataFusionError> {
-        let table_url =
-            ListingTableUrl::parse(format!("{COMMITTED_URL}{}/", self.relative_to_store(stream)))?;
+        let table_url = self.stream_table_url(stream)?;
         // The compactor (and its merges) write every file sorted by key, then event time:
         // declared, it lets per-device windows and sorts merge files instead of sorting rows.
         let sort_order =
             vec![vec![col(KEY_FIELD).sort(true, false), col(EVENT_TIME_FIELD).sort(true, false)]];
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        let mut format = ParquetFormat::default();
+        if decrypts {
+            let mut parquet_options = format.options().clone();
+            parquet_options.crypto.factory_id = Some(FACTORY_ID.to_string());
+            format = format.with_options(parquet_options);
+        }
+        let options = ListingOptions::new(Arc::new(format))
             .with_file_extension(".parquet")
             .with_table_partition_cols(partition_columns(granularity))
             .with_file_sort_order(sort_order);
         Ok(ListingTable::try_new(
             ListingTableConfig::new(table_url).with_listing_options(options).with_schema(file_schema),
         )?
-        .with_cache(Some(Arc::clone(&self.file_caches.statistics))))
+        .with_cache(Some(Arc::clone(&caches.statistics))))
     }
 }
 
@@ -564,7 +631,25 @@ pub async fn plan_query(
     check_read_only(sql)?;
     let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
     let frame = ctx.sql_with_options(sql, options).await.map_err(QueryError::Planning)?;
-    let Some((start, end)) = window_opt else { return Ok(frame) };
+    let frame = match window_opt {
+        None => frame,
+        Some((start, end)) => bind_window(ctx, frame, start, end)?,
+    };
+    let undecryptable = ctx.state_ref().read().config().get_extension::<UndecryptableColumns>();
+    if let Some(undecryptable) = undecryptable {
+        // On the optimized plan: before projection pushdown every scan reads every column.
+        let optimized = ctx.state().optimize(frame.logical_plan()).map_err(QueryError::Planning)?;
+        undecryptable.check(&optimized)?;
+    }
+    Ok(frame)
+}
+
+fn bind_window(
+    ctx: &SessionContext,
+    frame: DataFrame,
+    start: i64,
+    end: i64,
+) -> Result<DataFrame, QueryError> {
     let frame = frame
         .with_param_values(vec![
             (WINDOW_START_PLACEHOLDER, timestamp_literal(start)),

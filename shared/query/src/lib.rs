@@ -5,6 +5,7 @@
 //! depends on one.
 
 pub mod catalog;
+pub mod encryption;
 pub mod engine;
 mod join_order;
 pub mod limits;
@@ -19,5 +20,6 @@ mod window_bounds;
 pub mod window_read;
 
 pub use crate::catalog::{Catalog, CatalogError, QueryError, Scope, Snapshot, plan_query};
+pub use crate::encryption::Reader;
 pub use crate::settings::{OpenCatalogError, QueryConfig, open_catalog};
 pub use crate::validate::{ValidatedJob, ValidationError, validate_job};

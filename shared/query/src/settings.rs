@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sluice_lake::encryption::{EncryptionConfig, EncryptionError, LakeEncryption};
 use sluice_lake::{ObjectStoreConfig, StoreError, open_store};
 use sluice_schema::{SchemaError, SchemaRegistry, SchemasConfig};
 
@@ -63,6 +64,8 @@ pub enum OpenCatalogError {
     Schemas(#[from] SchemaError),
     #[error("failed to open the object store")]
     Store(#[from] StoreError),
+    #[error("failed to set up column encryption")]
+    Encryption(#[from] EncryptionError),
 }
 
 /// The catalog a configuration describes: the lake's store, the stream schemas, the reference
@@ -73,11 +76,14 @@ pub fn open_catalog(
     object_store: &ObjectStoreConfig,
     tables: &TablesConfig,
     query: &QueryConfig,
+    encryption: &EncryptionConfig,
     max_timeout_ms: u64,
 ) -> Result<Catalog, OpenCatalogError> {
     let registry = Arc::new(SchemaRegistry::load_directory(&schemas.directory)?);
+    let encryption_opt = LakeEncryption::from_config(encryption, &registry)?;
     let (store, root) = open_store(object_store)?;
     Ok(Catalog::new(store, root, registry, tables.reference.clone())
+        .with_encryption(encryption_opt)
         .with_target_partitions(query.target_partitions)
         .with_memory_limit(query.memory_limit_bytes)
         .with_run_limits(query.run_limits(max_timeout_ms)))

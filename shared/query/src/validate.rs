@@ -11,6 +11,7 @@ use sluice_jobs::job::{DefinitionError, Engine, JobDefinition};
 use sluice_lake::layout::RESULT_PARTITION_COLUMN;
 
 use crate::catalog::{Catalog, CatalogError, QueryError, Scope, has_io_cause, plan_query};
+use crate::encryption::Reader;
 
 /// Why a definition was not accepted. Each message is for the submitter; [`Self::class`] says
 /// whether the definition is at fault or the lake was.
@@ -80,7 +81,9 @@ pub async fn validate_job(
         return Err(ValidationError::NoCluster);
     }
     let snapshot = catalog.snapshot().await.map_err(ValidationError::Catalog)?;
-    let ctx = catalog.session(&snapshot, Scope::All, false).await.map_err(ValidationError::Catalog)?;
+    let reader = Reader::job(&definition.name, definition.engine);
+    let ctx =
+        catalog.session_for(&snapshot, Scope::All, false, reader).await.map_err(ValidationError::Catalog)?;
     let frame = plan_query(&ctx, &definition.sql, Some((0, definition.window_micros))).await?;
     let result_schema = frame.schema().as_arrow();
     if result_schema.field_with_name(RESULT_PARTITION_COLUMN).is_ok() {
