@@ -26,6 +26,26 @@ fn succeeded(output: &Output, what: &str) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
 
+/// Renders with `template`, then validates every manifest against the Kubernetes API schemas:
+/// the manifests as text, the directory they were written to, and their file there.
+fn render_and_validate(
+    bin: &Path,
+    template: &mut Command,
+    what: &str,
+) -> (String, tempfile::TempDir, PathBuf) {
+    let rendered = succeeded(&template.output().unwrap(), what);
+    let work = tempfile::TempDir::new().unwrap();
+    let manifests = work.path().join("rendered.yaml");
+    std::fs::write(&manifests, &rendered).unwrap();
+    let validate = Command::new(bin.join("kubernetes-validate"))
+        .args(["--strict", "--quiet"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    succeeded(&validate, "kubernetes-validate");
+    (rendered, work, manifests)
+}
+
 /// Writes each `<service>.toml` found in the rendered ConfigMaps and Secrets into `directory`.
 fn extract_configs(manifests: &Path, directory: &Path) -> Vec<PathBuf> {
     let script = r#"
@@ -65,16 +85,7 @@ fn chart_lints_renders_validates_and_its_configs_load() {
             template.arg("-f").arg(values);
         }
         succeeded(&lint.output().unwrap(), "helm lint");
-        let rendered = succeeded(&template.output().unwrap(), "helm template");
-        let work = tempfile::TempDir::new().unwrap();
-        let manifests = work.path().join("rendered.yaml");
-        std::fs::write(&manifests, &rendered).unwrap();
-        let validate = Command::new(bin.join("kubernetes-validate"))
-            .args(["--strict", "--quiet"])
-            .arg(&manifests)
-            .output()
-            .unwrap();
-        succeeded(&validate, "kubernetes-validate");
+        let (rendered, work, manifests) = render_and_validate(&bin, &mut template, "helm template");
 
         for kind in ["kind: Deployment", "kind: PodDisruptionBudget", "kind: ConfigMap", "kind: Service\n"] {
             assert!(rendered.contains(kind), "{kind} rendered");
@@ -193,16 +204,8 @@ fn device_certificates_mount_their_secrets_probe_over_https_and_load() {
     for value in device_values {
         template.args(["--set", value]);
     }
-    let rendered = succeeded(&template.output().unwrap(), "helm template with device certificates");
-    let work = tempfile::TempDir::new().unwrap();
-    let manifests = work.path().join("rendered.yaml");
-    std::fs::write(&manifests, &rendered).unwrap();
-    let validate = Command::new(bin.join("kubernetes-validate"))
-        .args(["--strict", "--quiet"])
-        .arg(&manifests)
-        .output()
-        .unwrap();
-    succeeded(&validate, "kubernetes-validate");
+    let (rendered, work, manifests) =
+        render_and_validate(&bin, &mut template, "helm template with device certificates");
     assert!(
         rendered.contains("secretName: \"ingest-tls\"") && rendered.contains("secretName: \"device-ca\"")
     );

@@ -93,60 +93,92 @@ async fn post_reading(
     Ok((status, response.json().await.unwrap_or(serde_json::Value::Null)))
 }
 
-/// A listener with device certificates from `device_ca` (and its revocation list) in `mode`, and
-/// bearer-token authentication on with one token, `token`.
-async fn start_with_device_certificates(
-    broker: &Broker,
-    server: &PemPair,
-    device_ca: &TestCa,
-    crl_path: std::path::PathBuf,
-    mode: ClientCertificates,
-    token: &str,
-) -> IngestService {
-    let mut config = ingest_config(broker);
-    config.http.tls_cert_path = Some(server.cert_path.clone());
-    config.http.tls_key_path = Some(server.key_path.clone());
-    config.http.tls_client_ca_path = Some(device_ca.cert_path.clone());
-    config.http.tls_client_crl_path = Some(crl_path);
-    config.http.tls_client_certificates = mode;
-    config.auth.enabled = true;
-    config.auth.tokens = vec![TokenConfig {
-        name: "gateway".to_string(),
-        token_sha256: Secret::new(hex::encode(Sha256::digest(token.as_bytes()))),
-        streams: vec!["*".to_string()],
-    }];
-    IngestService::start(config).await.unwrap()
+const GATEWAY_TOKEN: &str = "gateway-token";
+
+/// Ingest on its own broker with device certificates in `mode` and bearer tokens on (one token,
+/// [`GATEWAY_TOKEN`]). The device CA has issued `device_a` (CN tractor-7, serial 101) and
+/// `revoked` (CN stolen-3, serial 102, on the CA's revocation list).
+struct DeviceCertificates {
+    broker: Broker,
+    directory: tempfile::TempDir,
+    server_ca: TestCa,
+    device_ca: TestCa,
+    device_a: PemPair,
+    revoked: PemPair,
+    ingest: IngestService,
+    port: u16,
+}
+
+impl DeviceCertificates {
+    async fn start(mode: ClientCertificates) -> Self {
+        let broker = Broker::start().await.unwrap();
+        let directory = tempfile::TempDir::new().unwrap();
+        let server_ca = TestCa::new(directory.path(), "server").unwrap();
+        let server = server_ca.server("ingest").unwrap();
+        let device_ca = TestCa::new(directory.path(), "devices").unwrap();
+        let device_a = device_ca.client("device-a", Some("tractor-7"), 101).unwrap();
+        let revoked = device_ca.client("device-r", Some("stolen-3"), 102).unwrap();
+        let mut config = ingest_config(&broker);
+        config.http.tls_cert_path = Some(server.cert_path.clone());
+        config.http.tls_key_path = Some(server.key_path.clone());
+        config.http.tls_client_ca_path = Some(device_ca.cert_path.clone());
+        config.http.tls_client_crl_path = Some(device_ca.revocation_list("devices", &[102]).unwrap());
+        config.http.tls_client_certificates = mode;
+        config.auth.enabled = true;
+        config.auth.tokens = vec![TokenConfig {
+            name: "gateway".to_string(),
+            token_sha256: Secret::new(hex::encode(Sha256::digest(GATEWAY_TOKEN.as_bytes()))),
+            streams: vec!["*".to_string()],
+        }];
+        let ingest = IngestService::start(config).await.unwrap();
+        let port: u16 = ingest.base_url.rsplit(':').next().unwrap().parse().unwrap();
+        Self { broker, directory, server_ca, device_ca, device_a, revoked, ingest, port }
+    }
+
+    /// A client that trusts the listener and presents `identity_opt`.
+    fn client(&self, identity_opt: Option<&PemPair>) -> reqwest::Client {
+        tls_client(&self.server_ca, identity_opt, self.port)
+    }
+
+    async fn post(
+        &self,
+        client: &reqwest::Client,
+        readings: serde_json::Value,
+        token_opt: Option<&str>,
+    ) -> reqwest::Result<(StatusCode, serde_json::Value)> {
+        post_reading(client, self.port, readings, token_opt).await
+    }
+
+    /// The keys of the `expected` records that reached Kafka (and of any that came after them
+    /// within a second), sorted; then ingest stops.
+    async fn stop_with_keys_in_kafka(self, expected: usize) -> Vec<Option<String>> {
+        let records = consume_topic(
+            &self.broker.bootstrap_servers(),
+            &self.ingest.stream_topic("telemetry"),
+            expected,
+            Duration::from_millis(1_000),
+        )
+        .await
+        .unwrap();
+        let mut keys: Vec<_> = records.iter().map(|record| record.key.clone()).collect();
+        keys.sort();
+        self.ingest.stop().await.unwrap();
+        keys
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_certificate_lets_its_connection_write_only_its_own_device() {
-    let broker = Broker::start().await.unwrap();
-    let directory = tempfile::TempDir::new().unwrap();
-    let server_ca = TestCa::new(directory.path(), "server").unwrap();
-    let server = server_ca.server("ingest").unwrap();
-    let device_ca = TestCa::new(directory.path(), "devices").unwrap();
-    let device_a = device_ca.client("device-a", Some("tractor-7"), 101).unwrap();
-    let revoked = device_ca.client("device-r", Some("stolen-3"), 102).unwrap();
-    let unnamed = device_ca.client("device-u", None, 103).unwrap();
-    let rogue_ca = TestCa::new(directory.path(), "rogue").unwrap();
+    let site = DeviceCertificates::start(ClientCertificates::Required).await;
+    let unnamed = site.device_ca.client("device-u", None, 103).unwrap();
+    let rogue_ca = TestCa::new(site.directory.path(), "rogue").unwrap();
     let rogue = rogue_ca.client("rogue-a", Some("tractor-7"), 101).unwrap();
-    let crl_path = device_ca.revocation_list("devices", &[102]).unwrap();
-    let ingest = start_with_device_certificates(
-        &broker,
-        &server,
-        &device_ca,
-        crl_path,
-        ClientCertificates::Required,
-        "gateway-token",
-    )
-    .await;
-    let port: u16 = ingest.base_url.rsplit(':').next().unwrap().parse().unwrap();
     let now = now_micros();
 
     // Its own device, no token needed; readings naming it in any number are one write.
-    let device_client = tls_client(&server_ca, Some(&device_a), port);
+    let device_client = site.client(Some(&site.device_a));
     let own = json!([{"device_id": "tractor-7", "ts": now, "seq": 1}, {"device_id": "tractor-7", "ts": now, "seq": 2}]);
-    let (status, body) = post_reading(&device_client, port, own, None).await.unwrap();
+    let (status, body) = site.post(&device_client, own, None).await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // A batch naming another device anywhere is refused as a whole, listing what named it.
@@ -155,7 +187,7 @@ async fn a_device_certificate_lets_its_connection_write_only_its_own_device() {
         {"device_id": "tractor-8", "ts": now, "seq": 1},
         {"device_id": "tractor-77", "ts": now, "seq": 1}
     ]);
-    let (status, body) = post_reading(&device_client, port, mixed, Some("gateway-token")).await.unwrap();
+    let (status, body) = site.post(&device_client, mixed, Some(GATEWAY_TOKEN)).await.unwrap();
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["num_rejected_records"], 2, "{body}");
     assert_eq!(body["rejected"][0]["index"], 1, "{body}");
@@ -163,102 +195,62 @@ async fn a_device_certificate_lets_its_connection_write_only_its_own_device() {
     assert!(body["rejected"][0]["reason"].as_str().unwrap().contains("tractor-8"), "{body}");
 
     // A certificate from the device CA that names no device may write nothing.
-    let unnamed_client = tls_client(&server_ca, Some(&unnamed), port);
+    let unnamed_client = site.client(Some(&unnamed));
     let reading = json!({"device_id": "tractor-7", "ts": now, "seq": 4});
-    let (status, body) = post_reading(&unnamed_client, port, reading.clone(), None).await.unwrap();
+    let (status, body) = site.post(&unnamed_client, reading.clone(), None).await.unwrap();
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body["error"].as_str().unwrap().contains("common name"), "{body}");
 
     // No certificate: 401 even with a valid token, while probes still get answers.
-    let anonymous = tls_client(&server_ca, None, port);
-    let (status, body) =
-        post_reading(&anonymous, port, reading.clone(), Some("gateway-token")).await.unwrap();
+    let anonymous = site.client(None);
+    let (status, body) = site.post(&anonymous, reading.clone(), Some(GATEWAY_TOKEN)).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body["error"].as_str().unwrap().contains("device certificate"), "{body}");
-    let probe = anonymous.get(format!("https://localhost:{port}/healthz")).send().await.unwrap();
+    let probe = anonymous.get(format!("https://localhost:{}/healthz", site.port)).send().await.unwrap();
     assert_eq!(probe.status(), StatusCode::OK);
 
     // A revoked certificate, or one from another CA with the same name: the handshake fails, so
     // no request is ever read.
     for (what, client) in [
-        ("a revoked certificate", tls_client(&server_ca, Some(&revoked), port)),
-        ("another CA's certificate", tls_client(&server_ca, Some(&rogue), port)),
+        ("a revoked certificate", site.client(Some(&site.revoked))),
+        ("another CA's certificate", site.client(Some(&rogue))),
     ] {
-        let result = post_reading(&client, port, reading.clone(), Some("gateway-token")).await;
+        let result = site.post(&client, reading.clone(), Some(GATEWAY_TOKEN)).await;
         assert!(result.is_err(), "{what} was answered: {result:?}");
     }
 
     // Only the first two readings reached Kafka.
-    let records = consume_topic(
-        &broker.bootstrap_servers(),
-        &ingest.stream_topic("telemetry"),
-        2,
-        Duration::from_millis(1_000),
-    )
-    .await
-    .unwrap();
-    let keys: Vec<_> = records.iter().map(|record| record.key.clone()).collect();
+    let keys = site.stop_with_keys_in_kafka(2).await;
     assert_eq!(keys, vec![Some("tractor-7".to_string()), Some("tractor-7".to_string())]);
-    ingest.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optional_device_certificates_let_token_holders_in_and_still_bind_certified_devices() {
-    let broker = Broker::start().await.unwrap();
-    let directory = tempfile::TempDir::new().unwrap();
-    let server_ca = TestCa::new(directory.path(), "server").unwrap();
-    let server = server_ca.server("ingest").unwrap();
-    let device_ca = TestCa::new(directory.path(), "devices").unwrap();
-    let device_a = device_ca.client("device-a", Some("tractor-7"), 101).unwrap();
-    let revoked = device_ca.client("device-r", Some("stolen-3"), 102).unwrap();
-    let crl_path = device_ca.revocation_list("devices", &[102]).unwrap();
-    let ingest = start_with_device_certificates(
-        &broker,
-        &server,
-        &device_ca,
-        crl_path,
-        ClientCertificates::Optional,
-        "gateway-token",
-    )
-    .await;
-    let port: u16 = ingest.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    let site = DeviceCertificates::start(ClientCertificates::Optional).await;
     let now = now_micros();
-    let anonymous = tls_client(&server_ca, None, port);
+    let anonymous = site.client(None);
     let other_device = json!({"device_id": "tractor-8", "ts": now, "seq": 1});
 
-    let (status, _) = post_reading(&anonymous, port, other_device.clone(), None).await.unwrap();
+    let (status, _) = site.post(&anonymous, other_device.clone(), None).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) =
-        post_reading(&anonymous, port, other_device.clone(), Some("not-the-token")).await.unwrap();
+    let (status, _) = site.post(&anonymous, other_device.clone(), Some("not-the-token")).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, body) =
-        post_reading(&anonymous, port, other_device.clone(), Some("gateway-token")).await.unwrap();
+    let (status, body) = site.post(&anonymous, other_device.clone(), Some(GATEWAY_TOKEN)).await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // A presented certificate binds its connection even where a token would let it write more.
-    let device_client = tls_client(&server_ca, Some(&device_a), port);
-    let (status, body) =
-        post_reading(&device_client, port, other_device, Some("gateway-token")).await.unwrap();
+    let device_client = site.client(Some(&site.device_a));
+    let (status, body) = site.post(&device_client, other_device, Some(GATEWAY_TOKEN)).await.unwrap();
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let own = json!({"device_id": "tractor-7", "ts": now, "seq": 1});
-    let (status, body) = post_reading(&device_client, port, own.clone(), None).await.unwrap();
+    let (status, body) = site.post(&device_client, own.clone(), None).await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     // Optional does not mean unchecked: a revoked certificate still fails the handshake.
-    let revoked_client = tls_client(&server_ca, Some(&revoked), port);
-    assert!(post_reading(&revoked_client, port, own, Some("gateway-token")).await.is_err());
+    let revoked_client = site.client(Some(&site.revoked));
+    assert!(site.post(&revoked_client, own, Some(GATEWAY_TOKEN)).await.is_err());
 
-    let records = consume_topic(
-        &broker.bootstrap_servers(),
-        &ingest.stream_topic("telemetry"),
-        2,
-        Duration::from_millis(1_000),
-    )
-    .await
-    .unwrap();
-    let mut keys: Vec<_> = records.iter().map(|record| record.key.clone()).collect();
-    keys.sort();
+    let keys = site.stop_with_keys_in_kafka(2).await;
     assert_eq!(keys, vec![Some("tractor-7".to_string()), Some("tractor-8".to_string())]);
-    ingest.stop().await.unwrap();
 }
 
 const NUM_HELD_REQUESTS: usize = 4;

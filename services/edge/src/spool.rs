@@ -603,6 +603,15 @@ mod tests {
         SpoolConfig { directory: directory.to_path_buf(), max_bytes, segment_bytes, full_policy }
     }
 
+    /// A refusing spool of `max_bytes` in `directory` with `num_frames` appended one at a time.
+    async fn filled(directory: &Path, max_bytes: u64, segment_bytes: u64, num_frames: u64) -> Spool {
+        let spool = Spool::open(config(directory, max_bytes, segment_bytes, FullPolicy::Refuse)).unwrap();
+        for index in 0..num_frames {
+            spool.append(payload(index)).await.unwrap();
+        }
+        spool
+    }
+
     fn payload(index: u64) -> Vec<u8> {
         format!("reading-{index:06}").into_bytes()
     }
@@ -650,10 +659,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn forwarded_frames_stay_forwarded_and_their_segments_go() {
         let directory = tempfile::TempDir::new().unwrap();
-        let spool = Spool::open(config(directory.path(), 1 << 20, 200, FullPolicy::Refuse)).unwrap();
-        for index in 0..50 {
-            spool.append(payload(index)).await.unwrap();
-        }
+        let spool = filled(directory.path(), 1 << 20, 200, 50).await;
         let batch = spool.unforwarded(20, usize::MAX).unwrap();
         assert_eq!(batch.len(), 20);
         let files_before = segment_files(directory.path()).len();
@@ -677,10 +683,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_torn_tail_is_cut_at_every_byte_and_what_came_before_survives() {
         let directory = tempfile::TempDir::new().unwrap();
-        let spool = Spool::open(config(directory.path(), 1 << 20, 1 << 20, FullPolicy::Refuse)).unwrap();
-        for index in 0..3 {
-            spool.append(payload(index)).await.unwrap();
-        }
+        let spool = filled(directory.path(), 1 << 20, 1 << 20, 3).await;
         drop(spool);
         let file = segment_files(directory.path()).pop().unwrap();
         let whole = std::fs::read(&file).unwrap();
@@ -706,10 +709,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn corruption_before_the_newest_segment_refuses_to_open_and_names_the_file() {
         let directory = tempfile::TempDir::new().unwrap();
-        let spool = Spool::open(config(directory.path(), 1 << 20, 60, FullPolicy::Refuse)).unwrap();
-        for index in 0..10 {
-            spool.append(payload(index)).await.unwrap();
-        }
+        let spool = filled(directory.path(), 1 << 20, 60, 10).await;
         drop(spool);
         let first = segment_files(directory.path()).remove(0);
         let mut bytes = std::fs::read(&first).unwrap();
@@ -725,11 +725,7 @@ mod tests {
         let directory = tempfile::TempDir::new().unwrap();
         let frame = (FRAME_HEADER_BYTES + payload(0).len()) as u64;
         // Room for exactly ten frames, two per segment.
-        let refusing =
-            Spool::open(config(directory.path(), 10 * frame, 2 * frame, FullPolicy::Refuse)).unwrap();
-        for index in 0..10 {
-            refusing.append(payload(index)).await.unwrap();
-        }
+        let refusing = filled(directory.path(), 10 * frame, 2 * frame, 10).await;
         let error = refusing.append(payload(10)).await.unwrap_err();
         assert!(matches!(error, SpoolError::Full { .. }), "{error}");
         assert_eq!(refusing.usage(), (10 * frame, 10));

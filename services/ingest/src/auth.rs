@@ -66,12 +66,16 @@ impl Authorizer {
         }
         match matched_opt {
             None => AuthDecision::Unauthenticated,
-            Some(entry) if entry.streams.iter().any(|allowed| allowed == "*" || allowed == stream) => {
-                AuthDecision::Allowed
-            }
+            Some(entry) if may_write(&entry.streams, stream) => AuthDecision::Allowed,
             Some(entry) => AuthDecision::Forbidden { token_name: entry.name.clone() },
         }
     }
+}
+
+/// Whether a list of writable streams (a token's, or `http.tls_client_streams`) names `stream`,
+/// or is `"*"`.
+pub(crate) fn may_write(streams: &[String], stream: &str) -> bool {
+    streams.iter().any(|allowed| allowed == "*" || allowed == stream)
 }
 
 #[cfg(test)]

@@ -18,11 +18,13 @@ use sluice_schema::{KEY_FIELD, SchemaRegistry};
 use tokio::sync::Semaphore;
 use tracing::instrument;
 
-use crate::auth::{AuthDecision, Authorizer};
+use crate::auth::{AuthDecision, Authorizer, may_write};
 use crate::config::HttpConfig;
 use crate::metrics::{IngestMetrics, RejectReason};
 use crate::producer::{OutgoingRecord, ProduceError, RecordProducer, now_micros};
-use crate::records::{self, BatchError, BodyEncoding, BodyError, MemoryBudget, RecordRules};
+use crate::records::{
+    self, BatchError, BodyEncoding, BodyError, MemoryBudget, RecordRules, RejectedRecord, Rejections,
+};
 use crate::tls::CertifiedClient;
 
 const TRANSPORT: &str = "http";
@@ -99,6 +101,17 @@ impl Refusal {
                 "ingest is at its in-flight byte limit (http.max_in_flight_bytes); nothing was written, retry shortly",
             ),
         }
+    }
+
+    /// A refusal of some of a batch's records, each listed (up to the limit) with its reason.
+    fn listing(status: StatusCode, reason: RejectReason, message: String, rejections: Rejections) -> Self {
+        let body = json!({
+            "error": message,
+            "num_rejected_records": rejections.num_rejected_records,
+            "rejections_truncated": rejections.truncated(),
+            "rejected": rejections.listed,
+        });
+        Self { status, reason, body }
     }
 
     fn unavailable(message: impl Into<String>) -> Self {
@@ -326,8 +339,7 @@ async fn accept_records(
         }
         None => (state.authorizer.authorize(authorization_opt, stream), None),
         Some(CertifiedClient::Device(device_id)) => {
-            let streams = &state.http.tls_client_streams;
-            if !streams.iter().any(|allowed| allowed == "*" || allowed == stream) {
+            if !may_write(&state.http.tls_client_streams, stream) {
                 return Err(refuse(Refusal::new(
                     StatusCode::FORBIDDEN,
                     RejectReason::Forbidden,
@@ -397,19 +409,12 @@ async fn accept_records(
         Ok(batch) => batch,
         Err(BatchError::Body(error)) => return Err(refuse(body_refusal(&in_flight, error))),
         Err(BatchError::Rejected { rejections, num_records }) => {
-            let refusal = Refusal {
-                status: StatusCode::BAD_REQUEST,
-                reason: RejectReason::Invalid,
-                body: json!({
-                    "error": format!(
-                        "{} of {num_records} records are invalid; nothing was written",
-                        rejections.num_rejected_records
-                    ),
-                    "rejected": rejections.listed,
-                    "num_rejected_records": rejections.num_rejected_records,
-                    "rejections_truncated": rejections.truncated(),
-                }),
-            };
+            let message = format!(
+                "{} of {num_records} records are invalid; nothing was written",
+                rejections.num_rejected_records
+            );
+            let refusal =
+                Refusal::listing(StatusCode::BAD_REQUEST, RejectReason::Invalid, message, rejections);
             return Err((refusal, num_records));
         }
     };
@@ -448,38 +453,27 @@ async fn accept_records(
 /// The refusal of a batch from a certified device that names another device, listing (up to the
 /// usual limit) every reading that does. All or nothing, as for invalid readings.
 fn other_devices_refusal(batch: &records::EncodedBatch, device_id: &str) -> Option<Refusal> {
-    let mut rejected = Vec::new();
-    let mut num_rejected_records = 0;
-    for (index, record) in batch.records.iter().enumerate() {
-        if record.key != device_id {
-            num_rejected_records += 1;
-            if rejected.len() < records::MAX_LISTED_REJECTIONS {
-                rejected.push(records::RejectedRecord {
-                    index,
-                    field: Some(KEY_FIELD.to_string()),
-                    reason: format!(
-                        "'{}' is not the device '{}' named by the client certificate",
-                        cut(&record.key),
-                        cut(device_id)
-                    ),
-                });
-            }
-        }
-    }
-    (num_rejected_records > 0).then(|| Refusal {
-        status: StatusCode::FORBIDDEN,
-        reason: RejectReason::Forbidden,
-        body: json!({
-            "error": format!(
-                "{num_rejected_records} of {} records name another device than the client certificate's; \
-                 nothing was written",
-                batch.records.len()
+    let mut rejections = Rejections::default();
+    for (index, record) in batch.records.iter().enumerate().filter(|(_, record)| record.key != device_id) {
+        rejections.add_record([RejectedRecord {
+            index,
+            field: Some(KEY_FIELD.to_string()),
+            reason: format!(
+                "'{}' is not the device '{}' named by the client certificate",
+                cut(&record.key),
+                cut(device_id)
             ),
-            "rejected": rejected,
-            "num_rejected_records": num_rejected_records,
-            "rejections_truncated": num_rejected_records > rejected.len(),
-        }),
-    })
+        }]);
+    }
+    if rejections.is_empty() {
+        return None;
+    }
+    let message = format!(
+        "{} of {} records name another device than the client certificate's; nothing was written",
+        rejections.num_rejected_records,
+        batch.records.len()
+    );
+    Some(Refusal::listing(StatusCode::FORBIDDEN, RejectReason::Forbidden, message, rejections))
 }
 
 /// A body error as an answer; over the in-flight budget it depends on what the request holds.

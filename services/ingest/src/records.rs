@@ -154,7 +154,8 @@ pub(crate) struct Rejections {
 }
 
 impl Rejections {
-    fn add_record(&mut self, rejections: impl IntoIterator<Item = RejectedRecord>) {
+    /// Adds one record's rejections (none: the record passed).
+    pub(crate) fn add_record(&mut self, rejections: impl IntoIterator<Item = RejectedRecord>) {
         let mut any = false;
         for rejection in rejections {
             any = true;

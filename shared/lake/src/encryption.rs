@@ -141,9 +141,7 @@ impl MasterKey {
     /// A new random 32-byte key, base64: a line of a key file.
     pub fn generate_base64() -> Result<String, EncryptionError> {
         let mut bytes = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut bytes)
-            .map_err(|_| EncryptionError::Crypto("no randomness from the system".into()))?;
+        fill_random(&mut bytes)?;
         Ok(BASE64.encode(bytes))
     }
 
@@ -158,9 +156,7 @@ impl MasterKey {
     /// cannot be passed off as another master key's): base64 of nonce, ciphertext and tag.
     fn wrap(&self, id: &str, data_key: &[u8]) -> Result<String, EncryptionError> {
         let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| EncryptionError::Crypto("no randomness from the system".into()))?;
+        fill_random(&mut nonce)?;
         let mut sealed = data_key.to_vec();
         self.aead_key()?
             .seal_in_place_append_tag(
@@ -378,13 +374,17 @@ impl LakeEncryption {
 
     fn new_data_key(&self, master_id: &str, is_footer: bool) -> Result<(Vec<u8>, Vec<u8>), EncryptionError> {
         let mut data_key = vec![0u8; DATA_KEY_BYTES];
-        SystemRandom::new()
-            .fill(&mut data_key)
-            .map_err(|_| EncryptionError::Crypto("no randomness from the system".into()))?;
+        fill_random(&mut data_key)?;
         let provider = self.provider_opt.as_ref().ok_or(EncryptionError::NoKeys)?;
         let wrapped = provider.master_key(master_id)?.wrap(master_id, &data_key)?;
         Ok((data_key, key_material(master_id, &wrapped, is_footer)))
     }
+}
+
+fn fill_random(bytes: &mut [u8]) -> Result<(), EncryptionError> {
+    SystemRandom::new()
+        .fill(bytes)
+        .map_err(|_| EncryptionError::Crypto("no randomness from the system".into()))
 }
 
 /// Parquet key tools' key material (`PKMT1`), stored inside the file.

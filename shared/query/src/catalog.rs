@@ -374,10 +374,8 @@ impl Catalog {
         }
         let runtime = runtime.build_arc()?;
         if let Some(encryption) = &decrypting_opt {
-            runtime.register_parquet_encryption_factory(
-                FACTORY_ID,
-                Arc::new(LakeDecryption { encryption: Arc::clone(encryption) }),
-            );
+            runtime
+                .register_parquet_encryption_factory(FACTORY_ID, Arc::new(LakeDecryption::new(encryption)?));
         }
         let state = SessionStateBuilder::new()
             .with_config(config)

@@ -77,10 +77,19 @@ impl Reader<'_> {
 }
 
 /// Hands Parquet the lake's key retriever for every file of a decrypting session's encrypted
-/// streams (plaintext files read through it too).
+/// streams (plaintext files read through it too). Built once per session: every file's keys are
+/// in the file, so one retriever serves them all.
 #[derive(Debug)]
 pub(crate) struct LakeDecryption {
-    pub(crate) encryption: Arc<LakeEncryption>,
+    properties: Arc<FileDecryptionProperties>,
+}
+
+impl LakeDecryption {
+    pub(crate) fn new(encryption: &LakeEncryption) -> Result<Self, DataFusionError> {
+        let properties =
+            encryption.decryption().map_err(|error| DataFusionError::External(Box::new(error)))?;
+        Ok(Self { properties })
+    }
 }
 
 #[async_trait]
@@ -100,9 +109,7 @@ impl EncryptionFactory for LakeDecryption {
         _config: &EncryptionFactoryOptions,
         _file_path: &Path,
     ) -> datafusion::error::Result<Option<Arc<FileDecryptionProperties>>> {
-        let properties =
-            self.encryption.decryption().map_err(|error| DataFusionError::External(Box::new(error)))?;
-        Ok(Some(properties))
+        Ok(Some(Arc::clone(&self.properties)))
     }
 }
 
