@@ -2,13 +2,15 @@
 # Runs the pipeline locally, end to end: the Kafka-protocol broker, the ingest service, the
 # compactor and the executor on a lake under ./data; the device simulator (`sluice simulate`)
 # sending yesterday's and today's readings of 32 devices at 4 sites with a few faults, then live
-# readings; every job in examples/jobs/ submitted through sluice.jobs; the first complete
+# readings; one more site's devices sending through an edge gateway (sluice-edge), which keeps
+# their readings on disk and forwards them to ingest; every job in examples/jobs/ submitted through sluice.jobs; the first complete
 # windows run; and a report of what was sent, refused, written and computed. Services are built
 # in debug mode; logs go under ./.local. Ctrl-C stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 readonly ingest_address="127.0.0.1:${SLUICE_INGEST_PORT:-8080}"
+readonly edge_address="127.0.0.1:${SLUICE_EDGE_PORT:-8090}"
 readonly broker_port="${SLUICE_BROKER_PORT:-9092}"
 # A Mosquitto of this run's own, beside any system one on 1883.
 readonly mqtt_port="${SLUICE_MQTT_PORT:-1884}"
@@ -16,13 +18,14 @@ readonly bin_dir="${CARGO_TARGET_DIR:-target}/debug"
 mkdir -p .local
 touch .local/run-start
 ingest_pid=""
+edge_pid=""
 compactor_pid=""
 executor_pid=""
 simulator_pid=""
 mosquitto_pid=""
 
 cleanup() {
-  for pid in "$simulator_pid" "$executor_pid" "$ingest_pid" "$compactor_pid" "$mosquitto_pid"; do
+  for pid in "$simulator_pid" "$executor_pid" "$edge_pid" "$ingest_pid" "$compactor_pid" "$mosquitto_pid"; do
     if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
       kill "$pid" 2>/dev/null || true
       wait "$pid" 2>/dev/null || true
@@ -40,6 +43,10 @@ done
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if port_in_use "${ingest_address#*:}"; then
   echo "run.sh: $ingest_address is already in use; stop what runs there or set SLUICE_INGEST_PORT" >&2
+  exit 1
+fi
+if port_in_use "${edge_address#*:}"; then
+  echo "run.sh: $edge_address (the edge gateway) is already in use; stop what runs there or set SLUICE_EDGE_PORT" >&2
   exit 1
 fi
 if port_in_use "$mqtt_port"; then
@@ -96,6 +103,21 @@ for _ in $(seq 1 50); do grep -q "subscribed to MQTT topics" .local/ingest.log &
 grep -q "subscribed to MQTT topics" .local/ingest.log || { echo "run.sh: ingest's MQTT bridge did not subscribe in 10 s; see .local/ingest.log" >&2; exit 1; }
 echo "ready (log: .local/ingest.log)"
 
+step "Starting sluice-edge on http://$edge_address: the gateway of one more site, forwarding to ingest"
+# A new spool each run: a new broker starts empty, and a new spool is a new sequence of positions.
+rm -rf .local/edge-spool
+SLUICE_HTTP__LISTEN_ADDRESS="$edge_address" SLUICE_SPOOL__DIRECTORY=.local/edge-spool \
+  SLUICE_FORWARD__URL="http://$ingest_address" SLUICE_FORWARD__EDGE_ID=demo-gateway \
+  "$bin_dir/sluice-edge" --config deploy/config/edge.toml > .local/edge.log 2>&1 &
+edge_pid=$!
+for _ in $(seq 1 100); do
+  curl -fsS "http://$edge_address/readyz" >/dev/null 2>&1 && break
+  kill -0 "$edge_pid" 2>/dev/null || { echo "run.sh: the edge gateway exited; see .local/edge.log:" >&2; tail -n 20 .local/edge.log >&2; exit 1; }
+  sleep 0.2
+done
+curl -fsS "http://$edge_address/readyz" >/dev/null || { echo "run.sh: the edge gateway not ready after 20 s; see .local/edge.log" >&2; exit 1; }
+echo "ready (spool: .local/edge-spool, log: .local/edge.log)"
+
 step "Starting sluice-compactor (lake in ./data, files every 5 s for this demo)"
 SLUICE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$broker_port" SLUICE_FLUSH__MAX_AGE_MS=5000 \
   SLUICE_WATERMARK__INTERVAL_MS=1000 SLUICE_WATERMARK__ALLOWED_LATENESS_MS=2000 \
@@ -134,6 +156,10 @@ echo "faults: 1% invalid, 2% late by 5 minutes, 5% out of order, 1% sent twice, 
   --clock-skew 2s --anomalies 0.002 --seed "$now_s" --device-prefix "demo" --log .local/simulated.ndjson \
   | tee .local/simulator-report.txt
 echo "(every reading sent, with its faults and ingest's answer: .local/simulated.ndjson)"
+
+step "A fifth site's 4 devices send the last hour through the edge gateway (http://$edge_address)"
+"$bin_dir/sluice" simulate --ingest-url "http://$edge_address" --devices 4 --sites 1 --rate 0.016667 \
+  --history 1h --seed "$((now_s + 2))" --device-prefix "gateway" | tee .local/edge-simulator-report.txt
 
 step "Live readings: every device every 5 s, in the background (log: .local/simulator-live.log)"
 "$bin_dir/sluice" simulate --ingest-url "http://$ingest_address" --mqtt "127.0.0.1:$mqtt_port" --mqtt-share 0.25 \
@@ -175,6 +201,13 @@ sluice jobs backfill daily_site_percentiles --from "$(date -u -d "@$day_s" +%Y-%
 
 step "Report"
 cat .local/simulator-report.txt
+# The gateway forwards at its own pace; its readings are in the lake once it has forwarded them.
+gateway_rows() { sluice query "SELECT count(*) AS n FROM telemetry WHERE device_id LIKE 'gateway%'" 2>/dev/null | grep -Eo '[0-9]+' | tail -n 1; }
+for _ in $(seq 1 60); do
+  [[ "$(gateway_rows || echo 0)" -ge 200 ]] && break
+  sleep 1
+done
+echo "  readings of the gateway's site in the lake (sent through sluice-edge, forwarded to ingest): $(gateway_rows || echo 0)"
 dead_letters="$(sluice tail telemetry --dead-letters --limit 1000000 --idle-timeout-ms 1500 2>/dev/null | wc -l)"
 echo "  records in the dead-letter topic sluice.telemetry.dlq (invalid MQTT readings, every run on this broker): $dead_letters"
 for job in device_minute_stats hourly_device_stats temperature_anomalies daily_site_percentiles; do

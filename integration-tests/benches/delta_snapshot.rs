@@ -54,6 +54,8 @@ async fn build(lake: &Lake, commits: usize) {
             files: vec![file.clone()],
             num_dead_lettered: 0,
             num_duplicates_dropped: 0,
+            edge_positions_at_opt: None,
+            num_edge_repeats_dropped: 0,
             max_event_time_micros_opt: Some(event_time + hour / 60),
             writer_id: "delta-snapshot-bench".into(),
             created_at_micros: 0,

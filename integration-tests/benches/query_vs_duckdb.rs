@@ -415,6 +415,8 @@ impl TableWriter {
             files: new_files.iter().map(|new_file| new_file.file.clone()).collect(),
             num_dead_lettered: 0,
             num_duplicates_dropped: 0,
+            edge_positions_at_opt: None,
+            num_edge_repeats_dropped: 0,
             max_event_time_micros_opt: Some(max_event_time_micros),
             writer_id: "query-benchmark".into(),
             created_at_micros: now_micros(),

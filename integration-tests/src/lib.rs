@@ -5,6 +5,7 @@
 //!
 //! Everything is used from the crate root; the modules only sort it by concern.
 
+mod fault_proxy;
 mod jobs;
 mod kafka;
 mod lake;
@@ -21,6 +22,7 @@ mod services;
 mod support;
 mod tls_proxy;
 
+pub use fault_proxy::{FaultMode, FaultProxy};
 pub use jobs::{
     compacted_readings, job_run_events, job_status_event, job_status_event_within, read_job_result,
     submit_job, windows_succeeded,
@@ -47,8 +49,8 @@ pub use readings::telemetry_readings;
 pub use sandbox::Sandbox;
 pub use servers::{Broker, Mosquitto};
 pub use services::{
-    CompactorService, CompactorToml, ExecutorService, IngestService, IngestToml, compactor_config,
-    compactor_toml, executor_config, ingest_config, ingest_toml,
+    CompactorService, CompactorToml, EdgeService, ExecutorService, IngestService, IngestToml,
+    compactor_config, compactor_toml, edge_config, edge_toml, executor_config, ingest_config, ingest_toml,
 };
 pub use sluice_clock::now_micros;
 pub use sluice_ingest::RunningIngest;

@@ -361,6 +361,12 @@ impl ServiceBinary {
         self.process.id()
     }
 
+    /// Kills the process with SIGKILL, as a power cut or the OOM killer would, and waits for it
+    /// to be gone.
+    pub async fn kill(mut self) {
+        self.process.kill().await;
+    }
+
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -5,10 +5,68 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
+use sluice_edge::{EdgeConfig, RunningEdge};
 use sluice_ingest::{IngestConfig, RunningIngest};
 use sluice_shutdown::CancellationToken;
 
 use crate::{Broker, repo_root, unique_suffix};
+
+/// An edge gateway configuration for tests: free port, this repo's schemas, the spool in
+/// `spool_directory`, auth off.
+pub fn edge_config(spool_directory: &Path) -> EdgeConfig {
+    let mut config = EdgeConfig::default();
+    config.http.listen_address = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.schemas.directory = repo_root().join("schemas");
+    config.spool.directory = spool_directory.to_path_buf();
+    config.auth.enabled = false;
+    config.shutdown.grace_period_ms = 5_000;
+    config
+}
+
+/// edge.toml for the `sluice-edge` binary on `port` with its spool in `spool_directory`, auth
+/// off, this repo's schemas, warnings only in the log, `forward` as the `[forward]` section's
+/// lines (none: not forwarding) and `spool` as more `[spool]` lines.
+pub fn edge_toml(port: u16, spool_directory: &Path, forward: &str, spool: &str) -> String {
+    format!(
+        "[http]\nlisten_address = \"127.0.0.1:{port}\"\n[auth]\nenabled = false\n\
+         [schemas]\ndirectory = \"{}\"\n[spool]\ndirectory = \"{}\"\n{spool}\n\
+         [forward]\n{forward}\n[telemetry]\nlog_level = \"warn\"\n",
+        repo_root().join("schemas").display(),
+        spool_directory.display(),
+    )
+}
+
+/// A gateway started in-process.
+#[derive(Debug)]
+pub struct EdgeService {
+    pub base_url: String,
+    pub config: EdgeConfig,
+    service: InProcess<RunningEdge>,
+}
+
+impl EdgeService {
+    pub async fn start(config: EdgeConfig) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let running = sluice_edge::start(config.clone(), shutdown.clone())
+            .await
+            .context("the edge gateway failed to start")?;
+        let base_url = format!("http://{}", running.local_addr());
+        Ok(Self { base_url, config, service: InProcess::new(shutdown, running) })
+    }
+
+    pub fn records_url(&self, stream: &str) -> String {
+        format!("{}/v1/streams/{stream}/records", self.base_url)
+    }
+
+    /// The running gateway (until stopped), for its spool.
+    pub fn running(&self) -> Option<&RunningEdge> {
+        self.service.running()
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.service.stop(|running| async { Ok(running.wait().await?) }).await
+    }
+}
 
 /// An ingest configuration for tests: free port, this repo's schemas, a unique topic prefix.
 pub fn ingest_config(broker: &Broker) -> IngestConfig {

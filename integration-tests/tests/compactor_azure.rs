@@ -59,6 +59,8 @@ fn first_flush(writer: usize) -> (CommitRecord, Vec<NewFile>) {
         files: vec![file.clone()],
         num_dead_lettered: 0,
         num_duplicates_dropped: 0,
+        edge_positions_at_opt: None,
+        num_edge_repeats_dropped: 0,
         max_event_time_micros_opt: Some(10),
         writer_id: format!("writer-{writer}"),
         created_at_micros: 0,

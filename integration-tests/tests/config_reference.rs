@@ -94,6 +94,14 @@ fn inherited(service: &str) -> &'static [(&'static str, &'static str)] {
             ("schemas.", "sluice-compactor"),
             ("object_store.", "sluice-compactor"),
         ],
+        "sluice-edge" => &[
+            ("http.", "sluice-ingest"),
+            ("auth.", "sluice-ingest"),
+            ("validation.", "sluice-ingest"),
+            ("mqtt.", "sluice-ingest"),
+            ("schemas.", "sluice-ingest"),
+            ("telemetry.", "sluice-ingest"),
+        ],
         _ => &[],
     }
 }
@@ -155,6 +163,11 @@ fn compactor_configuration_reference_matches_the_config_struct() {
 #[test]
 fn executor_configuration_reference_matches_the_config_struct() {
     check("sluice-executor", serde_json::to_value(sluice_executor::ExecutorConfig::default()).unwrap());
+}
+
+#[test]
+fn edge_configuration_reference_matches_the_config_struct() {
+    check("sluice-edge", serde_json::to_value(sluice_edge::EdgeConfig::default()).unwrap());
 }
 
 #[test]

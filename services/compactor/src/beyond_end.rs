@@ -127,7 +127,7 @@ impl CompactorLoop {
                     continue;
                 }
             };
-            if latest.map(|position| position.end_offset) == state.buffer.committed_opt() {
+            if latest.as_ref().map(|position| position.end_offset) == state.buffer.committed_opt() {
                 continue;
             }
             tracing::info!(

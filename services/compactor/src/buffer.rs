@@ -7,7 +7,7 @@
 //!
 //! The tests make this file longer than the others: they stay next to the bookkeeping they pin.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,6 +89,12 @@ pub(crate) struct PartitionBuffer {
     /// A flush failed and the committed position could not be read again: nothing more of this
     /// partition is buffered or committed until a position is read.
     stopped: bool,
+    /// Per edge gateway, the greatest position committed (or handed off) from this partition.
+    committed_edge_positions: BTreeMap<String, i64>,
+    /// Per edge gateway, the greatest position buffered since, where it passed the committed.
+    buffered_edge_positions: BTreeMap<String, i64>,
+    /// Records left out since the last hand-off because their gateway had sent them before.
+    num_edge_repeats: u64,
 }
 
 /// What a flush takes from a buffer: the rows, and what its commit record says about them.
@@ -103,6 +109,9 @@ pub(crate) struct HandedOff {
     pub(crate) max_event_time_micros_opt: Option<i64>,
     /// Its share of `flush.max_buffered_bytes` until the flush answers.
     pub(crate) num_value_bytes: usize,
+    /// The partition's edge positions once this flush is committed, when it moved any.
+    pub(crate) edge_positions_opt: Option<BTreeMap<String, i64>>,
+    pub(crate) num_edge_repeats_dropped: u64,
 }
 
 impl PartitionBuffer {
@@ -129,6 +138,27 @@ impl PartitionBuffer {
         // A flush still running is no longer this buffer's: its answer changes nothing here.
         self.in_flight_opt = None;
         self.stopped = false;
+        self.committed_edge_positions =
+            latest.map(|position| position.edge_positions.clone()).unwrap_or_default();
+        self.buffered_edge_positions.clear();
+        self.num_edge_repeats = 0;
+    }
+
+    /// Whether a record an edge gateway forwarded at `position` repeats one already buffered or
+    /// committed from this partition; if not, its position is now the gateway's greatest. The
+    /// gateway's positions grow in the order it accepted readings, and it sends a batch again
+    /// only whole, so within a partition a repeat never comes before what it repeats.
+    fn is_edge_repeat(&mut self, edge_id: &str, position: i64) -> bool {
+        let greatest_opt = self
+            .buffered_edge_positions
+            .get(edge_id)
+            .or_else(|| self.committed_edge_positions.get(edge_id))
+            .copied();
+        if greatest_opt.is_some_and(|greatest| position <= greatest) {
+            return true;
+        }
+        self.buffered_edge_positions.insert(edge_id.to_string(), position);
+        false
     }
 
     /// Sets a consumed record aside for decoding. `now` is called only for the first record
@@ -138,6 +168,7 @@ impl PartitionBuffer {
         offset: i64,
         key: &[u8],
         value: &[u8],
+        edge_opt: Option<(&str, i64)>,
         now: impl FnOnce() -> Instant,
     ) {
         if self.stopped {
@@ -146,10 +177,19 @@ impl PartitionBuffer {
         // A partition without a commit starts where its first record is, which need not be 0:
         // the topic's retention may have deleted the records before it.
         self.range_start_opt.get_or_insert(offset);
+        // A range of repeats alone must be committed too, or its records are read again.
+        self.first_buffered_at_opt.get_or_insert_with(now);
+        if let Some((edge_id, position)) = edge_opt
+            && self.is_edge_repeat(edge_id, position)
+        {
+            // Left out, but inside the range: the commit covers it.
+            self.num_edge_repeats += 1;
+            self.next_offset = offset + 1;
+            return;
+        }
         self.pending.push(offset, key, value);
         self.num_value_bytes += value.len();
         self.next_offset = offset + 1;
-        self.first_buffered_at_opt.get_or_insert_with(now);
     }
 
     pub(crate) fn pending(&self) -> &PendingValues {
@@ -186,6 +226,9 @@ impl PartitionBuffer {
     pub(crate) fn finish_decoding(&mut self, num_dead_lettered: u64, unread_from_opt: Option<i64>) {
         if let Some(unread_from) = unread_from_opt {
             self.next_offset = unread_from;
+            // Positions of records past the new end were taken as seen: forgetting what this
+            // buffer saw can let a repeat through, keeping it could drop a reading never stored.
+            self.buffered_edge_positions.clear();
         }
         self.num_dead_lettered += num_dead_lettered;
         self.pending.clear();
@@ -215,6 +258,13 @@ impl PartitionBuffer {
         }
         let range = self.uncommitted_range()?;
         let max_event_time_micros_opt = self.max_event_time_micros_opt();
+        let edge_positions_opt = if self.buffered_edge_positions.is_empty() {
+            None
+        } else {
+            // Buffered positions are greater than the committed ones they replace.
+            self.committed_edge_positions.append(&mut self.buffered_edge_positions);
+            Some(self.committed_edge_positions.clone())
+        };
         let handed_off = HandedOff {
             batches: std::mem::take(&mut self.batches),
             range: range.clone(),
@@ -222,6 +272,8 @@ impl PartitionBuffer {
             num_dead_lettered: self.num_dead_lettered,
             max_event_time_micros_opt,
             num_value_bytes: self.num_value_bytes,
+            edge_positions_opt,
+            num_edge_repeats_dropped: std::mem::take(&mut self.num_edge_repeats),
         };
         self.committed_opt = Some(range.end);
         self.range_start_opt = Some(range.end);
@@ -354,8 +406,60 @@ mod tests {
     type Uncommitted = Option<Range<i64>>;
     type MaxEventTime = Option<i64>;
 
+    #[test]
+    fn an_edge_gateways_repeats_are_left_out_inside_the_range_and_its_positions_go_with_the_flush() {
+        let now = Instant::now();
+        let mut committed = position(100, None);
+        committed.edge_positions.insert("site-7.a1".into(), 50);
+        let mut buffer = PartitionBuffer::new(Some(&committed));
+        buffer.push_record(100, b"d", b"v", Some(("site-7.a1", 50)), || now);
+        buffer.push_record(101, b"d", b"v", Some(("site-7.a1", 51)), || now);
+        buffer.push_record(102, b"d", b"v", Some(("site-7.a1", 51)), || now);
+        buffer.push_record(103, b"d", b"v", Some(("site-9.b2", 1)), || now);
+        buffer.push_record(104, b"d", b"v", None, || now);
+        assert_eq!(buffer.pending().len(), 3, "the committed repeat and the buffered one are left out");
+        assert_eq!(buffer.uncommitted_range(), Some(100..105), "left-out records are inside the range");
+        buffer.finish_decoding(0, None);
+        let handed = buffer.hand_off(1).expect("handed off");
+        assert_eq!(handed.num_edge_repeats_dropped, 2);
+        let expected = BTreeMap::from([("site-7.a1".to_string(), 51), ("site-9.b2".to_string(), 1)]);
+        assert_eq!(handed.edge_positions_opt.as_ref(), Some(&expected));
+        buffer.flush_committed();
+
+        // Still known after the hand-off; a flush that moves no position writes none.
+        buffer.push_record(105, b"d", b"v", Some(("site-7.a1", 51)), || now);
+        buffer.push_record(106, b"d", b"v", None, || now);
+        buffer.finish_decoding(0, None);
+        let handed = buffer.hand_off(2).expect("handed off");
+        assert_eq!((handed.num_edge_repeats_dropped, handed.edge_positions_opt), (1, None));
+        buffer.flush_committed();
+
+        // A range of repeats alone ages like any other, so the policy commits it.
+        buffer.push_record(107, b"d", b"v", Some(("site-7.a1", 40)), || now);
+        assert_eq!(buffer.buffer_state().first_buffered_at_opt, Some(now));
+        buffer.finish_decoding(0, None);
+        let handed = buffer.hand_off(3).expect("handed off");
+        assert_eq!((handed.range, handed.num_edge_repeats_dropped), (107..108, 1));
+        buffer.flush_committed();
+
+        // Positions of records past a shortened range are forgotten, not committed.
+        buffer.push_record(108, b"d", b"v", Some(("site-7.a1", 60)), || now);
+        buffer.finish_decoding(0, Some(108));
+        assert_eq!(buffer.uncommitted_range(), None);
+
+        // A rewind goes back to the table's positions: 51 was never committed there.
+        buffer.reset_to(Some(&committed));
+        buffer.push_record(100, b"d", b"v", Some(("site-7.a1", 51)), || now);
+        assert_eq!(buffer.pending().len(), 1);
+    }
+
     fn position(end_offset: i64, max_event_time_micros_opt: Option<i64>) -> CommittedPosition {
-        CommittedPosition { end_offset, max_event_time_micros_opt, table_version: 3 }
+        CommittedPosition {
+            end_offset,
+            max_event_time_micros_opt,
+            edge_positions: BTreeMap::new(),
+            table_version: 3,
+        }
     }
 
     fn rows(num_rows: usize) -> RecordBatch {
@@ -379,7 +483,7 @@ mod tests {
     ) -> PartitionBuffer {
         let mut buffer = PartitionBuffer::new(latest.as_ref());
         for &(offset, value_len) in records {
-            buffer.push_record(offset, b"key", &vec![7; value_len], || now);
+            buffer.push_record(offset, b"key", &vec![7; value_len], None, || now);
         }
         buffer
     }
@@ -454,9 +558,9 @@ mod tests {
     fn pending_records_keep_their_offsets_keys_and_values() {
         let mut buffer = PartitionBuffer::new(None);
         let now = Instant::now();
-        buffer.push_record(4, b"a", b"first", || now);
-        buffer.push_record(9, b"", b"", || now);
-        buffer.push_record(10, b"ccc", b"third", || now);
+        buffer.push_record(4, b"a", b"first", None, || now);
+        buffer.push_record(9, b"", b"", None, || now);
+        buffer.push_record(10, b"ccc", b"third", None, || now);
         let pending = buffer.pending();
         assert_eq!(pending.values().collect::<Vec<_>>(), vec![&b"first"[..], b"", b"third"]);
         assert_eq!(pending.record(0), (4, &b"a"[..], &b"first"[..]));
@@ -470,15 +574,15 @@ mod tests {
         let num_clock_reads = Cell::new(0);
         let clock = |at: Instant| counting_clock(at, &num_clock_reads);
         let mut buffer = PartitionBuffer::new(Some(&position(0, None)));
-        buffer.push_record(0, b"", b"v", clock(started));
-        buffer.push_record(1, b"", b"v", clock(started + Duration::from_secs(5)));
+        buffer.push_record(0, b"", b"v", None, clock(started));
+        buffer.push_record(1, b"", b"v", None, clock(started + Duration::from_secs(5)));
         assert_eq!(buffer.buffer_state().first_buffered_at_opt, Some(started));
         assert_eq!(num_clock_reads.get(), 1, "the clock is read once per buffer, not per record");
 
         buffer.reset_to(Some(&position(2, None)));
         assert_eq!(buffer.buffer_state().first_buffered_at_opt, None);
         let later = started + Duration::from_secs(60);
-        buffer.push_record(2, b"", b"v", clock(later));
+        buffer.push_record(2, b"", b"v", None, clock(later));
         assert_eq!(buffer.buffer_state().first_buffered_at_opt, Some(later));
         assert_eq!(num_clock_reads.get(), 2);
     }
@@ -642,7 +746,7 @@ mod tests {
         let mut buffer = decoded_buffer(now);
         buffer.hand_off(7).expect("a range to flush");
         // Records read while the flush is in flight form the next range.
-        buffer.push_record(104, b"", &[1; 5], || now);
+        buffer.push_record(104, b"", &[1; 5], None, || now);
         buffer.push_rows(rows(1), &[3 * HOUR_MICROS], PartitionGranularity::Hour);
         buffer.finish_decoding(0, None);
         assert_eq!(buffer.uncommitted_range(), Some(104..105));
@@ -672,7 +776,7 @@ mod tests {
             let mut buffer = decoded_buffer(now);
             buffer.hand_off(7).expect("a range to flush");
             assert!(!buffer.is_in_flight(6), "{case}: an answer to another flush is not this one's");
-            buffer.push_record(104, b"", b"v", || now);
+            buffer.push_record(104, b"", b"v", None, || now);
             buffer.reset_to(Some(&table_position));
             assert!(!buffer.has_flush_in_flight(), "{case}");
             assert!(!buffer.is_in_flight(7), "{case}: a late answer changes nothing");
@@ -695,8 +799,8 @@ mod tests {
         let mut buffer = decoded_buffer(now);
         buffer.hand_off(7).expect("a range to flush");
         assert_eq!(buffer.num_uncommitted_records(), 0, "the flush's rows are the worker's");
-        buffer.push_record(104, b"", b"v", || now);
-        buffer.push_record(105, b"", b"v", || now);
+        buffer.push_record(104, b"", b"v", None, || now);
+        buffer.push_record(105, b"", b"v", None, || now);
         buffer.push_rows(rows(1), &[0], PartitionGranularity::Day);
         assert_eq!(buffer.num_uncommitted_records(), 3);
     }
@@ -734,13 +838,13 @@ mod tests {
         assert!(buffer.pending().is_empty());
         assert_eq!(buffer.committed_opt(), Some(20));
         // A record consumed later must not start a range that skips the dropped ones.
-        buffer.push_record(22, b"", b"v", || now);
+        buffer.push_record(22, b"", b"v", None, || now);
         buffer.finish_decoding(0, None);
         assert!(!buffer.has_uncommitted());
         assert!(buffer.hand_off(1).is_none());
         // A position read again lets the partition go on from there.
         buffer.reset_to(Some(&position(20, None)));
-        buffer.push_record(20, b"", b"v", || now);
+        buffer.push_record(20, b"", b"v", None, || now);
         assert_eq!(buffer.uncommitted_range(), Some(20..21));
     }
 

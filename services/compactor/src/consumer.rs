@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use parquet::file::properties::WriterProperties;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use sluice_errors::ErrorClass;
 use sluice_kafka::BatchProducer;
 use sluice_lake::{Lake, LakeError, PartitionGranularity, PartitionKey};
+use sluice_schema::wire::{EDGE_ID_HEADER, EDGE_POSITION_HEADER};
 use sluice_schema::{DecoderSetupError, StreamDecoder, StreamSchema, event_times_micros};
 use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
@@ -270,7 +271,8 @@ impl CompactorLoop {
             return true;
         }
         let payload = message.payload().unwrap_or_default();
-        state.buffer.push_record(offset, message.key().unwrap_or_default(), payload, Instant::now);
+        let edge_opt = edge_origin(message);
+        state.buffer.push_record(offset, message.key().unwrap_or_default(), payload, edge_opt, Instant::now);
         if state.buffer.pending().len() >= DECODE_CHUNK_VALUES {
             return self.decode_pending(message.topic(), message.partition(), state);
         }
@@ -351,3 +353,24 @@ impl CompactorLoop {
 
 // A huge age setting means "never", not an overflow: millis_to_micros saturates.
 pub(crate) use sluice_clock::{millis_to_micros, now_micros};
+
+/// The edge gateway and position of a record central ingest produced for a gateway; none for a
+/// record without both headers, or with a position that is not a number (such a record is kept).
+fn edge_origin<'a>(message: &'a BorrowedMessage<'_>) -> Option<(&'a str, i64)> {
+    let headers = message.headers()?;
+    let mut edge_id_opt = None;
+    let mut position_opt = None;
+    for header in headers.iter() {
+        match header.key {
+            EDGE_ID_HEADER => edge_id_opt = header.value.and_then(|value| std::str::from_utf8(value).ok()),
+            EDGE_POSITION_HEADER => {
+                position_opt = header
+                    .value
+                    .and_then(|value| std::str::from_utf8(value).ok())
+                    .and_then(|text| text.parse::<i64>().ok());
+            }
+            _ => {}
+        }
+    }
+    Some((edge_id_opt?, position_opt?))
+}

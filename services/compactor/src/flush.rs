@@ -214,6 +214,12 @@ impl CompactorLoop {
                 PartResult::Committed { record, table_version, elapsed } => {
                     let file_sizes: Vec<u64> = record.files.iter().map(|file| file.size_bytes).collect();
                     self.metrics.record_flush(&stream, key.1, record.num_rows(), &file_sizes, elapsed);
+                    self.metrics.record_repeats_dropped(&stream, "same_flush", record.num_duplicates_dropped);
+                    self.metrics.record_repeats_dropped(
+                        &stream,
+                        "edge_retry",
+                        record.num_edge_repeats_dropped,
+                    );
                     if let Some(max_event_time) = record.max_event_time_micros_opt {
                         self.metrics.record_committed_event_time(&stream, key.1, max_event_time);
                     }
@@ -335,11 +341,22 @@ impl FlushWriter {
             .into_iter()
             .map(|(key, flush)| {
                 let result = match &committed {
-                    Ok(landed) if !landed.stale_partitions.contains(&key.1) => PartResult::Committed {
-                        table_version: landed.version_opt.unwrap_or(-1),
-                        elapsed: flush.started.elapsed(),
-                        record: Box::new(flush.record),
-                    },
+                    Ok(landed) if !landed.stale_partitions.contains(&key.1) => {
+                        if let Some(at) = flush.record.edge_positions_at_opt {
+                            // The commit points at the new file now; no commit can point at an
+                            // older one again. A file left here is only space.
+                            let deleted =
+                                self.handle.block_on(self.lake.delete_edge_positions_before(stream, key.1, at));
+                            if let Err(error) = deleted {
+                                tracing::debug!(stream, partition = key.1, error = %sluice_errors::Chain(&error), "failed to delete older edge positions; the next flush tries again");
+                            }
+                        }
+                        PartResult::Committed {
+                            table_version: landed.version_opt.unwrap_or(-1),
+                            elapsed: flush.started.elapsed(),
+                            record: Box::new(flush.record),
+                        }
+                    }
                     Ok(_) => {
                         // Another instance committed this partition: it owns it now, or owned
                         // it while we still thought we did. Its commits win; our files go.
@@ -371,6 +388,8 @@ impl FlushWriter {
             num_dead_lettered,
             max_event_time_micros_opt,
             num_value_bytes: _,
+            edge_positions_opt,
+            num_edge_repeats_dropped,
         } = taken;
         let num_rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let encoded = tracing::info_span!("encode_parquet", partition = key.1, num_rows).in_scope(|| {
@@ -411,6 +430,21 @@ impl FlushWriter {
             new_files.push(NewFile { file: committed, stats_json: file.stats_json });
         }
         drop(upload_span);
+        // The positions go up before the commit that points at them.
+        if let Some(edge_positions) = &edge_positions_opt {
+            let written = self.handle.block_on(self.lake.write_edge_positions(
+                &stream.stream,
+                key.1,
+                range.end,
+                edge_positions,
+            ));
+            if let Err(error) = written {
+                tracing::error!(stream = %stream.stream, partition = key.1, error = %sluice_errors::Chain(&error), "failed to write the edge positions; re-reading the range");
+                self.delete_written(&new_files);
+                std::thread::sleep(STORE_RETRY_BACKOFF);
+                return None;
+            }
+        }
         let record = CommitRecord {
             stream: stream.stream.clone(),
             topic: stream.topic.clone(),
@@ -421,6 +455,8 @@ impl FlushWriter {
             files: new_files.iter().map(|new_file| new_file.file.clone()).collect(),
             num_dead_lettered,
             num_duplicates_dropped: num_duplicates_dropped as u64,
+            edge_positions_at_opt: edge_positions_opt.as_ref().map(|_| range.end),
+            num_edge_repeats_dropped,
             max_event_time_micros_opt,
             writer_id: self.writer_id.clone(),
             created_at_micros: now_micros(),

@@ -370,6 +370,8 @@ mod tests {
             num_dead_lettered: 0,
             max_event_time_micros_opt: None,
             num_value_bytes,
+            edge_positions_opt: None,
+            num_edge_repeats_dropped: 0,
         };
         FlushJob {
             flush_id: pool.next_flush_id(),

@@ -8,6 +8,7 @@ use sluice_telemetry::{Counter, Gauge, Histogram};
 #[derive(Debug)]
 pub(crate) struct CompactorMetrics {
     records_written: Counter<u64>,
+    repeats_dropped: Counter<u64>,
     bytes_written: Counter<u64>,
     files_written: Counter<u64>,
     file_size: Histogram<u64>,
@@ -29,6 +30,14 @@ impl CompactorMetrics {
     pub(crate) fn new() -> Self {
         let meter = sluice_telemetry::meter("sluice-compactor");
         Self {
+            repeats_dropped: meter
+                .u64_counter("sluice_compactor_repeats_dropped")
+                .with_unit("{record}")
+                .with_description(
+                    "Readings left out as repeats: of another in the same flush or merge input (same_flush), or \
+                     sent again by an edge gateway after a lost answer (edge_retry)",
+                )
+                .build(),
             records_written: meter
                 .u64_counter("sluice_compactor_records_written")
                 .with_unit("{record}")
@@ -99,6 +108,10 @@ impl CompactorMetrics {
         for stream in streams {
             let labels = [KeyValue::new("stream", stream.to_string())];
             self.records_written.add(0, &labels);
+            for reason in ["same_flush", "edge_retry"] {
+                self.repeats_dropped
+                    .add(0, &[KeyValue::new("stream", stream.to_string()), KeyValue::new("reason", reason)]);
+            }
             self.bytes_written.add(0, &labels);
             self.files_written.add(0, &labels);
             self.dead_lettered.add(0, &labels);
@@ -128,6 +141,15 @@ impl CompactorMetrics {
             elapsed.as_secs_f64(),
             &[KeyValue::new("stream", stream.to_string()), KeyValue::new("partition", i64::from(partition))],
         );
+    }
+
+    pub(crate) fn record_repeats_dropped(&self, stream: &str, reason: &'static str, num_records: u64) {
+        if num_records > 0 {
+            self.repeats_dropped.add(
+                num_records,
+                &[KeyValue::new("stream", stream.to_string()), KeyValue::new("reason", reason)],
+            );
+        }
     }
 
     pub(crate) fn record_committed_event_time(&self, stream: &str, partition: i32, event_time_micros: i64) {

@@ -118,6 +118,8 @@ mod tests {
             files: Vec::new(),
             num_dead_lettered: 0,
             num_duplicates_dropped: 0,
+            edge_positions_at_opt: None,
+            num_edge_repeats_dropped: 0,
             max_event_time_micros_opt: Some(99),
             writer_id: "compactor".into(),
             created_at_micros: 0,

@@ -20,19 +20,26 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 const FRAME_HEADER_BYTES: usize = 4 + 4 + 8;
 const SEGMENT_SUFFIX: &str = ".seg";
 const CURSOR_FILE: &str = "cursor";
+const LOCK_FILE: &str = "lock";
+const INCARNATION_FILE: &str = "incarnation";
+/// How long opening waits for another holder of the lock to let go.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Frames the writer takes into one group at most, so that a flood does not hold every
 /// waiting append's answer behind one huge write.
 const MAX_GROUP_FRAMES: usize = 4_096;
 
 /// What happens to an append when the spool is at `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FullPolicy {
     /// Refuse it: the device keeps the reading and sends it again later.
     Refuse,
@@ -69,6 +76,8 @@ pub enum SpoolError {
          before is safe, restart to recover"
     )]
     Broken(String),
+    #[error("the spool in {path} is in use by another process (its lock file is held)")]
+    Locked { path: String },
     #[error("the spool's writer stopped")]
     Closed,
 }
@@ -113,6 +122,16 @@ struct State {
     acked_below: u64,
     used_bytes: u64,
     broken_opt: Option<String>,
+    published: Arc<Published>,
+}
+
+/// What the state says about size and health, readable without the state's lock: the writer
+/// holds that lock through every fsync, which must not stall a request's readiness check.
+#[derive(Debug, Default)]
+struct Published {
+    used_bytes: AtomicU64,
+    unforwarded: AtomicU64,
+    broken: OnceLock<String>,
 }
 
 /// An append waiting for the writer: its payload, and where its outcome goes.
@@ -123,6 +142,11 @@ type PendingAppend = (Vec<u8>, oneshot::Sender<Result<Appended, SpoolError>>);
 pub struct Spool {
     state: Arc<Mutex<State>>,
     appends: mpsc::Sender<PendingAppend>,
+    published: Arc<Published>,
+    incarnation: u64,
+    /// Held locked while any clone lives: two processes appending to one spool would interleave
+    /// frames and ids.
+    _lock: Arc<File>,
 }
 
 impl Spool {
@@ -130,7 +154,30 @@ impl Spool {
     pub fn open(config: SpoolConfig) -> Result<Self, SpoolError> {
         let directory = config.directory.clone();
         std::fs::create_dir_all(&directory).map_err(io_error(&directory))?;
+        let lock_path = directory.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        // A spool closed in this process lets go of its lock once its writer thread ended:
+        // give that a moment rather than refuse a reopen.
+        let waited_since = Instant::now();
+        loop {
+            match lock_file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if waited_since.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(SpoolError::Locked { path: directory.display().to_string() });
+                }
+                Err(std::fs::TryLockError::Error(source)) => return Err(io_error(&lock_path)(source)),
+            }
+        }
         let acked_below = read_cursor(&directory)?;
+        let incarnation = read_or_create_incarnation(&directory)?;
         let mut segments = BTreeMap::new();
         for entry in std::fs::read_dir(&directory).map_err(io_error(&directory))? {
             let path = entry.map_err(io_error(&directory))?.path();
@@ -177,14 +224,27 @@ impl Spool {
             acked_below,
             used_bytes,
             broken_opt: None,
+            published: Arc::default(),
         }));
+        let published = {
+            let state = lock(&state);
+            state.publish();
+            Arc::clone(&state.published)
+        };
         let (appends, queue) = mpsc::channel(MAX_GROUP_FRAMES);
         let writer_state = Arc::clone(&state);
+        let lock_file = Arc::new(lock_file);
+        // The writer keeps the lock too: it may still write appends queued before the last
+        // handle went.
+        let writer_lock = Arc::clone(&lock_file);
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || write_groups(&writer_state, queue))
+            .spawn(move || {
+                write_groups(&writer_state, queue);
+                drop(writer_lock);
+            })
             .map_err(io_error(&directory))?;
-        Ok(Self { state, appends })
+        Ok(Self { state, appends, published, incarnation, _lock: lock_file })
     }
 
     /// Appends `payload` and returns once it is synced to disk.
@@ -253,16 +313,27 @@ impl Spool {
             .filter(|segment| segment.end_id <= end_id && segment.end_id < state.next_id)
             .map(|segment| segment.first_id)
             .collect();
-        for first_id in forwarded {
-            state.remove_segment(first_id)?;
-        }
-        Ok(())
+        let removed = forwarded.into_iter().try_for_each(|first_id| state.remove_segment(first_id).map(drop));
+        state.publish();
+        removed
+    }
+
+    /// The random number this spool directory drew when it was first opened.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Why the spool stopped taking frames, once a write or sync failed.
+    pub fn broken_reason(&self) -> Option<String> {
+        self.published.broken.get().cloned()
     }
 
     /// Bytes of segment files, and frames not yet forwarded.
     pub fn usage(&self) -> (u64, u64) {
-        let state = lock(&self.state);
-        (state.used_bytes, state.next_id.saturating_sub(state.acked_below))
+        (
+            self.published.used_bytes.load(Ordering::Relaxed),
+            self.published.unforwarded.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -272,6 +343,14 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl State {
+    fn publish(&self) {
+        self.published.used_bytes.store(self.used_bytes, Ordering::Relaxed);
+        self.published.unforwarded.store(self.next_id.saturating_sub(self.acked_below), Ordering::Relaxed);
+        if let Some(why) = &self.broken_opt {
+            let _ = self.published.broken.set(why.clone());
+        }
+    }
+
     fn remove_segment(&mut self, first_id: u64) -> Result<u64, SpoolError> {
         let Some(segment) = self.segments.remove(&first_id) else { return Ok(0) };
         if self.segments.is_empty() {
@@ -352,6 +431,7 @@ fn write_groups(state: &Mutex<State>, mut queue: mpsc::Receiver<PendingAppend>) 
         }
         let mut state = lock(state);
         let answers = write_group(&mut state, &group);
+        state.publish();
         drop(state);
         for ((_, answer), result) in group.into_iter().zip(answers) {
             let _ = answer.send(result);
@@ -409,7 +489,10 @@ fn write_group(state: &mut State, group: &[PendingAppend]) -> Vec<Result<Appende
 }
 
 fn fail_group(state: &mut State, num: usize, error: SpoolError) -> Vec<Result<Appended, SpoolError>> {
-    let why = error.to_string();
+    let why = match error {
+        SpoolError::Broken(why) => why,
+        other => sluice_errors::chain_text(&other),
+    };
     state.broken_opt = Some(why.clone());
     (0..num).map(|_| Err(SpoolError::Broken(why.clone()))).collect()
 }
@@ -557,13 +640,35 @@ fn scan_segment(segment: &mut Segment, is_newest: bool) -> Result<(), SpoolError
 }
 
 fn read_cursor(directory: &Path) -> Result<u64, SpoolError> {
-    let path = directory.join(CURSOR_FILE);
+    Ok(read_checked(directory, CURSOR_FILE)?.unwrap_or(0))
+}
+
+/// The spool's incarnation: a random number drawn when the spool directory first opened, so that
+/// a spool that starts over (a new disk, a deleted directory) is told apart from the old one.
+fn read_or_create_incarnation(directory: &Path) -> Result<u64, SpoolError> {
+    if let Some(incarnation) = read_checked(directory, INCARNATION_FILE)? {
+        return Ok(incarnation);
+    }
+    let mut hasher = std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
+    std::hash::Hasher::write_u128(
+        &mut hasher,
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
+    std::hash::Hasher::write_u32(&mut hasher, std::process::id());
+    let incarnation = std::hash::Hasher::finish(&hasher);
+    write_checked(directory, INCARNATION_FILE, incarnation)?;
+    Ok(incarnation)
+}
+
+/// A CRC'd u64 in file `name`, or None when there is no such file.
+fn read_checked(directory: &Path, name: &str) -> Result<Option<u64>, SpoolError> {
+    let path = directory.join(name);
     match std::fs::read(&path) {
         Ok(bytes) => {
             let corrupt = || SpoolError::Corrupt {
                 path: path.display().to_string(),
                 offset: 0,
-                reason: "not a spool cursor".into(),
+                reason: format!("not a spool {name} file"),
             };
             let (value, check) = bytes.split_at_checked(8).ok_or_else(corrupt)?;
             let mut value_bytes = [0u8; 8];
@@ -571,17 +676,22 @@ fn read_cursor(directory: &Path) -> Result<u64, SpoolError> {
             if check != crc32fast::hash(value).to_le_bytes() {
                 return Err(corrupt());
             }
-            Ok(u64::from_le_bytes(value_bytes))
+            Ok(Some(u64::from_le_bytes(value_bytes)))
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SpoolError::Io { path: path.display().to_string(), source }),
     }
 }
 
 fn write_cursor(directory: &Path, acked_below: u64) -> Result<(), SpoolError> {
-    let path = directory.join(CURSOR_FILE);
-    let temporary = directory.join(format!("{CURSOR_FILE}.tmp"));
-    let value = acked_below.to_le_bytes();
+    write_checked(directory, CURSOR_FILE, acked_below)
+}
+
+/// Writes a CRC'd u64 to file `name` so that a crash leaves the old value or the new one.
+fn write_checked(directory: &Path, name: &str, value: u64) -> Result<(), SpoolError> {
+    let path = directory.join(name);
+    let temporary = directory.join(format!("{name}.tmp"));
+    let value = value.to_le_bytes();
     let mut bytes = value.to_vec();
     bytes.extend_from_slice(&crc32fast::hash(&value).to_le_bytes());
     let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
@@ -642,6 +752,9 @@ mod tests {
         ids.sort();
         assert_eq!(ids, (0..200).collect::<Vec<_>>(), "every append got its own id");
         assert!(segment_files(directory.path()).len() > 5, "small segments roll");
+        let spool_incarnation = spool.incarnation();
+        let second = Spool::open(config(directory.path(), 1 << 20, 256, FullPolicy::Refuse));
+        assert!(matches!(second, Err(SpoolError::Locked { .. })), "a second opener is refused");
         drop(spool);
 
         let reopened = Spool::open(config(directory.path(), 1 << 20, 256, FullPolicy::Refuse)).unwrap();
@@ -654,6 +767,14 @@ mod tests {
         contents.sort();
         assert_eq!(contents, (0..200).map(payload).collect::<Vec<_>>());
         assert_eq!(reopened.append(b"after".to_vec()).await.unwrap().id, 200);
+        assert_eq!(
+            reopened.incarnation(),
+            spool_incarnation,
+            "an incarnation lasts as long as its directory"
+        );
+        let other = tempfile::TempDir::new().unwrap();
+        let fresh = Spool::open(config(other.path(), 1 << 20, 256, FullPolicy::Refuse)).unwrap();
+        assert_ne!(fresh.incarnation(), spool_incarnation, "a new directory is a new incarnation");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,13 +23,13 @@ use sluice_shutdown::CancellationToken;
 use tracing::instrument;
 
 use crate::config::ProducerConfig;
-use crate::metrics::IngestMetrics;
-use crate::tasks::Supervisor;
+use crate::metrics::ProducerMetrics;
+use sluice_device_api::{DeadLetter, DeadLetterWritten, Supervisor};
 use sluice_errors::chain_text;
 
 pub use sluice_schema::wire::{
-    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER,
-    INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
+    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, EDGE_ID_HEADER,
+    EDGE_POSITION_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
 };
 
 /// Bytes of the producer's message limit kept for a dead letter's key, headers and framing; the
@@ -127,25 +127,8 @@ pub(crate) struct OutgoingRecord<'a> {
     pub(crate) key: &'a str,
     pub(crate) event_time_micros: i64,
     pub(crate) value: &'a [u8],
-}
-
-/// A record refused by validation, for the dead-letter topic.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct DeadLetter<'a> {
-    pub(crate) key: &'a str,
-    pub(crate) payload: &'a [u8],
-    /// Size of the payload as it arrived, when `payload` is already a cut prefix of it.
-    pub(crate) original_size_opt: Option<usize>,
-    pub(crate) reason: &'a str,
-    pub(crate) source: &'a str,
-}
-
-/// How a dead letter was written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DeadLetterWritten {
-    Whole,
-    /// The payload was cut to the dead-letter limit; the original size is in a header.
-    Truncated,
+    /// For a record an edge gateway forwarded: the gateway's id and the record's position.
+    pub(crate) edge_opt: Option<(&'a str, i64)>,
 }
 
 /// The librdkafka settings of ingest's producer: the shared durable producer settings, ingest's
@@ -179,7 +162,7 @@ pub(crate) struct RecordProducer {
     /// its epoch, which a broker may refuse for every later record (Tansu answers
     /// `ProducerFenced`), so it is replaced when the broker answers again.
     records_timed_out: Arc<AtomicBool>,
-    metrics: Arc<IngestMetrics>,
+    metrics: Arc<ProducerMetrics>,
     /// librdkafka reports timed-out records on its own schedule (seconds late with the broker
     /// gone); this deadline keeps the answer time bounded regardless.
     answer_deadline: Duration,
@@ -199,7 +182,7 @@ impl RecordProducer {
     pub(crate) fn new(
         kafka: &KafkaConfig,
         settings: &ProducerConfig,
-        metrics: Arc<IngestMetrics>,
+        metrics: Arc<ProducerMetrics>,
     ) -> Result<Self, ProduceError> {
         let client_config = producer_client_config(kafka, settings);
         let max_message_bytes = max_message_bytes_of(&client_config);
@@ -386,15 +369,21 @@ impl RecordProducer {
         let started = Instant::now();
         let ingest_time = now_micros().to_string();
         let num_records = records.len();
-        let batch_records = records.map(|record| BatchRecord {
-            key: record.key.as_bytes(),
-            value: record.value,
-            timestamp_millis: record.event_time_micros.div_euclid(1_000),
-            headers_opt: Some(
-                OwnedHeaders::new_with_capacity(2)
-                    .insert(Header { key: SCHEMA_FINGERPRINT_HEADER, value: Some(fingerprint_hex) })
-                    .insert(Header { key: INGEST_TIME_HEADER, value: Some(ingest_time.as_str()) }),
-            ),
+        let batch_records = records.map(|record| {
+            let mut headers = OwnedHeaders::new_with_capacity(4)
+                .insert(Header { key: SCHEMA_FINGERPRINT_HEADER, value: Some(fingerprint_hex) })
+                .insert(Header { key: INGEST_TIME_HEADER, value: Some(ingest_time.as_str()) });
+            if let Some((edge_id, position)) = record.edge_opt {
+                headers = headers
+                    .insert(Header { key: EDGE_ID_HEADER, value: Some(edge_id) })
+                    .insert(Header { key: EDGE_POSITION_HEADER, value: Some(position.to_string().as_str()) });
+            }
+            BatchRecord {
+                key: record.key.as_bytes(),
+                value: record.value,
+                timestamp_millis: record.event_time_micros.div_euclid(1_000),
+                headers_opt: Some(headers),
+            }
         });
         let result = self.send_and_wait(topic, num_records, batch_records).await;
         self.metrics.record_produce(topic, started.elapsed(), result.is_ok());
@@ -531,7 +520,7 @@ pub(crate) fn prefix_at_char_boundary(text: &str, max_bytes: usize) -> &str {
     &text[..end]
 }
 
-pub(crate) use sluice_clock::now_micros;
+use sluice_clock::now_micros;
 
 #[cfg(test)]
 mod tests {

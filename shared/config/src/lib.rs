@@ -133,7 +133,9 @@ pub fn to_masked_toml<T: Serialize>(config: &T) -> Result<String, toml::ser::Err
 
 fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    SECRET_KEY_MARKERS.iter().any(|marker| key.contains(marker))
+    // A bearer token (`forward.token`, `access_token`), not a list of token entries (`tokens`).
+    let is_token = key == "token" || key.ends_with("_token") || key.ends_with(".token");
+    is_token || SECRET_KEY_MARKERS.iter().any(|marker| key.contains(marker))
 }
 
 fn mask_secrets(value: &mut toml::Value) {
@@ -316,5 +318,15 @@ mod tests {
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains(MASK));
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bearer_tokens_are_secret_and_lists_of_token_entries_are_not() {
+        for key in ["token", "forward_token", "access_token", "TOKEN", "token_sha256", "sasl.password"] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in ["tokens", "token_name", "tokenizer", "streams"] {
+            assert!(!is_secret_key(key), "{key}");
+        }
     }
 }

@@ -85,6 +85,14 @@ pub struct CommitRecord {
     /// ts and seq) and were left out.
     #[serde(default)]
     pub num_duplicates_dropped: u64,
+    /// Set when this flush wrote the partition's edge positions (docs/delivery-semantics.md, "Edge
+    /// gateways"): the end offset naming their file, which the commit then points at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_positions_at_opt: Option<i64>,
+    /// Records of the range an edge gateway sent again (a position at or below the gateway's
+    /// greatest committed one) and were left out.
+    #[serde(default)]
+    pub num_edge_repeats_dropped: u64,
     /// Largest event time committed in this partition so far (this and earlier records).
     pub max_event_time_micros_opt: Option<i64>,
     /// Which compactor instance wrote it, for operators.
@@ -136,6 +144,9 @@ impl CommitRecord {
             files: Vec::new(),
             num_dead_lettered: 0,
             num_duplicates_dropped: 0,
+            // The edge positions stay where the table has them.
+            edge_positions_at_opt: None,
+            num_edge_repeats_dropped: 0,
             max_event_time_micros_opt: current.max_event_time_micros_opt,
             writer_id: writer_id.to_string(),
             created_at_micros: now_micros,

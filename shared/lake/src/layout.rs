@@ -64,6 +64,18 @@ pub fn merged_file_name() -> String {
     format!("merged-{}.parquet", uuid::Uuid::new_v4().simple())
 }
 
+/// Where a Kafka partition's edge positions are kept: beside the table's data, under a name
+/// starting with `_` so that Delta readers and VACUUM pass it by.
+pub fn edge_positions_dir(stream: &str, kafka_partition: i32) -> String {
+    format!("{stream}/_sluice_edge_positions/p{kafka_partition:03}")
+}
+
+/// The edge positions of a Kafka partition as of the flush ending at `end_offset`: written
+/// before that flush's commit, which points at it.
+pub fn edge_positions_file(stream: &str, kafka_partition: i32, end_offset: i64) -> String {
+    format!("{}/{end_offset:020}.json", edge_positions_dir(stream, kafka_partition))
+}
+
 pub fn watermark_record(stream: &str) -> String {
     format!("{METADATA_DIR}/watermarks/{stream}.json")
 }

@@ -88,6 +88,12 @@ fn result_app_id(table: &str, partition: &str) -> String {
     format!("sluice-executor/{table}/{partition}")
 }
 
+/// The app id whose version is the end offset of the flush that last wrote a Kafka partition's
+/// edge positions, naming their file ([`layout::edge_positions_file`]).
+fn edge_positions_app_id(stream: &str, kafka_partition: i32) -> String {
+    format!("sluice-compactor/{stream}/{kafka_partition}/edge-positions")
+}
+
 /// The app id whose version is the largest event time (µs) committed from a Kafka partition.
 pub fn event_time_app_id(stream: &str, kafka_partition: i32) -> String {
     format!("sluice-compactor/{stream}/{kafka_partition}/max-event-time")
@@ -117,11 +123,14 @@ pub struct FlushesCommitted {
 const COMMIT_ATTEMPTS: usize = 4;
 
 /// A Kafka partition's committed state in a stream table's latest version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommittedPosition {
     /// The next offset to read: every record below it is committed (or dead-lettered).
     pub end_offset: i64,
     pub max_event_time_micros_opt: Option<i64>,
+    /// Per edge gateway, the greatest position committed from this partition: a record at or
+    /// below it is one the gateway sent again.
+    pub edge_positions: BTreeMap<String, i64>,
     /// The table version the position was read from.
     pub table_version: i64,
 }
@@ -277,7 +286,53 @@ impl Lake {
         kafka_partition: i32,
     ) -> Result<Option<CommittedPosition>> {
         let Some(table) = self.load_table(stream).await? else { return Ok(None) };
-        position_in(&table, stream, kafka_partition).await
+        let Some(mut position) = position_in(&table, stream, kafka_partition).await? else { return Ok(None) };
+        let snapshot = table.snapshot().map_err(LakeError::delta(stream))?;
+        let edge_positions_at_opt = snapshot
+            .transaction_version(table.log_store().as_ref(), edge_positions_app_id(stream, kafka_partition))
+            .await
+            .map_err(LakeError::delta(stream))?;
+        if let Some(at) = edge_positions_at_opt {
+            // The commit points at the file, so it was written before: missing, it is an error,
+            // never an empty map (that would let every repeat through).
+            let path = layout::edge_positions_file(stream, kafka_partition, at);
+            let bytes = self.get(&path).await?;
+            position.edge_positions =
+                serde_json::from_slice(&bytes).map_err(|source| LakeError::InvalidCommit { path, source })?;
+        }
+        Ok(Some(position))
+    }
+
+    /// Writes a Kafka partition's edge positions for the flush ending at `end_offset`, before the
+    /// flush's commit points at them.
+    pub async fn write_edge_positions(
+        &self,
+        stream: &str,
+        kafka_partition: i32,
+        end_offset: i64,
+        edge_positions: &BTreeMap<String, i64>,
+    ) -> Result<()> {
+        let path = layout::edge_positions_file(stream, kafka_partition, end_offset);
+        let bytes = serde_json::to_vec(edge_positions)
+            .map_err(|source| LakeError::InvalidCommit { path: path.clone(), source })?;
+        self.put(&path, bytes).await
+    }
+
+    /// Deletes a Kafka partition's edge-position files older than the one at `end_offset`, which
+    /// a commit points at now: no commit can point at them again.
+    pub async fn delete_edge_positions_before(
+        &self,
+        stream: &str,
+        kafka_partition: i32,
+        end_offset: i64,
+    ) -> Result<()> {
+        let current = layout::edge_positions_file(stream, kafka_partition, end_offset);
+        for path in self.list_under(&layout::edge_positions_dir(stream, kafka_partition)).await? {
+            if path < current {
+                self.delete(&path).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Commits one flush (or a position reset, which has no files): see [`Lake::create_commits`].
@@ -339,6 +394,13 @@ impl Lake {
                     version: record.end_offset,
                     last_updated: Some(now_millis),
                 }));
+                if let Some(at) = record.edge_positions_at_opt {
+                    actions.push(Action::Txn(Transaction {
+                        app_id: edge_positions_app_id(stream, record.kafka_partition),
+                        version: at,
+                        last_updated: Some(now_millis),
+                    }));
+                }
                 if let Some(max_event_time) = record.max_event_time_micros_opt {
                     actions.push(Action::Txn(Transaction {
                         app_id: event_time_app_id(stream, record.kafka_partition),
@@ -778,6 +840,7 @@ async fn position_in(
     Ok(Some(CommittedPosition {
         end_offset,
         max_event_time_micros_opt,
+        edge_positions: BTreeMap::new(),
         table_version: i64::try_from(snapshot.version()).unwrap_or(i64::MAX),
     }))
 }
@@ -928,6 +991,8 @@ mod tests {
             files: vec![file.clone()],
             num_dead_lettered: 0,
             num_duplicates_dropped: 0,
+            edge_positions_at_opt: None,
+            num_edge_repeats_dropped: 0,
             max_event_time_micros_opt: Some(end * 10),
             writer_id: "test".into(),
             created_at_micros: 0,

@@ -22,6 +22,11 @@ pub const DEAD_LETTER_SOURCE_HEADER: &str = "sluice.dlq.source";
 /// On dead letters whose payload was cut to fit the producer's message limit: the size in bytes
 /// of the payload as it arrived (the value holds its first bytes only).
 pub const DEAD_LETTER_ORIGINAL_SIZE_HEADER: &str = "sluice.dlq.original.size";
+/// On records an edge gateway forwarded: which gateway (and spool incarnation) accepted them.
+pub const EDGE_ID_HEADER: &str = "sluice.edge.id";
+/// On records an edge gateway forwarded: the record's position in all that gateway accepted,
+/// decimal; it grows in the order the gateway accepted readings.
+pub const EDGE_POSITION_HEADER: &str = "sluice.edge.position";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::HttpConfig;
-use crate::metrics::{ConnectionCloseReason, IngestMetrics};
+use crate::metrics::{ConnectionCloseReason, DeviceApiMetrics};
 use crate::tls::CertifiedClient;
 
 /// How long a connection that is being closed (for idleness or shutdown) may take to say goodbye
@@ -63,7 +63,7 @@ pub(crate) async fn serve(
     tls_opt: Option<TlsAcceptor>,
     router: Router,
     limits: ConnectionLimits,
-    metrics: Arc<IngestMetrics>,
+    metrics: Arc<DeviceApiMetrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
@@ -115,7 +115,7 @@ fn is_connection_error(error: &std::io::Error) -> bool {
 fn refusal_response(max_connections: usize) -> Vec<u8> {
     let body = serde_json::json!({
         "error": format!(
-            "ingest has {max_connections} connections open, its limit (http.max_connections); retry shortly"
+            "the server has {max_connections} connections open, its limit (http.max_connections); retry shortly"
         )
     })
     .to_string();
@@ -148,7 +148,7 @@ fn refuse(stream: TcpStream, answer_opt: Option<&[u8]>) {
 struct Connection {
     router: Router,
     limits: ConnectionLimits,
-    metrics: Arc<IngestMetrics>,
+    metrics: Arc<DeviceApiMetrics>,
     shutdown: CancellationToken,
     _slot: OwnedSemaphorePermit,
 }

@@ -40,9 +40,9 @@ pub enum TlsError {
         #[source]
         source: tokio_rustls::rustls::Error,
     },
-    #[error("the system's CA certificates could not be read (set mqtt.tls_ca_path): {0}")]
-    SystemRoots(String),
-    #[error("the MQTT TLS settings do not form a usable client configuration")]
+    #[error("the system's CA certificates could not be read (set {ca_key}): {why}")]
+    SystemRoots { ca_key: &'static str, why: String },
+    #[error("the TLS client settings do not form a usable client configuration")]
     ClientConfig(#[source] tokio_rustls::rustls::Error),
 }
 
@@ -141,7 +141,19 @@ pub(crate) fn mqtt_client_config(mqtt: &MqttConfig) -> Result<Option<Arc<ClientC
     if !mqtt.tls {
         return Ok(None);
     }
-    let roots = match &mqtt.tls_ca_path {
+    let identity_opt = mqtt.tls_cert_path.as_deref().zip(mqtt.tls_key_path.as_deref());
+    client_config(mqtt.tls_ca_path.as_deref(), "mqtt.tls_ca_path", identity_opt).map(Some)
+}
+
+/// A TLS client configuration (ring): the CAs in `ca_path_opt`, or the system's when unset
+/// (`ca_key` names the setting in errors), and the client certificate chain and key of
+/// `identity_opt` when given.
+pub fn client_config(
+    ca_path_opt: Option<&Path>,
+    ca_key: &'static str,
+    identity_opt: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = match ca_path_opt {
         Some(ca_path) => read_roots(ca_path, |path, source| TlsError::Ca { path, source })?,
         None => {
             let loaded = rustls_native_certs::load_native_certs();
@@ -149,7 +161,7 @@ pub(crate) fn mqtt_client_config(mqtt: &MqttConfig) -> Result<Option<Arc<ClientC
             let (num_added, _) = roots.add_parsable_certificates(loaded.certs);
             if num_added == 0 {
                 let why = loaded.errors.first().map_or("none found".to_string(), ToString::to_string);
-                return Err(TlsError::SystemRoots(why));
+                return Err(TlsError::SystemRoots { ca_key, why });
             }
             roots
         }
@@ -161,14 +173,14 @@ pub(crate) fn mqtt_client_config(mqtt: &MqttConfig) -> Result<Option<Arc<ClientC
         .with_safe_default_protocol_versions()
         .map_err(TlsError::ClientConfig)?
         .with_root_certificates(roots);
-    let config = match (&mqtt.tls_cert_path, &mqtt.tls_key_path) {
-        (Some(cert_path), Some(key_path)) => {
+    let config = match identity_opt {
+        Some((cert_path, key_path)) => {
             let (certs, key) = read_certified_key(cert_path, key_path)?;
             builder.with_client_auth_cert(certs, key).map_err(TlsError::ClientConfig)?
         }
-        _ => builder.with_no_client_auth(),
+        None => builder.with_no_client_auth(),
     };
-    Ok(Some(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 fn client_verifier(

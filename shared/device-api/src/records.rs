@@ -32,7 +32,7 @@ use sluice_schema::{
     EventTimeLimits, FieldError, JsonScalar, KEY_FIELD, ReadingFields, RecordMeta, StreamSchema,
 };
 
-use crate::producer::{INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER};
+use sluice_schema::wire::{INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER};
 
 /// Rejections listed in one answer; the rest are counted, so a huge bad batch stays a small answer.
 pub(crate) const MAX_LISTED_REJECTIONS: usize = 100;
@@ -187,20 +187,22 @@ pub(crate) enum BatchError {
 
 /// The records of one request, encoded back to back in one buffer.
 #[derive(Debug, Default)]
-pub(crate) struct EncodedBatch {
-    pub(crate) payload: Vec<u8>,
-    pub(crate) records: Vec<EncodedRecord>,
+pub struct EncodedBatch {
+    pub payload: Vec<u8>,
+    pub records: Vec<EncodedRecord>,
+    /// For records an edge gateway forwarded: the gateway, and each record's position.
+    pub edge_opt: Option<crate::forwarded::EdgeOrigin>,
 }
 
 #[derive(Debug)]
-pub(crate) struct EncodedRecord {
-    pub(crate) key: String,
-    pub(crate) event_time_micros: i64,
-    pub(crate) value_range: Range<usize>,
+pub struct EncodedRecord {
+    pub key: String,
+    pub event_time_micros: i64,
+    pub value_range: Range<usize>,
 }
 
 impl EncodedBatch {
-    pub(crate) fn value(&self, record: &EncodedRecord) -> &[u8] {
+    pub fn value(&self, record: &EncodedRecord) -> &[u8] {
         &self.payload[record.value_range.clone()]
     }
 
@@ -437,7 +439,7 @@ impl<'a> BatchBuilder<'a> {
             event_times: rules.event_times(now_micros),
             // Encoded records are smaller than their JSON: one allocation of the body's size
             // usually holds them all, so the buffer rarely doubles past what is charged.
-            batch: EncodedBatch { payload: Vec::with_capacity(size_hint), records: Vec::new() },
+            batch: EncodedBatch { payload: Vec::with_capacity(size_hint), ..EncodedBatch::default() },
             key_bytes: 0,
             rejections: Rejections::default(),
         }

@@ -7,13 +7,12 @@ use crate::config::AuthConfig;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AuthDecision {
-    Allowed,
+    /// With the name of the token that allowed it (none when auth is off).
+    Allowed { token_name_opt: Option<String> },
     /// No token, or one that matches no configured hash: 401.
     Unauthenticated,
     /// A known token that may not write this stream: 403.
-    Forbidden {
-        token_name: String,
-    },
+    Forbidden { token_name: String },
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +46,7 @@ impl Authorizer {
     /// Decides for the value of an `Authorization` header.
     pub(crate) fn authorize(&self, authorization_opt: Option<&str>, stream: &str) -> AuthDecision {
         if !self.enabled {
-            return AuthDecision::Allowed;
+            return AuthDecision::Allowed { token_name_opt: None };
         }
         let Some(token) = authorization_opt.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim)
         else {
@@ -66,7 +65,9 @@ impl Authorizer {
         }
         match matched_opt {
             None => AuthDecision::Unauthenticated,
-            Some(entry) if may_write(&entry.streams, stream) => AuthDecision::Allowed,
+            Some(entry) if may_write(&entry.streams, stream) => {
+                AuthDecision::Allowed { token_name_opt: Some(entry.name.clone()) }
+            }
             Some(entry) => AuthDecision::Forbidden { token_name: entry.name.clone() },
         }
     }
@@ -110,12 +111,18 @@ mod tests {
     #[test]
     fn tokens_are_checked_per_stream() {
         let authorizer = authorizer();
-        assert_eq!(authorizer.authorize(Some("Bearer farm-token"), "telemetry"), AuthDecision::Allowed);
+        assert_eq!(
+            authorizer.authorize(Some("Bearer farm-token"), "telemetry"),
+            AuthDecision::Allowed { token_name_opt: Some("farm".into()) }
+        );
         assert_eq!(
             authorizer.authorize(Some("Bearer farm-token"), "alarms"),
             AuthDecision::Forbidden { token_name: "farm".into() }
         );
-        assert_eq!(authorizer.authorize(Some("Bearer admin-token"), "alarms"), AuthDecision::Allowed);
+        assert_eq!(
+            authorizer.authorize(Some("Bearer admin-token"), "alarms"),
+            AuthDecision::Allowed { token_name_opt: Some("admin".into()) }
+        );
     }
 
     #[test]
@@ -129,6 +136,6 @@ mod tests {
     #[test]
     fn disabled_auth_allows_everything() {
         let authorizer = Authorizer::new(&AuthConfig { enabled: false, tokens: Vec::new() });
-        assert_eq!(authorizer.authorize(None, "telemetry"), AuthDecision::Allowed);
+        assert_eq!(authorizer.authorize(None, "telemetry"), AuthDecision::Allowed { token_name_opt: None });
     }
 }

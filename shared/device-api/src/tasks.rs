@@ -2,7 +2,7 @@
 //! caught as a `JoinError` instead of silently ending the work (an MQTT bridge whose worker died
 //! kept the service up while nothing more was stored). A task that panics, or returns an error
 //! while the service is not shutting down, makes the service fail visibly: `/readyz` answers 503
-//! with the cause, `sluice_ingest_task_failures` counts it, an error is logged, and the shutdown
+//! with the cause, `sluice_<service>_task_failures` counts it, an error is logged, and the shutdown
 //! token (the root token in `main`) is cancelled so that the process winds down and exits
 //! non-zero.
 
@@ -11,34 +11,30 @@ use std::sync::{Arc, Mutex};
 
 use sluice_shutdown::{CancellationToken, TaskTracker};
 
-use crate::metrics::IngestMetrics;
+use crate::metrics::DeviceApiMetrics;
 
 /// The first background task that failed, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TaskFailure {
-    pub(crate) task: &'static str,
-    pub(crate) cause: String,
+pub struct TaskFailure {
+    pub task: &'static str,
+    pub cause: String,
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Supervisor {
+pub struct Supervisor {
     tracker: TaskTracker,
     shutdown: CancellationToken,
-    metrics: Arc<IngestMetrics>,
+    metrics: Arc<DeviceApiMetrics>,
     failure: Arc<Mutex<Option<TaskFailure>>>,
 }
 
 impl Supervisor {
-    pub(crate) fn new(
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-        metrics: Arc<IngestMetrics>,
-    ) -> Self {
+    pub fn new(tracker: TaskTracker, shutdown: CancellationToken, metrics: Arc<DeviceApiMetrics>) -> Self {
         Self { tracker, shutdown, metrics, failure: Arc::default() }
     }
 
     /// Runs `task` in the background; its panic or error fails the service.
-    pub(crate) fn spawn<F, E>(&self, name: &'static str, task: F)
+    pub fn spawn<F, E>(&self, name: &'static str, task: F)
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: std::error::Error + Send + 'static,
@@ -65,7 +61,7 @@ impl Supervisor {
     }
 
     fn fail(&self, task: &'static str, cause: String) {
-        tracing::error!(task, %cause, "background task failed; stopping ingest");
+        tracing::error!(task, %cause, "background task failed; stopping the service");
         self.metrics.record_task_failure(task);
         if let Ok(mut failure) = self.failure.lock() {
             failure.get_or_insert(TaskFailure { task, cause });
@@ -74,7 +70,7 @@ impl Supervisor {
     }
 
     /// The first failure, if any task failed.
-    pub(crate) fn failure(&self) -> Option<TaskFailure> {
+    pub fn failure(&self) -> Option<TaskFailure> {
         self.failure.lock().ok().and_then(|failure| failure.clone())
     }
 }
@@ -90,7 +86,8 @@ mod tests {
     fn supervisor() -> (Supervisor, TaskTracker, CancellationToken) {
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let supervisor = Supervisor::new(tracker.clone(), shutdown.clone(), Arc::new(IngestMetrics::new()));
+        let supervisor =
+            Supervisor::new(tracker.clone(), shutdown.clone(), Arc::new(DeviceApiMetrics::new("ingest")));
         (supervisor, tracker, shutdown)
     }
 

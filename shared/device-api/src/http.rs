@@ -13,54 +13,55 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use serde_json::json;
 use sluice_errors::chain_text;
-use sluice_kafka::TopicNames;
 use sluice_schema::{KEY_FIELD, SchemaRegistry};
 use tokio::sync::Semaphore;
 use tracing::instrument;
 
 use crate::auth::{AuthDecision, Authorizer, may_write};
 use crate::config::HttpConfig;
-use crate::metrics::{IngestMetrics, RejectReason};
-use crate::producer::{OutgoingRecord, ProduceError, RecordProducer, now_micros};
+use crate::forwarded::{self, ForwardedValidator};
+use crate::metrics::{DeviceApiMetrics, RejectReason};
 use crate::records::{
     self, BatchError, BodyEncoding, BodyError, MemoryBudget, RecordRules, RejectedRecord, Rejections,
 };
+use crate::sink::{RecordSink, SinkError};
 use crate::tls::CertifiedClient;
+use sluice_clock::now_micros;
 
 const TRANSPORT: &str = "http";
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_SECS: &str = "1";
 
-pub(crate) struct HttpState {
+pub(crate) struct HttpState<S> {
     pub(crate) http: HttpConfig,
     pub(crate) record_rules: RecordRules,
     pub(crate) schemas: SchemaRegistry,
-    pub(crate) topics: TopicNames,
     pub(crate) authorizer: Authorizer,
     /// `http.tls_client_certificates = "required"` with a device CA: no token stands in for one.
     pub(crate) device_certificates_required: bool,
-    pub(crate) producer: RecordProducer,
-    pub(crate) metrics: Arc<IngestMetrics>,
+    pub(crate) sink: S,
+    pub(crate) metrics: Arc<DeviceApiMetrics>,
     pub(crate) supervisor: crate::tasks::Supervisor,
+    pub(crate) forwarded: ForwardedValidator,
     pub(crate) in_flight_bytes: Semaphore,
     pub(crate) shutting_down: AtomicBool,
 }
 
-impl std::fmt::Debug for HttpState {
+impl<S> std::fmt::Debug for HttpState<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpState").field("http", &self.http).finish_non_exhaustive()
     }
 }
 
-pub(crate) fn router(state: Arc<HttpState>) -> Router {
+pub(crate) fn router<S: RecordSink>(state: Arc<HttpState<S>>) -> Router {
     Router::new()
-        .route("/v1/streams/{stream}/records", post(ingest_records))
+        .route("/v1/streams/{stream}/records", post(ingest_records::<S>))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readiness))
+        .route("/readyz", get(readiness::<S>))
         .with_state(state)
 }
 
-async fn readiness(State(state): State<Arc<HttpState>>) -> Response {
+async fn readiness<S: RecordSink>(State(state): State<Arc<HttpState<S>>>) -> Response {
     if let Some(failure) = state.supervisor.failure() {
         let message = format!("background task {} failed: {}", failure.task, failure.cause);
         return error_response(StatusCode::SERVICE_UNAVAILABLE, &message);
@@ -68,8 +69,8 @@ async fn readiness(State(state): State<Arc<HttpState>>) -> Response {
     if state.shutting_down.load(Ordering::Relaxed) {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    if !state.producer.is_broker_reachable() {
-        return error_response(StatusCode::SERVICE_UNAVAILABLE, "Kafka broker unreachable");
+    if let Some(reason) = state.sink.unavailable_reason() {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
     }
     (StatusCode::OK, "ready").into_response()
 }
@@ -98,7 +99,7 @@ impl Refusal {
                 Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, RejectReason::UnsupportedMediaType, message)
             }
             BodyError::OverBudget => Self::unavailable(
-                "ingest is at its in-flight byte limit (http.max_in_flight_bytes); nothing was written, retry shortly",
+                "the server is at its in-flight byte limit (http.max_in_flight_bytes); nothing was written, retry shortly",
             ),
         }
     }
@@ -148,8 +149,8 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 }
 
 #[instrument(skip_all, fields(stream = %stream))]
-async fn ingest_records(
-    State(state): State<Arc<HttpState>>,
+async fn ingest_records<S: RecordSink>(
+    State(state): State<Arc<HttpState<S>>>,
     Path(stream): Path<String>,
     client_opt: Option<Extension<CertifiedClient>>,
     headers: HeaderMap,
@@ -182,15 +183,15 @@ async fn ingest_records(
 
 /// The in-flight bytes a request holds: charged as its buffers grow, given back when they are let
 /// go, and all of it when the request ends however it ends. The gauge follows.
-struct InFlight<'a> {
-    state: &'a HttpState,
+struct InFlight<'a, S> {
+    state: &'a HttpState<S>,
     held_bytes: usize,
     /// The last charge that did not fit.
     refused_bytes: usize,
 }
 
-impl<'a> InFlight<'a> {
-    fn new(state: &'a HttpState) -> Self {
+impl<'a, S> InFlight<'a, S> {
+    fn new(state: &'a HttpState<S>) -> Self {
         Self { state, held_bytes: 0, refused_bytes: 0 }
     }
 
@@ -213,7 +214,7 @@ impl<'a> InFlight<'a> {
     }
 }
 
-impl MemoryBudget for InFlight<'_> {
+impl<S> MemoryBudget for InFlight<'_, S> {
     fn grow(&mut self, bytes: usize) -> bool {
         if bytes == 0 {
             return true;
@@ -236,7 +237,7 @@ impl MemoryBudget for InFlight<'_> {
     }
 }
 
-impl Drop for InFlight<'_> {
+impl<S> Drop for InFlight<'_, S> {
     fn drop(&mut self) {
         self.shrink(self.held_bytes);
     }
@@ -244,11 +245,11 @@ impl Drop for InFlight<'_> {
 
 /// Reads the body within `http.max_body_bytes` and `http.request_body_timeout_ms`, charging its
 /// buffer to `in_flight` before it grows (a declared length is charged, and refused, up front).
-async fn read_body(
-    state: &HttpState,
+async fn read_body<S>(
+    state: &HttpState<S>,
     headers: &HeaderMap,
     body: Body,
-    in_flight: &mut InFlight<'_>,
+    in_flight: &mut InFlight<'_, S>,
 ) -> Result<Vec<u8>, Refusal> {
     let max_body_bytes = state.http.max_body_bytes;
     let too_large = || {
@@ -315,10 +316,10 @@ async fn read_body(
     }
 }
 
-/// The whole request: Ok with the number of records acknowledged by Kafka, or the refusal with
+/// The whole request: Ok with the number of records the sink stored, or the refusal with
 /// the number of records it covers.
-async fn accept_records(
-    state: &HttpState,
+async fn accept_records<S: RecordSink>(
+    state: &HttpState<S>,
     stream: &str,
     client_opt: Option<&CertifiedClient>,
     headers: &HeaderMap,
@@ -349,7 +350,7 @@ async fn accept_records(
                     ),
                 )));
             }
-            (AuthDecision::Allowed, Some(&**device_id))
+            (AuthDecision::Allowed { token_name_opt: None }, Some(&**device_id))
         }
         Some(CertifiedClient::Unnamed(why)) => {
             return Err(refuse(Refusal::new(
@@ -382,14 +383,31 @@ async fn accept_records(
             format!("token '{token_name}' may not write stream '{stream}'"),
         )));
     }
-    let format = records::body_format(header_str(headers, header::CONTENT_TYPE))
-        .map_err(|error| refuse(Refusal::from_body_error(error)))?;
+    let content_type_opt = header_str(headers, header::CONTENT_TYPE);
+    let format_opt = if forwarded::is_edge_batches(content_type_opt) {
+        None
+    } else {
+        Some(
+            records::body_format(content_type_opt)
+                .map_err(|error| refuse(Refusal::from_body_error(error)))?,
+        )
+    };
+    // A gateway's positions are kept per edge id: under the token's name, so that one token
+    // holder cannot pass for another's gateway and have its readings taken for repeats.
+    let edge_id_opt = match format_opt {
+        Some(_) => None,
+        None => {
+            let token_name_opt = match &decision {
+                AuthDecision::Allowed { token_name_opt } => token_name_opt.as_deref(),
+                _ => None,
+            };
+            Some(edge_id(headers, token_name_opt).map_err(refuse)?)
+        }
+    };
     let encoding = records::body_encoding(header_str(headers, header::CONTENT_ENCODING))
         .map_err(|error| refuse(Refusal::from_body_error(error)))?;
-    if !state.producer.is_broker_reachable() {
-        return Err(refuse(Refusal::unavailable(
-            "the Kafka broker is unreachable; nothing was written, retry later",
-        )));
+    if let Some(reason) = state.sink.unavailable_reason() {
+        return Err(refuse(Refusal::unavailable(format!("{reason}: nothing was written, retry later"))));
     }
     let mut in_flight = InFlight::new(state);
     let raw = read_body(state, headers, body, &mut in_flight).await.map_err(refuse)?;
@@ -401,8 +419,19 @@ async fn accept_records(
         in_flight.shrink(raw_charge);
     }
     let decoded_charge = in_flight.held_bytes;
-    let encoded =
-        records::encode_body(schema, &decoded, format, &state.record_rules, now_micros(), &mut in_flight);
+    let encoded = match format_opt {
+        Some(format) => {
+            records::encode_body(schema, &decoded, format, &state.record_rules, now_micros(), &mut in_flight)
+        }
+        None => state.forwarded.check(
+            stream,
+            edge_id_opt.as_deref().unwrap_or_default(),
+            &decoded,
+            &state.record_rules,
+            now_micros(),
+            &mut in_flight,
+        ),
+    };
     drop(decoded);
     in_flight.shrink(decoded_charge);
     let batch = match encoded {
@@ -425,27 +454,15 @@ async fn accept_records(
             return Err((refusal, num_records));
         }
     }
-    let topic = state.topics.stream(stream);
-    let outgoing = batch.records.iter().map(|record| OutgoingRecord {
-        key: &record.key,
-        event_time_micros: record.event_time_micros,
-        value: batch.value(record),
-    });
-    match state.producer.produce_batch(&topic, &schema.fingerprint_hex(), outgoing).await {
+    match state.sink.store(stream, schema, &batch).await {
         Ok(()) => Ok(num_records),
-        Err(error) => {
-            tracing::warn!(%topic, error = %chain_text(&error), "produce failed");
-            let message = match error {
-                ProduceError::QueueFull => "the producer queue is full; part of the request may have been written: retry the whole request shortly (duplicates are dropped by device_id and seq)".to_string(),
-                ProduceError::BrokerUnreachable => {
-                    "the Kafka broker is unreachable; nothing was written, retry later".to_string()
-                }
-                other => format!(
-                    "{}; some records may have been written: retry the whole request (duplicates are dropped by device_id and seq)",
-                    chain_text(&other)
-                ),
-            };
-            Err((Refusal::unavailable(message), num_records))
+        Err(SinkError::InsufficientStorage { message }) => Err((
+            Refusal::new(StatusCode::INSUFFICIENT_STORAGE, RejectReason::InsufficientStorage, message),
+            num_records,
+        )),
+        // The sink logged why.
+        Err(error @ (SinkError::Unavailable { .. } | SinkError::Refused { .. })) => {
+            Err((Refusal::unavailable(error.to_string()), num_records))
         }
     }
 }
@@ -476,8 +493,33 @@ fn other_devices_refusal(batch: &records::EncodedBatch, device_id: &str) -> Opti
     Some(Refusal::listing(StatusCode::FORBIDDEN, RejectReason::Forbidden, message, rejections))
 }
 
+/// The edge id of a forwarding request: its `Sluice-Edge-Id`, under the token's name when
+/// auth is on.
+fn edge_id(headers: &HeaderMap, token_name_opt: Option<&str>) -> Result<String, Refusal> {
+    let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, message);
+    let presented = header_str(headers, header::HeaderName::from_static(forwarded::EDGE_ID_HEADER))
+        .ok_or_else(|| {
+            bad(format!("forwarded batches need a '{}' header naming the gateway", forwarded::EDGE_ID_HEADER))
+        })?;
+    if let Some(problem) = forwarded::edge_id_problem(presented) {
+        return Err(bad(format!("the '{}' header is not usable: {problem}", forwarded::EDGE_ID_HEADER)));
+    }
+    let edge_id = match token_name_opt {
+        Some(token_name) => format!("{token_name}/{presented}"),
+        None => presented.to_string(),
+    };
+    if edge_id.len() > forwarded::MAX_EDGE_ID_BYTES {
+        return Err(bad(format!(
+            "the token's name and the '{}' header together exceed {} bytes",
+            forwarded::EDGE_ID_HEADER,
+            forwarded::MAX_EDGE_ID_BYTES
+        )));
+    }
+    Ok(edge_id)
+}
+
 /// A body error as an answer; over the in-flight budget it depends on what the request holds.
-fn body_refusal(in_flight: &InFlight<'_>, error: BodyError) -> Refusal {
+fn body_refusal<S>(in_flight: &InFlight<'_, S>, error: BodyError) -> Refusal {
     match error {
         BodyError::OverBudget => in_flight.refusal(),
         other => Refusal::from_body_error(other),
@@ -485,7 +527,7 @@ fn body_refusal(in_flight: &InFlight<'_>, error: BodyError) -> Refusal {
 }
 
 /// A name from the request, cut for an answer: a URL can be hundreds of kilobytes long.
-fn cut(text: &str) -> String {
+pub(crate) fn cut(text: &str) -> String {
     const MAX_CHARS: usize = 64;
     match text.char_indices().nth(MAX_CHARS) {
         None => text.to_string(),

@@ -1,5 +1,6 @@
 //! MQTT bridge: subscribes with QoS 1 to `<prefix>/<stream>/<device_id>` and acknowledges each
-//! message to the MQTT broker only after Kafka acknowledged it (the reading, or its dead letter).
+//! message to the MQTT broker only after the sink stored it (the reading, or its dead letter):
+//! Kafka acknowledged it at ingest, the spool synced it at the edge gateway.
 //! The session is persistent (clean session off), so readings that arrive while ingest is down,
 //! or that were not acknowledged when it stopped, are delivered again.
 
@@ -13,18 +14,15 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use sluice_kafka::TopicNames;
 use sluice_schema::SchemaRegistry;
 use sluice_shutdown::CancellationToken;
 use tokio::sync::mpsc;
 
 use crate::config::MqttConfig;
-use crate::metrics::{IngestMetrics, RejectReason};
-use crate::producer::{
-    DeadLetter, DeadLetterWritten, OutgoingRecord, ProduceError, RecordProducer, now_micros,
-};
+use crate::metrics::{DeviceApiMetrics, RejectReason};
 use crate::records::{self, BodyFormat, DeviceBatchError, RejectedRecord};
-use sluice_errors::chain_text;
+use crate::sink::{DeadLetter, DeadLetterWritten, RecordSink, SinkError};
+use sluice_clock::now_micros;
 
 const TRANSPORT: &str = "mqtt";
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -49,13 +47,12 @@ pub(crate) enum MqttError {
 }
 
 #[derive(Debug)]
-pub(crate) struct MqttBridge {
+pub(crate) struct MqttBridge<S> {
     pub(crate) config: MqttConfig,
     pub(crate) record_rules: records::RecordRules,
     pub(crate) schemas: SchemaRegistry,
-    pub(crate) topics: TopicNames,
-    pub(crate) producer: RecordProducer,
-    pub(crate) metrics: Arc<IngestMetrics>,
+    pub(crate) sink: S,
+    pub(crate) metrics: Arc<DeviceApiMetrics>,
     /// TLS to the MQTT broker (`mqtt.tls`), loaded at start so that a bad file stops ingest there.
     pub(crate) tls_opt: Option<Arc<rustls::ClientConfig>>,
 }
@@ -70,17 +67,17 @@ struct Incoming {
 
 /// What became of one MQTT message.
 enum Outcome {
-    /// Produced to the stream topic.
+    /// Stored.
     Accepted { stream: String, num_records: usize },
-    /// Produced to the stream's dead-letter topic.
+    /// Stored as a dead letter.
     DeadLettered { stream: String, reason: RejectReason, num_records: usize },
-    /// Refused, and Kafka refused even its dead letter: acknowledged, counted and logged.
+    /// Refused, and the sink refused even its dead letter: acknowledged, counted and logged.
     Dropped { stream: String, reason: RejectReason, num_records: usize },
     /// Not on a stream topic of ours; logged and counted.
     Ignored,
 }
 
-impl MqttBridge {
+impl<S: RecordSink + std::fmt::Debug> MqttBridge<S> {
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), MqttError> {
         let bridge = Arc::new(self);
         let config = &bridge.config;
@@ -184,7 +181,7 @@ impl MqttBridge {
     fn receive(&self, mut publish: Publish) -> Incoming {
         let original_size = publish.payload.len();
         if original_size > self.config.max_payload_bytes {
-            let kept = original_size.min(self.producer.dead_letter_payload_limit());
+            let kept = original_size.min(self.sink.dead_letter_payload_limit());
             publish.payload = Bytes::copy_from_slice(&publish.payload[..kept]);
         }
         Incoming { publish, original_size }
@@ -216,10 +213,10 @@ impl MqttBridge {
         }
     }
 
-    /// Processes one message until Kafka acknowledged it (the readings, or their dead letter);
+    /// Processes one message until the sink stored it (the readings, or their dead letter);
     /// returns it for acknowledgement, or `None` when shutdown interrupted the retries (the
     /// broker will deliver it again). Only errors that another attempt may cure are retried: a
-    /// message Kafka refuses as such is dead-lettered or, failing that, dropped and counted.
+    /// message the sink refuses as such is dead-lettered or, failing that, dropped and counted.
     async fn handle_with_retries(
         self: Arc<Self>,
         incoming: Incoming,
@@ -233,7 +230,7 @@ impl MqttBridge {
                 Ok(result) => result,
                 Err(panic) => {
                     let message = sluice_errors::panic_message(panic.as_ref());
-                    tracing::error!(topic = %incoming.publish.topic, panic = %message, "ingest panicked on an MQTT message; dead-lettering it");
+                    tracing::error!(topic = %incoming.publish.topic, panic = %message, "the service panicked on an MQTT message; dead-lettering it");
                     self.metrics.record_task_failure("mqtt_message");
                     self.handle_panicked(&incoming, &message).await
                 }
@@ -244,7 +241,7 @@ impl MqttBridge {
                     return Some(incoming.publish);
                 }
                 Err(error) => {
-                    tracing::warn!(topic = %incoming.publish.topic, error = %chain_text(&error), "failed to produce MQTT reading; retrying");
+                    tracing::warn!(topic = %incoming.publish.topic, error = %error, "failed to store MQTT reading; not acknowledged, retrying");
                     if shutdown.is_cancelled() {
                         return None;
                     }
@@ -277,7 +274,7 @@ impl MqttBridge {
         self.metrics.record_request(TRANSPORT, 0, started.elapsed());
     }
 
-    async fn handle(&self, incoming: &Incoming) -> Result<Outcome, ProduceError> {
+    async fn handle(&self, incoming: &Incoming) -> Result<Outcome, SinkError> {
         let publish = &incoming.publish;
         let Some((stream, device_id)) = self.parse_topic(&publish.topic) else {
             tracing::warn!(topic = %publish.topic, "MQTT message outside <prefix>/<stream>/<device_id>; acknowledged and not stored");
@@ -317,26 +314,16 @@ impl MqttBridge {
             }
         };
         let num_records = batch.records.len();
-        let outgoing = batch.records.iter().map(|record| OutgoingRecord {
-            key: &record.key,
-            event_time_micros: record.event_time_micros,
-            value: batch.value(record),
-        });
-        match self
-            .producer
-            .produce_batch(&self.topics.stream(stream), &schema.fingerprint_hex(), outgoing)
-            .await
-        {
+        match self.sink.store(stream, schema, &batch).await {
             Ok(()) => Ok(Outcome::Accepted { stream: stream.to_string(), num_records }),
-            Err(error) if error.is_permanent() => {
-                let detail = format!("Kafka refused the readings: {}", chain_text(&error));
-                dead_letter(RejectReason::TooLarge, detail, num_records).await
+            Err(SinkError::Refused { message }) => {
+                dead_letter(RejectReason::TooLarge, message, num_records).await
             }
             Err(error) => Err(error),
         }
     }
 
-    /// Produces `incoming` to its stream's dead-letter topic. A dead letter Kafka refuses as such
+    /// Stores `incoming` as a dead letter of its stream. A dead letter the sink refuses as such
     /// (too large even cut) is dropped: acknowledged, logged and counted.
     async fn dead_letter(
         &self,
@@ -346,9 +333,8 @@ impl MqttBridge {
         reason: RejectReason,
         detail: String,
         num_records: usize,
-    ) -> Result<Outcome, ProduceError> {
+    ) -> Result<Outcome, SinkError> {
         let publish = &incoming.publish;
-        let topic = self.topics.dead_letter(stream);
         let source = format!("mqtt:{}", publish.topic);
         let letter = DeadLetter {
             key: device_id,
@@ -357,21 +343,21 @@ impl MqttBridge {
             reason: &detail,
             source: &source,
         };
-        match self.producer.produce_dead_letter(&topic, letter).await {
+        match self.sink.store_dead_letter(stream, letter).await {
             Ok(DeadLetterWritten::Whole) => {}
             Ok(DeadLetterWritten::Truncated) => tracing::warn!(
                 topic = %publish.topic,
                 original_size = incoming.original_size,
-                limit = self.producer.dead_letter_payload_limit(),
+                limit = self.sink.dead_letter_payload_limit(),
                 "MQTT payload dead-lettered with its first bytes only: it exceeds the dead-letter limit"
             ),
-            Err(error) if error.is_permanent() => {
+            Err(error @ SinkError::Refused { .. }) => {
                 tracing::error!(
                     topic = %publish.topic,
                     original_size = incoming.original_size,
                     reason = %detail,
-                    error = %chain_text(&error),
-                    "Kafka refused even the dead letter of an MQTT message; acknowledged and dropped"
+                    error = %error,
+                    "the sink refused even the dead letter of an MQTT message; acknowledged and dropped"
                 );
                 return Ok(Outcome::Dropped { stream: stream.to_string(), reason, num_records });
             }
@@ -383,18 +369,15 @@ impl MqttBridge {
     /// Handles a message whose handling panicked (a bug in ingest): dead-lettered with the panic
     /// as reason rather than retried, because the broker would deliver it again after any crash
     /// and it would stop every restart the same way.
-    async fn handle_panicked(
-        &self,
-        incoming: &Incoming,
-        panic_message: &str,
-    ) -> Result<Outcome, ProduceError> {
+    async fn handle_panicked(&self, incoming: &Incoming, panic_message: &str) -> Result<Outcome, SinkError> {
         let Some((stream, device_id)) = self.parse_topic(&incoming.publish.topic) else {
             return Ok(Outcome::Ignored);
         };
         if self.schemas.stream(stream).is_none() {
             return Ok(Outcome::Ignored);
         }
-        let detail = format!("ingest failed on this message (panicked: {panic_message}); please report it");
+        let detail =
+            format!("the service failed on this message (panicked: {panic_message}); please report it");
         self.dead_letter(incoming, stream, device_id, RejectReason::Invalid, detail, 1).await
     }
 
