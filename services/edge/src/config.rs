@@ -169,6 +169,9 @@ const MIN_SEGMENT_BYTES: u64 = 1024 * 1024;
 /// The longest gateway name: with the spool's incarnation and the token's name it must fit
 /// central's limit on edge ids.
 const MAX_EDGE_NAME_BYTES: usize = 64;
+/// The most records a request (a spool frame) may hold: their index in it takes 23 bits of the
+/// position central keeps for each forwarded record.
+const MAX_RECORDS_PER_FRAME: usize = (1 << 23) - 1;
 /// Room for a few of the largest dead letters in each of the log's two files.
 const MIN_DEAD_LETTER_BYTES: u64 = 1024 * 1024;
 
@@ -203,6 +206,12 @@ impl Validate for EdgeConfig {
                      and mqtt.max_payload_bytes with MQTT on): {needed} bytes, so that the largest request fits \
                      while the oldest file is being forwarded"
                 ),
+            ));
+        }
+        if self.http.max_records_per_request > MAX_RECORDS_PER_FRAME {
+            issues.push(ConfigIssue::new(
+                "http.max_records_per_request",
+                format!("must be at most {MAX_RECORDS_PER_FRAME} at a gateway: a record's index in its request is part of its position"),
             ));
         }
         if spool.max_dead_letter_bytes < MIN_DEAD_LETTER_BYTES {
@@ -321,6 +330,10 @@ mod tests {
         config.http.max_connections = 0;
         let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
         assert_eq!(keys, ["http.max_connections"]);
+        config.http.max_connections = 1;
+        config.http.max_records_per_request = 1 << 23;
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["http.max_records_per_request"], "a record's index must fit its position");
     }
 
     #[test]

@@ -11,9 +11,9 @@
 //!
 //! Answers that another attempt cannot change are not retried for ever: readings central
 //! refuses as invalid (400, listed) go to the local dead-letter log and the rest are sent again;
-//! a single batch too large for central (413) goes there whole. Answers that mean the gateway is
-//! misconfigured (401, 403, 404, 415) are logged and retried at the longest backoff: nothing is
-//! dropped for a wrong token.
+//! a single batch too large for central (413) goes there whole. Answers that mean the gateway or
+//! central is misconfigured (401, 403, 404, 415, a 400 that lists no reading) are logged and
+//! retried at the longest backoff: nothing is dropped for a wrong token or a missing header.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -192,10 +192,16 @@ impl Forwarder {
                     }
                 }
                 Sent::Unacceptable(refusal) => {
-                    self.metrics.record_forward_failure(FailureReason::Rejected);
-                    tracing::error!(error = %refusal.error, "central ingest refused a forwarded batch as a whole; its readings are in the local dead-letter log");
-                    self.dead_letter_all(&stream, &decoded, &pending.refused, &refusal.error).await?;
-                    self.ack_below(end_id).await?;
+                    // A refusal of the request as a whole names no reading: it is central's
+                    // setup (a missing header, an unknown stream, another format version), which
+                    // an operator fixes. Nothing is dropped for it.
+                    self.metrics.record_forward_failure(FailureReason::Config);
+                    let delay = Duration::from_millis(self.settings.backoff_max_ms);
+                    tracing::error!(error = %refusal.error, delay_ms = delay.as_millis() as u64, "central ingest refused the request as a whole; retrying");
+                    pending_opt = Some(pending);
+                    if sleep_or_shutdown(delay, &shutdown).await {
+                        return Ok(());
+                    }
                 }
                 Sent::TooLarge if pending.frames.len() > 1 => {
                     self.metrics.record_forward_failure(FailureReason::TooLarge);

@@ -260,9 +260,10 @@ pub fn edge_id_problem(edge_id: &str) -> Option<String> {
     if edge_id.is_empty() || edge_id.len() > MAX_EDGE_ID_BYTES {
         return Some(format!("an edge id has 1 to {MAX_EDGE_ID_BYTES} characters"));
     }
-    if !edge_id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-' | b'/'))
-    {
-        return Some("an edge id holds only letters, digits, '.', '_', '-' and '/'".to_string());
+    // No '/': central puts the token's name and a '/' before it, and a presented id must not be
+    // able to pass for another token's gateway.
+    if !edge_id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-')) {
+        return Some("an edge id holds only letters, digits, '.', '_' and '-'".to_string());
     }
     None
 }
@@ -595,5 +596,20 @@ mod tests {
             encode_spooled(&long, 0, 0, &EncodedBatch::default()),
             Err(BatchFormatError::TooLong(long.len()))
         );
+    }
+
+    #[test]
+    fn an_edge_id_cannot_pass_for_another_tokens_gateway_and_positions_stop_at_their_limits() {
+        assert_eq!(edge_id_problem("site-7.00ff00ff00ff00ff"), None);
+        assert!(
+            edge_id_problem("farm/site-7.00ff").is_some(),
+            "no '/': central puts the token name before it"
+        );
+        assert!(edge_id_problem("").is_some());
+        assert!(edge_id_problem(&"x".repeat(MAX_EDGE_ID_BYTES + 1)).is_some());
+        assert_eq!(edge_position((1 << 40) - 1, (1 << 23) - 1), Some(i64::MAX));
+        assert_eq!(edge_position(1 << 40, 0), None);
+        assert_eq!(edge_position(0, 1 << 23), None);
+        assert!(edge_position(2, 0) > edge_position(1, (1 << 23) - 1), "positions grow with frames first");
     }
 }

@@ -396,6 +396,14 @@ async fn accept_records<S: RecordSink>(
     // holder cannot pass for another's gateway and have its readings taken for repeats.
     let edge_id_opt = match format_opt {
         Some(_) => None,
+        // A device certificate speaks for one device; a gateway forwards for many, with a token.
+        None if device_opt.is_some() => {
+            return Err(refuse(Refusal::new(
+                StatusCode::FORBIDDEN,
+                RejectReason::Forbidden,
+                "a device certificate cannot forward a gateway's batches; gateways authenticate with a token",
+            )));
+        }
         None => {
             let token_name_opt = match &decision {
                 AuthDecision::Allowed { token_name_opt } => token_name_opt.as_deref(),
