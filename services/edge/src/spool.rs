@@ -31,6 +31,7 @@ const SEGMENT_SUFFIX: &str = ".seg";
 const CURSOR_FILE: &str = "cursor";
 const LOCK_FILE: &str = "lock";
 const INCARNATION_FILE: &str = "incarnation";
+const MACHINE_FILE: &str = "machine";
 /// How long opening waits for another holder of the lock to let go.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Frames the writer takes into one group at most, so that a flood does not hold every
@@ -152,6 +153,11 @@ pub struct Spool {
 impl Spool {
     /// Opens the spool in `config.directory` (created if missing), recovering what a crash left.
     pub fn open(config: SpoolConfig) -> Result<Self, SpoolError> {
+        Self::open_on(config, machine_fingerprint())
+    }
+
+    /// [`Spool::open`] on the machine `machine_opt` names (its machine id's fingerprint).
+    fn open_on(config: SpoolConfig, machine_opt: Option<u64>) -> Result<Self, SpoolError> {
         let directory = config.directory.clone();
         std::fs::create_dir_all(&directory).map_err(io_error(&directory))?;
         let lock_path = directory.join(LOCK_FILE);
@@ -177,7 +183,7 @@ impl Spool {
             }
         }
         let acked_below = read_cursor(&directory)?;
-        let incarnation = read_or_create_incarnation(&directory)?;
+        let incarnation = read_or_create_incarnation(&directory, machine_opt)?;
         let mut segments = BTreeMap::new();
         for entry in std::fs::read_dir(&directory).map_err(io_error(&directory))? {
             let path = entry.map_err(io_error(&directory))?.path();
@@ -643,11 +649,40 @@ fn read_cursor(directory: &Path) -> Result<u64, SpoolError> {
     Ok(read_checked(directory, CURSOR_FILE)?.unwrap_or(0))
 }
 
+/// A fingerprint (FNV-1a) of `/etc/machine-id`, which systemd draws once per installation;
+/// none where there is no such file.
+fn machine_fingerprint() -> Option<u64> {
+    let machine_id = std::fs::read_to_string("/etc/machine-id").ok()?;
+    let machine_id = machine_id.trim();
+    if machine_id.is_empty() {
+        return None;
+    }
+    Some(machine_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    }))
+}
+
 /// The spool's incarnation: a random number drawn when the spool directory first opened, so that
-/// a spool that starts over (a new disk, a deleted directory) is told apart from the old one.
-fn read_or_create_incarnation(directory: &Path) -> Result<u64, SpoolError> {
+/// a spool that starts over (a new disk, a deleted directory) is told apart from the old one. A
+/// directory opened on another machine than the one that drew it (a copied image, a restored
+/// snapshot) draws again: its frame ids repeat ones the first machine may have forwarded.
+fn read_or_create_incarnation(directory: &Path, machine_opt: Option<u64>) -> Result<u64, SpoolError> {
+    let recorded_machine_opt = read_checked(directory, MACHINE_FILE)?;
     if let Some(incarnation) = read_checked(directory, INCARNATION_FILE)? {
-        return Ok(incarnation);
+        match (machine_opt, recorded_machine_opt) {
+            (Some(machine), Some(recorded)) if machine != recorded => tracing::warn!(
+                directory = %directory.display(),
+                "the spool directory was made on another machine: a new incarnation, so that its frames are not taken for ones the other machine forwarded"
+            ),
+            (Some(machine), None) => {
+                write_checked(directory, MACHINE_FILE, machine)?;
+                return Ok(incarnation);
+            }
+            _ => return Ok(incarnation),
+        }
+    }
+    if let Some(machine) = machine_opt {
+        write_checked(directory, MACHINE_FILE, machine)?;
     }
     let mut hasher = std::hash::BuildHasher::build_hasher(&std::collections::hash_map::RandomState::new());
     std::hash::Hasher::write_u128(
@@ -775,6 +810,18 @@ mod tests {
         let other = tempfile::TempDir::new().unwrap();
         let fresh = Spool::open(config(other.path(), 1 << 20, 256, FullPolicy::Refuse)).unwrap();
         assert_ne!(fresh.incarnation(), spool_incarnation, "a new directory is a new incarnation");
+        drop(reopened);
+        let moved =
+            Spool::open_on(config(directory.path(), 1 << 20, 256, FullPolicy::Refuse), Some(7)).unwrap();
+        let moved_incarnation = moved.incarnation();
+        drop(moved);
+        let again =
+            Spool::open_on(config(directory.path(), 1 << 20, 256, FullPolicy::Refuse), Some(7)).unwrap();
+        assert_eq!(again.incarnation(), moved_incarnation, "the same machine keeps it");
+        drop(again);
+        let copied =
+            Spool::open_on(config(directory.path(), 1 << 20, 256, FullPolicy::Refuse), Some(8)).unwrap();
+        assert_ne!(copied.incarnation(), moved_incarnation, "another machine draws a new one");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
