@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::{repo_root, unique_suffix};
@@ -163,6 +163,17 @@ pub async fn produce_readings(
     topic: &str,
     readings: &[serde_json::Value],
 ) -> anyhow::Result<()> {
+    produce_readings_with_headers(bootstrap, topic, readings, |_| Vec::new()).await
+}
+
+/// [`produce_readings`] with the headers `headers_of(index)` gives each reading, as a service
+/// that marks its records would produce them.
+pub async fn produce_readings_with_headers(
+    bootstrap: &str,
+    topic: &str,
+    readings: &[serde_json::Value],
+    headers_of: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
     let schema_path = repo_root().join("schemas/telemetry.avsc");
     let schema = sluice_schema::StreamSchema::from_avro_json(
         "telemetry",
@@ -173,7 +184,7 @@ pub async fn produce_readings(
         &sluice_kafka::KafkaConfig { bootstrap_servers: bootstrap.to_string(), ..Default::default() }
             .producer_config(),
     )?;
-    for chunk in readings.chunks(5_000) {
+    for (chunk_index, chunk) in readings.chunks(5_000).enumerate() {
         let encoded: Vec<(String, i64, Vec<u8>)> = chunk
             .iter()
             .map(|reading| {
@@ -184,12 +195,26 @@ pub async fn produce_readings(
                 Ok((meta.key, meta.event_time_micros, value))
             })
             .collect::<anyhow::Result<_>>()?;
-        produce_raw(
-            &producer,
-            topic,
-            encoded.iter().map(|(key, ts, value)| (key.as_bytes(), *ts / 1_000, value.as_slice())),
-        )
-        .await?;
+        let records = encoded.iter().enumerate().map(|(index, (key, ts, value))| {
+            let headers = headers_of(chunk_index * 5_000 + index);
+            sluice_kafka::BatchRecord {
+                key: key.as_bytes(),
+                value: value.as_slice(),
+                timestamp_millis: *ts / 1_000,
+                headers_opt: (!headers.is_empty()).then(|| {
+                    headers.iter().fold(OwnedHeaders::new(), |all, (name, value)| {
+                        all.insert(Header { key: name, value: Some(value.as_str()) })
+                    })
+                }),
+            }
+        });
+        let batch = producer.send_batch(topic, records)?;
+        let outcome = sluice_kafka::BatchProducer::wait(&batch, Duration::from_secs(30))
+            .await
+            .context("no acknowledgement")?;
+        if outcome.num_failed > 0 {
+            bail!("{} records failed: {:?}", outcome.num_failed, outcome.first_error_opt);
+        }
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ pub use jobs::{
 };
 pub use kafka::{
     ConsumedRecord, consume_topic, consume_topic_within, decode_value, produce_raw, produce_readings,
-    telemetry_schema_json,
+    produce_readings_with_headers, telemetry_schema_json,
 };
 pub use lake::{
     DeltaLogReader, LakeRow, LogVersion, assert_every_reader_sees, assert_exactly_once, datafusion_rows,

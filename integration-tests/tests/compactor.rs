@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use sluice_integration_tests::{
     Broker, CompactorService, assert_exactly_once, compactor_config, consume_topic, produce_raw,
-    produce_readings, read_lake_rows, telemetry_readings, unique_suffix, wait_for_lake_rows,
+    produce_readings, produce_readings_with_headers, read_lake_rows, telemetry_readings, unique_suffix,
+    wait_for_lake_rows,
 };
 use sluice_lake::{CommitRecord, Lake};
 
@@ -381,6 +382,66 @@ async fn a_reading_sent_twice_within_a_flush_is_written_once() {
     let watermark = lake.watermark("telemetry", 4, 0).await.unwrap().expect("watermark");
     let times: Vec<i64> = readings.iter().map(|reading| reading["ts"].as_i64().unwrap()).collect();
     assert!(watermark >= *times.iter().min().unwrap() && watermark <= *times.iter().max().unwrap());
+}
+
+/// Waits until the stream's partitions committed `offsets` records between them.
+async fn wait_for_committed_offsets(lake: &Lake, offsets: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while lake.committed_offsets("telemetry", 4).await.unwrap() < offsets {
+        assert!(std::time::Instant::now() < deadline, "{offsets} offsets not committed within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_request_sent_again_after_a_partial_acknowledgement_fills_its_gap_once() {
+    use sluice_schema::wire::{EDGE_FLOOR_HEADER, EDGE_ID_HEADER, EDGE_POSITION_HEADER};
+    let broker = Broker::start().await.unwrap();
+    let prefix = format!("test-{}", unique_suffix());
+    let topic = format!("{prefix}.telemetry");
+    let lake_dir = tempfile::TempDir::new().unwrap();
+    let mut config = compactor_config(&broker, &prefix, lake_dir.path());
+    config.flush.max_age_ms = 1_000;
+    let mut compactor = CompactorService::start(config.clone()).await.unwrap();
+    let ts = sluice_integration_tests::now_micros() - 2 * HOUR;
+    let reading = |seq: i64| serde_json::json!({"device_id": "pump-1", "ts": ts + seq, "seq": seq});
+    // As central ingest produces a gateway's request: each record's position, and the
+    // request's first position as its floor. One device, so one Kafka partition.
+    let produce = |seqs: Vec<i64>, floor: i64| {
+        let readings: Vec<serde_json::Value> = seqs.iter().map(|&seq| reading(seq)).collect();
+        let bootstrap = broker.bootstrap_servers();
+        let topic = topic.clone();
+        async move {
+            produce_readings_with_headers(&bootstrap, &topic, &readings, |index| {
+                vec![
+                    (EDGE_ID_HEADER, "site-7/gw.a1".to_string()),
+                    (EDGE_POSITION_HEADER, (1_000 + seqs[index]).to_string()),
+                    (EDGE_FLOOR_HEADER, (1_000 + floor).to_string()),
+                ]
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let lake = lake(lake_dir.path());
+    // Request 0..=4: record 2 timed out in the producer, the others were acknowledged, the
+    // gateway was answered 503; each attempt is committed by a flush of its own.
+    produce(vec![0, 1, 3, 4], 0).await;
+    wait_for_committed_offsets(&lake, 4).await;
+    produce((0..=4).collect(), 0).await;
+    wait_for_committed_offsets(&lake, 9).await;
+    // The compactor started next knows the gateway's positions only from the table.
+    compactor.stop().await.unwrap();
+    compactor = CompactorService::start(config).await.unwrap();
+    // The next request, then a copy of the first that central took late (its answer timed out).
+    produce(vec![5, 6], 5).await;
+    produce((0..=4).collect(), 0).await;
+    wait_for_committed_offsets(&lake, 16).await;
+    compactor.stop().await.unwrap();
+    let sent: Vec<serde_json::Value> = (0..=6).map(reading).collect();
+    assert_exactly_once(&read_lake_rows(lake_dir.path(), "telemetry").unwrap(), &sent);
+    let commits = lake.commits("telemetry").await.unwrap();
+    assert_eq!(commits.iter().map(|commit| commit.num_edge_repeats_dropped).sum::<u64>(), 4 + 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
-use sluice_lake::{CommittedPosition, PartitionGranularity, PartitionKey};
+use sluice_lake::{CommittedPosition, GatewayPositions, PartitionGranularity, PartitionKey};
 use sluice_schema::{DecoderSetupError, StreamDecoder};
 
 use crate::consumer::StreamInfo;
@@ -89,12 +89,23 @@ pub(crate) struct PartitionBuffer {
     /// A flush failed and the committed position could not be read again: nothing more of this
     /// partition is buffered or committed until a position is read.
     stopped: bool,
-    /// Per edge gateway, the greatest position committed (or handed off) from this partition.
-    committed_edge_positions: BTreeMap<String, i64>,
-    /// Per edge gateway, the greatest position buffered since, where it passed the committed.
-    buffered_edge_positions: BTreeMap<String, i64>,
+    /// Per edge gateway, the positions committed (or handed off) from this partition.
+    committed_edge_positions: BTreeMap<String, GatewayPositions>,
+    /// The committed positions and those buffered since; equal to the committed until
+    /// `edge_positions_moved`.
+    edge_positions: BTreeMap<String, GatewayPositions>,
+    edge_positions_moved: bool,
     /// Records left out since the last hand-off because their gateway had sent them before.
     num_edge_repeats: u64,
+}
+
+/// Where a record an edge gateway forwarded comes from: the gateway, the record's position, and
+/// the first position of the request central took it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EdgeMark<'a> {
+    pub(crate) edge_id: &'a str,
+    pub(crate) position: i64,
+    pub(crate) floor: i64,
 }
 
 /// What a flush takes from a buffer: the rows, and what its commit record says about them.
@@ -110,7 +121,7 @@ pub(crate) struct HandedOff {
     /// Its share of `flush.max_buffered_bytes` until the flush answers.
     pub(crate) num_value_bytes: usize,
     /// The partition's edge positions once this flush is committed, when it moved any.
-    pub(crate) edge_positions_opt: Option<BTreeMap<String, i64>>,
+    pub(crate) edge_positions_opt: Option<BTreeMap<String, GatewayPositions>>,
     pub(crate) num_edge_repeats_dropped: u64,
 }
 
@@ -140,25 +151,23 @@ impl PartitionBuffer {
         self.stopped = false;
         self.committed_edge_positions =
             latest.map(|position| position.edge_positions.clone()).unwrap_or_default();
-        self.buffered_edge_positions.clear();
+        self.edge_positions.clone_from(&self.committed_edge_positions);
+        self.edge_positions_moved = false;
         self.num_edge_repeats = 0;
     }
 
-    /// Whether a record an edge gateway forwarded at `position` repeats one already buffered or
-    /// committed from this partition; if not, its position is now the gateway's greatest. The
-    /// gateway's positions grow in the order it accepted readings, and it sends a batch again
-    /// only whole, so within a partition a repeat never comes before what it repeats.
-    fn is_edge_repeat(&mut self, edge_id: &str, position: i64) -> bool {
-        let greatest_opt = self
-            .buffered_edge_positions
-            .get(edge_id)
-            .or_else(|| self.committed_edge_positions.get(edge_id))
-            .copied();
-        if greatest_opt.is_some_and(|greatest| position <= greatest) {
-            return true;
+    /// Whether a record an edge gateway forwarded repeats one already buffered or committed
+    /// from this partition; if not, it is now among the seen. Within a partition a repeat never
+    /// comes before what it repeats: the gateway sends a request again only after the first
+    /// one's answer, and Kafka keeps a partition's records in the order they were acknowledged.
+    fn is_edge_repeat(&mut self, mark: &EdgeMark<'_>) -> bool {
+        if !self.edge_positions.contains_key(mark.edge_id) {
+            self.edge_positions.insert(mark.edge_id.to_string(), GatewayPositions::default());
         }
-        self.buffered_edge_positions.insert(edge_id.to_string(), position);
-        false
+        let Some(positions) = self.edge_positions.get_mut(mark.edge_id) else { return false };
+        let repeat = positions.observe(mark.position, mark.floor);
+        self.edge_positions_moved |= !repeat;
+        repeat
     }
 
     /// Sets a consumed record aside for decoding. `now` is called only for the first record
@@ -168,7 +177,7 @@ impl PartitionBuffer {
         offset: i64,
         key: &[u8],
         value: &[u8],
-        edge_opt: Option<(&str, i64)>,
+        edge_opt: Option<EdgeMark<'_>>,
         now: impl FnOnce() -> Instant,
     ) {
         if self.stopped {
@@ -179,8 +188,8 @@ impl PartitionBuffer {
         self.range_start_opt.get_or_insert(offset);
         // A range of repeats alone must be committed too, or its records are read again.
         self.first_buffered_at_opt.get_or_insert_with(now);
-        if let Some((edge_id, position)) = edge_opt
-            && self.is_edge_repeat(edge_id, position)
+        if let Some(mark) = edge_opt
+            && self.is_edge_repeat(&mark)
         {
             // Left out, but inside the range: the commit covers it.
             self.num_edge_repeats += 1;
@@ -228,7 +237,8 @@ impl PartitionBuffer {
             self.next_offset = unread_from;
             // Positions of records past the new end were taken as seen: forgetting what this
             // buffer saw can let a repeat through, keeping it could drop a reading never stored.
-            self.buffered_edge_positions.clear();
+            self.edge_positions.clone_from(&self.committed_edge_positions);
+            self.edge_positions_moved = false;
         }
         self.num_dead_lettered += num_dead_lettered;
         self.pending.clear();
@@ -258,13 +268,10 @@ impl PartitionBuffer {
         }
         let range = self.uncommitted_range()?;
         let max_event_time_micros_opt = self.max_event_time_micros_opt();
-        let edge_positions_opt = if self.buffered_edge_positions.is_empty() {
-            None
-        } else {
-            // Buffered positions are greater than the committed ones they replace.
-            self.committed_edge_positions.append(&mut self.buffered_edge_positions);
-            Some(self.committed_edge_positions.clone())
-        };
+        let edge_positions_opt = std::mem::take(&mut self.edge_positions_moved).then(|| {
+            self.committed_edge_positions.clone_from(&self.edge_positions);
+            self.edge_positions.clone()
+        });
         let handed_off = HandedOff {
             batches: std::mem::take(&mut self.batches),
             range: range.clone(),
@@ -410,32 +417,37 @@ mod tests {
     fn an_edge_gateways_repeats_are_left_out_inside_the_range_and_its_positions_go_with_the_flush() {
         let now = Instant::now();
         let mut committed = position(100, None);
-        committed.edge_positions.insert("site-7.a1".into(), 50);
+        committed
+            .edge_positions
+            .insert("site-7.a1".into(), GatewayPositions { floor: 40, seen: vec![[45, 50]] });
         let mut buffer = PartitionBuffer::new(Some(&committed));
-        buffer.push_record(100, b"d", b"v", Some(("site-7.a1", 50)), || now);
-        buffer.push_record(101, b"d", b"v", Some(("site-7.a1", 51)), || now);
-        buffer.push_record(102, b"d", b"v", Some(("site-7.a1", 51)), || now);
-        buffer.push_record(103, b"d", b"v", Some(("site-9.b2", 1)), || now);
+        buffer.push_record(100, b"d", b"v", mark("site-7.a1", 50, 45), || now);
+        buffer.push_record(101, b"d", b"v", mark("site-7.a1", 51, 45), || now);
+        buffer.push_record(102, b"d", b"v", mark("site-7.a1", 51, 45), || now);
+        buffer.push_record(103, b"d", b"v", mark("site-9.b2", 1, 1), || now);
         buffer.push_record(104, b"d", b"v", None, || now);
         assert_eq!(buffer.pending().len(), 3, "the committed repeat and the buffered one are left out");
         assert_eq!(buffer.uncommitted_range(), Some(100..105), "left-out records are inside the range");
         buffer.finish_decoding(0, None);
         let handed = buffer.hand_off(1).expect("handed off");
         assert_eq!(handed.num_edge_repeats_dropped, 2);
-        let expected = BTreeMap::from([("site-7.a1".to_string(), 51), ("site-9.b2".to_string(), 1)]);
+        let expected = BTreeMap::from([
+            ("site-7.a1".to_string(), GatewayPositions { floor: 45, seen: vec![[45, 51]] }),
+            ("site-9.b2".to_string(), GatewayPositions { floor: 1, seen: vec![[1, 1]] }),
+        ]);
         assert_eq!(handed.edge_positions_opt.as_ref(), Some(&expected));
         buffer.flush_committed();
 
         // Still known after the hand-off; a flush that moves no position writes none.
-        buffer.push_record(105, b"d", b"v", Some(("site-7.a1", 51)), || now);
+        buffer.push_record(105, b"d", b"v", mark("site-7.a1", 51, 45), || now);
         buffer.push_record(106, b"d", b"v", None, || now);
         buffer.finish_decoding(0, None);
         let handed = buffer.hand_off(2).expect("handed off");
         assert_eq!((handed.num_edge_repeats_dropped, handed.edge_positions_opt), (1, None));
         buffer.flush_committed();
 
-        // A range of repeats alone ages like any other, so the policy commits it.
-        buffer.push_record(107, b"d", b"v", Some(("site-7.a1", 40)), || now);
+        // Below the floor is a repeat too. A range of repeats alone ages like any other, so the policy commits it.
+        buffer.push_record(107, b"d", b"v", mark("site-7.a1", 40, 40), || now);
         assert_eq!(buffer.buffer_state().first_buffered_at_opt, Some(now));
         buffer.finish_decoding(0, None);
         let handed = buffer.hand_off(3).expect("handed off");
@@ -443,14 +455,18 @@ mod tests {
         buffer.flush_committed();
 
         // Positions of records past a shortened range are forgotten, not committed.
-        buffer.push_record(108, b"d", b"v", Some(("site-7.a1", 60)), || now);
+        buffer.push_record(108, b"d", b"v", mark("site-7.a1", 60, 60), || now);
         buffer.finish_decoding(0, Some(108));
         assert_eq!(buffer.uncommitted_range(), None);
 
         // A rewind goes back to the table's positions: 51 was never committed there.
         buffer.reset_to(Some(&committed));
-        buffer.push_record(100, b"d", b"v", Some(("site-7.a1", 51)), || now);
+        buffer.push_record(100, b"d", b"v", mark("site-7.a1", 51, 45), || now);
         assert_eq!(buffer.pending().len(), 1);
+    }
+
+    fn mark(edge_id: &str, position: i64, floor: i64) -> Option<EdgeMark<'_>> {
+        Some(EdgeMark { edge_id, position, floor })
     }
 
     fn position(end_offset: i64, max_event_time_micros_opt: Option<i64>) -> CommittedPosition {

@@ -27,12 +27,12 @@ use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use sluice_errors::ErrorClass;
 use sluice_kafka::BatchProducer;
 use sluice_lake::{Lake, LakeError, PartitionGranularity, PartitionKey};
-use sluice_schema::wire::{EDGE_ID_HEADER, EDGE_POSITION_HEADER};
+use sluice_schema::wire::{EDGE_FLOOR_HEADER, EDGE_ID_HEADER, EDGE_POSITION_HEADER};
 use sluice_schema::{DecoderSetupError, StreamDecoder, StreamSchema, event_times_micros};
 use sluice_shutdown::CancellationToken;
 use tokio::runtime::Handle;
 
-use crate::buffer::PartitionState;
+use crate::buffer::{EdgeMark, PartitionState};
 use crate::config::FlushConfig;
 use crate::dead_letter::dead_letter_source;
 use crate::flush::FlushWriter;
@@ -354,23 +354,29 @@ impl CompactorLoop {
 // A huge age setting means "never", not an overflow: millis_to_micros saturates.
 pub(crate) use sluice_clock::{millis_to_micros, now_micros};
 
-/// The edge gateway and position of a record central ingest produced for a gateway; none for a
-/// record without both headers, or with a position that is not a number (such a record is kept).
-fn edge_origin<'a>(message: &'a BorrowedMessage<'_>) -> Option<(&'a str, i64)> {
+/// Where a record central ingest produced for an edge gateway comes from; none for a record
+/// without the gateway and a position that is a number at or above 0 (such a record is kept). A
+/// record without the request's floor (from a central before it was written) is taken as its
+/// own request's first.
+fn edge_origin<'a>(message: &'a BorrowedMessage<'_>) -> Option<EdgeMark<'a>> {
     let headers = message.headers()?;
+    let number = |value: Option<&[u8]>| {
+        value
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .and_then(|text| text.parse::<i64>().ok())
+            .filter(|number| *number >= 0)
+    };
     let mut edge_id_opt = None;
     let mut position_opt = None;
+    let mut floor_opt = None;
     for header in headers.iter() {
         match header.key {
             EDGE_ID_HEADER => edge_id_opt = header.value.and_then(|value| std::str::from_utf8(value).ok()),
-            EDGE_POSITION_HEADER => {
-                position_opt = header
-                    .value
-                    .and_then(|value| std::str::from_utf8(value).ok())
-                    .and_then(|text| text.parse::<i64>().ok());
-            }
+            EDGE_POSITION_HEADER => position_opt = number(header.value),
+            EDGE_FLOOR_HEADER => floor_opt = number(header.value),
             _ => {}
         }
     }
-    Some((edge_id_opt?, position_opt?))
+    let position = position_opt?;
+    Some(EdgeMark { edge_id: edge_id_opt?, position, floor: floor_opt.unwrap_or(position) })
 }

@@ -206,6 +206,10 @@ impl Forwarder {
                 Sent::TooLarge if pending.frames.len() > 1 => {
                     self.metrics.record_forward_failure(FailureReason::TooLarge);
                     max_frames = (pending.frames.len() / 2).max(1);
+                    // The first half goes next, with what central already refused of it.
+                    pending.frames.truncate(max_frames);
+                    pending.refused.truncate(max_frames);
+                    pending_opt = Some(pending);
                     tracing::warn!(
                         max_frames,
                         "central ingest refused a forwarded batch as too large; sending fewer at a time (lower forward.max_batch_bytes)"

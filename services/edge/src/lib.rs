@@ -9,7 +9,6 @@ mod dead_letters;
 mod forward;
 mod metrics;
 mod sink;
-pub mod spool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ pub use crate::dead_letters::{CURRENT_FILE as DEAD_LETTER_FILE, PREVIOUS_FILE as
 pub use crate::forward::ForwardError;
 use crate::spool::{Spool, SpoolConfig, SpoolError};
 pub use sluice_device_api::forwarded;
+pub use sluice_spool as spool;
 
 /// How often the spool's health and size are looked at between appends.
 const SPOOL_WATCH_INTERVAL: Duration = Duration::from_secs(1);

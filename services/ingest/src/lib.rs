@@ -19,7 +19,7 @@ use sluice_shutdown::{CancellationToken, TaskTracker};
 pub use crate::config::IngestConfig;
 pub use crate::producer::{
     DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_RESERVED_BYTES,
-    DEAD_LETTER_SOURCE_HEADER, EDGE_ID_HEADER, EDGE_POSITION_HEADER, INGEST_TIME_HEADER,
+    DEAD_LETTER_SOURCE_HEADER, EDGE_FLOOR_HEADER, EDGE_ID_HEADER, EDGE_POSITION_HEADER, INGEST_TIME_HEADER,
     SCHEMA_FINGERPRINT_HEADER,
 };
 pub use crate::producer::{ProduceError, producer_client_config};

@@ -28,8 +28,8 @@ use sluice_device_api::{DeadLetter, DeadLetterWritten, Supervisor};
 use sluice_errors::chain_text;
 
 pub use sluice_schema::wire::{
-    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER, EDGE_ID_HEADER,
-    EDGE_POSITION_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
+    DEAD_LETTER_ORIGINAL_SIZE_HEADER, DEAD_LETTER_REASON_HEADER, DEAD_LETTER_SOURCE_HEADER,
+    EDGE_FLOOR_HEADER, EDGE_ID_HEADER, EDGE_POSITION_HEADER, INGEST_TIME_HEADER, SCHEMA_FINGERPRINT_HEADER,
 };
 
 /// Bytes of the producer's message limit kept for a dead letter's key, headers and framing; the
@@ -127,8 +127,16 @@ pub(crate) struct OutgoingRecord<'a> {
     pub(crate) key: &'a str,
     pub(crate) event_time_micros: i64,
     pub(crate) value: &'a [u8],
-    /// For a record an edge gateway forwarded: the gateway's id and the record's position.
-    pub(crate) edge_opt: Option<(&'a str, i64)>,
+    /// For a record an edge gateway forwarded: where in all the gateway accepted it is.
+    pub(crate) edge_opt: Option<ForwardedAt<'a>>,
+}
+
+/// A forwarded record's gateway, its position, and the first position of its request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForwardedAt<'a> {
+    pub(crate) edge_id: &'a str,
+    pub(crate) position: i64,
+    pub(crate) floor: i64,
 }
 
 /// The librdkafka settings of ingest's producer: the shared durable producer settings, ingest's
@@ -370,13 +378,17 @@ impl RecordProducer {
         let ingest_time = now_micros().to_string();
         let num_records = records.len();
         let batch_records = records.map(|record| {
-            let mut headers = OwnedHeaders::new_with_capacity(4)
+            let mut headers = OwnedHeaders::new_with_capacity(5)
                 .insert(Header { key: SCHEMA_FINGERPRINT_HEADER, value: Some(fingerprint_hex) })
                 .insert(Header { key: INGEST_TIME_HEADER, value: Some(ingest_time.as_str()) });
-            if let Some((edge_id, position)) = record.edge_opt {
+            if let Some(edge) = record.edge_opt {
                 headers = headers
-                    .insert(Header { key: EDGE_ID_HEADER, value: Some(edge_id) })
-                    .insert(Header { key: EDGE_POSITION_HEADER, value: Some(position.to_string().as_str()) });
+                    .insert(Header { key: EDGE_ID_HEADER, value: Some(edge.edge_id) })
+                    .insert(Header {
+                        key: EDGE_POSITION_HEADER,
+                        value: Some(edge.position.to_string().as_str()),
+                    })
+                    .insert(Header { key: EDGE_FLOOR_HEADER, value: Some(edge.floor.to_string().as_str()) });
             }
             BatchRecord {
                 key: record.key.as_bytes(),
@@ -469,7 +481,7 @@ impl RecordProducer {
     ) -> Result<(), ProduceError> {
         let ingest_time = now_micros().to_string();
         let original_size_text = original_size.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(4)
+        let mut headers = OwnedHeaders::new_with_capacity(5)
             .insert(Header {
                 key: DEAD_LETTER_REASON_HEADER,
                 value: Some(prefix_at_char_boundary(dead_letter.reason, MAX_DEAD_LETTER_REASON_BYTES)),

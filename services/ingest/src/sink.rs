@@ -6,7 +6,7 @@ use sluice_errors::chain_text;
 use sluice_kafka::TopicNames;
 use sluice_schema::StreamSchema;
 
-use crate::producer::{OutgoingRecord, ProduceError, RecordProducer};
+use crate::producer::{ForwardedAt, OutgoingRecord, ProduceError, RecordProducer};
 
 #[derive(Debug, Clone)]
 pub(crate) struct KafkaSink {
@@ -40,7 +40,9 @@ impl RecordSink for KafkaSink {
             event_time_micros: record.event_time_micros,
             value: batch.value(record),
             edge_opt: edge_opt.and_then(|edge| {
-                edge.positions.get(index).map(|position| (edge.edge_id.as_str(), *position))
+                let floor = *edge.positions.first()?;
+                let position = *edge.positions.get(index)?;
+                Some(ForwardedAt { edge_id: edge.edge_id.as_str(), position, floor })
             }),
         });
         let produced = self.producer.produce_batch(&topic, &schema.fingerprint_hex(), outgoing).await;

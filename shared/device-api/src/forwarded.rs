@@ -183,8 +183,8 @@ const POSITION_INDEX_BITS: u32 = 23;
 const MAX_POSITION_FRAME_ID: u64 = 1 << 40;
 
 /// A forwarded record's place in everything its gateway accepted, one number that grows in the
-/// order the gateway accepted readings: the compactor keeps, per gateway and Kafka partition,
-/// only records past the greatest position it committed, so a batch sent twice lands once.
+/// order the gateway accepted readings: the compactor leaves out, per gateway and Kafka
+/// partition, a record at a position it has seen, so a batch sent twice lands once.
 pub fn edge_position(frame_id: u64, index: u32) -> Option<i64> {
     if frame_id >= MAX_POSITION_FRAME_ID || index >= 1 << POSITION_INDEX_BITS {
         return None;
@@ -269,17 +269,19 @@ pub fn edge_id_problem(edge_id: &str) -> Option<String> {
 }
 
 /// Where forwarded records came from: the gateway, and each record's position (parallel to the
-/// batch's records), for the compactor to tell a batch sent twice.
+/// batch's records, increasing), for the compactor to tell a batch sent twice. The first is the
+/// request's floor: the gateway sent everything below it before, in requests answered 200.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EdgeOrigin {
     pub edge_id: String,
     pub positions: Vec<i64>,
 }
 
-/// Bytes the two edge headers add to a Kafka record at most (names, values, varint lengths).
+/// Bytes the three edge headers add to a Kafka record at most (names, values, varint lengths).
 pub const EDGE_HEADERS_OVERHEAD_BYTES: usize =
     (sluice_schema::wire::EDGE_ID_HEADER.len() + MAX_EDGE_ID_BYTES + 2)
-        + (sluice_schema::wire::EDGE_POSITION_HEADER.len() + 20 + 2);
+        + (sluice_schema::wire::EDGE_POSITION_HEADER.len() + 20 + 2)
+        + (sluice_schema::wire::EDGE_FLOOR_HEADER.len() + 20 + 2);
 
 /// Central ingest's check of forwarded batches: one decoder per stream, as the compactor
 /// builds them (the current schema and every earlier one of the stream).

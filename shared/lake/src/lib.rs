@@ -8,6 +8,7 @@
 //! docs/delivery-semantics.md has the guarantees.
 
 mod commit;
+mod edge_positions;
 pub mod encryption;
 mod latest;
 pub mod layout;
@@ -21,6 +22,7 @@ pub use crate::commit::{
     CommitOutcome, CommitRecord, CommittedFile, DEFAULT_MULTIPART_THRESHOLD_BYTES, Lake, LakeError,
     MergeRecord, PositionReset, PublishedWatermark,
 };
+pub use crate::edge_positions::{GatewayPositions, MAX_SEEN_RUNS};
 pub use crate::latest::LatestTables;
 pub use crate::partition::{
     DATE_PARTITION_COLUMN, EventTimeOutOfRange, HOUR_PARTITION_COLUMN, MAX_EVENT_TIME_MICROS,

@@ -32,6 +32,7 @@ use object_store::{ObjectStore, ObjectStoreExt as _};
 use serde::{Deserialize, Serialize};
 
 use crate::commit::{CommitRecord, CommittedFile, Lake, LakeError, MergeRecord, Result};
+use crate::edge_positions::GatewayPositions;
 use crate::layout;
 use crate::sorted_listing::SortedListing;
 
@@ -128,9 +129,9 @@ pub struct CommittedPosition {
     /// The next offset to read: every record below it is committed (or dead-lettered).
     pub end_offset: i64,
     pub max_event_time_micros_opt: Option<i64>,
-    /// Per edge gateway, the greatest position committed from this partition: a record at or
-    /// below it is one the gateway sent again.
-    pub edge_positions: BTreeMap<String, i64>,
+    /// Per edge gateway, the positions committed from this partition: a record among them is
+    /// one the gateway sent again.
+    pub edge_positions: BTreeMap<String, GatewayPositions>,
     /// The table version the position was read from.
     pub table_version: i64,
 }
@@ -310,7 +311,7 @@ impl Lake {
         stream: &str,
         kafka_partition: i32,
         end_offset: i64,
-        edge_positions: &BTreeMap<String, i64>,
+        edge_positions: &BTreeMap<String, GatewayPositions>,
     ) -> Result<()> {
         let path = layout::edge_positions_file(stream, kafka_partition, end_offset);
         let bytes = serde_json::to_vec(edge_positions)

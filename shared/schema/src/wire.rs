@@ -27,6 +27,10 @@ pub const EDGE_ID_HEADER: &str = "sluice.edge.id";
 /// On records an edge gateway forwarded: the record's position in all that gateway accepted,
 /// decimal; it grows in the order the gateway accepted readings.
 pub const EDGE_POSITION_HEADER: &str = "sluice.edge.position";
+/// On records an edge gateway forwarded: the first position of the request central took the
+/// record in, decimal. The gateway sent every reading below it before, in requests central
+/// answered 200.
+pub const EDGE_FLOOR_HEADER: &str = "sluice.edge.floor";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

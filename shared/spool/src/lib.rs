@@ -1,4 +1,5 @@
-//! The edge gateway's durable spool: readings a site accepted and has not yet forwarded.
+//! The edge gateway's durable spool (`sluice-edge`'s `spool`): readings a site accepted and has
+//! not yet forwarded.
 //!
 //! A segmented append-only log. An appended record is a frame, `[len u32][crc32 u32][id u64]
 //! [payload]` (little endian, the CRC over id and payload), in a segment file named after its
