@@ -92,6 +92,19 @@ impl TestCa {
         self.sign(params, file_stem)
     }
 
+    /// A site gateway's client certificate: subject organizational unit `sluice-edge`, common
+    /// name `name`.
+    pub fn gateway(&self, file_stem: &str, name: &str, serial: u64) -> anyhow::Result<PemPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::OrganizationalUnitName, "sluice-edge");
+        subject.push(DnType::CommonName, name);
+        params.distinguished_name = subject;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(SerialNumber::from(serial));
+        self.sign(params, file_stem)
+    }
+
     /// A revocation list, signed by this CA, naming the certificates with these serial numbers.
     pub fn revocation_list(&self, file_stem: &str, revoked_serials: &[u64]) -> anyhow::Result<PathBuf> {
         let params = CertificateRevocationListParams {

@@ -2,7 +2,8 @@
 //! TCP proxy) that refuses, hangs and resets connections while devices keep sending: every
 //! reading the gateway acknowledged reaches Kafka, once, after the uplink is back; readings
 //! central refuses go to the gateway's dead-letter log and the rest of their batch goes on;
-//! the gateway authenticates to central with its bearer token; batches central took but whose
+//! the gateway authenticates to central with its bearer token or a gateway certificate (a
+//! device's certificate cannot forward); batches central took but whose
 //! answer was lost, sent again and again, land in the lake once, across a compactor restart.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
@@ -14,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sluice_integration_tests::{
-    Broker, CompactorService, EdgeService, FaultMode, FaultProxy, IngestService, assert_exactly_once,
+    Broker, CompactorService, EdgeService, FaultMode, FaultProxy, IngestService, TestCa, assert_exactly_once,
     compactor_config, consume_topic, decode_value, edge_config, ingest_config, now_micros, open_local_lake,
     read_lake_rows, telemetry_schema_json, wait_for_lake_rows, wait_until,
 };
@@ -164,6 +165,58 @@ async fn readings_central_refuses_are_dead_lettered_and_the_rest_of_their_batch_
     lettered.sort();
     assert_eq!(lettered, [0, 3, 6, 9], "exactly the stale readings, each once");
     edge.stop().await.unwrap();
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_certificate_authenticates_forwarding_where_central_requires_certificates() {
+    let broker = Broker::start().await.unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    let server_ca = TestCa::new(pki.path(), "server").unwrap();
+    let server = server_ca.server("ingest").unwrap();
+    let device_ca = TestCa::new(pki.path(), "devices").unwrap();
+    let gateway = device_ca.gateway("gateway", "site-7", 201).unwrap();
+    let device = device_ca.client("device", Some("pump-3"), 202).unwrap();
+    let mut central_config = ingest_config(&broker);
+    central_config.http.tls_cert_path = Some(server.cert_path.clone());
+    central_config.http.tls_key_path = Some(server.key_path.clone());
+    central_config.http.tls_client_ca_path = Some(device_ca.cert_path.clone());
+    central_config.http.tls_client_certificates = sluice_ingest::config::ClientCertificates::Required;
+    let ingest = IngestService::start(central_config).await.unwrap();
+    let port = ingest.base_url.rsplit(':').next().unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let mut config = forwarding_edge_config(directory.path(), format!("https://127.0.0.1:{port}"));
+    config.forward.ca_cert_path = Some(server_ca.cert_path.clone());
+    config.forward.tls_cert_path = Some(gateway.cert_path.clone());
+    config.forward.tls_key_path = Some(gateway.key_path.clone());
+    let edge = EdgeService::start(config.clone()).await.unwrap();
+    let client = reqwest::Client::new();
+    // The gateway forwards for any device of its site, with no token.
+    for device_id in ["pump-3", "pump-4"] {
+        let body = readings(device_id, 0..10, now_micros() - 1_000_000);
+        let response = client.post(edge.records_url("telemetry")).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let drained = wait_until(Duration::from_secs(20), || async { unforwarded(&edge).await == 0 }).await;
+    assert!(drained, "forwarded under the gateway certificate");
+    let expected: Vec<(String, i64)> = ["pump-3", "pump-4"]
+        .iter()
+        .flat_map(|device_id| (0..10).map(move |seq| (device_id.to_string(), seq)))
+        .collect();
+    assert_eq!(in_kafka(&broker, &ingest, expected.len()).await, expected);
+    edge.stop().await.unwrap();
+
+    // A device's certificate from the same CA cannot forward: refused, kept, retried.
+    config.forward.tls_cert_path = Some(device.cert_path.clone());
+    config.forward.tls_key_path = Some(device.key_path.clone());
+    let edge = EdgeService::start(config).await.unwrap();
+    let body = readings("pump-3", 10..20, now_micros() - 1_000_000);
+    let response = client.post(edge.records_url("telemetry")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(unforwarded(&edge).await, 1, "kept while central refuses a device's certificate");
+    edge.stop().await.unwrap();
+    assert_eq!(in_kafka(&broker, &ingest, expected.len()).await, expected, "nothing more reached Kafka");
     ingest.stop().await.unwrap();
 }
 

@@ -201,6 +201,12 @@ async fn a_device_certificate_lets_its_connection_write_only_its_own_device() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body["error"].as_str().unwrap().contains("common name"), "{body}");
 
+    // A gateway's certificate forwards gateway batches only; it writes no reading of its own.
+    let gateway = site.device_ca.gateway("gateway", "site-7", 104).unwrap();
+    let (status, body) = site.post(&site.client(Some(&gateway)), reading.clone(), None).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("gateway certificate"), "{body}");
+
     // No certificate: 401 even with a valid token, while probes still get answers.
     let anonymous = site.client(None);
     let (status, body) = site.post(&anonymous, reading.clone(), Some(GATEWAY_TOKEN)).await.unwrap();

@@ -329,6 +329,7 @@ async fn accept_records<S: RecordSink>(
     let authorization_opt = header_str(headers, header::AUTHORIZATION);
     // A device certificate authenticates its connection for every stream, in place of a token;
     // what it limits is the device the readings may name.
+    let mut gateway_opt = None;
     let (decision, device_opt) = match client_opt {
         None if state.device_certificates_required => {
             return Err(refuse(Refusal::new(
@@ -351,6 +352,20 @@ async fn accept_records<S: RecordSink>(
                 )));
             }
             (AuthDecision::Allowed { token_name_opt: None }, Some(&**device_id))
+        }
+        Some(CertifiedClient::Gateway(gateway)) => {
+            if !may_write(&state.http.tls_client_streams, stream) {
+                return Err(refuse(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    RejectReason::Forbidden,
+                    format!(
+                        "client certificates may not write stream '{}' (http.tls_client_streams)",
+                        cut(stream)
+                    ),
+                )));
+            }
+            gateway_opt = Some(&**gateway);
+            (AuthDecision::Allowed { token_name_opt: None }, None)
         }
         Some(CertifiedClient::Unnamed(why)) => {
             return Err(refuse(Refusal::new(
@@ -395,21 +410,33 @@ async fn accept_records<S: RecordSink>(
     // A gateway's positions are kept per edge id: under the token's name, so that one token
     // holder cannot pass for another's gateway and have its readings taken for repeats.
     let edge_id_opt = match format_opt {
+        Some(_) if gateway_opt.is_some() => {
+            return Err(refuse(Refusal::new(
+                StatusCode::FORBIDDEN,
+                RejectReason::Forbidden,
+                format!(
+                    "a gateway certificate only forwards gateway batches ({}); devices send their readings                      with their own certificate",
+                    forwarded::EDGE_BATCHES_CONTENT_TYPE
+                ),
+            )));
+        }
         Some(_) => None,
         // A device certificate speaks for one device; a gateway forwards for many, with a token.
         None if device_opt.is_some() => {
             return Err(refuse(Refusal::new(
                 StatusCode::FORBIDDEN,
                 RejectReason::Forbidden,
-                "a device certificate cannot forward a gateway's batches; gateways authenticate with a token",
+                "a device certificate cannot forward a gateway's batches; gateways authenticate with a token or a gateway certificate",
             )));
         }
         None => {
-            let token_name_opt = match &decision {
+            // Under the certificate's name, marked so that it cannot be a token's name.
+            let certified_opt = gateway_opt.map(|gateway| format!("certificate:{gateway}"));
+            let owner_opt = match &decision {
                 AuthDecision::Allowed { token_name_opt } => token_name_opt.as_deref(),
                 _ => None,
             };
-            Some(edge_id(headers, token_name_opt).map_err(refuse)?)
+            Some(edge_id(headers, certified_opt.as_deref().or(owner_opt)).map_err(refuse)?)
         }
     };
     let encoding = records::body_encoding(header_str(headers, header::CONTENT_ENCODING))
@@ -501,9 +528,9 @@ fn other_devices_refusal(batch: &records::EncodedBatch, device_id: &str) -> Opti
     Some(Refusal::listing(StatusCode::FORBIDDEN, RejectReason::Forbidden, message, rejections))
 }
 
-/// The edge id of a forwarding request: its `Sluice-Edge-Id`, under the token's name when
-/// auth is on.
-fn edge_id(headers: &HeaderMap, token_name_opt: Option<&str>) -> Result<String, Refusal> {
+/// The edge id of a forwarding request: its `Sluice-Edge-Id`, under the name of whoever
+/// authenticated it (a token's name, or a gateway certificate's) when anyone did.
+fn edge_id(headers: &HeaderMap, owner_opt: Option<&str>) -> Result<String, Refusal> {
     let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, RejectReason::Malformed, message);
     let presented = header_str(headers, header::HeaderName::from_static(forwarded::EDGE_ID_HEADER))
         .ok_or_else(|| {
@@ -512,13 +539,13 @@ fn edge_id(headers: &HeaderMap, token_name_opt: Option<&str>) -> Result<String, 
     if let Some(problem) = forwarded::edge_id_problem(presented) {
         return Err(bad(format!("the '{}' header is not usable: {problem}", forwarded::EDGE_ID_HEADER)));
     }
-    let edge_id = match token_name_opt {
-        Some(token_name) => format!("{token_name}/{presented}"),
+    let edge_id = match owner_opt {
+        Some(owner) => format!("{owner}/{presented}"),
         None => presented.to_string(),
     };
     if edge_id.len() > forwarded::MAX_EDGE_ID_BYTES {
         return Err(bad(format!(
-            "the token's name and the '{}' header together exceed {} bytes",
+            "the gateway's authenticated name and the '{}' header together exceed {} bytes",
             forwarded::EDGE_ID_HEADER,
             forwarded::MAX_EDGE_ID_BYTES
         )));

@@ -52,9 +52,18 @@ pub enum TlsError {
 pub(crate) enum CertifiedClient {
     /// The certificate's subject common name: the only `device_id` the connection may write.
     Device(Arc<str>),
+    /// A site gateway's certificate (its subject's organizational unit is [`GATEWAY_UNIT`]),
+    /// named by its common name: it forwards the gateway's batches for any device, and writes
+    /// no reading of its own.
+    Gateway(Arc<str>),
     /// Why the certificate names no device: no common name, several, or one that is not text.
     Unnamed(&'static str),
 }
+
+/// The subject organizational unit (OU) that makes a client certificate from the device CA a
+/// site gateway's rather than a device's. Only the CA's holder can put it there, as with a
+/// device's name.
+pub(crate) const GATEWAY_UNIT: &str = "sluice-edge";
 
 impl CertifiedClient {
     /// Reads the leaf certificate's subject. A common name, rather than a SAN, because device
@@ -68,8 +77,11 @@ impl CertifiedClient {
         let (Some(name), None) = (names.next(), names.next()) else {
             return Self::Unnamed("its subject needs exactly one common name (CN), the device_id");
         };
+        let is_gateway =
+            certificate.subject().iter_organizational_unit().any(|unit| unit.as_str() == Ok(GATEWAY_UNIT));
         match name.as_str() {
             Ok("") => Self::Unnamed("its subject common name (CN) is empty"),
+            Ok(gateway) if is_gateway => Self::Gateway(Arc::from(gateway)),
             Ok(device_id) => Self::Device(Arc::from(device_id)),
             Err(_) => Self::Unnamed("its subject common name (CN) is not a UTF-8, printable or IA5 string"),
         }
@@ -253,6 +265,27 @@ mod tests {
             CertifiedClient::from_certificate(&named(DnValue::BmpString("ab".try_into().unwrap()))),
             CertifiedClient::Unnamed(_)
         ));
+    }
+
+    #[test]
+    fn the_gateway_unit_makes_a_certificate_a_gateways() {
+        let gateway = certificate_named(&[
+            (DnType::OrganizationalUnitName, "fleet".into()),
+            (DnType::OrganizationalUnitName, GATEWAY_UNIT.into()),
+            (DnType::CommonName, "site-7".into()),
+        ]);
+        assert_eq!(
+            CertifiedClient::from_certificate(&gateway),
+            CertifiedClient::Gateway(Arc::from("site-7"))
+        );
+        // The unit must be exactly the gateway unit, not merely contain it.
+        let device = certificate_named(&[
+            (DnType::OrganizationalUnitName, format!("{GATEWAY_UNIT}s").into()),
+            (DnType::CommonName, "site-7".into()),
+        ]);
+        assert_eq!(CertifiedClient::from_certificate(&device), CertifiedClient::Device(Arc::from("site-7")));
+        let unnamed = certificate_named(&[(DnType::OrganizationalUnitName, GATEWAY_UNIT.into())]);
+        assert!(matches!(CertifiedClient::from_certificate(&unnamed), CertifiedClient::Unnamed(_)));
     }
 
     #[test]
