@@ -1,7 +1,8 @@
 //! deploy/otel: the alert rules and the dashboards' queries are valid PromQL (promtool), the alert
 //! rules behave as their unit tests say, and every metric and label they query is emitted by the
-//! three services under that name, to a real OTLP/gRPC receiver, with the spans of an ingest
-//! request, a compactor flush and commit, and a job run with its DataFusion phases.
+//! services (ingest, compactor, executor and two edge gateways) under that name, to a real
+//! OTLP/gRPC receiver, with the spans of an ingest request, a compactor flush and commit, and a
+//! job run with its DataFusion phases.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
@@ -12,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fake_opentelemetry_collector::{ExportedMetric, ExportedSpan, FakeCollectorServer};
-use serde_json::Value;
+use serde_json::{Value, json};
+use sluice_edge::spool::FullPolicy;
 use sluice_executor::runs::{OutcomeStatus, load_windows};
 use sluice_integration_tests::{
-    Broker, CompactorService, ExecutorService, IngestService, compactor_config, executor_config,
-    ingest_config, open_local_lake, repo_root, submit_job, telemetry_readings, unique_suffix,
-    wait_for_lake_rows, wait_until,
+    Broker, CompactorService, EdgeService, ExecutorService, IngestService, compactor_config, edge_config,
+    executor_config, ingest_config, open_local_lake, repo_root, submit_job, telemetry_readings,
+    unique_suffix, wait_for_lake_rows, wait_until,
 };
 use sluice_telemetry::{OtlpProtocol, TelemetryConfig};
 
@@ -70,7 +72,7 @@ fn queries() -> Vec<(String, String)> {
         .filter(|path| path.extension().is_some_and(|extension| extension == "json"))
         .collect();
     dashboards.sort();
-    assert_eq!(dashboards.len(), 3, "ingest, compactor and executor dashboards: {dashboards:?}");
+    assert_eq!(dashboards.len(), 4, "ingest, compactor, executor and edge dashboards: {dashboards:?}");
     let mut uids = BTreeSet::new();
     for path in dashboards {
         let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -291,6 +293,62 @@ fn alert_rules_pass_their_unit_tests_and_every_query_is_valid_promql() {
     );
 }
 
+/// Two gateways in front of `ingest`, so that every edge metric has data points: one forwards its
+/// readings (and refuses an invalid one); the other has a `forward.url` central does not serve
+/// (404, a `config` failure) and a spool of about two megabytes that fills up and drops its
+/// oldest batches. Their spools are under `spools_dir`. Returns them, still running, and how many
+/// readings the first forwarded.
+async fn edge_gateways(
+    ingest: &IngestService,
+    client: &reqwest::Client,
+    spools_dir: &Path,
+    ts: i64,
+) -> (EdgeService, EdgeService, usize) {
+    let mut forwarding = edge_config(&spools_dir.join("forwarding"));
+    forwarding.forward.url = ingest.base_url.clone();
+    let forwarding = EdgeService::start(forwarding).await.unwrap();
+    let readings: Vec<Value> =
+        (0..10).map(|seq| json!({"device_id": "edge-0001", "ts": ts, "seq": seq})).collect();
+    let response = client.post(forwarding.records_url("telemetry")).json(&readings).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let refused = client
+        .post(forwarding.records_url("telemetry"))
+        .json(&json!({"device_id": "edge-0001", "ts": "yesterday"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(refused.status().is_client_error());
+
+    let mut misrouted = edge_config(&spools_dir.join("misrouted"));
+    misrouted.forward.url = format!("{}/not-ingest", ingest.base_url);
+    misrouted.http.max_body_bytes = 64 * 1024;
+    misrouted.spool.segment_bytes = 1024 * 1024;
+    misrouted.spool.max_bytes = 2 * (misrouted.spool.segment_bytes + misrouted.http.max_body_bytes as u64);
+    misrouted.spool.full_policy = FullPolicy::DropOldest;
+    let misrouted = EdgeService::start(misrouted).await.unwrap();
+    let site = "s".repeat(400);
+    let num_requests = 80;
+    for request in 0..num_requests {
+        let readings: Vec<Value> = (0..100)
+            .map(|index| json!({"device_id": "edge-0002", "ts": ts, "seq": request * 100 + index, "site": site}))
+            .collect();
+        let response = client.post(misrouted.records_url("telemetry")).json(&readings).send().await.unwrap();
+        assert!(response.status().is_success(), "request {request}: {}", response.text().await.unwrap());
+    }
+    let (_, num_spooled) = misrouted.running().unwrap().spool().usage();
+    assert!(
+        num_spooled < num_requests,
+        "the oldest batches were dropped: {num_spooled} of {num_requests} left"
+    );
+
+    let forwarded = wait_until(Duration::from_secs(30), || async {
+        forwarding.running().unwrap().spool().usage().1 == 0
+    })
+    .await;
+    assert!(forwarded, "the forwarding gateway's spool drained");
+    (forwarding, misrouted, readings.len())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
     let queries = queries();
@@ -301,7 +359,7 @@ async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
         metrics_interval_ms: 200,
         ..TelemetryConfig::default()
     };
-    // The three services share this process and its exporters; nextest gives the test its own.
+    // The services share this process and its exporters; nextest gives the test its own.
     let telemetry = sluice_telemetry::init(&telemetry_config, "sluice-observability-test", "test").unwrap();
     // The receiver's channels are bounded: drain them while the services run.
     let metrics: Arc<Mutex<Vec<ExportedMetric>>> = Arc::default();
@@ -342,15 +400,21 @@ async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
     }
     let refused = client
         .post(ingest.records_url("telemetry"))
-        .json(&serde_json::json!({"device_id": "dev-0001", "ts": "yesterday"}))
+        .json(&json!({"device_id": "dev-0001", "ts": "yesterday"}))
         .send()
         .await
         .unwrap();
     assert!(refused.status().is_client_error());
-    wait_for_lake_rows(lake_dir.path(), "telemetry", readings.len(), Duration::from_secs(60)).await;
 
-    let first_hour =
-        readings.iter().map(|reading| reading["ts"].as_i64().unwrap()).min().unwrap().div_euclid(HOUR) * HOUR;
+    // Edge readings at the earliest event time, so that they do not move the watermark.
+    let first_ts = readings.iter().map(|reading| reading["ts"].as_i64().unwrap()).min().unwrap();
+    let spools_dir = tempfile::TempDir::new().unwrap();
+    let (forwarding, misrouted, num_forwarded) =
+        edge_gateways(&ingest, &client, spools_dir.path(), first_ts).await;
+    let expected_rows = readings.len() + num_forwarded;
+    wait_for_lake_rows(lake_dir.path(), "telemetry", expected_rows, Duration::from_secs(60)).await;
+
+    let first_hour = first_ts.div_euclid(HOUR) * HOUR;
     let job = format!(
         "-- name: hourly_counts\n-- window: 1h\n-- lateness: 0s\n-- start: {}\n\
          SELECT device_id, count(*) AS readings FROM telemetry GROUP BY device_id\n",
@@ -427,6 +491,8 @@ async fn every_metric_and_label_the_dashboards_and_alerts_query_is_emitted() {
         }
     }
 
+    misrouted.stop().await.unwrap();
+    forwarding.stop().await.unwrap();
     executor.stop().await.unwrap();
     compactor.stop().await.unwrap();
     ingest.stop().await.unwrap();

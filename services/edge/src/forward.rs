@@ -61,6 +61,9 @@ pub(crate) enum FailureReason {
 }
 
 impl FailureReason {
+    pub(crate) const ALL: [Self; 5] =
+        [Self::Network, Self::Unavailable, Self::Config, Self::Rejected, Self::TooLarge];
+
     pub(crate) fn as_label(self) -> &'static str {
         match self {
             Self::Network => "network",
@@ -150,6 +153,11 @@ impl Forwarder {
             };
             let decoded: Vec<SpooledBatch<'_>> =
                 pending.frames.iter().filter_map(|frame| decode_spooled(&frame.payload).ok()).collect();
+            // Again at every attempt: while a batch is retried it stays the oldest, and its age
+            // is what an alert on a stuck spool watches.
+            if let Some(oldest) = decoded.first() {
+                self.metrics.record_oldest_received(oldest.received_at_micros);
+            }
             let frame_ids: Vec<u64> = pending.frames.iter().map(|frame| frame.id).collect();
             let (body, sent_readings) = request_body(&frame_ids, &decoded, &pending.refused);
             let end_id = pending.frames.last().map_or(0, |frame| frame.id + 1);

@@ -66,6 +66,13 @@ impl EdgeMetrics {
                 .build(),
         };
         metrics.spool_max_bytes.record(max_bytes, &[]);
+        // Counters exported from the start, at 0: `increase()` over a series that appears with
+        // its first event misses that event, and an alert would miss the first drop.
+        metrics.dropped_batches.add(0, &[]);
+        metrics.forwarded_readings.add(0, &[]);
+        for reason in FailureReason::ALL {
+            metrics.forward_failures.add(0, &[KeyValue::new("reason", reason.as_label())]);
+        }
         metrics
     }
 

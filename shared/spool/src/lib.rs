@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -38,6 +38,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Frames the writer takes into one group at most, so that a flood does not hold every
 /// waiting append's answer behind one huge write.
 const MAX_GROUP_FRAMES: usize = 4_096;
+/// Bytes read from a segment at a time: frames are read back in order, most of them small.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 /// What happens to an append when the spool is at `max_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -125,6 +127,19 @@ struct State {
     used_bytes: u64,
     broken_opt: Option<String>,
     published: Arc<Published>,
+    /// Where the last read for forwarding stopped: the next read starts there.
+    read_hint_opt: Option<ReadHint>,
+}
+
+/// A segment's file, its first id, the id after its last frame, and its bytes written.
+type SegmentExtent = (PathBuf, u64, u64, u64);
+
+/// A frame's place in a segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadHint {
+    segment_first_id: u64,
+    frame_id: u64,
+    offset: u64,
 }
 
 /// What the state says about size and health, readable without the state's lock: the writer
@@ -232,6 +247,7 @@ impl Spool {
             used_bytes,
             broken_opt: None,
             published: Arc::default(),
+            read_hint_opt: None,
         }));
         let published = {
             let state = lock(&state);
@@ -266,7 +282,8 @@ impl Spool {
     pub fn unforwarded(&self, max_frames: usize, max_bytes: usize) -> Result<Vec<Frame>, SpoolError> {
         // The writer holds the lock from a group's write through its sync, so what is listed
         // here is synced; reading stops at the listed length, before any later group's bytes.
-        let (acked_below, segments): (u64, Vec<(PathBuf, u64, u64, u64)>) = {
+        // (path, first id, end id, bytes written) of each segment holding unforwarded frames
+        let (acked_below, hint_opt, segments): (u64, Option<ReadHint>, Vec<SegmentExtent>) = {
             let state = lock(&self.state);
             let segments = state
                 .segments
@@ -274,17 +291,33 @@ impl Spool {
                 .filter(|segment| segment.end_id > state.acked_below)
                 .map(|segment| (segment.path.clone(), segment.first_id, segment.end_id, segment.bytes))
                 .collect();
-            (state.acked_below, segments)
+            (state.acked_below, state.read_hint_opt, segments)
         };
         let mut frames: Vec<Frame> = Vec::new();
         let mut bytes = 0;
-        for (path, first_id, end_id, bytes_written) in segments {
+        let mut next_hint_opt = None;
+        'segments: for (path, first_id, end_id, bytes_written) in segments {
             let Ok(mut file) = File::open(&path) else {
                 // Dropped to make room since the list was taken.
                 continue;
             };
-            let mut reader = FrameReader::new(&mut file, &path, first_id, bytes_written);
-            while let Some(frame) = reader.next_frame()? {
+            // Where the last read stopped, when that is at or before the first frame wanted:
+            // without it every read would walk the segment from its start, and a drain of a
+            // full segment would read it once per batch.
+            let (start_id, start_offset) = match hint_opt {
+                Some(hint)
+                    if hint.segment_first_id == first_id && hint.frame_id <= acked_below.max(first_id) =>
+                {
+                    (hint.frame_id, hint.offset)
+                }
+                _ => (first_id, 0),
+            };
+            file.seek(SeekFrom::Start(start_offset)).map_err(io_error(&path))?;
+            let buffered = BufReader::with_capacity(READ_BUFFER_BYTES, file);
+            let mut reader = FrameReader::new(buffered, &path, start_id, start_offset, bytes_written);
+            loop {
+                let at = (reader.expected_id, reader.offset);
+                let Some(frame) = reader.next_frame()? else { break };
                 if frame.id >= end_id {
                     break;
                 }
@@ -294,11 +327,21 @@ impl Spool {
                 if frames.len() >= max_frames
                     || (!frames.is_empty() && bytes + frame.payload.len() > max_bytes)
                 {
-                    return Ok(frames);
+                    next_hint_opt =
+                        Some(ReadHint { segment_first_id: first_id, frame_id: at.0, offset: at.1 });
+                    break 'segments;
                 }
                 bytes += frame.payload.len();
                 frames.push(frame);
+                next_hint_opt = Some(ReadHint {
+                    segment_first_id: first_id,
+                    frame_id: reader.expected_id,
+                    offset: reader.offset,
+                });
             }
+        }
+        if next_hint_opt.is_some() {
+            lock(&self.state).read_hint_opt = next_hint_opt;
         }
         Ok(frames)
     }
@@ -541,8 +584,8 @@ fn encode_frame(out: &mut Vec<u8>, id: u64, payload: &[u8]) {
 }
 
 /// Reads frames one after another, checking each.
-struct FrameReader<'a> {
-    file: &'a mut File,
+struct FrameReader<'a, R> {
+    reader: R,
     path: &'a Path,
     offset: u64,
     /// Where the frames to read end.
@@ -550,9 +593,11 @@ struct FrameReader<'a> {
     expected_id: u64,
 }
 
-impl<'a> FrameReader<'a> {
-    fn new(file: &'a mut File, path: &'a Path, first_id: u64, limit: u64) -> Self {
-        Self { file, path, offset: 0, limit, expected_id: first_id }
+impl<'a, R: Read> FrameReader<'a, R> {
+    /// Reads frames from `reader`, which is at byte `offset` of the segment at `path`, where the
+    /// frame with id `expected_id` begins.
+    fn new(reader: R, path: &'a Path, expected_id: u64, offset: u64, limit: u64) -> Self {
+        Self { reader, path, offset, limit, expected_id }
     }
 
     /// The next frame, `None` at a clean end, or why the bytes here are not a frame.
@@ -566,7 +611,7 @@ impl<'a> FrameReader<'a> {
             return Ok(None);
         }
         let mut header = [0u8; FRAME_HEADER_BYTES];
-        let num_read = read_full(self.file, &mut header).map_err(io_error(self.path))?;
+        let num_read = read_full(&mut self.reader, &mut header).map_err(io_error(self.path))?;
         if num_read < FRAME_HEADER_BYTES || self.offset + FRAME_HEADER_BYTES as u64 > self.limit {
             return Err(corrupt(self.offset, "a frame header is cut short"));
         }
@@ -580,7 +625,7 @@ impl<'a> FrameReader<'a> {
             return Err(corrupt(self.offset, "a frame is longer than what follows it"));
         }
         let mut payload = vec![0u8; len];
-        if read_full(self.file, &mut payload).map_err(io_error(self.path))? < len {
+        if read_full(&mut self.reader, &mut payload).map_err(io_error(self.path))? < len {
             return Err(corrupt(self.offset, "a frame is cut short"));
         }
         let mut hasher = crc32fast::Hasher::new();
@@ -598,7 +643,7 @@ impl<'a> FrameReader<'a> {
     }
 }
 
-fn read_full(file: &mut File, buffer: &mut [u8]) -> std::io::Result<usize> {
+fn read_full(file: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buffer.len() {
         match file.read(&mut buffer[filled..]) {
@@ -617,7 +662,13 @@ fn scan_segment(segment: &mut Segment, is_newest: bool) -> Result<(), SpoolError
     let mut file =
         OpenOptions::new().read(true).write(true).open(&segment.path).map_err(io_error(&segment.path))?;
     let length = file.metadata().map_err(io_error(&segment.path))?.len();
-    let mut reader = FrameReader::new(&mut file, &segment.path, segment.first_id, length);
+    let mut reader = FrameReader::new(
+        BufReader::with_capacity(READ_BUFFER_BYTES, &file),
+        &segment.path,
+        segment.first_id,
+        0,
+        length,
+    );
     let mut good_end = 0;
     let mut end_id = segment.first_id;
     loop {
@@ -823,6 +874,47 @@ mod tests {
         let copied =
             Spool::open_on(config(directory.path(), 1 << 20, 256, FullPolicy::Refuse), Some(8)).unwrap();
         assert_ne!(copied.incarnation(), moved_incarnation, "another machine draws a new one");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_resume_where_the_last_stopped_and_start_over_when_it_is_past_the_cursor() {
+        let directory = tempfile::TempDir::new().unwrap();
+        let spool = filled(directory.path(), 1 << 20, 4_096, 300).await;
+        let ids = |frames: Vec<Frame>| -> Vec<u64> {
+            frames
+                .into_iter()
+                .map(|frame| {
+                    assert_eq!(frame.payload, payload(frame.id), "frame {} holds its own payload", frame.id);
+                    frame.id
+                })
+                .collect()
+        };
+        // Read, acknowledge, read on: each batch starts at the cursor, across segments.
+        let mut acked = 0;
+        let mut total = 300;
+        while acked < total {
+            let batch = ids(spool.unforwarded(7, usize::MAX).unwrap());
+            let expected: Vec<u64> = (acked..(acked + 7).min(total)).collect();
+            assert_eq!(batch, expected);
+            // Appends in between do not move where the next read starts.
+            if acked == 140 {
+                spool.append(payload(300)).await.unwrap();
+                total = 301;
+            }
+            acked = *batch.last().unwrap() + 1;
+            spool.ack_below(acked).unwrap();
+        }
+        assert!(spool.unforwarded(7, usize::MAX).unwrap().is_empty());
+        // Read again without an acknowledgement (a retry after a restart of the forwarder), and
+        // a read that stops on bytes: the same frames from the cursor.
+        for index in 301..320 {
+            assert_eq!(spool.append(payload(index)).await.unwrap().id, index);
+        }
+        assert_eq!(ids(spool.unforwarded(5, usize::MAX).unwrap()), (301..306).collect::<Vec<_>>());
+        assert_eq!(ids(spool.unforwarded(3, usize::MAX).unwrap()), (301..304).collect::<Vec<_>>());
+        assert_eq!(ids(spool.unforwarded(100, 30).unwrap()), (301..303).collect::<Vec<_>>());
+        spool.ack_below(303).unwrap();
+        assert_eq!(ids(spool.unforwarded(100, usize::MAX).unwrap()), (303..320).collect::<Vec<_>>());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
