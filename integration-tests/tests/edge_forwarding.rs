@@ -182,6 +182,7 @@ async fn a_gateway_certificate_authenticates_forwarding_where_central_requires_c
     central_config.http.tls_key_path = Some(server.key_path.clone());
     central_config.http.tls_client_ca_path = Some(device_ca.cert_path.clone());
     central_config.http.tls_client_certificates = sluice_ingest::config::ClientCertificates::Required;
+    central_config.http.tls_gateway_names = vec!["site-7".into()];
     let ingest = IngestService::start(central_config).await.unwrap();
     let port = ingest.base_url.rsplit(':').next().unwrap();
     let directory = tempfile::tempdir().unwrap();
@@ -206,16 +207,24 @@ async fn a_gateway_certificate_authenticates_forwarding_where_central_requires_c
     assert_eq!(in_kafka(&broker, &ingest, expected.len()).await, expected);
     edge.stop().await.unwrap();
 
-    // A device's certificate from the same CA cannot forward: refused, kept, retried.
-    config.forward.tls_cert_path = Some(device.cert_path.clone());
-    config.forward.tls_key_path = Some(device.key_path.clone());
-    let edge = EdgeService::start(config).await.unwrap();
-    let body = readings("pump-3", 10..20, now_micros() - 1_000_000);
-    let response = client.post(edge.records_url("telemetry")).json(&body).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(unforwarded(&edge).await, 1, "kept while central refuses a device's certificate");
-    edge.stop().await.unwrap();
+    // A device's certificate from the same CA cannot forward, nor can a certificate with the
+    // gateway unit whose name central does not list: refused, kept, retried.
+    let unlisted = device_ca.gateway("unlisted", "site-9", 203).unwrap();
+    for (certificate, what) in [(&device, "a device's certificate"), (&unlisted, "an unlisted gateway name")]
+    {
+        let directory = tempfile::tempdir().unwrap();
+        let mut config = forwarding_edge_config(directory.path(), format!("https://127.0.0.1:{port}"));
+        config.forward.ca_cert_path = Some(server_ca.cert_path.clone());
+        config.forward.tls_cert_path = Some(certificate.cert_path.clone());
+        config.forward.tls_key_path = Some(certificate.key_path.clone());
+        let edge = EdgeService::start(config).await.unwrap();
+        let body = readings("pump-3", 10..20, now_micros() - 1_000_000);
+        let response = client.post(edge.records_url("telemetry")).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(unforwarded(&edge).await, 1, "kept while central refuses {what}");
+        edge.stop().await.unwrap();
+    }
     assert_eq!(in_kafka(&broker, &ingest, expected.len()).await, expected, "nothing more reached Kafka");
     ingest.stop().await.unwrap();
 }

@@ -124,6 +124,7 @@ impl DeviceCertificates {
         config.http.tls_client_ca_path = Some(device_ca.cert_path.clone());
         config.http.tls_client_crl_path = Some(device_ca.revocation_list("devices", &[102]).unwrap());
         config.http.tls_client_certificates = mode;
+        config.http.tls_gateway_names = vec!["site-7".to_string()];
         config.auth.enabled = true;
         config.auth.tokens = vec![TokenConfig {
             name: "gateway".to_string(),

@@ -123,6 +123,21 @@ mod tests {
     }
 
     #[test]
+    fn token_names_are_unique_and_cannot_pass_for_a_gateway_certificate() {
+        let mut config = IngestConfig::default();
+        for name in ["farm", "farm", "certificate:site-7"] {
+            config.auth.tokens.push(TokenConfig {
+                name: name.into(),
+                token_sha256: Secret::new("a".repeat(64)),
+                streams: vec!["telemetry".into()],
+            });
+        }
+        config.http.tls_gateway_names.push("site-7".into());
+        let keys: Vec<String> = config.validate().into_iter().map(|issue| issue.key).collect();
+        assert_eq!(keys, ["http.tls_gateway_names", "auth.tokens[1].name", "auth.tokens[2].name"]);
+    }
+
+    #[test]
     fn grace_period_must_cover_delivery_timeout() {
         let mut config = IngestConfig::default();
         config.shutdown.grace_period_ms = 5_000;

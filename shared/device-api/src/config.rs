@@ -31,6 +31,11 @@ pub struct HttpConfig {
     pub tls_client_crl_path: Option<PathBuf>,
     /// Streams a device certificate may write; `"*"` for all.
     pub tls_client_streams: Vec<String>,
+    /// Common names of the site gateways whose certificates (subject `OU=sluice-edge`) may
+    /// forward batches for any device; empty: no certificate is a gateway's. A certificate with
+    /// that unit and an unlisted name is a device's, so a provisioning flow that copies subject
+    /// fields from a device's request cannot hand out gateway rights.
+    pub tls_gateway_names: Vec<String>,
     /// Open connections at most; past it a new connection is answered 503 and closed at once, so
     /// that clients holding connections cannot use up the process's file descriptors.
     pub max_connections: usize,
@@ -55,6 +60,7 @@ impl Default for HttpConfig {
             tls_client_certificates: ClientCertificates::Required,
             tls_client_crl_path: None,
             tls_client_streams: vec!["*".to_string()],
+            tls_gateway_names: Vec::new(),
             max_connections: 1_024,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -283,7 +289,25 @@ impl DeviceApiConfig<'_> {
                 "revocation lists need device certificates: set http.tls_client_ca_path",
             ));
         }
+        if !http.tls_gateway_names.is_empty() && http.tls_client_ca_path.is_none() {
+            issues.push(ConfigIssue::new(
+                "http.tls_gateway_names",
+                "gateway certificates come from the device CA: set http.tls_client_ca_path",
+            ));
+        }
+        let mut token_names = std::collections::BTreeSet::new();
         for (index, token) in auth.tokens.iter().enumerate() {
+            // A gateway's positions are kept under its token's name or `certificate:<name>`;
+            // two holders sharing one name could pass for each other's gateways.
+            if !token_names.insert(token.name.as_str()) || token.name.starts_with("certificate:") {
+                issues.push(ConfigIssue::new(
+                    format!("auth.tokens[{index}].name"),
+                    format!(
+                        "token names must be unique and may not start with 'certificate:' ('{}')",
+                        token.name
+                    ),
+                ));
+            }
             let hash = token.token_sha256.expose();
             if hash.len() != 64
                 || !hash.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))

@@ -340,20 +340,9 @@ async fn accept_records<S: RecordSink>(
             )));
         }
         None => (state.authorizer.authorize(authorization_opt, stream), None),
-        Some(CertifiedClient::Device(device_id)) => {
-            if !may_write(&state.http.tls_client_streams, stream) {
-                return Err(refuse(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    RejectReason::Forbidden,
-                    format!(
-                        "device certificates may not write stream '{}' (http.tls_client_streams)",
-                        cut(stream)
-                    ),
-                )));
-            }
-            (AuthDecision::Allowed { token_name_opt: None }, Some(&**device_id))
-        }
-        Some(CertifiedClient::Gateway(gateway)) => {
+        Some(CertifiedClient::Gateway(gateway))
+            if state.http.tls_gateway_names.iter().any(|name| **name == **gateway) =>
+        {
             if !may_write(&state.http.tls_client_streams, stream) {
                 return Err(refuse(Refusal::new(
                     StatusCode::FORBIDDEN,
@@ -366,6 +355,20 @@ async fn accept_records<S: RecordSink>(
             }
             gateway_opt = Some(&**gateway);
             (AuthDecision::Allowed { token_name_opt: None }, None)
+        }
+        // The gateway unit on a name not listed gives nothing: such a certificate is a device's.
+        Some(CertifiedClient::Device(device_id) | CertifiedClient::Gateway(device_id)) => {
+            if !may_write(&state.http.tls_client_streams, stream) {
+                return Err(refuse(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    RejectReason::Forbidden,
+                    format!(
+                        "device certificates may not write stream '{}' (http.tls_client_streams)",
+                        cut(stream)
+                    ),
+                )));
+            }
+            (AuthDecision::Allowed { token_name_opt: None }, Some(&**device_id))
         }
         Some(CertifiedClient::Unnamed(why)) => {
             return Err(refuse(Refusal::new(
