@@ -208,13 +208,7 @@ pub async fn produce_readings_with_headers(
                 }),
             }
         });
-        let batch = producer.send_batch(topic, records)?;
-        let outcome = sluice_kafka::BatchProducer::wait(&batch, Duration::from_secs(30))
-            .await
-            .context("no acknowledgement")?;
-        if outcome.num_failed > 0 {
-            bail!("{} records failed: {:?}", outcome.num_failed, outcome.first_error_opt);
-        }
+        send_and_wait(&producer, topic, records).await?;
     }
     Ok(())
 }
@@ -231,6 +225,15 @@ pub async fn produce_raw<'a>(
         timestamp_millis,
         headers_opt: None,
     });
+    send_and_wait(producer, topic, records).await
+}
+
+/// Produces `records` and waits for Kafka's acknowledgement of every one.
+async fn send_and_wait<'a>(
+    producer: &sluice_kafka::BatchProducer,
+    topic: &str,
+    records: impl ExactSizeIterator<Item = sluice_kafka::BatchRecord<'a>>,
+) -> anyhow::Result<()> {
     let batch = producer.send_batch(topic, records)?;
     let outcome = sluice_kafka::BatchProducer::wait(&batch, Duration::from_secs(30))
         .await
